@@ -1,0 +1,343 @@
+"""`Checkpoint`: an opened checkpoint file, its tensors, and what else it holds.
+
+Opening reads metadata only (no torch import, no tensor data); tensors come on
+demand from the file's bytes through `surgery.formats.tensors`.
+"""
+
+from __future__ import annotations
+
+import math
+import struct
+from collections import Counter
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery import keys
+from surgery.dtypes import DType
+from surgery.errors import UsageError
+from surgery.formats import Scan, scan
+from surgery.formats.containers import Located, count_tensors, flatten, locate
+from surgery.formats.pickle_vm import Call, Global, Known
+from surgery.formats.torch_pickle import Constant, DataLocation, StorageType, TensorRef, Unsupported
+from surgery.safety import Finding, blocking
+
+if TYPE_CHECKING:
+    import torch
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    """One tensor of the state_dict, as the file describes it."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: str
+    numel: int
+    nbytes: int
+    device: str  # where it was saved from: "cpu", "cuda:0", ...
+    storage: str  # the storage key in the file
+    note: str | None = None  # something a plain read would not reproduce
+
+    def to_json(self) -> dict[str, Any]:
+        out = {
+            "name": self.name,
+            "shape": list(self.shape),
+            "dtype": self.dtype,
+            "numel": self.numel,
+            "bytes": self.nbytes,
+            "device": self.device,
+            "storage": self.storage,
+        }
+        if self.note:
+            out["note"] = self.note
+        return out
+
+
+@dataclass(frozen=True)
+class Extra:
+    """An entry stored beside the state_dict: `epoch: 90`, `optimizer: dict (2 keys)`."""
+
+    name: str
+    type: str
+    summary: str
+    value: Any = None  # the value itself when it is a JSON scalar
+
+    def to_json(self) -> dict[str, Any]:
+        out: dict[str, Any] = {"type": self.type, "summary": self.summary}
+        if self.value is not None:
+            out["value"] = self.value
+        return out
+
+
+class Checkpoint:
+    """An opened checkpoint. Use `open_checkpoint` to make one.
+
+    Attributes:
+        path: the file, index or folder opened.
+        format: torch-zip, torch-legacy, torchscript, safetensors, sharded or pickle.
+        container: keys from the top to the state_dict (`("state_dict",)`, `()` for
+            the top level), or None when the file holds no state_dict.
+        tensors: the state_dict's tensors in file order.
+        extras: everything stored beside the state_dict.
+        findings: safety and integrity findings.
+    """
+
+    def __init__(self, scanned: Scan, key: tuple[str, ...] | None = None):
+        self._scan = scanned
+        self.path = scanned.path
+        self.format = scanned.format
+        self.description = scanned.description
+        self.metadata = scanned.metadata
+        try:
+            located = locate(scanned.root, key)
+        except KeyError:
+            raise UsageError(
+                scanned.path,
+                f"no entry {'.'.join(key or ())!r} in the checkpoint",
+                hint=_containers_hint(locate(scanned.root)),
+            ) from None
+        self._located = located
+        self.container = located.path
+        if located.path is None:
+            pairs, leaves, truncated = [], [], False
+        else:
+            pairs, leaves, truncated = flatten(located.node)
+            if key is not None and not pairs:
+                raise UsageError(
+                    scanned.path,
+                    f"entry {'.'.join(key)!r} holds no tensors",
+                    hint=_containers_hint(locate(scanned.root)),
+                )
+        self._refs: dict[str, TensorRef] = {}
+        for name, ref in pairs:
+            self._refs.setdefault(name, ref)
+        self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
+        self.extras = [_extra(name, value) for name, value in located.siblings + leaves]
+        self.findings: list[Finding] = list(scanned.findings)
+        if truncated:
+            self.findings.append(
+                Finding(
+                    "notice",
+                    "modules nested too deep: tensors below the limit are not listed",
+                    str(self.path),
+                )
+            )
+        self._reader = None
+
+    # -- summary figures -----------------------------------------------------
+    @property
+    def num_tensors(self) -> int:
+        return len(self.tensors)
+
+    @property
+    def num_params(self) -> int:
+        """Elements of every tensor in the state_dict, buffers included."""
+        return sum(t.numel for t in self.tensors)
+
+    @cached_property
+    def nbytes(self) -> int:
+        """Bytes of data the state_dict occupies in the file (shared storages once)."""
+        seen: dict[int, int] = {}
+        for ref in self._refs.values():
+            if ref.storage is not None:
+                base = ref.storage.base
+                seen[id(base)] = base.data.size if base.data else base.nbytes
+        return sum(seen.values())
+
+    @property
+    def dtypes(self) -> dict[str, int]:
+        return dict(Counter(t.dtype for t in self.tensors).most_common())
+
+    @property
+    def devices(self) -> dict[str, int]:
+        return dict(Counter(t.device for t in self.tensors).most_common())
+
+    @cached_property
+    def shared(self) -> list[list[str]]:
+        """Groups of tensors stored in one storage (tied weights, views)."""
+        groups: dict[int, list[str]] = {}
+        for name, ref in self._refs.items():
+            if ref.storage is not None:
+                groups.setdefault(id(ref.storage.base), []).append(name)
+        return [names for names in groups.values() if len(names) > 1]
+
+    @cached_property
+    def prefix(self) -> str:
+        """The dotted prefix every key shares (`module.`), or ""."""
+        return keys.common_prefix([t.name for t in self.tensors])
+
+    @property
+    def containers(self) -> list[tuple[tuple[str, ...], int]]:
+        """Every place in the file that looks like a state_dict, with its tensor count."""
+        return self._located.candidates
+
+    @property
+    def safe(self) -> bool:
+        """No finding that should stop a script: nothing dangerous, unknown or corrupt."""
+        return not blocking(self.findings)
+
+    # -- tensors ---------------------------------------------------------------
+    def tensor(self, name: str) -> torch.Tensor:
+        """One tensor, read from the file's bytes (nothing is unpickled).
+
+        Raises:
+            KeyError: no tensor of that name.
+            SurgeryError: the tensor's bytes are missing or of a kind not rebuilt.
+        """
+        if name not in self._refs:
+            raise KeyError(name)
+        return self._tensor_reader().read(name, self._refs[name])
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every tensor of the state_dict, in file order, sharing storages as saved.
+
+        The tensors are backed by a copy-on-write mapping of the file: pages are
+        read when used, and writing to a tensor never changes the file.
+        """
+        return self._tensor_reader().read_all(self._refs.items())
+
+    def _tensor_reader(self):
+        if self._reader is None:
+            from surgery.formats.tensors import TensorReader
+
+            self._reader = TensorReader(str(self.path))
+        return self._reader
+
+    def __repr__(self) -> str:
+        return f"<Checkpoint {self.path} {self.format}: {self.num_tensors} tensors, {len(self.findings)} findings>"
+
+
+def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = False) -> Checkpoint:
+    """Open any checkpoint and describe it, safely and without reading tensor data.
+
+    Args:
+        path: a torch file (zip or legacy), TorchScript archive, safetensors file,
+            `*.index.json`, or a folder holding one.
+        key: where the state_dict sits, dotted (`state_dict`, `model_ema`), when
+            the automatic choice is not the one wanted.
+        verify: read all storage bytes too, to check zip CRCs.
+
+    Returns:
+        A `Checkpoint`.
+
+    Raises:
+        SurgeryError: missing path, unknown format, damaged file, or a bad `key`.
+
+    Example:
+        >>> ckpt = open_checkpoint("fixtures/imagenet_example.pth.tar")
+        >>> ckpt.container, ckpt.prefix
+        (('state_dict',), 'module.')
+        >>> weights = ckpt.state_dict()
+    """
+    scanned = scan(path, verify=verify)
+    return Checkpoint(scanned, tuple(key.split(".")) if key else None)
+
+
+def _containers_hint(located: Located) -> str:
+    if not located.candidates:
+        return "the file holds no state_dict"
+    listed = ", ".join(f"{'.'.join(p) or '(top level)'} ({n} tensors)" for p, n in located.candidates[:6])
+    return f"state_dicts in this file: {listed}"
+
+
+def _info(name: str, ref: TensorRef) -> TensorInfo:
+    storage = ref.storage
+    return TensorInfo(
+        name=name,
+        shape=ref.shape,
+        dtype=ref.dtype.name,
+        numel=ref.numel,
+        nbytes=ref.nbytes,
+        device=storage.location if storage else "meta",
+        storage=storage.key if storage else "",
+        note=ref.unusual,
+    )
+
+
+def _extra(name: str, value: Any) -> Extra:
+    if value is None or isinstance(value, (bool, int, float)):
+        finite = not isinstance(value, float) or math.isfinite(value)
+        return Extra(name, type(value).__name__, repr(value), value if finite else None)
+    if isinstance(value, str):
+        short = value if len(value) <= 80 else value[:77] + "..."
+        return Extra(name, "str", repr(short), value if len(value) <= 1000 else None)
+    if isinstance(value, (bytes, bytearray)):
+        return Extra(name, type(value).__name__, f"{type(value).__name__} ({len(value)})")
+    if isinstance(value, TensorRef):
+        scalar = _scalar(value)
+        shape = list(value.shape)
+        summary = (
+            f"tensor {value.dtype.name} {shape}"
+            if scalar is None
+            else f"tensor({scalar}, {value.dtype.name})"
+        )
+        return Extra(name, "tensor", summary, scalar)
+    if isinstance(value, Call):
+        return Extra(name, "object", _object_summary(value))
+    if isinstance(value, (dict, list, tuple, set, frozenset)):
+        kind = type(value).__name__
+        unit = "key" if isinstance(value, dict) else "item"
+        summary = f"{kind} ({len(value)} {unit}{'' if len(value) == 1 else 's'}"
+        tensors = count_tensors(value)
+        summary += f"; {tensors} tensor{'s' if tensors != 1 else ''})" if tensors else ")"
+        return Extra(name, kind, summary)
+    if isinstance(value, DType):
+        return Extra(name, "dtype", f"torch.{value.name}")
+    if isinstance(value, (Global, Known, Constant)):
+        return Extra(name, "global", getattr(value, "qualname", None) or value.name)
+    if isinstance(value, StorageType):
+        return Extra(name, "storage type", "storage type")
+    if isinstance(value, Unsupported):
+        return Extra(name, "tensor", f"{value.kind.replace('_', ' ')} (not rebuilt by surgery)")
+    return Extra(name, type(value).__name__, type(value).__name__)
+
+
+def _object_summary(call: Call) -> str:
+    func = call.func
+    name = func.qualname if isinstance(func, Global) else "object"
+    state = call.state
+    if isinstance(state, dict) and state:
+        fields = ", ".join(str(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
+        return f"{name} ({fields})"
+    tensors = count_tensors(call)
+    return f"{name} object" + (f" ({tensors} tensors)" if tensors else "")
+
+
+_SCALAR_FORMATS = {
+    "float32": "<f",
+    "float64": "<d",
+    "float16": "<e",
+    "int64": "<q",
+    "int32": "<i",
+    "int16": "<h",
+    "int8": "<b",
+    "uint8": "<B",
+    "bool": "<?",
+}
+
+
+def _scalar(ref: TensorRef) -> float | int | bool | None:
+    """The value of a 0-dim tensor such as `best_acc1`, read from its few bytes."""
+    if ref.shape != () or ref.storage is None or ref.unusual:
+        return None
+    data: DataLocation | None = ref.storage.base.data
+    fmt = _SCALAR_FORMATS.get(ref.dtype.name)
+    if data is None or data.member or data.byteswap or (fmt is None and ref.dtype.name != "bfloat16"):
+        return None
+    start = ref.storage.view_offset + ref.offset * ref.dtype.itemsize
+    if start + ref.dtype.itemsize > data.size:
+        return None
+    with open(data.path, "rb") as f:
+        f.seek(data.offset + start)
+        raw = f.read(ref.dtype.itemsize)
+    if ref.dtype.name == "bfloat16":
+        value = struct.unpack("<f", b"\x00\x00" + raw)[0]
+    else:
+        value = struct.unpack(fmt, raw)[0]
+    if isinstance(value, float):
+        value = float(f"{value:.6g}")
+        if value != value or value in (float("inf"), float("-inf")):
+            return None
+    return value

@@ -1,0 +1,72 @@
+"""Reading checkpoint files: format detection by bytes, metadata without torch.
+
+`scan(path)` is the one entry point; it picks the reader from the file's first
+bytes (never its name) and returns a `Scan`.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from surgery.errors import NotACheckpoint, NotFound, SurgeryError
+from surgery.formats.base import Scan, mapped, sniff
+
+__all__ = ["Scan", "scan"]
+
+
+def scan(path: str | Path, *, verify: bool = False) -> Scan:
+    """Read a checkpoint's metadata: tensors, containers, findings. No tensor data.
+
+    Args:
+        path: a file in any supported format, a `*.index.json`, or a folder holding one.
+        verify: also read every storage to check zip CRCs (reads all the data).
+
+    Raises:
+        SurgeryError: the path is missing, not a checkpoint, or damaged.
+    """
+    path = Path(path)
+    try:
+        if path.is_dir():
+            from surgery.formats.sharded import scan_folder
+
+            return scan_folder(path, lambda p: scan(p, verify=verify))
+        if not path.exists():
+            raise NotFound(path, "no such file or folder")
+        with mapped(path) as data:
+            if len(data) == 0:
+                raise NotACheckpoint(path, "empty file (0 bytes)")
+            try:
+                kind = sniff(bytes(data[:4096]), len(data))
+            except NotACheckpoint as exc:
+                raise NotACheckpoint(path, exc.message) from None
+            return _read(kind, path, data, verify)
+    except PermissionError as exc:
+        raise NotFound(path, f"cannot read: {exc.strerror}") from None
+    except IsADirectoryError:
+        raise NotFound(path, "is a directory") from None
+    except SurgeryError:
+        raise
+    except OSError as exc:
+        raise NotFound(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
+    if kind == "zip":
+        from surgery.formats.torchzip import scan_zip
+
+        return scan_zip(path, data, verify=verify)
+    if kind == "safetensors":
+        from surgery.formats.safetensors_file import scan_safetensors
+
+        return scan_safetensors(path, data)
+    if kind == "torch-legacy":
+        from surgery.formats.legacy import scan_legacy
+
+        return scan_legacy(path, data)
+    if kind == "index":
+        from surgery.formats.sharded import scan_index
+
+        return scan_index(path, lambda p: scan(p, verify=verify))
+    from surgery.formats.legacy import scan_pickle
+
+    return scan_pickle(path, data)

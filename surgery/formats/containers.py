@@ -1,0 +1,275 @@
+"""Finding the state_dict inside whatever object a checkpoint pickled.
+
+Training scripts save `{'epoch': 90, 'state_dict': {...}, 'optimizer': {...}}`,
+Lightning nests under `state_dict`, YOLO-style files pickle a whole module under
+`model`, TorchScript archives pickle module objects. These functions walk the
+stand-in tree the pickle machine built: iteratively, each container once, to a
+bounded depth, so a self-referencing or absurdly deep pickle costs nothing.
+"""
+
+from __future__ import annotations
+
+from collections import deque
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from typing import Any
+
+from surgery.formats.pickle_vm import Call, Global
+from surgery.formats.torch_pickle import TensorRef, is_module_state
+
+MAX_DEPTH = 64  # module nesting in real models stays far below this
+SEARCH_DEPTH = 6  # how deep a state_dict is looked for inside a training checkpoint
+
+# Where training code puts the weights, most specific first (timm, Lightning,
+# the PyTorch ImageNet example, DeepSpeed, detectron2, mmengine, YOLO, GANs).
+PREFERRED_KEYS = (
+    "state_dict",
+    "model_state_dict",
+    "model",
+    "module",
+    "net",
+    "network",
+    "model_state",
+    "params",
+    "weights",
+    "generator",
+    "state_dict_ema",
+    "model_ema",
+    "ema",
+    "ema_state_dict",
+    "g_ema",
+)
+
+# Training state saved beside the weights: never where the state_dict is.
+TRAINING_STATE_KEYS = frozenset(
+    """optimizer optimizers optimizer_states optimizer_state_dict optim lr_scheduler
+    lr_schedulers scheduler schedulers scaler grad_scaler amp callbacks loops""".split()
+)
+
+
+def children(node: Any) -> list[tuple[str, Any]] | None:
+    """The named members of a container stand-in, or None for a leaf.
+
+    A pickled `nn.Module` contributes its `_parameters`, `_buffers` and
+    `_modules`, the names its `state_dict()` would use; a TorchScript object its
+    attributes.
+    """
+    if type(node) is dict:
+        return [(_key(k), v) for k, v in node.items()]
+    if type(node) in (list, tuple):
+        return [(str(i), v) for i, v in enumerate(node)]
+    if isinstance(node, Call):
+        state = node.state
+        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
+            state = {**(state[0] or {}), **(state[1] if isinstance(state[1], dict) else {})}
+        out: list[tuple[str, Any]] = []
+        if type(state) is dict:
+            if is_module_state(state):
+                for part in ("_parameters", "_buffers", "_modules"):
+                    sub = state.get(part)
+                    if type(sub) is dict:
+                        out.extend((_key(k), v) for k, v in sub.items() if v is not None)
+            else:
+                out.extend((_key(k), v) for k, v in state.items())
+        out.extend((_key(k), v) for k, v in node.entries)
+        out.extend((str(i), v) for i, v in enumerate(node.items))
+        return out
+    return None
+
+
+def _key(key: Any) -> str:
+    return (
+        key if isinstance(key, str) else str(key) if isinstance(key, (int, float, bool)) else repr(key)[:40]
+    )
+
+
+def is_module(node: Any) -> bool:
+    """A pickled nn.Module or a TorchScript module object."""
+    if not isinstance(node, Call):
+        return False
+    state = node.state
+    if is_module_state(state):
+        return True
+    func = node.func
+    return isinstance(func, Global) and func.module.startswith("__torch__") and type(state) is dict
+
+
+def is_state_dict(node: Any) -> bool:
+    """A str-keyed dict whose values are mostly tensors and that nests no other weights.
+
+    `{'model': {...}, 'ema_decay': tensor}` is half tensors but not a state_dict:
+    the weights are under `model`.
+    """
+    if type(node) is not dict or not node or not all(isinstance(k, str) for k in node):
+        return False
+    tensors = sum(isinstance(v, TensorRef) for v in node.values())
+    if tensors == 0 or 2 * tensors < len(node):
+        return False
+    return not any(
+        not isinstance(v, TensorRef) and children(v) and count_tensors(v, limit=1) for v in node.values()
+    )
+
+
+def flatten(node: Any, prefix: str = "") -> tuple[list[tuple[str, TensorRef]], list[tuple[str, Any]], bool]:
+    """Every tensor under `node` with its dotted name, in order, and the other leaves.
+
+    Returns:
+        (tensors, other leaves, truncated): leaves inside module objects are
+        left out; truncated is True when MAX_DEPTH cut the walk short.
+    """
+    tensors: list[tuple[str, TensorRef]] = []
+    leaves: list[tuple[str, Any]] = []
+    seen: set[int] = set()
+    truncated = False
+    # Attributes of module objects (`training`, `padding`) are not entries of the
+    # state_dict: only leaves of plain containers are reported.
+    stack: list[tuple[str, Any, int, bool]] = [(prefix, node, 0, False)]
+    while stack:
+        name, value, depth, in_module = stack.pop()
+        if isinstance(value, TensorRef):
+            tensors.append((name, value))
+            continue
+        kids = children(value)
+        if kids is None:
+            if not in_module:
+                leaves.append((name, value))
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if depth >= MAX_DEPTH:
+            truncated = True
+            continue
+        inside = in_module or isinstance(value, Call)
+        for key, child in reversed(kids):
+            stack.append((f"{name}.{key}" if name else key, child, depth + 1, inside))
+    return tensors, leaves, truncated
+
+
+def count_tensors(node: Any, limit: int = 1_000_000) -> int:
+    """Tensors reachable from `node`, each container visited once."""
+    count, seen, queue = 0, set(), deque([node])
+    while queue and count < limit:
+        value = queue.popleft()
+        if isinstance(value, TensorRef):
+            count += 1
+            continue
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        kids = children(value)
+        if kids:
+            queue.extend(child for _, child in kids)
+    return count
+
+
+def all_tensors(node: Any) -> Iterator[TensorRef]:
+    """Every distinct tensor stand-in in the tree (for storage bounds checks)."""
+    seen: set[int] = set()
+    stack = [node]
+    while stack:
+        value = stack.pop()
+        if id(value) in seen:
+            continue
+        seen.add(id(value))
+        if isinstance(value, TensorRef):
+            yield value
+            continue
+        kids = children(value)
+        if kids:
+            stack.extend(child for _, child in kids)
+
+
+@dataclass
+class Located:
+    """Where the state_dict sits and what else is there."""
+
+    path: tuple[str, ...] | None  # None: no state_dict anywhere
+    node: Any
+    candidates: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
+    siblings: list[tuple[str, Any]] = field(default_factory=list)  # entries beside the path
+
+
+def candidates(root: Any) -> list[tuple[tuple[str, ...], Any]]:
+    """Every state_dict-like node, breadth first, not looking inside one."""
+    found: list[tuple[tuple[str, ...], Any]] = []
+    seen: set[int] = set()
+    queue: deque[tuple[tuple[str, ...], Any]] = deque([((), root)])
+    while queue:
+        path, node = queue.popleft()
+        if id(node) in seen or isinstance(node, TensorRef):
+            continue
+        seen.add(id(node))
+        if is_state_dict(node) or is_module(node):
+            found.append((path, node))
+            continue
+        if len(path) >= SEARCH_DEPTH:
+            continue
+        # Optimizer state is keyed by parameter index: not where weights live.
+        if type(node) is dict and not all(isinstance(k, str) for k in node):
+            continue
+        kids = children(node)
+        if kids:
+            queue.extend(((*path, key), child) for key, child in kids if key not in TRAINING_STATE_KEYS)
+    return found
+
+
+def resolve(root: Any, path: tuple[str, ...]) -> Any:
+    """The node at `path` (member names as `children` gives them), or KeyError."""
+    node = root
+    for part in path:
+        kids = children(node)
+        match = [child for key, child in kids or () if key == part]
+        if not match:
+            raise KeyError(part)
+        node = match[0]
+    return node
+
+
+def locate(root: Any, key: tuple[str, ...] | None = None) -> Located:
+    """Pick the state_dict: the given key, the top level, a preferred key, or the largest.
+
+    Raises:
+        KeyError: `key` names nothing in the tree.
+    """
+    found = candidates(root)
+    counts = [(path, count_tensors(node)) for path, node in found]
+    if key is not None:
+        path, node = key, resolve(root, key)
+    elif isinstance(root, TensorRef):
+        path, node = (), {"tensor": root}
+    elif found and found[0][0] == ():
+        path, node = found[0]
+    else:
+        path, node = _preferred(root, found) or _largest(found, counts) or (None, None)
+    return Located(path, node, counts, _siblings(root, path or ()))
+
+
+def _preferred(root: Any, found: list[tuple[tuple[str, ...], Any]]) -> tuple[tuple[str, ...], Any] | None:
+    if type(root) is not dict:
+        return None
+    for name in PREFERRED_KEYS:
+        under = [(p, n) for p, n in found if p and p[0] == name]
+        if under:
+            return max(under, key=lambda item: count_tensors(item[1]))
+    return None
+
+
+def _largest(found, counts) -> tuple[tuple[str, ...], Any] | None:
+    if not found:
+        return None
+    best = max(range(len(found)), key=lambda i: (counts[i][1], -i))
+    return found[best]
+
+
+def _siblings(root: Any, path: tuple[str, ...]) -> list[tuple[str, Any]]:
+    """Entries beside the path at each level: `epoch`, `optimizer`, `arch`, ..."""
+    out: list[tuple[str, Any]] = []
+    node, prefix = root, ""
+    for part in path:
+        for key, child in children(node) or ():
+            if key != part:
+                out.append((prefix + key, child))
+        node = resolve(node, (part,))
+        prefix += part + "."
+    return out

@@ -1,0 +1,724 @@
+"""A pickle machine that reads and records, and never runs anything.
+
+`pickle.load` imports every global a pickle names and calls whatever the pickle
+asks it to. This machine executes the same opcodes, all of protocols 0 to 5,
+over stand-ins: a global becomes a `Global` record (never an import), a call
+becomes a `Call` record unless the caller's `known` table models the callee
+(torch's tensor rebuild functions), and persistent ids go to the caller's
+`persistent_load`. Every global outside `known` is kept in `Result.globals`.
+
+Work and memory stay linear in the pickle's size: declared lengths are checked
+against the bytes that remain before anything is allocated, the stack and memo
+are plain containers, tuple nesting is capped (hashing a deep tuple recurses in
+C), and nothing here recurses.
+"""
+
+from __future__ import annotations
+
+import _compat_pickle
+import codecs
+import struct
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+MAX_NESTING = 100  # tuples and frozensets; real checkpoints stay under 10
+
+
+class PickleError(Exception):
+    """The pickle is malformed; `offset` is where reading stopped."""
+
+    def __init__(self, message: str, offset: int):
+        super().__init__(f"{message} (pickle byte {offset})")
+        self.offset = offset
+
+
+@dataclass(frozen=True)
+class Global:
+    """A global the pickle names: what `pickle` would import."""
+
+    module: str
+    name: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+class Known:
+    """A global the caller models: calling it runs `fn` on the pickled arguments."""
+
+    __slots__ = ("name", "fn")
+
+    def __init__(self, name: str, fn: Callable[..., Any]):
+        self.name, self.fn = name, fn
+
+    def __repr__(self) -> str:
+        return self.name
+
+
+class Call:
+    """An object the pickle would build by calling `func`: kept as a record.
+
+    `state`, `items` and `entries` hold what BUILD, APPEND(S) and SETITEM(S)
+    later gave it, so the record can still be read as a module or a container.
+    """
+
+    __slots__ = ("func", "args", "kwargs", "state", "items", "entries", "offset")
+
+    def __init__(self, func: Any, args: tuple, kwargs: dict | None, offset: int):
+        self.func, self.args, self.kwargs, self.offset = func, args, kwargs, offset
+        self.state: Any = None
+        self.items: list = []
+        self.entries: list = []
+
+    def __repr__(self) -> str:
+        return f"<call of {describe(self.func)} at pickle byte {self.offset}>"
+
+
+@dataclass(frozen=True)
+class GlobalRef:
+    """One place where the pickle names a global outside the known table."""
+
+    module: str
+    name: str
+    offset: int
+    opcode: str
+
+    @property
+    def qualname(self) -> str:
+        return f"{self.module}.{self.name}"
+
+
+@dataclass
+class Result:
+    value: Any
+    end: int  # offset just past STOP
+    protocol: int
+    globals: list[GlobalRef] = field(default_factory=list)
+    calls: list[Call] = field(default_factory=list)
+
+
+def describe(obj: Any, depth: int = 2) -> str:
+    """A short, bounded text for a stand-in: `os.system('echo hi')`."""
+    if isinstance(obj, Global):
+        return obj.qualname
+    if isinstance(obj, Known):
+        return obj.name
+    if isinstance(obj, Call):
+        if depth <= 0:
+            return f"{describe(obj.func, 0)}(...)"
+        args = ", ".join(describe(a, depth - 1) for a in obj.args[:4])
+        more = ", ..." if len(obj.args) > 4 else ""
+        return f"{describe(obj.func, depth - 1)}({args}{more})"
+    if isinstance(obj, (str, bytes)):
+        text = repr(obj[:60])
+        return text + ("..." if len(obj) > 60 else "")
+    if isinstance(obj, (int, float, bool, type(None))):
+        return repr(obj)[:40]
+    if isinstance(obj, (tuple, list)):
+        if depth <= 0:
+            return "(...)" if isinstance(obj, tuple) else "[...]"
+        inner = ", ".join(describe(a, depth - 1) for a in obj[:4])
+        more = ", ..." if len(obj) > 4 else ""
+        return f"({inner}{more})" if isinstance(obj, tuple) else f"[{inner}{more}]"
+    if isinstance(obj, dict):
+        return f"{{dict of {len(obj)}}}"
+    return f"<{type(obj).__name__}>"
+
+
+_MARK = object()
+
+
+class _Machine:
+    def __init__(
+        self,
+        data: bytes | memoryview,
+        start: int,
+        known: Mapping[str, Any],
+        persistent_load: Callable[[Any], Any] | None,
+    ):
+        self.data = memoryview(data)
+        self.pos = start
+        self.known = known
+        self.persistent_load = persistent_load
+        self.stack: list[Any] = []
+        self.metastack: list[list[Any]] = []
+        self.memo: dict[int, Any] = {}
+        self.nesting: dict[int, tuple[Any, int]] = {}
+        self.result = Result(None, start, 0)
+        self.op_start = start
+
+    # -- reading -----------------------------------------------------------
+    def read(self, n: int) -> memoryview:
+        if n < 0:
+            raise PickleError(f"negative length {n}", self.op_start)
+        end = self.pos + n
+        if end > len(self.data):
+            raise PickleError(
+                f"pickle data was truncated: {n} bytes declared, {len(self.data) - self.pos} left",
+                self.op_start,
+            )
+        chunk = self.data[self.pos : end]
+        self.pos = end
+        return chunk
+
+    def readline(self) -> bytes:
+        data = self.data
+        end = self.pos
+        # A memoryview has no find(); scan in bounded slices.
+        while True:
+            chunk = bytes(data[end : end + 4096])
+            if not chunk:
+                raise PickleError("pickle data was truncated inside a text line", self.op_start)
+            i = chunk.find(b"\n")
+            if i >= 0:
+                line = bytes(data[self.pos : end + i])
+                self.pos = end + i + 1
+                return line
+            end += len(chunk)
+
+    def unpack(self, fmt: str) -> Any:
+        size = struct.calcsize(fmt)
+        return struct.unpack(fmt, self.read(size))[0]
+
+    # -- the stack -----------------------------------------------------------
+    def pop(self) -> Any:
+        if not self.stack:
+            raise PickleError("stack underflow", self.op_start)
+        return self.stack.pop()
+
+    def top(self) -> Any:
+        if not self.stack:
+            raise PickleError("stack underflow", self.op_start)
+        return self.stack[-1]
+
+    def pop_mark(self) -> list[Any]:
+        if not self.metastack:
+            raise PickleError("no MARK on the stack", self.op_start)
+        items = self.stack
+        self.stack = self.metastack.pop()
+        return items
+
+    def nest(self, items: Any) -> int:
+        """Track tuple/frozenset depth so later hashing cannot recurse deeply."""
+        depth = 1
+        for x in items:
+            if type(x) is tuple or type(x) is frozenset:
+                seen = self.nesting.get(id(x))
+                depth = max(depth, (seen[1] if seen else 1) + 1)
+        if depth > MAX_NESTING:
+            raise PickleError(f"tuples nested deeper than {MAX_NESTING} levels", self.op_start)
+        return depth
+
+    def push_nested(self, obj: tuple | frozenset, items: Any) -> None:
+        depth = self.nest(items)
+        if depth > 1:
+            self.nesting[id(obj)] = (obj, depth)
+        self.stack.append(obj)
+
+    # -- globals and calls ---------------------------------------------------
+    def global_(self, module: Any, name: Any, opcode: str) -> Any:
+        if not isinstance(module, str) or not isinstance(name, str):
+            raise PickleError(f"{opcode} with a non-string module or name", self.op_start)
+        if self.result.protocol < 3:  # Python 2 names, mapped as pickle's fix_imports does
+            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
+            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+        qualname = f"{module}.{name}"
+        if qualname in self.known:
+            return self.known[qualname]
+        self.result.globals.append(GlobalRef(module, name, self.op_start, opcode))
+        return Global(module, name)
+
+    def call(self, func: Any, args: Any, kwargs: Any = None, opcode: str = "REDUCE") -> Any:
+        if not isinstance(args, tuple):
+            raise PickleError(f"{opcode} arguments are a {type(args).__name__}, not a tuple", self.op_start)
+        if kwargs is not None and not isinstance(kwargs, dict):
+            raise PickleError(f"{opcode} keyword arguments are not a dict", self.op_start)
+        if isinstance(func, Known):
+            try:
+                return func.fn(*args, **(kwargs or {}))
+            except PickleError:
+                raise
+            except Exception as exc:
+                raise PickleError(f"bad arguments to {func.name}: {exc}", self.op_start) from None
+        if not isinstance(func, (Global, Call)):
+            raise PickleError(f"{opcode} calls a {type(func).__name__}, which is not callable", self.op_start)
+        record = Call(func, args, kwargs, self.op_start)
+        self.result.calls.append(record)
+        return record
+
+    def persistent(self, pid: Any) -> Any:
+        if self.persistent_load is None:
+            raise PickleError("persistent id in a pickle that allows none", self.op_start)
+        try:
+            return self.persistent_load(pid)
+        except PickleError:
+            raise
+        except Exception as exc:
+            raise PickleError(f"bad persistent id {describe(pid)}: {exc}", self.op_start) from None
+
+    # -- the loop ------------------------------------------------------------
+    def run(self) -> Result:
+        data = self.data
+        ops = _OPS
+        while True:
+            self.op_start = self.pos
+            if self.pos >= len(data):
+                raise PickleError("pickle data was truncated: no STOP", self.pos)
+            code = data[self.pos]
+            self.pos += 1
+            op = ops.get(code)
+            if op is None:
+                raise PickleError(f"unknown opcode 0x{code:02x}", self.op_start)
+            if code == 0x2E:  # STOP
+                self.result.value = self.pop()
+                self.result.end = self.pos
+                return self.result
+            try:
+                op(self)
+            except PickleError:
+                raise
+            except RecursionError:
+                raise PickleError(f"{op.__name__[3:]}: structure too deep", self.op_start) from None
+            except Exception as exc:  # a hostile pickle must end in our error, whatever it did
+                raise PickleError(f"{op.__name__[3:]}: {exc}", self.op_start) from None
+
+
+def _decode_text(raw: bytes) -> str:
+    try:
+        return raw.decode("utf-8")
+    except UnicodeDecodeError:
+        return raw.decode("latin-1")
+
+
+def _op_PROTO(m: _Machine) -> None:
+    proto = m.read(1)[0]
+    if proto > 5:
+        raise PickleError(f"unsupported pickle protocol {proto}", m.op_start)
+    m.result.protocol = proto
+
+
+def _op_FRAME(m: _Machine) -> None:
+    size = m.unpack("<Q")
+    if size > len(m.data) - m.pos:
+        raise PickleError(f"frame of {size} bytes runs past the end", m.op_start)
+
+
+def _op_MARK(m: _Machine) -> None:
+    m.metastack.append(m.stack)
+    m.stack = []
+
+
+def _op_POP(m: _Machine) -> None:
+    if m.stack:
+        m.stack.pop()
+    else:
+        m.pop_mark()
+
+
+def _op_POP_MARK(m: _Machine) -> None:
+    m.pop_mark()
+
+
+def _op_DUP(m: _Machine) -> None:
+    m.stack.append(m.top())
+
+
+def _op_FLOAT(m: _Machine) -> None:
+    m.stack.append(float(m.readline()))
+
+
+def _op_INT(m: _Machine) -> None:
+    line = m.readline()
+    if line == b"00":
+        m.stack.append(False)
+    elif line == b"01":
+        m.stack.append(True)
+    else:
+        m.stack.append(int(line, 0))
+
+
+def _op_LONG(m: _Machine) -> None:
+    line = m.readline()
+    if line.endswith(b"L"):
+        line = line[:-1]
+    m.stack.append(int(line, 0))
+
+
+def _op_BININT(m: _Machine) -> None:
+    m.stack.append(m.unpack("<i"))
+
+
+def _op_BININT1(m: _Machine) -> None:
+    m.stack.append(m.read(1)[0])
+
+
+def _op_BININT2(m: _Machine) -> None:
+    m.stack.append(m.unpack("<H"))
+
+
+def _op_LONG1(m: _Machine) -> None:
+    n = m.read(1)[0]
+    m.stack.append(int.from_bytes(m.read(n), "little", signed=True))
+
+
+def _op_LONG4(m: _Machine) -> None:
+    n = m.unpack("<i")
+    m.stack.append(int.from_bytes(m.read(n), "little", signed=True))
+
+
+def _op_BINFLOAT(m: _Machine) -> None:
+    m.stack.append(m.unpack(">d"))
+
+
+def _op_STRING(m: _Machine) -> None:
+    line = m.readline().rstrip()
+    if len(line) < 2 or line[0] != line[-1] or line[:1] not in (b"'", b'"'):
+        raise PickleError("STRING argument is not quoted", m.op_start)
+    m.stack.append(_decode_text(codecs.escape_decode(line[1:-1])[0]))
+
+
+def _op_BINSTRING(m: _Machine) -> None:
+    m.stack.append(_decode_text(bytes(m.read(m.unpack("<i")))))
+
+
+def _op_SHORT_BINSTRING(m: _Machine) -> None:
+    m.stack.append(_decode_text(bytes(m.read(m.read(1)[0]))))
+
+
+def _op_BINBYTES(m: _Machine) -> None:
+    m.stack.append(bytes(m.read(m.unpack("<I"))))
+
+
+def _op_SHORT_BINBYTES(m: _Machine) -> None:
+    m.stack.append(bytes(m.read(m.read(1)[0])))
+
+
+def _op_BINBYTES8(m: _Machine) -> None:
+    m.stack.append(bytes(m.read(m.unpack("<Q"))))
+
+
+def _op_BYTEARRAY8(m: _Machine) -> None:
+    m.stack.append(bytearray(m.read(m.unpack("<Q"))))
+
+
+def _op_NEXT_BUFFER(m: _Machine) -> None:
+    raise PickleError("out-of-band buffer requested, none can be supplied", m.op_start)
+
+
+def _op_READONLY_BUFFER(m: _Machine) -> None:
+    m.top()
+
+
+def _op_UNICODE(m: _Machine) -> None:
+    m.stack.append(m.readline().decode("raw-unicode-escape"))
+
+
+def _op_SHORT_BINUNICODE(m: _Machine) -> None:
+    m.stack.append(str(m.read(m.read(1)[0]), "utf-8", "surrogatepass"))
+
+
+def _op_BINUNICODE(m: _Machine) -> None:
+    m.stack.append(str(m.read(m.unpack("<I")), "utf-8", "surrogatepass"))
+
+
+def _op_BINUNICODE8(m: _Machine) -> None:
+    m.stack.append(str(m.read(m.unpack("<Q")), "utf-8", "surrogatepass"))
+
+
+def _op_NONE(m: _Machine) -> None:
+    m.stack.append(None)
+
+
+def _op_NEWTRUE(m: _Machine) -> None:
+    m.stack.append(True)
+
+
+def _op_NEWFALSE(m: _Machine) -> None:
+    m.stack.append(False)
+
+
+def _op_EMPTY_TUPLE(m: _Machine) -> None:
+    m.stack.append(())
+
+
+def _op_EMPTY_LIST(m: _Machine) -> None:
+    m.stack.append([])
+
+
+def _op_EMPTY_DICT(m: _Machine) -> None:
+    m.stack.append({})
+
+
+def _op_EMPTY_SET(m: _Machine) -> None:
+    m.stack.append(set())
+
+
+def _op_TUPLE(m: _Machine) -> None:
+    items = m.pop_mark()
+    m.push_nested(tuple(items), items)
+
+
+def _op_TUPLE1(m: _Machine) -> None:
+    items = [m.pop()]
+    m.push_nested(tuple(items), items)
+
+
+def _op_TUPLE2(m: _Machine) -> None:
+    b, a = m.pop(), m.pop()
+    m.push_nested((a, b), (a, b))
+
+
+def _op_TUPLE3(m: _Machine) -> None:
+    c, b, a = m.pop(), m.pop(), m.pop()
+    m.push_nested((a, b, c), (a, b, c))
+
+
+def _op_LIST(m: _Machine) -> None:
+    m.stack.append(m.pop_mark())
+
+
+def _op_DICT(m: _Machine) -> None:
+    items = m.pop_mark()
+    if len(items) % 2:
+        raise PickleError("DICT with an odd number of items", m.op_start)
+    m.stack.append({items[i]: items[i + 1] for i in range(0, len(items), 2)})
+
+
+def _op_FROZENSET(m: _Machine) -> None:
+    items = m.pop_mark()
+    m.push_nested(frozenset(items), items)
+
+
+def _op_ADDITEMS(m: _Machine) -> None:
+    items = m.pop_mark()
+    target = m.top()
+    if isinstance(target, Call):
+        target.items.extend(items)
+    elif type(target) is set:
+        target.update(items)
+    else:
+        raise PickleError(f"ADDITEMS to a {type(target).__name__}", m.op_start)
+
+
+def _append(m: _Machine, items: list[Any], opcode: str) -> None:
+    target = m.top()
+    if type(target) is list:
+        target.extend(items)
+    elif isinstance(target, Call):
+        target.items.extend(items)
+    else:
+        raise PickleError(f"{opcode} to a {type(target).__name__}", m.op_start)
+
+
+def _op_APPEND(m: _Machine) -> None:
+    item = m.pop()
+    _append(m, [item], "APPEND")
+
+
+def _op_APPENDS(m: _Machine) -> None:
+    _append(m, m.pop_mark(), "APPENDS")
+
+
+def _setitems(m: _Machine, items: list[Any], opcode: str) -> None:
+    if len(items) % 2:
+        raise PickleError(f"{opcode} with an odd number of items", m.op_start)
+    target = m.top()
+    pairs = [(items[i], items[i + 1]) for i in range(0, len(items), 2)]
+    if type(target) is dict:
+        for key, value in pairs:
+            target[key] = value
+    elif isinstance(target, Call):
+        target.entries.extend(pairs)
+    else:
+        raise PickleError(f"{opcode} on a {type(target).__name__}", m.op_start)
+
+
+def _op_SETITEM(m: _Machine) -> None:
+    value, key = m.pop(), m.pop()
+    _setitems(m, [key, value], "SETITEM")
+
+
+def _op_SETITEMS(m: _Machine) -> None:
+    _setitems(m, m.pop_mark(), "SETITEMS")
+
+
+def _op_BUILD(m: _Machine) -> None:
+    state = m.pop()
+    target = m.top()
+    if isinstance(target, Call):
+        target.state = state
+    elif type(target) is dict:
+        pass  # OrderedDict attributes such as a state_dict's `_metadata`
+    elif not hasattr(target, "build"):
+        raise PickleError(f"BUILD on a {type(target).__name__}", m.op_start)
+    else:
+        target.build(state)
+
+
+def _op_GLOBAL(m: _Machine) -> None:
+    module = _decode_text(m.readline())
+    name = _decode_text(m.readline())
+    m.stack.append(m.global_(module, name, "GLOBAL"))
+
+
+def _op_STACK_GLOBAL(m: _Machine) -> None:
+    name, module = m.pop(), m.pop()
+    m.stack.append(m.global_(module, name, "STACK_GLOBAL"))
+
+
+def _op_INST(m: _Machine) -> None:
+    module = _decode_text(m.readline())
+    name = _decode_text(m.readline())
+    cls = m.global_(module, name, "INST")
+    m.stack.append(m.call(cls, tuple(m.pop_mark()), opcode="INST"))
+
+
+def _op_OBJ(m: _Machine) -> None:
+    items = m.pop_mark()
+    if not items:
+        raise PickleError("OBJ without a class", m.op_start)
+    m.stack.append(m.call(items[0], tuple(items[1:]), opcode="OBJ"))
+
+
+def _op_NEWOBJ(m: _Machine) -> None:
+    args, cls = m.pop(), m.pop()
+    m.stack.append(m.call(cls, args, opcode="NEWOBJ"))
+
+
+def _op_NEWOBJ_EX(m: _Machine) -> None:
+    kwargs, args, cls = m.pop(), m.pop(), m.pop()
+    m.stack.append(m.call(cls, args, kwargs, opcode="NEWOBJ_EX"))
+
+
+def _op_REDUCE(m: _Machine) -> None:
+    args = m.pop()
+    func = m.pop()
+    m.stack.append(m.call(func, args))
+
+
+def _extension(m: _Machine, code: int) -> None:
+    # The loading process resolves the code through its copyreg registry:
+    # unknowable here, so it is a global like any other unknown one.
+    m.stack.append(m.global_("copyreg", f"<extension code {code}>", "EXT"))
+
+
+def _op_EXT1(m: _Machine) -> None:
+    _extension(m, m.read(1)[0])
+
+
+def _op_EXT2(m: _Machine) -> None:
+    _extension(m, m.unpack("<H"))
+
+
+def _op_EXT4(m: _Machine) -> None:
+    _extension(m, m.unpack("<i"))
+
+
+def _op_PERSID(m: _Machine) -> None:
+    m.stack.append(m.persistent(_decode_text(m.readline())))
+
+
+def _op_BINPERSID(m: _Machine) -> None:
+    m.stack.append(m.persistent(m.pop()))
+
+
+def _get(m: _Machine, index: int) -> None:
+    if index not in m.memo:
+        raise PickleError(f"memo has no entry {index}", m.op_start)
+    m.stack.append(m.memo[index])
+
+
+def _put(m: _Machine, index: int) -> None:
+    if index < 0:
+        raise PickleError("negative memo index", m.op_start)
+    m.memo[index] = m.top()
+
+
+def _op_GET(m: _Machine) -> None:
+    _get(m, int(m.readline()))
+
+
+def _op_BINGET(m: _Machine) -> None:
+    _get(m, m.read(1)[0])
+
+
+def _op_LONG_BINGET(m: _Machine) -> None:
+    _get(m, m.unpack("<I"))
+
+
+def _op_PUT(m: _Machine) -> None:
+    _put(m, int(m.readline()))
+
+
+def _op_BINPUT(m: _Machine) -> None:
+    _put(m, m.read(1)[0])
+
+
+def _op_LONG_BINPUT(m: _Machine) -> None:
+    _put(m, m.unpack("<I"))
+
+
+def _op_MEMOIZE(m: _Machine) -> None:
+    _put(m, len(m.memo))
+
+
+def _op_STOP(m: _Machine) -> None:  # handled in the loop
+    raise AssertionError
+
+
+_OPCODES = {
+    "(": _op_MARK, ".": _op_STOP, "0": _op_POP, "1": _op_POP_MARK, "2": _op_DUP,
+    "F": _op_FLOAT, "I": _op_INT, "J": _op_BININT, "K": _op_BININT1, "L": _op_LONG,
+    "M": _op_BININT2, "N": _op_NONE, "P": _op_PERSID, "Q": _op_BINPERSID,
+    "R": _op_REDUCE, "S": _op_STRING, "T": _op_BINSTRING, "U": _op_SHORT_BINSTRING,
+    "V": _op_UNICODE, "X": _op_BINUNICODE, "a": _op_APPEND, "b": _op_BUILD,
+    "c": _op_GLOBAL, "d": _op_DICT, "}": _op_EMPTY_DICT, "e": _op_APPENDS,
+    "g": _op_GET, "h": _op_BINGET, "i": _op_INST, "j": _op_LONG_BINGET,
+    "l": _op_LIST, "]": _op_EMPTY_LIST, "o": _op_OBJ, "p": _op_PUT, "q": _op_BINPUT,
+    "r": _op_LONG_BINPUT, "s": _op_SETITEM, "t": _op_TUPLE, ")": _op_EMPTY_TUPLE,
+    "u": _op_SETITEMS, "G": _op_BINFLOAT,
+    "\x80": _op_PROTO, "\x81": _op_NEWOBJ, "\x82": _op_EXT1, "\x83": _op_EXT2,
+    "\x84": _op_EXT4, "\x85": _op_TUPLE1, "\x86": _op_TUPLE2, "\x87": _op_TUPLE3,
+    "\x88": _op_NEWTRUE, "\x89": _op_NEWFALSE, "\x8a": _op_LONG1, "\x8b": _op_LONG4,
+    "B": _op_BINBYTES, "C": _op_SHORT_BINBYTES,
+    "\x8c": _op_SHORT_BINUNICODE, "\x8d": _op_BINUNICODE8, "\x8e": _op_BINBYTES8,
+    "\x8f": _op_EMPTY_SET, "\x90": _op_ADDITEMS, "\x91": _op_FROZENSET,
+    "\x92": _op_NEWOBJ_EX, "\x93": _op_STACK_GLOBAL, "\x94": _op_MEMOIZE,
+    "\x95": _op_FRAME, "\x96": _op_BYTEARRAY8, "\x97": _op_NEXT_BUFFER,
+    "\x98": _op_READONLY_BUFFER,
+}  # fmt: skip
+_OPS = {ord(k): v for k, v in _OPCODES.items()}
+PICKLE_OPCODE_BYTES = frozenset(_OPS)
+
+
+def run(
+    data: bytes | memoryview,
+    *,
+    start: int = 0,
+    known: Mapping[str, Any] | None = None,
+    persistent_load: Callable[[Any], Any] | None = None,
+) -> Result:
+    """Execute the pickle at `data[start:]` over stand-ins, up to its STOP.
+
+    Args:
+        data: the bytes holding the pickle (more may follow it).
+        start: where the pickle begins.
+        known: globals by qualified name that the caller models: a `Known`
+            is called with the pickled arguments, anything else is pushed as is.
+        persistent_load: turns a persistent id into a stand-in.
+
+    Returns:
+        The value at STOP, where STOP ended, and every unknown global and call.
+
+    Raises:
+        PickleError: the pickle is malformed, truncated or too deep. Its
+            `partial` attribute holds what was recorded before the error.
+    """
+    machine = _Machine(data, start, known or {}, persistent_load)
+    try:
+        return machine.run()
+    except PickleError as exc:
+        exc.partial = machine.result  # type: ignore[attr-defined]
+        raise

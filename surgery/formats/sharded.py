@@ -1,0 +1,122 @@
+"""Sharded checkpoints: a `*.index.json` whose `weight_map` names the shard of each tensor.
+
+Each shard is read by its own reader (safetensors or torch, by its bytes); the
+index and the shards are checked against each other.
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound
+from surgery.formats.base import Scan
+from surgery.formats.containers import flatten, locate
+from surgery.formats.torch_pickle import TensorRef
+from surgery.safety import Finding
+
+MAX_INDEX_BYTES = 100_000_000
+CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".pkl")
+
+
+def scan_folder(folder: Path, scan_file: Callable[[Path], Scan]) -> Scan:
+    """A folder is read through the index it holds."""
+    indexes = sorted(folder.glob("*.index.json"))
+    if not indexes:
+        if (folder / ".metadata").exists():
+            raise NotACheckpoint(
+                folder,
+                "a torch.distributed.checkpoint (DCP) folder, not read yet",
+                hint="convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save",
+            )
+        files = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
+        hint = f"it holds {', '.join(files[:5])}: inspect one of those" if files else None
+        raise NotFound(folder, "a folder with no *.index.json", hint=hint)
+    preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")] or indexes
+    scan = scan_index(preferred[0], scan_file)
+    for other in indexes:
+        if other != preferred[0]:
+            scan.findings.append(
+                Finding("notice", f"the folder also holds {other.name}; read with its own path", str(folder))
+            )
+    return scan
+
+
+def scan_index(index: Path, scan_file: Callable[[Path], Scan]) -> Scan:
+    weight_map, meta = _read_index(index)
+    folder = index.parent.resolve()
+    shards = list(dict.fromkeys(weight_map.values()))
+    root: dict[str, TensorRef] = {}
+    owner: dict[str, str] = {}
+    findings: list[Finding] = []
+    files = [index]
+    formats = set()
+    for shard in shards:
+        path = (folder / shard).resolve()
+        if folder not in path.parents:
+            raise CorruptCheckpoint(index, f"shard {shard!r} lies outside the folder of the index")
+        if not path.is_file():
+            raise NotFound(index, f"the index names shard {shard!r}, which is missing")
+        sub = scan_file(path)
+        if sub.format == "sharded":
+            raise CorruptCheckpoint(index, f"shard {shard!r} is itself an index")
+        files.append(path)
+        formats.add(sub.format)
+        findings.extend(sub.findings)
+        located = locate(sub.root)
+        tensors, _, _ = flatten(located.node) if located.path is not None else ([], [], False)
+        for name, tensor in tensors:
+            if name in owner:
+                findings.append(
+                    Finding("corrupt", f"tensor {name!r} is in both {owner[name]} and {shard}", str(index))
+                )
+                continue
+            owner[name] = shard
+            if name not in weight_map:
+                findings.append(
+                    Finding("notice", f"tensor {name!r} in {shard} is not in the index", str(index))
+                )
+            elif weight_map[name] != shard:
+                findings.append(
+                    Finding(
+                        "corrupt",
+                        f"the index puts {name!r} in {weight_map[name]}, it is in {shard}",
+                        str(index),
+                    )
+                )
+            root[name] = tensor
+    for name, shard in weight_map.items():
+        if name not in owner:
+            findings.append(
+                Finding("corrupt", f"the index puts {name!r} in {shard}, which does not hold it", str(index))
+            )
+    total = meta.get("total_size") if isinstance(meta, dict) else None
+    stored = sum(t.nbytes for t in root.values())
+    if isinstance(total, int) and total != stored:
+        findings.append(
+            Finding(
+                "notice", f"index metadata total_size is {total}, the tensors hold {stored} bytes", str(index)
+            )
+        )
+    kind = " and ".join(sorted(formats)) or "no"
+    description = f"sharded: {index.name} with {len(shards)} {kind} shard{'s' if len(shards) != 1 else ''}"
+    metadata = {"index": str(index), "shards": shards, "shard_format": kind, "index_metadata": meta}
+    return Scan(index, "sharded", description, root, findings, metadata, files)
+
+
+def _read_index(index: Path) -> tuple[dict[str, str], dict]:
+    if index.stat().st_size > MAX_INDEX_BYTES:
+        raise CorruptCheckpoint(index, f"index file over {MAX_INDEX_BYTES} bytes")
+    try:
+        doc = json.loads(index.read_text(encoding="utf-8"))
+    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+        raise NotACheckpoint(
+            index, f"not a checkpoint: a text file that is not a JSON index ({exc})"
+        ) from None
+    if not isinstance(doc, dict) or not isinstance(doc.get("weight_map"), dict):
+        raise NotACheckpoint(index, "a JSON file without a weight_map: not a sharded checkpoint index")
+    weight_map = doc["weight_map"]
+    if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
+        raise CorruptCheckpoint(index, "weight_map must map tensor names to shard file names")
+    return weight_map, doc.get("metadata") or {}

@@ -1,0 +1,95 @@
+"""Turning tensor stand-ins into real tensors, straight from the file's bytes.
+
+Each storage is mapped copy-on-write (`mmap.ACCESS_COPY`) and wrapped with
+`torch.frombuffer`, then viewed with the dtype, shape, stride and offset the
+pickle or header declared: the same tensor `torch.load(mmap=True)` builds,
+without unpickling anything. Tensors that share a storage in the file share it
+here too, and pages are read only when a tensor is used; writes to a tensor
+never reach the file.
+"""
+
+from __future__ import annotations
+
+import mmap
+import zipfile
+from collections.abc import Iterable
+from typing import TYPE_CHECKING
+
+from surgery.errors import CorruptCheckpoint, UnsupportedTensor
+from surgery.formats.base import tensor_problem
+from surgery.formats.torch_pickle import DataLocation, StorageRef, TensorRef
+
+if TYPE_CHECKING:
+    import torch
+
+
+class TensorReader:
+    """Reads tensors of one checkpoint, sharing storages and file mappings."""
+
+    def __init__(self, where: str):
+        self.where = where
+        self._maps: dict[str, mmap.mmap] = {}
+        self._storages: dict[tuple[int, str], torch.Tensor] = {}
+
+    def read(self, name: str, ref: TensorRef) -> torch.Tensor:
+        import torch
+
+        if ref.unusual:
+            raise UnsupportedTensor(
+                self.where,
+                f"tensor {name!r} is {ref.unusual}: surgery lists it but does not rebuild it",
+                hint="load the file with torch.load(path, weights_only=True)",
+            )
+        problem = tensor_problem(ref)
+        if problem:
+            raise CorruptCheckpoint(self.where, f"tensor {name!r} {problem}")
+        dtype = getattr(torch, ref.dtype.name)
+        storage = ref.storage
+        if storage is None:  # cannot happen without `unusual`; kept for type checkers
+            raise UnsupportedTensor(self.where, f"tensor {name!r} has no data")
+        typed = self._typed(storage, dtype, ref.dtype.itemsize)
+        offset = storage.view_offset // ref.dtype.itemsize + ref.offset
+        out = typed.as_strided(ref.shape, ref.stride, offset)
+        if ref.bits:
+            torch._utils.set_tensor_metadata(out, ref.bits)
+        if ref.parameter:
+            return torch.nn.Parameter(out, requires_grad=ref.requires_grad)
+        if ref.requires_grad and out.is_floating_point():
+            out.requires_grad_(True)
+        return out
+
+    def read_all(self, refs: Iterable[tuple[str, TensorRef]]) -> dict[str, torch.Tensor]:
+        return {name: self.read(name, ref) for name, ref in refs}
+
+    def _typed(self, storage: StorageRef, dtype: torch.dtype, itemsize: int) -> torch.Tensor:
+        """The whole root storage as a 1-D tensor of `dtype`, shared between views."""
+        base = storage.base
+        key = (id(base), str(dtype))
+        cached = self._storages.get(key)
+        if cached is not None:
+            return cached
+        raw = self._bytes(base.data)  # type: ignore[arg-type]
+        usable = raw.numel() - raw.numel() % itemsize
+        typed = raw[:usable].view(dtype)
+        if base.data.byteswap and itemsize > 1:  # type: ignore[union-attr]
+            import torch
+
+            typed = (
+                raw[:usable].view(-1, itemsize).flip(1).contiguous().view(torch.uint8).view(-1).view(dtype)
+            )
+        self._storages[key] = typed
+        return typed
+
+    def _bytes(self, data: DataLocation) -> torch.Tensor:
+        import torch
+
+        if data.size == 0:
+            return torch.empty(0, dtype=torch.uint8)
+        if data.member is not None:  # a compressed zip member: inflate it
+            with zipfile.ZipFile(data.path) as zf:
+                return torch.frombuffer(bytearray(zf.read(data.member)), dtype=torch.uint8)
+        mm = self._maps.get(data.path)
+        if mm is None:
+            with open(data.path, "rb") as f:
+                mm = self._maps[data.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        return torch.frombuffer(mm, dtype=torch.uint8, count=data.size, offset=data.offset)

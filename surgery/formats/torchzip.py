@@ -1,0 +1,253 @@
+"""torch zip archives (`torch.save` since 1.6) and TorchScript archives.
+
+The central directory comes from `zipfile`; everything else is read here, from
+the mapped file: each member's local header (to find where its bytes start and
+to notice when it disagrees with the central directory), `data.pkl` through the
+pickle machine, and the size of each storage member. Storage bytes are never
+read unless `verify` asks for their CRCs.
+"""
+
+from __future__ import annotations
+
+import struct
+import sys
+import zipfile
+import zlib
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+
+from surgery.errors import CorruptCheckpoint, NotACheckpoint
+from surgery.formats import pickle_vm
+from surgery.formats.base import Scan, check_storages
+from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
+from surgery.safety import Finding, findings_for
+
+MAX_PICKLE_BYTES = 1 << 30  # an inflated data.pkl beyond this is refused
+_LOCAL = struct.Struct("<4sHHHHHIIIHH")
+_NORMAL_FLAGS = 0x08 | 0x800  # data descriptor, UTF-8 names: what torch writes
+_TORCH_MEMBERS = ("data.pkl", "version", ".format_version", ".storage_alignment", "byteorder")
+_TORCH_FOLDERS = ("data/", ".data/", "code/", "constants/", "extra/", "constants.pkl")
+
+
+@dataclass
+class Member:
+    info: zipfile.ZipInfo
+    offset: int  # where its bytes start
+    problems: list[str]
+
+
+def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
+    where = str(path)
+    try:
+        with open(path, "rb") as f:
+            infos = zipfile.ZipFile(f).infolist()
+    except Exception as exc:  # zipfile raises many types on damaged input
+        raise CorruptCheckpoint(path, f"damaged or truncated zip archive ({exc})") from None
+
+    names = [i.filename for i in infos]
+    prefix = _archive_prefix(path, names)
+    torchscript = any(n.startswith((f"{prefix}/code/", f"{prefix}/constants.pkl")) for n in names)
+    findings: list[Finding] = []
+    members: dict[str, list[Member]] = {}
+    for info in infos:
+        member = _read_local_header(data, info)
+        members.setdefault(info.filename, []).append(member)
+        findings.extend(
+            Finding("corrupt" if p.startswith("!") else "notice", p.lstrip("!"), f"{where}: {info.filename}")
+            for p in member.problems
+        )
+    for name, count in Counter(names).items():
+        if count > 1:
+            findings.append(
+                Finding(
+                    "corrupt",
+                    f"member {name!r} appears {count} times: zip readers disagree on which copy counts",
+                    where,
+                )
+            )
+
+    known = TORCHSCRIPT_KNOWN if torchscript else KNOWN
+    expected = ("__torch__.",) if torchscript else ()
+    table = StorageTable()
+    result = None
+    for copy in members[f"{prefix}/data.pkl"]:  # every copy: a hidden second pickle is still scanned
+        pickle_bytes = _member_bytes(path, data, copy, findings)
+        copy_table = StorageTable()
+        try:
+            copy_result = pickle_vm.run(pickle_bytes, known=known, persistent_load=copy_table)
+        except pickle_vm.PickleError as exc:
+            error = CorruptCheckpoint(path, f"data.pkl is not a valid pickle: {exc}")
+            error.findings = findings + findings_for(
+                exc.partial, f"{where}: data.pkl", expected_prefixes=expected, known=known
+            )  # type: ignore[attr-defined]
+            raise error from None
+        findings.extend(
+            findings_for(copy_result, f"{where}: data.pkl", expected_prefixes=expected, known=known)
+        )
+        if copy_result.end < len(pickle_bytes):
+            extra = len(pickle_bytes) - copy_result.end
+            findings.append(
+                Finding(
+                    "notice", f"{extra} bytes follow the pickle's STOP in data.pkl: torch ignores them", where
+                )
+            )
+        if result is None:
+            result, table = copy_result, copy_table
+
+    byteswap = _byteorder(path, data, members.get(f"{prefix}/byteorder"), findings) != sys.byteorder
+    storage_prefix = f"{prefix}/data/"
+    for key, storage in table.storages.items():
+        copies = members.get(storage_prefix + key)
+        if copies:
+            m = copies[0]
+            stored = m.info.compress_type == zipfile.ZIP_STORED
+            storage.data = DataLocation(
+                where, m.offset, m.info.file_size, byteswap, None if stored else m.info.filename
+            )
+    unreferenced = {
+        n[len(storage_prefix) :]: members[n][0].info.file_size
+        for n in members
+        if n.startswith(storage_prefix) and n[len(storage_prefix) :] not in table.storages
+    }
+    findings.extend(check_storages(result.value, table.storages, where, unreferenced))
+    findings.extend(_unexpected_members(prefix, members, where))
+    if verify:
+        findings.extend(_check_crcs(path, data, members))
+
+    kind = "torchscript" if torchscript else "torch-zip"
+    description = (
+        "TorchScript archive (torch.jit.save); its code/ is not run here: load it with torch.jit.load"
+        if torchscript
+        else "torch zip (torch.save, PyTorch >= 1.6)"
+    )
+    metadata = {"pickle_protocol": result.protocol, "archive": prefix, "storages": len(table.storages)}
+    version = members.get(f"{prefix}/version")
+    if version:
+        metadata["version"] = (
+            bytes(_member_bytes(path, data, version[0], findings)[:16]).decode("latin-1").strip()
+        )
+    return Scan(path, kind, description, result.value, findings, metadata, [path])
+
+
+def _archive_prefix(path: Path, names: list[str]) -> str:
+    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    if pickles:
+        return pickles[0][: -len("/data.pkl")]
+    if any(n.endswith("archive_format") for n in names) or any("/models/" in n for n in names):
+        raise NotACheckpoint(path, "a torch.export archive (.pt2): load it with torch.export.load")
+    if names and all(n.endswith(".npy") for n in names):
+        raise NotACheckpoint(path, "a NumPy .npz archive, not a PyTorch checkpoint")
+    shown = ", ".join(names[:4]) + (", ..." if len(names) > 4 else "")
+    raise NotACheckpoint(
+        path, f"a zip archive but not a torch checkpoint: no data.pkl (holds {shown or 'nothing'})"
+    )
+
+
+def _read_local_header(data: memoryview, info: zipfile.ZipInfo) -> Member:
+    """Where the member's bytes start, and how its local header disagrees with the central one."""
+    problems: list[str] = []
+    start = info.header_offset
+    raw = bytes(data[start : start + _LOCAL.size])
+    if len(raw) < _LOCAL.size or raw[:4] != b"PK\x03\x04":
+        return Member(info, -1, ["!local header is missing: the central directory points at something else"])
+    _, _, flags, method, _, _, crc, csize, usize, nlen, elen = _LOCAL.unpack(raw)
+    name_raw = bytes(data[start + _LOCAL.size : start + _LOCAL.size + nlen])
+    name = name_raw.decode("utf-8" if flags & 0x800 else "cp437", "replace")
+    offset = start + _LOCAL.size + nlen + elen
+    if name != info.filename:
+        problems.append(
+            f"!local header names {name!r}, the central directory {info.filename!r}: readers disagree"
+        )
+    if method != info.compress_type:
+        problems.append(
+            f"!local header says compression {method}, the central directory {info.compress_type}"
+        )
+    sizes_here = not flags & 0x08 and 0xFFFFFFFF not in (csize, usize)
+    if sizes_here and (crc, csize, usize) != (info.CRC, info.compress_size, info.file_size):
+        problems.append("!local header sizes or CRC differ from the central directory: readers disagree")
+    if info.flag_bits & 0x1:
+        problems.append("!member is encrypted: torch cannot read it")
+    elif info.flag_bits & ~_NORMAL_FLAGS:
+        problems.append(f"unusual zip flag bits 0x{info.flag_bits:04x}: torch ignores them")
+    if info.compress_type not in (zipfile.ZIP_STORED, zipfile.ZIP_DEFLATED):
+        problems.append(f"!compression method {info.compress_type} is not one torch reads")
+    elif info.compress_type == zipfile.ZIP_DEFLATED and "/data/" in info.filename:
+        problems.append("storage is compressed: torch reads it, but cannot memory-map it")
+    if offset + info.compress_size > len(data):
+        problems.append(f"!member data runs past the end of the file ({len(data)} bytes): truncated?")
+        return Member(info, -1, problems)
+    return Member(info, offset, problems)
+
+
+def _member_bytes(
+    path: Path, data: memoryview, member: Member, findings: list[Finding]
+) -> memoryview | bytes:
+    info = member.info
+    if member.offset < 0:
+        raise CorruptCheckpoint(path, f"member {info.filename} cannot be read: its local header is damaged")
+    raw = data[member.offset : member.offset + info.compress_size]
+    if info.compress_type == zipfile.ZIP_STORED:
+        body: memoryview | bytes = raw
+    elif info.compress_type == zipfile.ZIP_DEFLATED:
+        inflater = zlib.decompressobj(-15)
+        try:
+            body = inflater.decompress(raw, MAX_PICKLE_BYTES)
+        except zlib.error as exc:
+            raise CorruptCheckpoint(path, f"member {info.filename} does not inflate: {exc}") from None
+        if inflater.unconsumed_tail:
+            raise CorruptCheckpoint(path, f"member {info.filename} inflates past {MAX_PICKLE_BYTES} bytes")
+    else:
+        raise CorruptCheckpoint(path, f"member {info.filename} uses compression {info.compress_type}")
+    if zlib.crc32(body) != info.CRC:
+        findings.append(
+            Finding(
+                "notice",
+                f"CRC mismatch in {info.filename}: torch ignores CRCs and reads the bytes as they are",
+                str(path),
+            )
+        )
+    return body
+
+
+def _byteorder(path: Path, data: memoryview, copies: list[Member] | None, findings: list[Finding]) -> str:
+    if not copies:
+        return "little"  # files from before the member existed
+    value = bytes(_member_bytes(path, data, copies[0], findings)[:16]).decode("latin-1").strip()
+    if value not in ("little", "big"):
+        findings.append(Finding("corrupt", f"byteorder member says {value!r}", str(path)))
+        return "little"
+    return value
+
+
+def _unexpected_members(prefix: str, members: dict[str, list[Member]], where: str) -> list[Finding]:
+    out = []
+    for name, copies in members.items():
+        rest = name[len(prefix) + 1 :] if name.startswith(prefix + "/") else None
+        if rest is None:
+            out.append(
+                Finding("notice", f"member {name!r} lies outside the archive folder {prefix!r}", where)
+            )
+        elif rest not in _TORCH_MEMBERS and not rest.startswith(_TORCH_FOLDERS):
+            out.append(
+                Finding("notice", f"unexpected member {name!r} ({copies[0].info.file_size} bytes)", where)
+            )
+    return out
+
+
+def _check_crcs(path: Path, data: memoryview, members: dict[str, list[Member]]) -> list[Finding]:
+    """Read every storage member and compare its CRC (torch never does)."""
+    findings: list[Finding] = []
+    for name, copies in members.items():
+        for member in copies:
+            if "/data/" in name and member.offset >= 0 and member.info.compress_type == zipfile.ZIP_STORED:
+                body = data[member.offset : member.offset + member.info.compress_size]
+                if zlib.crc32(body) != member.info.CRC:
+                    findings.append(
+                        Finding(
+                            "notice",
+                            f"CRC mismatch in {member.info.filename}: torch ignores CRCs and reads the bytes as they are",
+                            str(path),
+                        )
+                    )
+    return findings

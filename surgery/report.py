@@ -1,0 +1,271 @@
+"""Rendering: the JSON documents, plain text for pipes, rich for terminals.
+
+Everything shown here is computed by the library already; this module only
+chooses words and layout. Plain text is stable (no colour, no box drawing) so
+logs and tests can rely on it; rich is imported only when drawing for a terminal.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from surgery import keys
+from surgery.checkpoint import Checkpoint, TensorInfo
+from surgery.safety import SEVERITIES
+
+if TYPE_CHECKING:
+    from rich.console import Console
+
+JSON_VERSION = 1
+
+
+def human_count(n: int) -> str:
+    """11689512 -> '11.7M'."""
+    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
+        if n >= size:
+            return f"{n / size:.1f}{unit}"
+    return str(n)
+
+
+def plural(n: int, noun: str) -> str:
+    return f"{n} {noun}{'' if n == 1 else 's'}"
+
+
+def human_bytes(n: int) -> str:
+    """46758912 -> '44.6 MiB'."""
+    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n} B"
+
+
+def selected(ckpt: Checkpoint, globs: Sequence[str]) -> list[TensorInfo]:
+    return [t for t in ckpt.tensors if not globs or keys.matches(t.name, globs)]
+
+
+def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
+    """The `surgery inspect --json` document (see the README for each field)."""
+    tensors = selected(ckpt, globs)
+    return {
+        "surgery_json": JSON_VERSION,
+        "path": str(ckpt.path),
+        "format": ckpt.format,
+        "description": ckpt.description,
+        "container": list(ckpt.container) if ckpt.container is not None else None,
+        "containers": [{"path": list(p), "num_tensors": n} for p, n in ckpt.containers],
+        "tensors": [t.to_json() for t in tensors],
+        "num_tensors": len(tensors),
+        "num_params": sum(t.numel for t in tensors),
+        "bytes": ckpt.nbytes if not globs else sum(t.nbytes for t in tensors),
+        "dtypes": ckpt.dtypes,
+        "devices": ckpt.devices,
+        "prefix": ckpt.prefix,
+        "wrappers": [{"prefix": p, "added_by": who} for p, who in keys.wrapper_prefixes(ckpt.prefix)],
+        "shared": ckpt.shared,
+        "extras": {e.name: e.to_json() for e in ckpt.extras},
+        "metadata": ckpt.metadata,
+        "findings": [f.to_json() for f in ckpt.findings],
+        "safe": ckpt.safe,
+        "filter": list(globs),
+    }
+
+
+@dataclass
+class InspectView:
+    """What `inspect` shows, as text rows, shared by the plain and rich renderers."""
+
+    title: str
+    rows: list[tuple[str, list[str]]]
+    tree: keys.Node
+    infos: dict[str, TensorInfo]
+    depth: int | None
+    findings: list[tuple[str, str]]  # (severity, text)
+    note: str | None
+
+
+def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None = None) -> InspectView:
+    tensors = selected(ckpt, globs)
+    rows: list[tuple[str, list[str]]] = [("format", [ckpt.description])]
+    if ckpt.container is None:
+        rows.append(("state_dict", ["none found in this file"]))
+    else:
+        where = ".".join(ckpt.container) or "(top level)"
+        others = [
+            f"{'.'.join(p) or '(top level)'} ({plural(n, 'tensor')})"
+            for p, n in ckpt.containers
+            if p != ckpt.container
+        ]
+        line = [where] + (
+            [f"also: {', '.join(others[:4])}{' ...' if len(others) > 4 else ''}  (--key NAME)"]
+            if others
+            else []
+        )
+        rows.append(("state_dict", line))
+    if ckpt.extras:
+        rows.append(
+            (
+                "beside it",
+                [f"{e.name}: {e.summary}" for e in ckpt.extras[:20]]
+                + ([f"... and {len(ckpt.extras) - 20} more"] if len(ckpt.extras) > 20 else []),
+            )
+        )
+    if ckpt.prefix:
+        wrappers = keys.wrapper_prefixes(ckpt.prefix)
+        who = "; ".join(f"{p} from {w}" for p, w in wrappers)
+        rows.append(("key prefix", [ckpt.prefix + (f"  ({who})" if who else "")]))
+    dtype_text = ", ".join(f"{d} {n}" for d, n in ckpt.dtypes.items())
+    rows.append(("tensors", [f"{ckpt.num_tensors}" + (f"  ({dtype_text})" if dtype_text else "")]))
+    rows.append(("parameters", [f"{ckpt.num_params:,} ({human_count(ckpt.num_params)})"]))
+    rows.append(("bytes", [f"{ckpt.nbytes:,} ({human_bytes(ckpt.nbytes)})"]))
+    if ckpt.devices:
+        rows.append(("saved on", [", ".join(f"{d} ({n})" for d, n in ckpt.devices.items())]))
+    if ckpt.shared:
+        groups = [" = ".join(g[:4]) + (" ..." if len(g) > 4 else "") for g in ckpt.shared[:10]]
+        rows.append(
+            (
+                "shared storage",
+                groups + ([f"... and {len(ckpt.shared) - 10} more groups"] if len(ckpt.shared) > 10 else []),
+            )
+        )
+    meta = ckpt.metadata.get("metadata")
+    if meta:
+        rows.append(("metadata", [f"{k}: {v[:80]}" for k, v in list(meta.items())[:10]]))
+    if ckpt.format == "sharded":
+        rows.append(
+            (
+                "shards",
+                [
+                    ", ".join(ckpt.metadata["shards"][:6])
+                    + (" ..." if len(ckpt.metadata["shards"]) > 6 else "")
+                ],
+            )
+        )
+    if globs:
+        rows.append(("filter", [f"{' '.join(globs)}: {len(tensors)} of {ckpt.num_tensors} tensors shown"]))
+    findings = [(f.severity, f"{f.message}" + (f"  [{f.where}]" if f.where else "")) for f in ckpt.findings]
+    if ckpt.format in ("torch-zip", "torchscript") and not any("CRC" in text for _, text in findings):
+        note = "storage CRCs not checked (torch does not check them either); --verify reads all data to check"
+    else:
+        note = None
+    tree = keys.build_tree((t.name, t.numel) for t in tensors)
+    title = str(ckpt.path)
+    return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings, note)
+
+
+def safety_line(ckpt: Checkpoint) -> str:
+    if not ckpt.findings:
+        return "ok: nothing but tensors and plain containers"
+    counts = {s: sum(f.severity == s for f in ckpt.findings) for s in SEVERITIES}
+    text = ", ".join(f"{n} {s}" for s, n in counts.items() if n)
+    if counts["danger"] or counts["unsafe"]:
+        return f"{text}: do not load it with torch.load(weights_only=False)"
+    return text
+
+
+# -- plain text ---------------------------------------------------------------
+def render_plain(view: InspectView, safety: str) -> str:
+    lines = [view.title]
+    width = max(len(label) for label, _ in view.rows)
+    for label, values in view.rows:
+        for i, value in enumerate(values):
+            lines.append(f"  {(label if i == 0 else ''):<{width}}  {value}")
+    lines.append(f"  {'safety':<{width}}  {safety}")
+    for severity, text in view.findings:
+        lines.append(f"    {severity}: {text}")
+    if view.note:
+        lines.append(f"  {'':<{width}}  {view.note}")
+    lines.append("")
+    lines.extend(_plain_tree(view))
+    return "\n".join(lines) + "\n"
+
+
+def _tree_rows(view: InspectView) -> list[tuple[int, str, str, str]]:
+    """(depth, label, shape or count, dtype or tensors) rows in display order."""
+    rows: list[tuple[int, str, str, str]] = []
+    stack: list[tuple[keys.Node, int]] = [(view.tree, 0)]
+    while stack:
+        node, depth = stack.pop()
+        if node is not view.tree:
+            rows.append((depth - 1, node.label, human_count(node.numel), plural(node.count, "tensor")))
+            if view.depth is not None and depth >= view.depth:
+                continue
+        for name in node.leaves:
+            info = view.infos[name]
+            leaf = name[len(node.name) + 1 :] if node.name else name
+            extra = f" {info.device}" if info.device != "cpu" else ""
+            extra += f" ({info.note})" if info.note else ""
+            rows.append((depth, leaf, str(list(info.shape)), info.dtype + extra))
+        for child in reversed(list(node.children.values())):
+            stack.append((child, depth + 1))
+    return rows
+
+
+def _plain_tree(view: InspectView) -> list[str]:
+    if view.depth == 0 or not view.infos:
+        return [] if view.infos else ["  (no tensors)"]
+    rows = _tree_rows(view)
+    name_width = max(2 * d + len(label) for d, label, _, _ in rows)
+    mid_width = max(len(mid) for _, _, mid, _ in rows)
+    return [
+        f"  {'  ' * d + label:<{name_width}}  {mid:>{mid_width}}  {last}".rstrip()
+        for d, label, mid, last in rows
+    ]
+
+
+# -- rich ---------------------------------------------------------------------
+_SEVERITY_STYLE = {"danger": "bold red", "unsafe": "red", "corrupt": "magenta", "notice": "yellow"}
+
+
+def render_rich(view: InspectView, safety: str, console: Console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+    from rich.tree import Tree
+
+    header = Table.grid(padding=(0, 2))
+    header.add_column(style="bold cyan", no_wrap=True)
+    header.add_column()
+    for label, values in view.rows:
+        header.add_row(label, "\n".join(values))
+    safe_style = "green" if safety.startswith("ok") else "bold red"
+    header.add_row("safety", Text(safety, style=safe_style))
+    for severity, text in view.findings:
+        header.add_row("", Text.assemble((f"{severity}: ", _SEVERITY_STYLE[severity]), text))
+    if view.note:
+        header.add_row("", Text(view.note, style="dim"))
+    console.print(Text(view.title, style="bold"))
+    console.print(header)
+    if view.depth == 0 or not view.infos:
+        return
+    root = Tree(
+        Text(f"{human_count(view.tree.numel)} parameters in {view.tree.count} tensors", style="dim"),
+        guide_style="dim",
+    )
+    stack: list[tuple[keys.Node, Tree, int]] = [(view.tree, root, 0)]
+    while stack:
+        node, branch, depth = stack.pop()
+        if node is not view.tree and view.depth is not None and depth >= view.depth:
+            continue
+        for name in node.leaves:
+            info = view.infos[name]
+            leaf = name[len(node.name) + 1 :] if node.name else name
+            label = Text.assemble(
+                (leaf, "green"), "  ", (str(list(info.shape)), "cyan"), "  ", (info.dtype, "magenta")
+            )
+            if info.device != "cpu":
+                label.append(f"  {info.device}", style="yellow")
+            if info.note:
+                label.append(f"  ({info.note})", style="red")
+            branch.add(label)
+        for child in node.children.values():
+            sub = branch.add(
+                Text.assemble(
+                    (child.label, "bold"),
+                    "  ",
+                    (human_count(child.numel), "yellow"),
+                    ("  " + plural(child.count, "tensor"), "dim"),
+                )
+            )
+            stack.append((child, sub, depth + 1))
+    console.print(root)

@@ -145,7 +145,7 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
     if globs:
         rows.append(("filter", [f"{' '.join(globs)}: {len(tensors)} of {ckpt.num_tensors} tensors shown"]))
     findings = [(f.severity, f"{f.message}" + (f"  [{f.where}]" if f.where else "")) for f in ckpt.findings]
-    if ckpt.format in ("torch-zip", "torchscript") and not any("CRC" in text for _, text in findings):
+    if ckpt.metadata.get("crc_checked") == "data.pkl only":
         note = "storage CRCs not checked (torch does not check them either); --verify reads all data to check"
     else:
         note = None

@@ -476,7 +476,8 @@ def _op_TUPLE3(m: _Machine) -> None:
 
 
 def _op_LIST(m: _Machine) -> None:
-    m.stack.append(m.pop_mark())
+    items = m.pop_mark()  # before touching m.stack: pop_mark replaces it
+    m.stack.append(items)
 
 
 def _op_DICT(m: _Machine) -> None:
@@ -572,7 +573,8 @@ def _op_INST(m: _Machine) -> None:
     module = _decode_text(m.readline())
     name = _decode_text(m.readline())
     cls = m.global_(module, name, "INST")
-    m.stack.append(m.call(cls, tuple(m.pop_mark()), opcode="INST"))
+    args = tuple(m.pop_mark())
+    m.stack.append(m.call(cls, args, opcode="INST"))
 
 
 def _op_OBJ(m: _Machine) -> None:

@@ -192,10 +192,15 @@ def _unsupported(kind: str) -> Known:
     return Known(f"torch._utils._rebuild_{kind}", lambda *a, **k: Unsupported(kind))
 
 
-def _bytearray(source=b"", *rest) -> bytearray:
-    if isinstance(source, int):
-        raise ValueError("bytearray of a length is refused: it allocates without data")
-    return bytearray(source, *rest) if rest else bytearray(source)
+def _bytes_like(kind: type) -> Any:
+    """bytes()/bytearray() of data; of a length they would allocate from nothing."""
+
+    def build(source=b"", *rest):
+        if isinstance(source, int):
+            raise ValueError(f"{kind.__name__} of a length is refused: it allocates without data")
+        return kind(source, *rest) if rest else kind(source)
+
+    return build
 
 
 def _encode(text, encoding="utf-8") -> bytes:
@@ -258,7 +263,8 @@ def _known_table() -> dict[str, Any]:
         "torch.device": lambda *a: ":".join(str(x) for x in a),
         "torch.serialization._get_layout": lambda name: Constant(f"torch.{name}"),
         "_codecs.encode": _encode,
-        "builtins.bytearray": _bytearray,
+        "builtins.bytearray": _bytes_like(bytearray),
+        "builtins.bytes": _bytes_like(bytes),  # empty bytes at protocols 0-2
         "builtins.set": _set,
         "builtins.complex": _complex,
     }.items():

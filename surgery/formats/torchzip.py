@@ -121,7 +121,12 @@ def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
         if torchscript
         else "torch zip (torch.save, PyTorch >= 1.6)"
     )
-    metadata = {"pickle_protocol": result.protocol, "archive": prefix, "storages": len(table.storages)}
+    metadata = {
+        "pickle_protocol": result.protocol,
+        "archive": prefix,
+        "storages": len(table.storages),
+        "crc_checked": "all members" if verify else "data.pkl only",
+    }
     version = members.get(f"{prefix}/version")
     if version:
         metadata["version"] = (

@@ -1,0 +1,92 @@
+"""Shared helpers: running the CLI both in-process and as a real subprocess,
+and writing checkpoint-shaped files from raw bytes."""
+
+from __future__ import annotations
+
+import io
+import os
+import subprocess
+import sys
+import zipfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from surgery.cli import app
+
+ROOT = Path(__file__).resolve().parent.parent
+FIXTURES = ROOT / "fixtures"
+
+
+@dataclass
+class Run:
+    exit_code: int
+    stdout: str
+    stderr: str
+
+
+def run_cli(*args: str) -> Run:
+    """`surgery ARGS` in-process through Typer's CliRunner (stdout is not a terminal)."""
+    result = CliRunner().invoke(app, [str(a) for a in args], catch_exceptions=False)
+    return Run(result.exit_code, result.stdout, result.stderr)
+
+
+def run_subprocess(*args: str, cwd: Path | None = None, env: dict | None = None) -> Run:
+    """`python -m surgery ARGS` as a separate process, as a user or a pipeline runs it."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", *map(str, args)],
+        capture_output=True,
+        text=True,
+        cwd=cwd,
+        env={**os.environ, **(env or {})},
+        timeout=120,
+    )
+    return Run(proc.returncode, proc.stdout, proc.stderr)
+
+
+def assert_clean_error(run: Run, path: object, *, contains: str = "", code: int | None = None) -> str:
+    """A refusal the way users must see it: one `error: <path>: ...` line, no traceback."""
+    assert run.exit_code != 0, run
+    if code is not None:
+        assert run.exit_code == code, run
+    assert "Traceback" not in run.stderr and "Traceback" not in run.stdout, run.stderr
+    errors = [line for line in run.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1, run.stderr
+    assert errors[0].startswith(f"error: {path}: "), errors[0]
+    assert contains.lower() in errors[0].lower(), errors[0]
+    return errors[0]
+
+
+def write_torch_zip(
+    path: Path,
+    data_pkl: bytes,
+    storages: dict[str, bytes] | None = None,
+    *,
+    prefix: str = "archive",
+    extra: dict[str, bytes] | None = None,
+) -> Path:
+    """A zip laid out as torch.save writes it, around a data.pkl of our own."""
+    with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
+        zf.writestr(f"{prefix}/data.pkl", data_pkl)
+        zf.writestr(f"{prefix}/byteorder", "little")
+        for key, blob in (storages or {}).items():
+            zf.writestr(f"{prefix}/data/{key}", blob)
+        zf.writestr(f"{prefix}/version", "3\n")
+        for name, blob in (extra or {}).items():
+            zf.writestr(name, blob)
+    return path
+
+
+def torch_save_bytes(obj: object, **kwargs) -> bytes:
+    import torch
+
+    buf = io.BytesIO()
+    torch.save(obj, buf, **kwargs)
+    return buf.getvalue()
+
+
+@pytest.fixture
+def fixtures_dir() -> Path:
+    return FIXTURES

@@ -19,7 +19,7 @@ from surgery.dtypes import DType
 from surgery.errors import UsageError
 from surgery.formats import Scan, scan
 from surgery.formats.containers import Located, count_tensors, flatten, locate
-from surgery.formats.pickle_vm import Call, Global, Known
+from surgery.formats.pickle_vm import Call, Global, Known, describe
 from surgery.formats.torch_pickle import Constant, DataLocation, StorageType, TensorRef, Unsupported
 from surgery.safety import Finding, blocking
 
@@ -302,7 +302,9 @@ def _object_summary(call: Call) -> str:
         fields = ", ".join(str(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
         return f"{name} ({fields})"
     tensors = count_tensors(call)
-    return f"{name} object" + (f" ({tensors} tensors)" if tensors else "")
+    if tensors:
+        return f"{name} object ({tensors} tensor{'s' if tensors != 1 else ''})"
+    return f"{describe(call)}, a call surgery did not make"
 
 
 _SCALAR_FORMATS = {

@@ -82,7 +82,6 @@ class InspectView:
     infos: dict[str, TensorInfo]
     depth: int | None
     findings: list[tuple[str, str]]  # (severity, text)
-    note: str | None
 
 
 def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None = None) -> InspectView:
@@ -113,7 +112,10 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         )
     if ckpt.prefix:
         wrappers = keys.wrapper_prefixes(ckpt.prefix)
-        who = "; ".join(f"{p} from {w}" for p, w in wrappers)
+        if len(wrappers) == 1 and wrappers[0][0] == ckpt.prefix:
+            who = f"added by {wrappers[0][1]}"
+        else:
+            who = "; ".join(f"{p} added by {w}" for p, w in wrappers)
         rows.append(("key prefix", [ckpt.prefix + (f"  ({who})" if who else "")]))
     dtype_text = ", ".join(f"{d} {n}" for d, n in ckpt.dtypes.items())
     rows.append(("tensors", [f"{ckpt.num_tensors}" + (f"  ({dtype_text})" if dtype_text else "")]))
@@ -146,12 +148,12 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         rows.append(("filter", [f"{' '.join(globs)}: {len(tensors)} of {ckpt.num_tensors} tensors shown"]))
     findings = [(f.severity, f"{f.message}" + (f"  [{f.where}]" if f.where else "")) for f in ckpt.findings]
     if ckpt.metadata.get("crc_checked") == "data.pkl only":
-        note = "storage CRCs not checked (torch does not check them either); --verify reads all data to check"
-    else:
-        note = None
+        rows.append(("crc", ["data.pkl checked; storages not (torch ignores CRCs): --verify reads all data"]))
+    elif ckpt.metadata.get("crc_checked"):
+        rows.append(("crc", ["every storage checked"]))
     tree = keys.build_tree((t.name, t.numel) for t in tensors)
     title = str(ckpt.path)
-    return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings, note)
+    return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings)
 
 
 def safety_line(ckpt: Checkpoint) -> str:
@@ -174,8 +176,6 @@ def render_plain(view: InspectView, safety: str) -> str:
     lines.append(f"  {'safety':<{width}}  {safety}")
     for severity, text in view.findings:
         lines.append(f"    {severity}: {text}")
-    if view.note:
-        lines.append(f"  {'':<{width}}  {view.note}")
     lines.append("")
     lines.extend(_plain_tree(view))
     return "\n".join(lines) + "\n"
@@ -232,8 +232,6 @@ def render_rich(view: InspectView, safety: str, console: Console) -> None:
     header.add_row("safety", Text(safety, style=safe_style))
     for severity, text in view.findings:
         header.add_row("", Text.assemble((f"{severity}: ", _SEVERITY_STYLE[severity]), text))
-    if view.note:
-        header.add_row("", Text(view.note, style="dim"))
     console.print(Text(view.title, style="bold"))
     console.print(header)
     if view.depth == 0 or not view.infos:

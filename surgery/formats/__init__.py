@@ -59,10 +59,6 @@ def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
         from surgery.formats.safetensors_file import scan_safetensors
 
         return scan_safetensors(path, data)
-    if kind == "torch-legacy":
-        from surgery.formats.legacy import scan_legacy
-
-        return scan_legacy(path, data)
     if kind == "index":
         from surgery.formats.sharded import scan_index
 

@@ -20,8 +20,6 @@ from surgery.formats.containers import flatten
 from surgery.formats.torch_pickle import StorageRef, TensorRef
 from surgery.safety import Finding
 
-LEGACY_MAGIC = b"\x80\x02\x8a\x0a\x6c\xfc\x9c\x46\xf9\x20\x6a\xa8\x50\x19"
-
 
 @dataclass
 class Scan:
@@ -60,8 +58,6 @@ def sniff(head: bytes, size: int) -> str:
     """
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
-    if head.startswith(LEGACY_MAGIC):
-        return "torch-legacy"
     stripped = head.lstrip()
     if size >= 9 and head[8:9] == b"{" and not stripped.startswith(b"{"):
         return "safetensors"
@@ -73,7 +69,7 @@ def sniff(head: bytes, size: int) -> str:
     if len(head) > 262 and head[257:262] == b"ustar":
         raise NotACheckpoint("", "a tar archive: the torch < 0.4 checkpoint format, not supported")
     if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return "pickle"
+        return "pickle"  # torch legacy files are pickles too: told apart by their magic number
     if head[:1] in (b"(", b"c", b"}", b"]", b")", b"\x80") and b"\n" in head[:200]:
         return "pickle"  # protocol 0 text pickle
     preview = head[:8].hex(" ")

@@ -111,6 +111,17 @@ def scan_legacy(path: Path, data: memoryview) -> Scan:
 
 
 def scan_pickle(path: Path, data: memoryview) -> Scan:
+    """A pickle stream: torch legacy when its first pickle is the magic number."""
+    try:
+        first = pickle_vm.run(data, known=KNOWN)
+    except pickle_vm.PickleError:
+        first = None
+    if first is not None and first.value == MAGIC_NUMBER and not first.globals:
+        return scan_legacy(path, data)
+    return _scan_plain_pickle(path, data)
+
+
+def _scan_plain_pickle(path: Path, data: memoryview) -> Scan:
     """A pickle that torch.save did not write: read for its globals and any tensors."""
     where = str(path)
     table = StorageTable()

@@ -73,6 +73,7 @@ def scan_index(index: Path, scan_file: Callable[[Path], Scan]) -> Scan:
                 )
                 continue
             owner[name] = shard
+            _qualify_storage(tensor, shard)
             if name not in weight_map:
                 findings.append(
                     Finding("notice", f"tensor {name!r} in {shard} is not in the index", str(index))
@@ -103,6 +104,13 @@ def scan_index(index: Path, scan_file: Callable[[Path], Scan]) -> Scan:
     description = f"sharded: {index.name} with {len(shards)} {kind} shard{'s' if len(shards) != 1 else ''}"
     metadata = {"index": str(index), "shards": shards, "shard_format": kind, "index_metadata": meta}
     return Scan(index, "sharded", description, root, findings, metadata, files)
+
+
+def _qualify_storage(tensor: TensorRef, shard: str) -> None:
+    """Storage keys repeat across torch shards ("0", "1", ...): name the shard too."""
+    base = tensor.storage.base if tensor.storage else None
+    if base is not None and not base.key.startswith(f"{shard}:"):
+        base.key = f"{shard}:{base.key}"
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], dict]:

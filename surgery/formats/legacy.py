@@ -111,18 +111,8 @@ def scan_legacy(path: Path, data: memoryview) -> Scan:
 
 
 def scan_pickle(path: Path, data: memoryview) -> Scan:
-    """A pickle stream: torch legacy when its first pickle is the magic number."""
-    try:
-        first = pickle_vm.run(data, known=KNOWN)
-    except pickle_vm.PickleError:
-        first = None
-    if first is not None and first.value == MAGIC_NUMBER and not first.globals:
-        return scan_legacy(path, data)
-    return _scan_plain_pickle(path, data)
-
-
-def _scan_plain_pickle(path: Path, data: memoryview) -> Scan:
-    """A pickle that torch.save did not write: read for its globals and any tensors."""
+    """A pickle stream: torch legacy when its first pickle is the magic number,
+    otherwise a plain pickle read for its globals and any tensors."""
     where = str(path)
     table = StorageTable()
     try:
@@ -133,6 +123,8 @@ def _scan_plain_pickle(path: Path, data: memoryview) -> Scan:
         error = CorruptCheckpoint(path, f"broken pickle: {exc}")
         error.findings = findings_for(exc.partial, where, known=KNOWN)  # type: ignore[attr-defined]
         raise error from None
+    if result.value == MAGIC_NUMBER and not result.globals and not table.storages:
+        return scan_legacy(path, data)
     findings = findings_for(result, where, known=KNOWN)
     if result.end < len(data):
         findings.append(Finding("notice", f"{len(data) - result.end} bytes follow the pickle's STOP", where))

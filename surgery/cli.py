@@ -6,7 +6,6 @@ exit code of the error type; a traceback only with `--debug`.
 
 from __future__ import annotations
 
-import json
 import os
 import sys
 from collections.abc import Callable
@@ -126,7 +125,7 @@ def inspect(
     ckpt = open_checkpoint(path, key=key, verify=verify)
     globs = filter or []
     if json_out:
-        typer.echo(json.dumps(report.inspect_json(ckpt, globs), indent=2))
+        typer.echo(report.dumps(report.inspect_json(ckpt, globs)))
     else:
         view = report.inspect_view(ckpt, globs, depth)
         safety = report.safety_line(ckpt)

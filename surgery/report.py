@@ -7,6 +7,7 @@ logs and tests can rely on it; rich is imported only when drawing for a terminal
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
@@ -39,6 +40,27 @@ def human_bytes(n: int) -> str:
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
+
+
+def dumps(doc: Any, indent: int = 0) -> str:
+    """JSON that reads well and diffs well: anything short on one line, the rest one entry a line."""
+    flat = json.dumps(doc)
+    if len(flat) <= 120 or not isinstance(doc, (dict, list)) or not doc or _is_record(doc):
+        return flat
+    pad = "  " * (indent + 1)
+    if isinstance(doc, dict):
+        body = ",\n".join(f"{pad}{json.dumps(k)}: {dumps(v, indent + 1)}" for k, v in doc.items())
+        return "{\n" + body + "\n" + "  " * indent + "}"
+    body = ",\n".join(pad + dumps(v, indent + 1) for v in doc)
+    return "[\n" + body + "\n" + "  " * indent + "]"
+
+
+def _is_record(doc: Any) -> bool:
+    """An object of scalars and lists of scalars, such as one tensor's entry."""
+    return isinstance(doc, dict) and all(
+        not isinstance(v, dict) and not (isinstance(v, list) and any(isinstance(x, (dict, list)) for x in v))
+        for v in doc.values()
+    )
 
 
 def selected(ckpt: Checkpoint, globs: Sequence[str]) -> list[TensorInfo]:

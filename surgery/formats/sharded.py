@@ -127,4 +127,8 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict]:
     weight_map = doc["weight_map"]
     if not all(isinstance(k, str) and isinstance(v, str) for k, v in weight_map.items()):
         raise CorruptCheckpoint(index, "weight_map must map tensor names to shard file names")
-    return weight_map, doc.get("metadata") or {}
+    meta = doc.get("metadata")
+    scalars = (str, int, float, bool, type(None))
+    return weight_map, {k: v for k, v in meta.items() if isinstance(v, scalars)} if isinstance(
+        meta, dict
+    ) else {}

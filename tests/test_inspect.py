@@ -196,7 +196,7 @@ def test_dangerous_payload_still_shows_the_tree_and_exits_non_zero():
         "danger: global os.system (GLOBAL), called as os.system('echo surgery-fixture-payload')" in run.stdout
     )
     assert "layer1" in run.stdout  # the tree is still there
-    assert run.stderr.startswith(f"error: {FIXTURES / 'payload_os_system.pth'}: 1 danger")
+    assert run.stderr.startswith(f"error: {FIXTURES / 'payload_os_system.pth'}: not safe to load: danger: global os.system")
     assert "surgery-fixture-payload" not in run.stderr.split("called as")[0]
 
 

@@ -136,9 +136,12 @@ def inspect(
         else:
             sys.stdout.write(report.render_plain(view, safety))
     if not ckpt.safe:
+        sys.stdout.flush()  # the report first, then the verdict, in pipes too
         blocking = [f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt")]
         more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
-        typer.echo(f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}", err=True)
+        typer.echo(
+            f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}", err=True
+        )
         raise typer.Exit(1)
 
 

@@ -1,0 +1,48 @@
+"""The README's console examples are real: each is run and must print exactly what it shows."""
+
+from __future__ import annotations
+
+import re
+import shlex
+import subprocess
+import sys
+
+import pytest
+from conftest import ROOT
+
+README = (ROOT / "README.md").read_text()
+BLOCKS = re.findall(r"```console\n(.*?)```", README, re.S)
+
+
+def _examples() -> list[tuple[str, str]]:
+    """(commands, expected output) for blocks whose files are in the repository."""
+    out = []
+    for block in BLOCKS:
+        lines = block.splitlines()
+        commands = [line[2:] for line in lines if line.startswith("$ ")]
+        expected = "\n".join(line for line in lines if not line.startswith("$ ")) + "\n"
+        paths = [
+            word for cmd in commands for word in shlex.split(cmd) if "/" in word and not word.startswith("-")
+        ]
+        if paths and all((ROOT / p).exists() for p in paths):
+            out.append(("\n".join(commands), expected))
+    return out
+
+
+EXAMPLES = _examples()
+
+
+def test_the_readme_has_runnable_examples():
+    assert len(EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize(
+    "commands, expected", EXAMPLES, ids=[c.splitlines()[0][:60] for c in (e[0] for e in EXAMPLES)]
+)
+def test_readme_example_prints_what_it_shows(commands, expected):
+    """Run as a user's shell would, stderr into the same stream as stdout."""
+    script = "exec 2>&1\n" + commands.replace("surgery ", f"{shlex.quote(sys.executable)} -m surgery ")
+    proc = subprocess.run(
+        ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"}
+    )
+    assert proc.stdout == expected

@@ -59,7 +59,8 @@ def sniff(head: bytes, size: int) -> str:
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
         return "zip"
     stripped = head.lstrip()
-    if size >= 9 and head[8:9] == b"{" and not stripped.startswith(b"{"):
+    # A safetensors length field holds zero or other non-text bytes; a JSON index is text.
+    if size >= 9 and head[8:9] == b"{" and not all(32 <= b < 127 or b in b"\t\n\r" for b in head[:8]):
         return "safetensors"
     if stripped.startswith(b"{"):
         return "index"

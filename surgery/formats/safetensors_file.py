@@ -133,7 +133,7 @@ def scan_safetensors(path: Path, data: memoryview) -> Scan:
     for name, dtype, shape, begin, end in specs:
         storage = StorageRef(name, None, "cpu", end - begin)
         storage.data = DataLocation(where, 8 + n + begin, end - begin, sys.byteorder == "big")
-        stride = tuple(math.prod(shape[i + 1 :]) for i in range(len(shape)))
+        stride = tuple(math.prod(max(d, 1) for d in shape[i + 1 :]) for i in range(len(shape)))  # as torch
         unusual = None if dtype.name in BY_NAME_TORCH else f"{dtype.safetensors} has no torch dtype"
         root[name] = TensorRef(storage, 0, shape, stride, dtype, unusual=unusual)
     meta = {"header_bytes": n, "metadata": metadata or {}}

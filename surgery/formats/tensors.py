@@ -3,7 +3,9 @@
 Each storage is mapped copy-on-write (`mmap.ACCESS_COPY`) and wrapped with
 `torch.frombuffer`, then viewed with the dtype, shape, stride and offset the
 pickle or header declared: the same tensor `torch.load(mmap=True)` builds,
-without unpickling anything. Tensors that share a storage in the file share it
+without unpickling anything. A storage whose bytes do not start at a multiple
+of its element size (legacy files, odd safetensors headers) is copied to
+aligned memory first, as `torch.load` does for legacy files. Tensors that share a storage in the file share it
 here too, and pages are read only when a tensor is used; writes to a tensor
 never reach the file.
 """
@@ -30,6 +32,7 @@ class TensorReader:
         self.where = where
         self._maps: dict[str, mmap.mmap] = {}
         self._storages: dict[tuple[int, str], torch.Tensor] = {}
+        self._raw: dict[int, torch.Tensor] = {}  # each root storage's bytes, shared by its dtype views
 
     def read(self, name: str, ref: TensorRef) -> torch.Tensor:
         import torch
@@ -47,16 +50,26 @@ class TensorReader:
         storage = ref.storage
         if storage is None:  # cannot happen without `unusual`; kept for type checkers
             raise UnsupportedTensor(self.where, f"tensor {name!r} has no data")
-        typed = self._typed(storage, dtype, ref.dtype.itemsize)
-        offset = storage.view_offset // ref.dtype.itemsize + ref.offset
-        out = typed.as_strided(ref.shape, ref.stride, offset)
-        if ref.bits:
-            torch._utils.set_tensor_metadata(out, ref.bits)
-        if ref.parameter:
-            return torch.nn.Parameter(out, requires_grad=ref.requires_grad)
-        if ref.requires_grad and out.is_floating_point():
-            out.requires_grad_(True)
-        return out
+        try:
+            typed = self._typed(storage, dtype, ref.dtype.itemsize)
+            offset = storage.view_offset // ref.dtype.itemsize + ref.offset
+            out = typed.as_strided(ref.shape, ref.stride, offset)
+            if ref.bits:
+                torch._utils.set_tensor_metadata(out, ref.bits)
+            if ref.parameter:
+                return torch.nn.Parameter(out, requires_grad=ref.requires_grad)
+            if ref.requires_grad:
+                out.requires_grad_(True)
+            return out
+        except (
+            RuntimeError,
+            ValueError,
+            TypeError,
+            OverflowError,
+        ) as exc:  # torch refuses what the file declares
+            raise CorruptCheckpoint(
+                self.where, f"tensor {name!r} cannot be built as declared: {exc}"
+            ) from None
 
     def read_all(self, refs: Iterable[tuple[str, TensorRef]]) -> dict[str, torch.Tensor]:
         return {name: self.read(name, ref) for name, ref in refs}
@@ -68,7 +81,12 @@ class TensorReader:
         cached = self._storages.get(key)
         if cached is not None:
             return cached
-        raw = self._bytes(base.data)  # type: ignore[arg-type]
+        raw = self._raw.get(id(base))
+        if raw is None or raw.data_ptr() % itemsize:
+            raw = self._bytes(base.data)  # type: ignore[arg-type]
+            if raw.data_ptr() % itemsize:  # legacy files and odd safetensors headers: copy to aligned memory
+                raw = raw.clone()
+            self._raw[id(base)] = raw
         usable = raw.numel() - raw.numel() % itemsize
         typed = raw[:usable].view(dtype)
         if base.data.byteswap and itemsize > 1:  # type: ignore[union-attr]

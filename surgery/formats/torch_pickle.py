@@ -97,17 +97,25 @@ class Unsupported:
     kind: str
 
 
+INT64_MAX = 2**63 - 1
+
+
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and v >= 0 for v in value):
-        raise ValueError(f"{what} must be a tuple of non-negative ints, got {type(value).__name__}")
+    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
+        raise ValueError(f"{what} must be a tuple of ints in 0..2**63-1, got {describe_value(value)}")
     return tuple(value)
+
+
+def describe_value(value: Any) -> str:
+    text = repr(value) if isinstance(value, (tuple, list, int)) else type(value).__name__
+    return text if len(text) <= 60 else text[:57] + "..."
 
 
 def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: DType | None = None) -> TensorRef:
     if not isinstance(storage, StorageRef):
         raise ValueError(f"storage is a {type(storage).__name__}, not a storage")
-    if type(offset) is not int or offset < 0:
-        raise ValueError("storage offset must be a non-negative int")
+    if type(offset) is not int or not 0 <= offset <= INT64_MAX:
+        raise ValueError(f"storage offset must be an int in 0..2**63-1, got {describe_value(offset)}")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     if len(shape) != len(strides):
         raise ValueError(f"size has {len(shape)} dims, stride {len(strides)}")
@@ -147,6 +155,7 @@ def _set_metadata(tensor: TensorRef, metadata: Any) -> None:
         isinstance(metadata, dict)
         and metadata.keys() <= {"conj", "neg"}
         and all(type(v) is bool for v in metadata.values())
+        and (tensor.dtype.name.startswith("complex") or not metadata.get("conj"))
     ):
         tensor.bits = dict(metadata)
     else:

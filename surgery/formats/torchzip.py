@@ -99,7 +99,7 @@ def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
     storage_prefix = f"{prefix}/data/"
     for key, storage in table.storages.items():
         copies = members.get(storage_prefix + key)
-        if copies:
+        if copies and copies[0].offset >= 0:  # a damaged header is already a corrupt finding
             m = copies[0]
             stored = m.info.compress_type == zipfile.ZIP_STORED
             storage.data = DataLocation(

@@ -18,7 +18,7 @@ from surgery import keys
 from surgery.dtypes import DType
 from surgery.errors import UsageError
 from surgery.formats import Scan, scan
-from surgery.formats.containers import Located, count_tensors, flatten, locate
+from surgery.formats.containers import Located, TensorCounts, flatten, locate
 from surgery.formats.pickle_vm import Call, Global, Known, describe
 from surgery.formats.torch_pickle import Constant, DataLocation, StorageType, TensorRef, Unsupported
 from surgery.safety import Finding, blocking
@@ -114,7 +114,7 @@ class Checkpoint:
         for name, ref in pairs:
             self._refs.setdefault(name, ref)
         self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
-        self.extras = [_extra(name, value) for name, value in located.siblings + leaves]
+        self.extras = [_extra(name, value, located.counts) for name, value in located.siblings + leaves]
         self.findings: list[Finding] = list(scanned.findings)
         if truncated:
             self.findings.append(
@@ -256,7 +256,7 @@ def _info(name: str, ref: TensorRef) -> TensorInfo:
     )
 
 
-def _extra(name: str, value: Any) -> Extra:
+def _extra(name: str, value: Any, counts: TensorCounts) -> Extra:
     if value is None or isinstance(value, (bool, int, float)):
         finite = not isinstance(value, float) or math.isfinite(value)
         return Extra(name, type(value).__name__, repr(value), value if finite else None)
@@ -275,12 +275,12 @@ def _extra(name: str, value: Any) -> Extra:
         )
         return Extra(name, "tensor", summary, scalar)
     if isinstance(value, Call):
-        return Extra(name, "object", _object_summary(value))
+        return Extra(name, "object", _object_summary(value, counts))
     if isinstance(value, (dict, list, tuple, set, frozenset)):
         kind = type(value).__name__
         unit = "key" if isinstance(value, dict) else "item"
         summary = f"{kind} ({len(value)} {unit}{'' if len(value) == 1 else 's'}"
-        tensors = count_tensors(value)
+        tensors = counts(value)
         summary += f"; {tensors} tensor{'s' if tensors != 1 else ''})" if tensors else ")"
         return Extra(name, kind, summary)
     if isinstance(value, DType):
@@ -294,14 +294,14 @@ def _extra(name: str, value: Any) -> Extra:
     return Extra(name, type(value).__name__, type(value).__name__)
 
 
-def _object_summary(call: Call) -> str:
+def _object_summary(call: Call, counts: TensorCounts) -> str:
     func = call.func
     name = func.qualname if isinstance(func, Global) else "object"
     state = call.state
     if isinstance(state, dict) and state:
         fields = ", ".join(str(k) for k in list(state)[:6]) + (", ..." if len(state) > 6 else "")
         return f"{name} ({fields})"
-    tensors = count_tensors(call)
+    tensors = counts(call)
     if tensors:
         return f"{name} object ({tensors} tensor{'s' if tensors != 1 else ''})"
     return f"{describe(call)}, a call surgery did not make"

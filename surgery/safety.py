@@ -15,6 +15,7 @@ call it would make. Here each becomes a `Finding` with a severity:
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Any
@@ -40,26 +41,46 @@ class Finding:
         return f"{self.severity}: {self.message}{where}"
 
 
-# Any of these as a module path component reaches process, file, network or code.
-_DANGEROUS_MODULES = frozenset(
-    """os posix nt subprocess sys shutil importlib imp runpy pickle _pickle cPickle
-    marshal dill cloudpickle joblib socket ctypes code codeop pdb bdb pty webbrowser
-    multiprocessing asyncio signal commands popen2 platform tempfile urllib urllib2
-    http httplib requests ftplib telnetlib smtplib zipimport pkgutil io _io
-    fileinput types functools operator threading _thread gc inspect timeit trace
-    ensurepip venv distutils setuptools pip site sysconfig _posixsubprocess shelve dbm sqlite3""".split()
+# Standard-library modules whose globals build plain data (configs, paths, dates,
+# enums). Every other standard-library module can reach files, processes, the
+# network or code: a global from one is a danger.
+_DATA_STDLIB = frozenset(
+    """collections argparse datetime decimal fractions enum numbers pathlib uuid
+    ipaddress re array string copyreg typing _collections_abc calendar zoneinfo
+    math cmath statistics textwrap struct""".split()
 )
-# Harmless-looking names that are gadgets in their own right.
-_DANGEROUS_NAMES = frozenset(
-    """eval exec compile open __import__ getattr setattr delattr globals locals vars
-    breakpoint input execfile reload system popen spawn load loads""".split()
+_BUILTINS = frozenset({"builtins", "__builtin__", "__builtins__"})
+# Constructors of plain data among the builtins; any other builtin is a danger.
+_DATA_BUILTINS = frozenset(
+    """list dict set frozenset tuple int float complex str bytes bytearray bool
+    slice range object NoneType""".split()
 )
+# Outside the standard library: packages that run code, load files or unpickle.
+_DANGEROUS_PACKAGES = frozenset("dill cloudpickle joblib requests setuptools pip numba".split())
 _DANGEROUS_QUALNAMES = frozenset(
     """torch.load torch.save torch.storage._load_from_bytes torch.jit.load torch.hub.load
-    torch.hub.load_state_dict_from_url torch.serialization.load numpy.load numpy.loadtxt
-    numpy.fromfile numpy.save numpy.testing._private.utils.runstring""".split()
+    torch.hub.load_state_dict_from_url torch.serialization.load""".split()
 )
-_DANGEROUS_TORCH_PARTS = frozenset({"ops", "_C", "hub", "package", "utils", "_dynamo", "_inductor", "fx"})
+_DANGEROUS_TORCH_PARTS = frozenset(
+    {"ops", "_C", "hub", "package", "utils", "_dynamo", "_inductor", "fx", "jit"}
+)
+_DANGEROUS_NUMPY_PARTS = frozenset(
+    {
+        "load",
+        "loadtxt",
+        "genfromtxt",
+        "fromfile",
+        "save",
+        "savez",
+        "tofile",
+        "memmap",
+        "testing",
+        "f2py",
+        "distutils",
+        "ctypeslib",
+        "lib",
+    }
+)
 # Calls whose bytes argument is itself a pickle that would be loaded unrestricted.
 _NESTED_LOADERS = frozenset(
     """torch.storage._load_from_bytes pickle.loads _pickle.loads cPickle.loads
@@ -70,27 +91,50 @@ _NUMPY_RECONSTRUCT = frozenset(
     numpy.core.multiarray.scalar numpy._core.multiarray.scalar numpy.ndarray numpy.dtype""".split()
 )
 MAX_NESTED_DEPTH = 3
+MAX_REFUSED_SHOWN = 20
 
 
 def classify(module: str, name: str) -> tuple[str, str]:
-    """Severity and a reason for one global outside the allowlist."""
+    """Severity and a reason for one global outside the allowlist.
+
+    Danger is judged on every part of the dotted path, so `pathlib` + `os.system`
+    (attributes walked from an innocent module) is caught as well as `os.system`.
+    """
     qualname = f"{module}.{name}"
     parts = module.split(".") + name.split(".")
+    if module == "copyreg" and name.startswith("<extension"):
+        return "danger", "an extension code calls whatever the loading process registered under it"
     if qualname in _DANGEROUS_QUALNAMES:
         return "danger", "loads or writes files, or unpickles without restriction"
-    if any(part in _DANGEROUS_MODULES for part in parts):
-        hit = next(part for part in parts if part in _DANGEROUS_MODULES)
-        return "danger", f"reaches `{hit}`: can run commands or code"
+    # What gets imported is the module's root package; what is reached from it is
+    # the root and every attribute of the (dotted) name.
+    reached = [module.split(".")[0], *name.split(".")]
+    for i, part in enumerate(reached):
+        if part in _BUILTINS and i + 1 < len(reached):
+            if reached[i + 1] not in _DATA_BUILTINS:
+                return (
+                    "danger",
+                    f"builtin `{reached[i + 1]}` can run code, touch files or reach any attribute",
+                )
+        elif part in sys.stdlib_module_names and part not in _DATA_STDLIB and part not in _BUILTINS:
+            return (
+                "danger",
+                f"reaches `{part}`, standard library beyond plain data: files, processes, network or code",
+            )
+        elif part in _DANGEROUS_PACKAGES:
+            return "danger", f"reaches `{part}`, which runs code or loads files"
     if parts[0] == "torch" and any(p in _DANGEROUS_TORCH_PARTS for p in parts[1:]):
         return "danger", "reaches torch internals that can run code or load files"
-    if parts[-1] in _DANGEROUS_NAMES:
-        return "danger", f"`{parts[-1]}` can run code or touch files"
+    if parts[0] == "numpy" and any(p in _DANGEROUS_NUMPY_PARTS for p in parts[1:]):
+        return "danger", "reaches numpy functions that read or write files"
     if "." in name:
         return "unsafe", "dotted name: pickle walks attributes from the imported module"
     if qualname in _NUMPY_RECONSTRUCT:
         return "unsafe", "numpy object; torch.load(weights_only=True) refuses it"
-    if module.startswith("torch.nn.modules") or module.startswith("torch.nn.parameter"):
+    if module.startswith(("torch.nn.modules", "torch.nn.parameter")):
         return "unsafe", "a pickled nn.Module (torch.save(model)); weights_only loading refuses it"
+    if parts[0] in _BUILTINS:
+        return "unsafe", f"builtin `{name}`: plain data, but outside torch's allowlist"
     return "unsafe", f"pickle would import `{module}` and call into it"
 
 
@@ -133,6 +177,16 @@ def findings_for(
             text += f", called as {pickle_vm.describe(call)}"
         findings.append(Finding(severity, f"{text}: {reason}", f"{where} byte {first.offset}"))
     findings.extend(_chained_calls(result, where))
+    for refused in result.refused[:MAX_REFUSED_SHOWN]:
+        findings.append(
+            Finding("corrupt", f"refused to build: {refused.reason}", f"{where} byte {refused.offset}")
+        )
+    if len(result.refused) > MAX_REFUSED_SHOWN:
+        findings.append(
+            Finding(
+                "corrupt", f"... and {len(result.refused) - MAX_REFUSED_SHOWN} more values refused", where
+            )
+        )
     if _depth < MAX_NESTED_DEPTH:
         findings.extend(_nested(result, where, known or {}, _depth))
     return findings

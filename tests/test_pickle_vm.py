@@ -117,8 +117,23 @@ def test_malformed_pickles_end_in_a_pickle_error(data, message):
 
 def test_deeply_nested_tuples_are_refused_before_hashing_can_recurse():
     data = b"\x80\x02N" + b"\x85" * 10_000 + b"."
-    with pytest.raises(PickleError, match="nested deeper"):
-        pickle_vm.run(data, known=KNOWN)
+    result = pickle_vm.run(data, known=KNOWN)
+    assert result.refused and "nested deeper than 100" in result.refused[0].reason
+    hash(result.value)  # bounded: the refused level stands in for everything below it
+
+
+def test_self_similar_tuples_are_refused_before_hashing_takes_forever():
+    # t = (t, t) sixty times through the memo: 2**60 tuples to hash as a dict key.
+    data = b"\x80\x02}N" + b"q\x00h\x00\x86" * 60 + b"K\x01s."
+    result = pickle_vm.run(data, known=KNOWN)
+    assert "repeats itself" in result.refused[0].reason
+
+
+def test_reading_goes_on_after_a_refused_value_so_a_later_payload_is_seen():
+    data = b"\x80\x02]c__builtin__\nbytearray\nJ\x00\x00\x00\x40\x85Rac__builtin__\neval\nX\x01\x00\x00\x001\x85Ra."
+    result = pickle_vm.run(data, known=KNOWN)
+    assert "allocates without data" in result.refused[0].reason
+    assert [g.qualname for g in result.globals] == ["builtins.eval"]
 
 
 def test_deeply_nested_lists_are_built_without_recursion():

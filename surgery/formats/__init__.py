@@ -35,11 +35,8 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
         with mapped(path) as data:
             if len(data) == 0:
                 raise NotACheckpoint(path, "empty file (0 bytes)")
-            try:
-                kind = sniff(bytes(data[:4096]), len(data))
-            except NotACheckpoint as exc:
-                raise NotACheckpoint(path, exc.message) from None
-            return _read(kind, path, data, verify)
+            kinds, what = sniff(bytes(data[:4096]), len(data))
+            return _read_first(kinds, what, path, data, verify)
     except PermissionError as exc:
         raise NotFound(path, f"cannot read: {exc.strerror}") from None
     except IsADirectoryError:
@@ -48,6 +45,28 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
         raise
     except OSError as exc:
         raise NotFound(path, f"cannot read: {exc.strerror or exc}") from None
+
+
+def _read_first(kinds: list[str], what: str | None, path: Path, data: memoryview, verify: bool) -> Scan:
+    """The first reader that accepts the file.
+
+    The pickle reader comes last, as torch's own fallback: its failure is the
+    answer only when it saw globals on the way (evidence of a payload), else
+    the earlier reader's error or what the bytes look like says more.
+    """
+    earlier: SurgeryError | None = None
+    for kind in kinds:
+        try:
+            return _read(kind, path, data, verify)
+        except SurgeryError as exc:
+            if kind == "pickle" and exc.findings:
+                raise
+            if kind == "pickle" and not isinstance(exc, NotACheckpoint) and earlier is None and what is None:
+                raise
+            earlier = earlier or exc
+    if what is not None and (earlier is None or isinstance(earlier, NotACheckpoint)):
+        raise NotACheckpoint(path, what)
+    raise earlier or NotACheckpoint(path, what or "not a checkpoint format surgery knows")
 
 
 def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:

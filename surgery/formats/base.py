@@ -15,8 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery.errors import NotACheckpoint
+from surgery.errors import SurgeryError
 from surgery.formats.containers import flatten
+from surgery.formats.pickle_vm import PICKLE_OPCODE_BYTES
 from surgery.formats.torch_pickle import StorageRef, TensorRef
 from surgery.safety import Finding
 
@@ -50,31 +51,44 @@ def mapped(path: Path) -> Iterator[memoryview]:
             mm.close()
 
 
-def sniff(head: bytes, size: int) -> str:
-    """The format from the first bytes; never from the file name.
+@contextmanager
+def carrying(findings: list[Finding]) -> Iterator[None]:
+    """A failure inside keeps what was found before it: a payload seen early is
+    still reported when something later in the file is broken."""
+    try:
+        yield
+    except SurgeryError as error:
+        error.findings = [*findings, *(f for f in error.findings if f not in findings)]
+        raise
 
-    Raises:
-        NotACheckpoint: with what the bytes are, when that is recognisable.
+
+def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:
+    """The readers to try, in order, from the first bytes; never from the file name.
+
+    torch.load reads anything that is not a zip as a pickle, so a file that
+    could be a pickle is also tried as one whatever else it looks like: a
+    payload behind a safetensors-like or GGUF-like start is still seen.
+
+    Returns:
+        (reader kinds, what the bytes are when no reader accepts them).
     """
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return "zip"
+        return ["zip"], None
+    maybe_pickle = ["pickle"] if head[:1] and head[0] in PICKLE_OPCODE_BYTES else []
     stripped = head.lstrip()
     # A safetensors length field holds zero or other non-text bytes; a JSON index is text.
     if size >= 9 and head[8:9] == b"{" and not all(32 <= b < 127 or b in b"\t\n\r" for b in head[:8]):
-        return "safetensors"
+        return ["safetensors", *maybe_pickle], None
+    if head[:1] == b"\x80" and len(head) > 1 and 2 <= head[1] <= 5:
+        return ["pickle"], None  # torch legacy files too: told apart by their magic number
     if stripped.startswith(b"{"):
-        return "index"
+        return ["index"], None
     for magic, what in _NOT_CHECKPOINTS:
         if head.startswith(magic) or stripped.lower().startswith(magic):
-            raise NotACheckpoint("", what)
+            return maybe_pickle, what
     if len(head) > 262 and head[257:262] == b"ustar":
-        raise NotACheckpoint("", "a tar archive: the torch < 0.4 checkpoint format, not supported")
-    if head[:1] == b"\x80" and len(head) > 1 and head[1] <= 5:
-        return "pickle"  # torch legacy files are pickles too: told apart by their magic number
-    if head[:1] in (b"(", b"c", b"}", b"]", b")", b"\x80") and b"\n" in head[:200]:
-        return "pickle"  # protocol 0 text pickle
-    preview = head[:8].hex(" ")
-    raise NotACheckpoint("", f"not a checkpoint format surgery knows (first bytes: {preview})")
+        return maybe_pickle, "a tar archive: the torch < 0.4 checkpoint format, not supported"
+    return maybe_pickle, f"not a checkpoint format surgery knows (first bytes: {head[:8].hex(' ')})"
 
 
 _NOT_CHECKPOINTS = (

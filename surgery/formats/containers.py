@@ -10,7 +10,6 @@ bounded depth, so a self-referencing or absurdly deep pickle costs nothing.
 from __future__ import annotations
 
 from collections import deque
-from collections.abc import Iterator
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -77,6 +76,11 @@ def children(node: Any) -> list[tuple[str, Any]] | None:
     return None
 
 
+def is_container(node: Any) -> bool:
+    """Whether `children` would list members (cheap: builds nothing)."""
+    return type(node) in (dict, list, tuple) or isinstance(node, Call)
+
+
 def _key(key: Any) -> str:
     return (
         key if isinstance(key, str) else str(key) if isinstance(key, (int, float, bool)) else repr(key)[:40]
@@ -94,7 +98,7 @@ def is_module(node: Any) -> bool:
     return isinstance(func, Global) and func.module.startswith("__torch__") and type(state) is dict
 
 
-def is_state_dict(node: Any) -> bool:
+def is_state_dict(node: Any, counts: TensorCounts) -> bool:
     """A str-keyed dict whose values are mostly tensors and that nests no other weights.
 
     `{'model': {...}, 'ema_decay': tensor}` is half tensors but not a state_dict:
@@ -105,9 +109,7 @@ def is_state_dict(node: Any) -> bool:
     tensors = sum(isinstance(v, TensorRef) for v in node.values())
     if tensors == 0 or 2 * tensors < len(node):
         return False
-    return not any(
-        not isinstance(v, TensorRef) and children(v) and count_tensors(v, limit=1) for v in node.values()
-    )
+    return not any(is_container(v) and counts(v) for v in node.values())
 
 
 def flatten(node: Any, prefix: str = "") -> tuple[list[tuple[str, TensorRef]], list[tuple[str, Any]], bool]:
@@ -129,14 +131,14 @@ def flatten(node: Any, prefix: str = "") -> tuple[list[tuple[str, TensorRef]], l
         if isinstance(value, TensorRef):
             tensors.append((name, value))
             continue
-        kids = children(value)
-        if kids is None:
+        if not is_container(value):
             if not in_module:
                 leaves.append((name, value))
             continue
         if id(value) in seen:
             continue
         seen.add(id(value))
+        kids = children(value) or []
         if depth >= MAX_DEPTH:
             truncated = True
             continue
@@ -146,38 +148,48 @@ def flatten(node: Any, prefix: str = "") -> tuple[list[tuple[str, TensorRef]], l
     return tensors, leaves, truncated
 
 
-def count_tensors(node: Any, limit: int = 1_000_000) -> int:
-    """Tensors reachable from `node`, each container visited once."""
-    count, seen, queue = 0, set(), deque([node])
-    while queue and count < limit:
-        value = queue.popleft()
-        if isinstance(value, TensorRef):
-            count += 1
-            continue
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        kids = children(value)
-        if kids:
-            queue.extend(child for _, child in kids)
-    return count
+class TensorCounts:
+    """Tensors under each node, each node computed once.
 
+    A pickle can hang one big list under thousands of dicts; walking it again
+    for every dict would take their product. Here each node is counted once,
+    from its children's counts (shared subtrees count for each parent, cycles
+    for none), in one iterative post-order pass.
+    """
 
-def all_tensors(node: Any) -> Iterator[TensorRef]:
-    """Every distinct tensor stand-in in the tree (for storage bounds checks)."""
-    seen: set[int] = set()
-    stack = [node]
-    while stack:
-        value = stack.pop()
-        if id(value) in seen:
-            continue
-        seen.add(id(value))
-        if isinstance(value, TensorRef):
-            yield value
-            continue
-        kids = children(value)
-        if kids:
-            stack.extend(child for _, child in kids)
+    CAP = 10**12
+
+    def __init__(self) -> None:
+        self.memo: dict[int, int] = {}
+        self._alive: list[Any] = []  # keeps ids stable while memoized
+
+    def __call__(self, node: Any) -> int:
+        if isinstance(node, TensorRef):
+            return 1
+        if id(node) not in self.memo:
+            self._fill(node)
+        return self.memo[id(node)]
+
+    def _fill(self, node: Any) -> None:
+        in_progress: set[int] = set()
+        stack: list[tuple[Any, bool]] = [(node, False)]
+        while stack:
+            current, expanded = stack.pop()
+            key = id(current)
+            if not expanded and (key in self.memo or key in in_progress):
+                continue  # done, or an ancestor: a cycle adds nothing
+            kids = children(current) or ()
+            if expanded:
+                total = sum(1 if isinstance(c, TensorRef) else self.memo.get(id(c), 0) for _, c in kids)
+                self.memo[key] = min(total, self.CAP)
+                in_progress.discard(key)
+                continue
+            in_progress.add(key)
+            self._alive.append(current)
+            stack.append((current, True))
+            stack.extend(
+                (c, False) for _, c in kids if not isinstance(c, TensorRef) and id(c) not in self.memo
+            )
 
 
 @dataclass
@@ -186,11 +198,12 @@ class Located:
 
     path: tuple[str, ...] | None  # None: no state_dict anywhere
     node: Any
+    counts: TensorCounts
     candidates: list[tuple[tuple[str, ...], int]] = field(default_factory=list)
     siblings: list[tuple[str, Any]] = field(default_factory=list)  # entries beside the path
 
 
-def candidates(root: Any) -> list[tuple[tuple[str, ...], Any]]:
+def candidates(root: Any, counts: TensorCounts) -> list[tuple[tuple[str, ...], Any]]:
     """Every state_dict-like node, breadth first, not looking inside one."""
     found: list[tuple[tuple[str, ...], Any]] = []
     seen: set[int] = set()
@@ -200,7 +213,7 @@ def candidates(root: Any) -> list[tuple[tuple[str, ...], Any]]:
         if id(node) in seen or isinstance(node, TensorRef):
             continue
         seen.add(id(node))
-        if is_state_dict(node) or is_module(node):
+        if is_state_dict(node, counts) or is_module(node):
             found.append((path, node))
             continue
         if len(path) >= SEARCH_DEPTH:
@@ -232,8 +245,9 @@ def locate(root: Any, key: tuple[str, ...] | None = None) -> Located:
     Raises:
         KeyError: `key` names nothing in the tree.
     """
-    found = candidates(root)
-    counts = [(path, count_tensors(node)) for path, node in found]
+    tensor_counts = TensorCounts()
+    found = candidates(root, tensor_counts)
+    counts = [(path, tensor_counts(node)) for path, node in found]
     if key is not None:
         path, node = key, resolve(root, key)
     elif isinstance(root, TensorRef):
@@ -241,17 +255,19 @@ def locate(root: Any, key: tuple[str, ...] | None = None) -> Located:
     elif found and found[0][0] == ():
         path, node = found[0]
     else:
-        path, node = _preferred(root, found) or _largest(found, counts) or (None, None)
-    return Located(path, node, counts, _siblings(root, path or ()))
+        path, node = _preferred(root, found, tensor_counts) or _largest(found, counts) or (None, None)
+    return Located(path, node, tensor_counts, counts, _siblings(root, path or ()))
 
 
-def _preferred(root: Any, found: list[tuple[tuple[str, ...], Any]]) -> tuple[tuple[str, ...], Any] | None:
+def _preferred(
+    root: Any, found: list[tuple[tuple[str, ...], Any]], counts: TensorCounts
+) -> tuple[tuple[str, ...], Any] | None:
     if type(root) is not dict:
         return None
     for name in PREFERRED_KEYS:
         under = [(p, n) for p, n in found if p and p[0] == name]
         if under:
-            return max(under, key=lambda item: count_tensors(item[1]))
+            return max(under, key=lambda item: counts(item[1]))
     return None
 
 

@@ -11,9 +11,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from surgery.errors import CorruptCheckpoint
+from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, check_storages
+from surgery.formats.base import Scan, carrying, check_storages
 from surgery.formats.torch_pickle import KNOWN, DataLocation, StorageTable
 from surgery.safety import Finding, findings_for
 
@@ -22,17 +22,21 @@ PROTOCOL_VERSION = 1001
 
 
 def scan_legacy(path: Path, data: memoryview) -> Scan:
-    where = str(path)
     findings: list[Finding] = []
+    with carrying(findings):
+        return _scan_legacy(path, data, findings)
+
+
+def _scan_legacy(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
+    where = str(path)
     table = StorageTable()
 
     def step(start: int, what: str, persistent=None) -> pickle_vm.Result:
         try:
             result = pickle_vm.run(data, start=start, known=KNOWN, persistent_load=persistent)
         except pickle_vm.PickleError as exc:
-            error = CorruptCheckpoint(path, f"{what} pickle is broken: {exc}")
-            error.findings = findings + findings_for(exc.partial, f"{where}: {what}", known=KNOWN)  # type: ignore[attr-defined]
-            raise error from None
+            findings.extend(findings_for(exc.partial, f"{where}: {what}", known=KNOWN))  # type: ignore[attr-defined]
+            raise CorruptCheckpoint(path, f"{what} pickle is broken: {exc}") from None
         findings.extend(findings_for(result, f"{where}: {what}", known=KNOWN))
         return result
 
@@ -52,12 +56,18 @@ def scan_legacy(path: Path, data: memoryview) -> Scan:
     little = not isinstance(sys_info.value, dict) or sys_info.value.get("little_endian", True) is not False
     main = step(sys_info.end, "object", table)
     keys = step(main.end, "storage keys")
-    if not isinstance(keys.value, list) or not all(isinstance(k, str) for k in keys.value):
-        raise CorruptCheckpoint(path, "the storage key list is not a list of strings")
+    key_list = keys.value if isinstance(keys.value, list) else []
+    if not isinstance(keys.value, list) or not all(isinstance(k, str) for k in key_list):
+        findings.append(
+            Finding(
+                "corrupt", "the storage key list is not a list of strings: no storage can be located", where
+            )
+        )
+        key_list = []
 
     byteswap = little != (sys.byteorder == "little")
     pos = keys.end
-    for key in keys.value:
+    for key in key_list:
         storage = table.storages.get(key)
         if storage is None:
             findings.append(
@@ -118,8 +128,9 @@ def scan_pickle(path: Path, data: memoryview) -> Scan:
     try:
         result = pickle_vm.run(data, known=KNOWN, persistent_load=table)
     except pickle_vm.PickleError as exc:
-        if exc.offset < 2 and not exc.partial.globals:  # type: ignore[attr-defined]
-            raise CorruptCheckpoint(path, f"not a checkpoint: does not parse as a pickle ({exc})") from None
+        # Failing within its first bytes before calling anything: these bytes are not a pickle.
+        if exc.offset < 64 and not exc.partial.calls:  # type: ignore[attr-defined]
+            raise NotACheckpoint(path, f"not a checkpoint: does not parse as a pickle ({exc})") from None
         error = CorruptCheckpoint(path, f"broken pickle: {exc}")
         error.findings = findings_for(exc.partial, where, known=KNOWN)  # type: ignore[attr-defined]
         raise error from None

@@ -9,8 +9,10 @@ becomes a `Call` record unless the caller's `known` table models the callee
 
 Work and memory stay linear in the pickle's size: declared lengths are checked
 against the bytes that remain before anything is allocated, the stack and memo
-are plain containers, tuple nesting is capped (hashing a deep tuple recurses in
-C), and nothing here recurses.
+are plain containers, tuples too deep or too self-similar to hash are refused
+(hashing recurses in C, and shared tuples make it exponential), and nothing here
+recurses. What the machine refuses to build becomes a `Refused` stand-in and
+reading goes on, so a payload placed after it is still recorded.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ from dataclasses import dataclass, field
 from typing import Any
 
 MAX_NESTING = 100  # tuples and frozensets; real checkpoints stay under 10
+# Hashing a tuple visits every tuple inside it, shared ones again each time, so a
+# pickle that reuses tuples through the memo can make hashing exponential. Without
+# sharing a tuple holds fewer tuples than the pickle has bytes; past that bound
+# (plus a margin) a tuple is refused.
+HASH_WORK_MARGIN = 100_000
 
 
 class PickleError(Exception):
@@ -55,6 +62,19 @@ class Known:
 
     def __repr__(self) -> str:
         return self.name
+
+
+class Refused:
+    """A value the machine would not build: bad arguments to a known function,
+    a tuple too deep or too self-similar to hash. It stands in so reading goes on."""
+
+    __slots__ = ("reason", "offset")
+
+    def __init__(self, reason: str, offset: int):
+        self.reason, self.offset = reason, offset
+
+    def __repr__(self) -> str:
+        return f"<refused at pickle byte {self.offset}: {self.reason}>"
 
 
 class Call:
@@ -97,6 +117,7 @@ class Result:
     protocol: int
     globals: list[GlobalRef] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
+    refused: list[Refused] = field(default_factory=list)
 
 
 def describe(obj: Any, depth: int = 2) -> str:
@@ -145,7 +166,8 @@ class _Machine:
         self.stack: list[Any] = []
         self.metastack: list[list[Any]] = []
         self.memo: dict[int, Any] = {}
-        self.nesting: dict[int, tuple[Any, int]] = {}
+        self.nesting: dict[int, tuple[Any, int, int]] = {}  # id -> (tuple, depth, tuples inside)
+        self.hash_work_limit = len(self.data) + HASH_WORK_MARGIN
         self.result = Result(None, start, 0)
         self.op_start = start
 
@@ -200,30 +222,41 @@ class _Machine:
         self.stack = self.metastack.pop()
         return items
 
-    def nest(self, items: Any) -> int:
-        """Track tuple/frozenset depth so later hashing cannot recurse deeply."""
-        depth = 1
+    def push_nested(self, build: Callable[[Any], Any], items: Any) -> None:
+        """Push a tuple or frozenset of `items`, refused if hashing it could recurse
+        deeply (depth) or take exponential time (tuples inside, shared ones counted each time)."""
+        depth, inside = 1, 1
         for x in items:
             if type(x) is tuple or type(x) is frozenset:
                 seen = self.nesting.get(id(x))
                 depth = max(depth, (seen[1] if seen else 1) + 1)
+                inside += seen[2] if seen else 1
         if depth > MAX_NESTING:
-            raise PickleError(f"tuples nested deeper than {MAX_NESTING} levels", self.op_start)
-        return depth
+            self.stack.append(self.refuse(f"tuples nested deeper than {MAX_NESTING} levels"))
+        elif inside > self.hash_work_limit:
+            self.stack.append(
+                self.refuse("a tuple that repeats itself so often that hashing it would never end")
+            )
+        else:
+            obj = build(items)
+            if depth > 1:
+                self.nesting[id(obj)] = (obj, depth, inside)
+            self.stack.append(obj)
 
-    def push_nested(self, obj: tuple | frozenset, items: Any) -> None:
-        depth = self.nest(items)
-        if depth > 1:
-            self.nesting[id(obj)] = (obj, depth)
-        self.stack.append(obj)
+    def refuse(self, reason: str) -> Refused:
+        refused = Refused(reason, self.op_start)
+        self.result.refused.append(refused)
+        return refused
 
     # -- globals and calls ---------------------------------------------------
     def global_(self, module: Any, name: Any, opcode: str) -> Any:
         if not isinstance(module, str) or not isinstance(name, str):
             raise PickleError(f"{opcode} with a non-string module or name", self.op_start)
         if self.result.protocol < 3:  # Python 2 names, mapped as pickle's fix_imports does
-            module, name = _compat_pickle.NAME_MAPPING.get((module, name), (module, name))
-            module = _compat_pickle.IMPORT_MAPPING.get(module, module)
+            if (module, name) in _compat_pickle.NAME_MAPPING:
+                module, name = _compat_pickle.NAME_MAPPING[(module, name)]
+            else:
+                module = _compat_pickle.IMPORT_MAPPING.get(module, module)
         qualname = f"{module}.{name}"
         if qualname in self.known:
             return self.known[qualname]
@@ -238,10 +271,8 @@ class _Machine:
         if isinstance(func, Known):
             try:
                 return func.fn(*args, **(kwargs or {}))
-            except PickleError:
-                raise
-            except Exception as exc:
-                raise PickleError(f"bad arguments to {func.name}: {exc}", self.op_start) from None
+            except Exception as exc:  # refused, and reading goes on: a later payload is still seen
+                return self.refuse(f"bad arguments to {func.name}: {exc}")
         if not isinstance(func, (Global, Call)):
             raise PickleError(f"{opcode} calls a {type(func).__name__}, which is not callable", self.op_start)
         record = Call(func, args, kwargs, self.op_start)
@@ -253,10 +284,8 @@ class _Machine:
             raise PickleError("persistent id in a pickle that allows none", self.op_start)
         try:
             return self.persistent_load(pid)
-        except PickleError:
-            raise
         except Exception as exc:
-            raise PickleError(f"bad persistent id {describe(pid)}: {exc}", self.op_start) from None
+            return self.refuse(f"bad persistent id {describe(pid)}: {exc}")
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> Result:
@@ -456,23 +485,21 @@ def _op_EMPTY_SET(m: _Machine) -> None:
 
 
 def _op_TUPLE(m: _Machine) -> None:
-    items = m.pop_mark()
-    m.push_nested(tuple(items), items)
+    m.push_nested(tuple, m.pop_mark())
 
 
 def _op_TUPLE1(m: _Machine) -> None:
-    items = [m.pop()]
-    m.push_nested(tuple(items), items)
+    m.push_nested(tuple, [m.pop()])
 
 
 def _op_TUPLE2(m: _Machine) -> None:
     b, a = m.pop(), m.pop()
-    m.push_nested((a, b), (a, b))
+    m.push_nested(tuple, (a, b))
 
 
 def _op_TUPLE3(m: _Machine) -> None:
     c, b, a = m.pop(), m.pop(), m.pop()
-    m.push_nested((a, b, c), (a, b, c))
+    m.push_nested(tuple, (a, b, c))
 
 
 def _op_LIST(m: _Machine) -> None:
@@ -488,8 +515,7 @@ def _op_DICT(m: _Machine) -> None:
 
 
 def _op_FROZENSET(m: _Machine) -> None:
-    items = m.pop_mark()
-    m.push_nested(frozenset(items), items)
+    m.push_nested(frozenset, m.pop_mark())
 
 
 def _op_ADDITEMS(m: _Machine) -> None:
@@ -603,6 +629,8 @@ def _op_REDUCE(m: _Machine) -> None:
 def _extension(m: _Machine, code: int) -> None:
     # The loading process resolves the code through its copyreg registry:
     # unknowable here, so it is a global like any other unknown one.
+    if code <= 0:
+        raise PickleError("EXT specifies code <= 0", m.op_start)
     m.stack.append(m.global_("copyreg", f"<extension code {code}>", "EXT"))
 
 

@@ -17,7 +17,15 @@ from typing import Any
 from surgery.dtypes import BY_SAFETENSORS, SAFETENSORS_EXTRA_BITS, DType
 from surgery.errors import CorruptCheckpoint
 from surgery.formats.base import Scan
-from surgery.formats.torch_pickle import DataLocation, StorageRef, TensorRef
+from surgery.formats.torch_pickle import (
+    INT64_MAX,
+    MAX_DIMS,
+    DataLocation,
+    StorageRef,
+    TensorRef,
+    checked_numel,
+    describe_value,
+)
 
 MAX_HEADER = 100_000_000  # the safetensors library's own limit
 
@@ -55,7 +63,7 @@ def read_header(path: Path, data: memoryview) -> tuple[int, dict[str, Any]]:
         raise CorruptCheckpoint(path, "safetensors header is not UTF-8") from None
     except _Duplicate as dup:
         raise CorruptCheckpoint(path, f"safetensors header names {dup.args[0]!r} twice") from None
-    except (json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # JSONDecodeError, and ints over 4300 digits
         raise CorruptCheckpoint(path, f"safetensors header is not valid JSON ({exc})") from None
     if not isinstance(header, dict):
         raise CorruptCheckpoint(path, "safetensors header is not a JSON object")
@@ -75,16 +83,28 @@ def _spec(path: Path, name: str, spec: Any) -> tuple[DType, tuple[int, ...], int
         raise CorruptCheckpoint(path, f"tensor {name!r} needs dtype, shape and data_offsets")
     dtype = _dtype(path, name, spec["dtype"])
     shape, offsets = spec["shape"], spec["data_offsets"]
-    if not isinstance(shape, list) or not all(type(d) is int and d >= 0 for d in shape):
-        raise CorruptCheckpoint(path, f"tensor {name!r} has shape {shape!r}: not a list of non-negative ints")
+    if (
+        not isinstance(shape, list)
+        or len(shape) > MAX_DIMS
+        or not all(type(d) is int and 0 <= d <= INT64_MAX for d in shape)
+    ):
+        raise CorruptCheckpoint(
+            path,
+            f"tensor {name!r} has shape {describe_value(shape)}: not a list of at most {MAX_DIMS} ints in 0..2**63-1",
+        )
     if (
         not isinstance(offsets, list)
         or len(offsets) != 2
-        or not all(type(o) is int and o >= 0 for o in offsets)
+        or not all(type(o) is int and 0 <= o <= INT64_MAX for o in offsets)
         or offsets[0] > offsets[1]
     ):
-        raise CorruptCheckpoint(path, f"tensor {name!r} has data_offsets {offsets!r}: not [begin, end]")
-    need = (math.prod(shape) * dtype.bits + 7) // 8
+        raise CorruptCheckpoint(
+            path, f"tensor {name!r} has data_offsets {describe_value(offsets)}: not [begin, end]"
+        )
+    try:
+        need = (checked_numel(tuple(shape)) * dtype.bits + 7) // 8
+    except ValueError as exc:
+        raise CorruptCheckpoint(path, f"tensor {name!r}: {exc}") from None
     if offsets[1] - offsets[0] != need:
         raise CorruptCheckpoint(
             path,

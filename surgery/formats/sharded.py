@@ -11,7 +11,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound
-from surgery.formats.base import Scan
+from surgery.formats.base import Scan, carrying
 from surgery.formats.containers import flatten, locate
 from surgery.formats.torch_pickle import TensorRef
 from surgery.safety import Finding
@@ -44,12 +44,17 @@ def scan_folder(folder: Path, scan_file: Callable[[Path], Scan]) -> Scan:
 
 
 def scan_index(index: Path, scan_file: Callable[[Path], Scan]) -> Scan:
+    findings: list[Finding] = []
+    with carrying(findings):
+        return _scan_index(index, scan_file, findings)
+
+
+def _scan_index(index: Path, scan_file: Callable[[Path], Scan], findings: list[Finding]) -> Scan:
     weight_map, meta = _read_index(index)
     folder = index.parent.resolve()
     shards = list(dict.fromkeys(weight_map.values()))
     root: dict[str, TensorRef] = {}
     owner: dict[str, str] = {}
-    findings: list[Finding] = []
     files = [index]
     formats = set()
     for shard in shards:
@@ -118,7 +123,7 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict]:
         raise CorruptCheckpoint(index, f"index file over {MAX_INDEX_BYTES} bytes")
     try:
         doc = json.loads(index.read_text(encoding="utf-8"))
-    except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
+    except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, ints over 4300 digits
         raise NotACheckpoint(
             index, f"not a checkpoint: a text file that is not a JSON index ({exc})"
         ) from None

@@ -98,12 +98,23 @@ class Unsupported:
 
 
 INT64_MAX = 2**63 - 1
+MAX_DIMS = 64  # torch's own kernels stop well below this
 
 
 def _ints(value: Any, what: str) -> tuple[int, ...]:
-    if not isinstance(value, (tuple, list)) or not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
-        raise ValueError(f"{what} must be a tuple of ints in 0..2**63-1, got {describe_value(value)}")
+    if not isinstance(value, (tuple, list)) or len(value) > MAX_DIMS:
+        raise ValueError(f"{what} must be a tuple of at most {MAX_DIMS} ints, got {describe_value(value)}")
+    if not all(type(v) is int and 0 <= v <= INT64_MAX for v in value):
+        raise ValueError(f"{what} must hold ints in 0..2**63-1, got {describe_value(value)}")
     return tuple(value)
+
+
+def checked_numel(shape: tuple[int, ...]) -> int:
+    """Elements of `shape`, refused beyond int64 (as torch would)."""
+    numel = math.prod(shape)
+    if numel > INT64_MAX:
+        raise ValueError(f"shape {describe_value(shape)} holds more than 2**63 elements")
+    return numel
 
 
 def describe_value(value: Any) -> str:
@@ -119,6 +130,7 @@ def _tensor(storage: Any, offset: Any, size: Any, stride: Any, dtype: DType | No
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
     if len(shape) != len(strides):
         raise ValueError(f"size has {len(shape)} dims, stride {len(strides)}")
+    checked_numel(shape)
     dtype = dtype or storage.dtype or UINT8
     return TensorRef(storage, offset, shape, strides, dtype)
 
@@ -182,6 +194,7 @@ def _rebuild_meta(dtype, size, stride, requires_grad=False) -> TensorRef:
     if not isinstance(dtype, DType):
         raise ValueError("dtype argument is not a torch dtype")
     shape, strides = _ints(size, "size"), _ints(stride, "stride")
+    checked_numel(shape)
     return TensorRef(None, 0, shape, strides, dtype, bool(requires_grad), unusual="meta (no data)")
 
 

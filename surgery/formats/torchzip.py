@@ -13,13 +13,12 @@ import struct
 import sys
 import zipfile
 import zlib
-from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, check_storages
+from surgery.formats.base import Scan, carrying, check_storages
 from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
 from surgery.safety import Finding, findings_for
 
@@ -27,7 +26,14 @@ MAX_PICKLE_BYTES = 1 << 30  # an inflated data.pkl beyond this is refused
 _LOCAL = struct.Struct("<4sHHHHHIIIHH")
 _NORMAL_FLAGS = 0x08 | 0x800  # data descriptor, UTF-8 names: what torch writes
 _TORCH_MEMBERS = ("data.pkl", "version", ".format_version", ".storage_alignment", "byteorder")
-_TORCH_FOLDERS = ("data/", ".data/", "code/", "constants/", "extra/", "constants.pkl")
+_TORCH_FOLDERS = (
+    "data/",
+    ".data/",
+    "code/",
+    "constants/",
+    "extra/",
+    "constants.pkl",
+)  # compared in lower case
 
 
 @dataclass
@@ -38,6 +44,12 @@ class Member:
 
 
 def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
+    findings: list[Finding] = []
+    with carrying(findings):
+        return _scan_zip(path, data, verify, findings)
+
+
+def _scan_zip(path: Path, data: memoryview, verify: bool, findings: list[Finding]) -> Scan:
     where = str(path)
     try:
         with open(path, "rb") as f:
@@ -45,70 +57,53 @@ def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
     except Exception as exc:  # zipfile raises many types on damaged input
         raise CorruptCheckpoint(path, f"damaged or truncated zip archive ({exc})") from None
 
-    names = [i.filename for i in infos]
-    prefix = _archive_prefix(path, names)
-    torchscript = any(n.startswith((f"{prefix}/code/", f"{prefix}/constants.pkl")) for n in names)
-    findings: list[Finding] = []
+    prefix = _archive_prefix(path, [i.filename for i in infos])
+    # torch's reader (miniz) looks names up without regard to case: so does this.
     members: dict[str, list[Member]] = {}
     for info in infos:
         member = _read_local_header(data, info)
-        members.setdefault(info.filename, []).append(member)
+        members.setdefault(info.filename.lower(), []).append(member)
         findings.extend(
             Finding("corrupt" if p.startswith("!") else "notice", p.lstrip("!"), f"{where}: {info.filename}")
             for p in member.problems
         )
-    for name, count in Counter(names).items():
-        if count > 1:
+    for copies in members.values():
+        if len(copies) > 1:
+            names = ", ".join(sorted({repr(m.info.filename) for m in copies}))
             findings.append(
                 Finding(
                     "corrupt",
-                    f"member {name!r} appears {count} times: zip readers disagree on which copy counts",
+                    f"member {names} appears {len(copies)} times: zip readers disagree on which copy counts",
                     where,
                 )
             )
 
+    def member(name: str) -> Member | None:
+        copies = members.get(f"{prefix}/{name}".lower())
+        return copies[0] if copies else None
+
+    folder = prefix.lower() + "/"
+    torchscript = any(n.startswith((folder + "code/", folder + "constants.pkl")) for n in members)
     known = TORCHSCRIPT_KNOWN if torchscript else KNOWN
     expected = ("__torch__.",) if torchscript else ()
-    table = StorageTable()
-    result = None
-    for copy in members[f"{prefix}/data.pkl"]:  # every copy: a hidden second pickle is still scanned
-        pickle_bytes = _member_bytes(path, data, copy, findings)
-        copy_table = StorageTable()
-        try:
-            copy_result = pickle_vm.run(pickle_bytes, known=known, persistent_load=copy_table)
-        except pickle_vm.PickleError as exc:
-            error = CorruptCheckpoint(path, f"data.pkl is not a valid pickle: {exc}")
-            error.findings = findings + findings_for(
-                exc.partial, f"{where}: data.pkl", expected_prefixes=expected, known=known
-            )  # type: ignore[attr-defined]
-            raise error from None
-        findings.extend(
-            findings_for(copy_result, f"{where}: data.pkl", expected_prefixes=expected, known=known)
-        )
-        if copy_result.end < len(pickle_bytes):
-            extra = len(pickle_bytes) - copy_result.end
-            findings.append(
-                Finding(
-                    "notice", f"{extra} bytes follow the pickle's STOP in data.pkl: torch ignores them", where
-                )
-            )
-        if result is None:
-            result, table = copy_result, copy_table
+    result, table = _read_data_pkl(path, data, members[folder + "data.pkl"], known, expected, findings)
+    if torchscript:
+        findings.extend(_torchscript_findings(path, data, folder, members, findings))
 
-    byteswap = _byteorder(path, data, members.get(f"{prefix}/byteorder"), findings) != sys.byteorder
-    storage_prefix = f"{prefix}/data/"
+    byteswap = _byteorder(path, data, member("byteorder"), findings) != sys.byteorder
     for key, storage in table.storages.items():
-        copies = members.get(storage_prefix + key)
-        if copies and copies[0].offset >= 0:  # a damaged header is already a corrupt finding
-            m = copies[0]
+        m = member(f"data/{key}")
+        if m is not None and m.offset >= 0:  # a damaged header is already a corrupt finding
             stored = m.info.compress_type == zipfile.ZIP_STORED
             storage.data = DataLocation(
                 where, m.offset, m.info.file_size, byteswap, None if stored else m.info.filename
             )
+    storage_folder = folder + "data/"
+    used = {key.lower() for key in table.storages}
     unreferenced = {
-        n[len(storage_prefix) :]: members[n][0].info.file_size
-        for n in members
-        if n.startswith(storage_prefix) and n[len(storage_prefix) :] not in table.storages
+        copies[0].info.filename[len(storage_folder) :]: copies[0].info.file_size
+        for name, copies in members.items()
+        if name.startswith(storage_folder) and name[len(storage_folder) :] not in used
     }
     findings.extend(check_storages(result.value, table.storages, where, unreferenced))
     findings.extend(_unexpected_members(prefix, members, where))
@@ -127,16 +122,88 @@ def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
         "storages": len(table.storages),
         "crc_checked": "all members" if verify else "data.pkl only",
     }
-    version = members.get(f"{prefix}/version")
-    if version:
-        metadata["version"] = (
-            bytes(_member_bytes(path, data, version[0], findings)[:16]).decode("latin-1").strip()
-        )
+    version = _small_text(path, data, member("version"), findings)
+    if version is not None:
+        metadata["version"] = version
     return Scan(path, kind, description, result.value, findings, metadata, [path])
 
 
+def _read_data_pkl(
+    path: Path,
+    data: memoryview,
+    copies: list[Member],
+    known: dict,
+    expected: tuple[str, ...],
+    findings: list[Finding],
+) -> tuple[pickle_vm.Result, StorageTable]:
+    """Every copy of data.pkl is read, so a payload in a second copy is still seen.
+
+    The first copy that parses is the one described; when none parses, the
+    error carries everything found on the way.
+    """
+    where = f"{path}: data.pkl"
+    chosen: tuple[pickle_vm.Result, StorageTable] | None = None
+    failure: CorruptCheckpoint | None = None
+    for copy in copies:
+        try:
+            body = _member_bytes(path, data, copy, findings)
+        except CorruptCheckpoint as exc:
+            failure = failure or exc
+            continue
+        table = StorageTable()
+        try:
+            result = pickle_vm.run(body, known=known, persistent_load=table)
+        except pickle_vm.PickleError as exc:
+            partial = exc.partial  # type: ignore[attr-defined]
+            findings.extend(findings_for(partial, where, expected_prefixes=expected, known=known))
+            if len(copies) > 1:
+                findings.append(Finding("corrupt", f"a copy of data.pkl is not a valid pickle: {exc}", where))
+            failure = failure or CorruptCheckpoint(path, f"data.pkl is not a valid pickle: {exc}")
+            continue
+        findings.extend(findings_for(result, where, expected_prefixes=expected, known=known))
+        if result.end < len(body):
+            extra = len(body) - result.end
+            findings.append(
+                Finding("notice", f"{extra} bytes follow the pickle's STOP: torch ignores them", where)
+            )
+        chosen = chosen or (result, table)
+    if chosen is None:
+        raise failure or CorruptCheckpoint(path, "data.pkl cannot be read")
+    return chosen
+
+
+def _torchscript_findings(
+    path: Path, data: memoryview, folder: str, members: dict[str, list[Member]], findings: list[Finding]
+) -> list[Finding]:
+    """TorchScript keeps constants in a pickle of their own, and code that torch.jit.load compiles and runs."""
+    out: list[Finding] = []
+    where = f"{path}: constants.pkl"
+    for copy in members.get(folder + "constants.pkl", []):
+        try:
+            body = _member_bytes(path, data, copy, findings)
+        except CorruptCheckpoint as exc:
+            out.append(Finding("corrupt", exc.message, where))
+            continue
+        try:
+            result = pickle_vm.run(body, known=TORCHSCRIPT_KNOWN, persistent_load=StorageTable())
+        except pickle_vm.PickleError as exc:
+            result = exc.partial  # type: ignore[attr-defined]
+            out.append(Finding("corrupt", f"constants.pkl is not a valid pickle: {exc}", where))
+        out.extend(findings_for(result, where, expected_prefixes=("__torch__.",), known=TORCHSCRIPT_KNOWN))
+    code = [name for name in members if name.startswith(folder + "code/") and name.endswith(".py")]
+    if code:
+        out.append(
+            Finding(
+                "notice",
+                f"{len(code)} TorchScript code files: torch.jit.load compiles and runs them, surgery never does",
+                str(path),
+            )
+        )
+    return out
+
+
 def _archive_prefix(path: Path, names: list[str]) -> str:
-    pickles = [n for n in names if n.endswith("/data.pkl") and n.count("/") == 1]
+    pickles = [n for n in names if n.lower().endswith("/data.pkl") and n.count("/") == 1]
     if pickles:
         return pickles[0][: -len("/data.pkl")]
     if any(n.endswith("archive_format") for n in names) or any("/models/" in n for n in names):
@@ -215,10 +282,21 @@ def _member_bytes(
     return body
 
 
-def _byteorder(path: Path, data: memoryview, copies: list[Member] | None, findings: list[Finding]) -> str:
-    if not copies:
-        return "little"  # files from before the member existed
-    value = bytes(_member_bytes(path, data, copies[0], findings)[:16]).decode("latin-1").strip()
+def _small_text(path: Path, data: memoryview, member: Member | None, findings: list[Finding]) -> str | None:
+    """A short text member (byteorder, version), or None when absent or unreadable."""
+    if member is None or member.offset < 0:
+        return None
+    try:
+        return bytes(_member_bytes(path, data, member, findings)[:16]).decode("latin-1").strip()
+    except CorruptCheckpoint as exc:
+        findings.append(Finding("corrupt", exc.message, str(path)))
+        return None
+
+
+def _byteorder(path: Path, data: memoryview, member: Member | None, findings: list[Finding]) -> str:
+    value = _small_text(path, data, member, findings)
+    if value is None:
+        return "little"  # files from before the member existed, or a damaged one (reported)
     if value not in ("little", "big"):
         findings.append(Finding("corrupt", f"byteorder member says {value!r}", str(path)))
         return "little"
@@ -227,15 +305,17 @@ def _byteorder(path: Path, data: memoryview, copies: list[Member] | None, findin
 
 def _unexpected_members(prefix: str, members: dict[str, list[Member]], where: str) -> list[Finding]:
     out = []
+    folder = prefix.lower() + "/"
     for name, copies in members.items():
-        rest = name[len(prefix) + 1 :] if name.startswith(prefix + "/") else None
+        shown = copies[0].info.filename
+        rest = name[len(folder) :] if name.startswith(folder) else None
         if rest is None:
             out.append(
-                Finding("notice", f"member {name!r} lies outside the archive folder {prefix!r}", where)
+                Finding("notice", f"member {shown!r} lies outside the archive folder {prefix!r}", where)
             )
         elif rest not in _TORCH_MEMBERS and not rest.startswith(_TORCH_FOLDERS):
             out.append(
-                Finding("notice", f"unexpected member {name!r} ({copies[0].info.file_size} bytes)", where)
+                Finding("notice", f"unexpected member {shown!r} ({copies[0].info.file_size} bytes)", where)
             )
     return out
 

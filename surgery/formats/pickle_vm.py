@@ -148,7 +148,7 @@ def describe(obj: Any, depth: int = 2) -> str:
     return f"<{type(obj).__name__}>"
 
 
-_MARK = object()
+_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<i", "<I", "<H", "<Q", ">d")}
 
 
 class _Machine:
@@ -201,8 +201,20 @@ class _Machine:
             end += len(chunk)
 
     def unpack(self, fmt: str) -> Any:
-        size = struct.calcsize(fmt)
-        return struct.unpack(fmt, self.read(size))[0]
+        layout = _STRUCTS[fmt]
+        start = self.pos
+        if start + layout.size > len(self.data):
+            self.read(layout.size)  # raises with the message
+        self.pos = start + layout.size
+        return layout.unpack_from(self.data, start)[0]
+
+    def byte(self) -> int:
+        """One unsigned byte: the argument of the commonest opcodes."""
+        pos = self.pos
+        if pos >= len(self.data):
+            raise PickleError("pickle data was truncated: 1 byte declared, 0 left", self.op_start)
+        self.pos = pos + 1
+        return self.data[pos]
 
     # -- the stack -----------------------------------------------------------
     def pop(self) -> Any:
@@ -322,7 +334,7 @@ def _decode_text(raw: bytes) -> str:
 
 
 def _op_PROTO(m: _Machine) -> None:
-    proto = m.read(1)[0]
+    proto = m.byte()
     if proto > 5:
         raise PickleError(f"unsupported pickle protocol {proto}", m.op_start)
     m.result.protocol = proto
@@ -380,7 +392,7 @@ def _op_BININT(m: _Machine) -> None:
 
 
 def _op_BININT1(m: _Machine) -> None:
-    m.stack.append(m.read(1)[0])
+    m.stack.append(m.byte())
 
 
 def _op_BININT2(m: _Machine) -> None:
@@ -388,7 +400,7 @@ def _op_BININT2(m: _Machine) -> None:
 
 
 def _op_LONG1(m: _Machine) -> None:
-    n = m.read(1)[0]
+    n = m.byte()
     m.stack.append(int.from_bytes(m.read(n), "little", signed=True))
 
 
@@ -413,7 +425,7 @@ def _op_BINSTRING(m: _Machine) -> None:
 
 
 def _op_SHORT_BINSTRING(m: _Machine) -> None:
-    m.stack.append(_decode_text(bytes(m.read(m.read(1)[0]))))
+    m.stack.append(_decode_text(bytes(m.read(m.byte()))))
 
 
 def _op_BINBYTES(m: _Machine) -> None:
@@ -421,7 +433,7 @@ def _op_BINBYTES(m: _Machine) -> None:
 
 
 def _op_SHORT_BINBYTES(m: _Machine) -> None:
-    m.stack.append(bytes(m.read(m.read(1)[0])))
+    m.stack.append(bytes(m.read(m.byte())))
 
 
 def _op_BINBYTES8(m: _Machine) -> None:
@@ -445,7 +457,7 @@ def _op_UNICODE(m: _Machine) -> None:
 
 
 def _op_SHORT_BINUNICODE(m: _Machine) -> None:
-    m.stack.append(str(m.read(m.read(1)[0]), "utf-8", "surrogatepass"))
+    m.stack.append(str(m.read(m.byte()), "utf-8", "surrogatepass"))
 
 
 def _op_BINUNICODE(m: _Machine) -> None:
@@ -635,7 +647,7 @@ def _extension(m: _Machine, code: int) -> None:
 
 
 def _op_EXT1(m: _Machine) -> None:
-    _extension(m, m.read(1)[0])
+    _extension(m, m.byte())
 
 
 def _op_EXT2(m: _Machine) -> None:
@@ -671,7 +683,7 @@ def _op_GET(m: _Machine) -> None:
 
 
 def _op_BINGET(m: _Machine) -> None:
-    _get(m, m.read(1)[0])
+    _get(m, m.byte())
 
 
 def _op_LONG_BINGET(m: _Machine) -> None:
@@ -683,7 +695,7 @@ def _op_PUT(m: _Machine) -> None:
 
 
 def _op_BINPUT(m: _Machine) -> None:
-    _put(m, m.read(1)[0])
+    _put(m, m.byte())
 
 
 def _op_LONG_BINPUT(m: _Machine) -> None:

@@ -1,0 +1,534 @@
+"""Benchmark `surgery inspect` against the plain ways of reading a checkpoint.
+
+What it measures
+    Wall time and peak RSS of separate child processes that read a ~1 GB
+    checkpoint (a few hundred float32 tensors of realistic shapes: conv and
+    linear weights, biases, norm parameters), saved three ways:
+
+    * torch zip     ``torch.save(sd, p)``
+    * torch legacy  ``torch.save(sd, p, _use_new_zipfile_serialization=False)``
+    * safetensors   ``safetensors.torch.save_file(sd, p)``
+
+    For each format it runs ``python -m surgery inspect PATH --json`` and the
+    plain alternatives:
+
+    * torch zip: ``torch.load(p, mmap=True, weights_only=True)``;
+    * torch legacy: ``torch.load(p, weights_only=True)`` -- torch cannot mmap
+      the legacy format, so this one reads all tensor data;
+    * safetensors: ``safe_open(p, "pt").keys()`` (header only, the plain way to
+      list a safetensors file) and ``safetensors.torch.load_file(p)`` (the
+      torch-style full load);
+
+    plus ``python -c pass``, the interpreter start-up floor.
+
+    Every command runs once as a warm-up and then 3 times (round-robin over
+    the commands); the table reports the median wall time and the max peak
+    RSS. Page cache is not dropped (that needs root), so every command is
+    measured warm: the checkpoint files are already in the page cache.
+
+How peak RSS is measured
+    ``os.wait4(pid, 0)`` on a ``subprocess.Popen`` returns the child's own
+    ``ru_maxrss`` (KiB on Linux). On Linux a child's ``ru_maxrss`` also takes
+    in the RSS of the address space it ran in before ``exec``: with vfork
+    (Python's default) that is the *parent's* peak RSS. So this script never
+    imports torch itself (a child process makes the checkpoints), the timed
+    runs are launched by a lean runner interpreter (``python -S -I``) that
+    spawns with fork and resets the forked child's peak RSS
+    (``/proc/self/clear_refs`` ``5``) just before ``exec``. What remains of the
+    runner is reported as the measurement floor (``true`` launched the same
+    way, about 8 MiB); no row can read below it.
+
+Bytecode
+    If PYTHONDONTWRITEBYTECODE is set (as in some containers), an editable
+    install without __pycache__ (surgery here) is compiled from source at every
+    run while torch was byte-compiled by pip. So by default the commands run
+    with PYTHONDONTWRITEBYTECODE unset and a fresh PYTHONPYCACHEPREFIX in the
+    temporary folder, filled by the warm-up runs: every command runs from
+    cached bytecode, as after a normal install, and no source tree is written.
+    ``--env-as-is`` runs the commands in the caller's environment unchanged.
+
+How to run
+    python bench/bench_inspect.py                  # 1 GB, 300 tensors
+    python bench/bench_inspect.py --size-gb 0.1 --tensors 50   # quick check
+    python bench/bench_inspect.py --env-as-is      # no bytecode-cache fix-up
+
+    It prints a Markdown table and writes the same numbers to
+    bench/results/inspect.json. The checkpoints go to a fresh temporary folder
+    (about 3x --size-gb of disk) that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+RESULTS = HERE / "results" / "inspect.json"
+RUNS = 3
+SPEED_TARGET = 20.0  # surgery at least this many times faster than the plain load
+RSS_TARGET_BYTES = 60_000_000  # surgery peak RSS under 60 MB (57.2 MiB)
+
+FORMATS = {
+    "torch-zip": "model_zip.pth",
+    "torch-legacy": "model_legacy.pth",
+    "safetensors": "model.safetensors",
+}
+
+
+# --------------------------------------------------------------------------- checkpoint making
+# Runs in a child process (`--_generate`), so that this process never holds torch or
+# the tensors: its RSS would leak into every child's ru_maxrss (see the docstring).
+
+
+def _shapes(width: int):
+    """Endless (name, shape) stream: a conv stem, then conv stages and transformer blocks."""
+    w = width
+    c0 = max(w // 4, 1)
+    yield "stem.conv.weight", (c0, 3, 7, 7)
+    for p in ("weight", "bias", "running_mean", "running_var"):
+        yield f"stem.bn.{p}", (c0,)
+    i = 0
+    while True:
+        if i % 3 == 0:  # residual conv block, channels cycle w/4, w/2, w
+            c = max(w >> (2 - (i // 3) % 3), 1)
+            for j in (1, 2):
+                yield f"blocks.{i}.conv{j}.weight", (c, c, 3, 3)
+                for p in ("weight", "bias", "running_mean", "running_var"):
+                    yield f"blocks.{i}.bn{j}.{p}", (c,)
+        else:  # transformer block, width w
+            pre = f"blocks.{i}"
+            yield f"{pre}.ln1.weight", (w,)
+            yield f"{pre}.ln1.bias", (w,)
+            yield f"{pre}.attn.qkv.weight", (3 * w, w)
+            yield f"{pre}.attn.qkv.bias", (3 * w,)
+            yield f"{pre}.attn.proj.weight", (w, w)
+            yield f"{pre}.attn.proj.bias", (w,)
+            yield f"{pre}.ln2.weight", (w,)
+            yield f"{pre}.ln2.bias", (w,)
+            yield f"{pre}.mlp.fc1.weight", (4 * w, w)
+            yield f"{pre}.mlp.fc1.bias", (4 * w,)
+            yield f"{pre}.mlp.fc2.weight", (w, 4 * w)
+            yield f"{pre}.mlp.fc2.bias", (w,)
+        i += 1
+
+
+def _layout(n_tensors: int, target_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
+    """The first n tensors of `_shapes(width)`, width (a multiple of 8) chosen to come closest to target."""
+
+    def take(width: int):
+        stream = _shapes(width)
+        return [next(stream) for _ in range(n_tensors)]
+
+    def nbytes(layout) -> int:
+        total = 0
+        for _, shape in layout:
+            n = 4
+            for d in shape:
+                n *= d
+            total += n
+        return total
+
+    lo, hi = 1, 1 << 14  # width = 8 * k
+    while lo < hi:  # smallest k with size >= target
+        mid = (lo + hi) // 2
+        if nbytes(take(8 * mid)) >= target_bytes:
+            hi = mid
+        else:
+            lo = mid + 1
+    candidates = [take(8 * k) for k in (max(lo - 1, 1), lo)]
+    return min(candidates, key=lambda lay: abs(nbytes(lay) - target_bytes))
+
+
+def generate(folder: Path, size_gb: float, n_tensors: int) -> dict:
+    """Make the state_dict and save it in the three formats; return facts about it."""
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    torch.manual_seed(0)
+    t0 = time.perf_counter()
+    sd = {
+        name: torch.empty(shape, dtype=torch.float32).normal_()
+        for name, shape in _layout(n_tensors, int(size_gb * 1e9))
+    }
+    t_make = time.perf_counter() - t0
+    paths = {fmt: folder / name for fmt, name in FORMATS.items()}
+    t0 = time.perf_counter()
+    torch.save(sd, paths["torch-zip"])
+    torch.save(sd, paths["torch-legacy"], _use_new_zipfile_serialization=False)
+    safetensors.torch.save_file(sd, str(paths["safetensors"]))
+    t_save = time.perf_counter() - t0
+    shapes = [tuple(t.shape) for t in sd.values()]
+    return {
+        "num_tensors": len(sd),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+        "largest_tensor": max(shapes, key=math.prod),
+        "example_shapes": {k: list(v.shape) for k, v in list(sd.items())[:12]},
+        "file_bytes": {fmt: p.stat().st_size for fmt, p in paths.items()},
+        "torch_version": torch.__version__,
+        "safetensors_version": safetensors.__version__,
+        "seconds_make": round(t_make, 2),
+        "seconds_save": round(t_save, 2),
+    }
+
+
+# --------------------------------------------------------------------------- measuring
+# The measuring loop runs in a lean child interpreter (`python -S -I`, no torch, few
+# modules): each command's ru_maxrss can hold no more than this runner's own RSS, the
+# measurement floor (about 8 MiB), reported as the `true` row.
+
+RUNNER = r"""
+import json, os, subprocess, sys, time
+
+def reset_peak_rss():  # in the forked child, before exec: peak RSS := current RSS
+    try:
+        with open("/proc/self/clear_refs", "w") as f:
+            f.write("5")
+    except OSError:
+        pass
+
+def measure(argv, env):
+    t0 = time.perf_counter()
+    # preexec_fn makes Popen fork rather than vfork: with vfork the child would inherit
+    # the runner's peak RSS as its own ru_maxrss.
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, preexec_fn=reset_peak_rss
+    )
+    _, status, usage = os.wait4(proc.pid, 0)
+    wall = time.perf_counter() - t0
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    return {"wall_s": wall, "rss_kib": usage.ru_maxrss, "exit": proc.returncode}
+
+with open(sys.argv[1]) as f:
+    job = json.load(f)
+print(f"warm-up: one run of each of {len(job['argvs'])} commands ...", file=sys.stderr, flush=True)
+out = {"clear_refs_writable": os.access("/proc/self/clear_refs", os.W_OK),
+       "results": [{"warmup": measure(argv, job["env"]), "runs": []} for argv in job["argvs"]]}
+for i in range(job["runs"]):  # round-robin, so drift hits every command alike
+    print(f"run {i + 1}/{job['runs']} ...", file=sys.stderr, flush=True)
+    for argv, res in zip(job["argvs"], out["results"]):
+        res["runs"].append(measure(argv, job["env"]))
+json.dump(out, sys.stdout)
+"""
+
+
+def run_all(rows: list[dict], folder: Path, env: dict[str, str]) -> bool:
+    """Warm-up plus RUNS timed runs of every row's argv, in the lean runner; fills rows in place."""
+    job = folder / "job.json"
+    job.write_text(json.dumps({"argvs": [r["argv"] for r in rows], "runs": RUNS, "env": env}))
+    proc = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", RUNNER, str(job)], stdout=subprocess.PIPE, text=True, check=True
+    )
+    out = json.loads(proc.stdout)
+    for r, res in zip(rows, out["results"], strict=True):
+        r.update(res)
+    return out["clear_refs_writable"]
+
+
+def commands(paths: dict[str, Path]) -> list[dict]:
+    py = sys.executable
+    rows = []
+
+    def add(fmt, label, kind, cmd, note=""):
+        rows.append({"format": fmt, "command": label, "kind": kind, "argv": cmd, "note": note})
+
+    for fmt, path in paths.items():
+        p = str(path)
+        add(fmt, "surgery inspect --json", "surgery", [py, "-m", "surgery", "inspect", p, "--json"])
+        if fmt == "torch-zip":
+            add(
+                fmt,
+                "torch.load(mmap=True, weights_only=True)",
+                "plain",
+                [py, "-c", "import torch,sys; torch.load(sys.argv[1], mmap=True, weights_only=True)", p],
+            )
+        elif fmt == "torch-legacy":
+            add(
+                fmt,
+                "torch.load(weights_only=True) [no mmap]",
+                "plain",
+                [py, "-c", "import torch,sys; torch.load(sys.argv[1], weights_only=True)", p],
+                "torch cannot mmap the legacy format: this reads all tensor data",
+            )
+        else:
+            add(
+                fmt,
+                "safe_open(p, 'pt').keys() [header only]",
+                "plain-header",
+                [
+                    py,
+                    "-c",
+                    "from safetensors import safe_open; import sys; f = safe_open(sys.argv[1], 'pt'); list(f.keys())",
+                    p,
+                ],
+            )
+            add(
+                fmt,
+                "safetensors.torch.load_file(p)",
+                "plain",
+                [py, "-c", "import safetensors.torch, sys; safetensors.torch.load_file(sys.argv[1])", p],
+                "torch-style full load",
+            )
+    add("-", "python -c pass [start-up floor]", "floor", [py, "-c", "pass"])
+    true = shutil.which("true")
+    if true:
+        add(
+            "-",
+            "true [measurement floor]",
+            "launcher",
+            [true],
+            "RSS inherited from the runner; no row can read below it",
+        )
+    return rows
+
+
+def child_env(folder: Path, as_is: bool) -> tuple[dict[str, str], str]:
+    """The environment of the measured commands, and how it treats bytecode caching.
+
+    With PYTHONDONTWRITEBYTECODE set (as in some containers), a package installed editable
+    from a source tree without __pycache__ (surgery here) is compiled from source at every
+    run, while torch & co. were compiled when pip installed them. By default the commands
+    get a fresh PYTHONPYCACHEPREFIX in the temporary folder instead, filled by the warm-up
+    runs, so every command runs from cached bytecode as after a normal install; the
+    source tree is not written to.
+    """
+    env = dict(os.environ)
+    if as_is:
+        if env.get("PYTHONPYCACHEPREFIX"):
+            mode = f"as is (PYTHONPYCACHEPREFIX={env['PYTHONPYCACHEPREFIX']})"
+        elif env.get("PYTHONDONTWRITEBYTECODE"):
+            mode = "as is (PYTHONDONTWRITEBYTECODE set: only modules with existing __pycache__ are cached)"
+        else:
+            mode = "as is (__pycache__ next to the sources)"
+        return env, mode
+    env.pop("PYTHONDONTWRITEBYTECODE", None)
+    env["PYTHONPYCACHEPREFIX"] = str(folder / "pycache")
+    return env, "fresh PYTHONPYCACHEPREFIX in the temporary folder, filled by the warm-up runs"
+
+
+def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
+    """Run surgery once with its output kept; None when it lists the right tensors, else the problem."""
+    proc = subprocess.run(
+        [sys.executable, "-m", "surgery", "inspect", str(path), "--json"], capture_output=True, text=True
+    )
+    if proc.returncode != 0:
+        return f"exit {proc.returncode}: {proc.stderr.strip()[-500:]}"
+    data = json.loads(proc.stdout)
+    tensors = data.get("tensors", [])
+    if len(tensors) != facts["num_tensors"]:
+        return f"lists {len(tensors)} tensors, expected {facts['num_tensors']}"
+    total = sum(t["bytes"] for t in tensors)
+    if total != facts["tensor_bytes"]:
+        return f"tensor bytes {total}, expected {facts['tensor_bytes']}"
+    if data.get("format") != fmt:
+        return f"format {data.get('format')!r}, expected {fmt!r}"
+    return None
+
+
+def _mib(kib: int) -> float:
+    return kib / 1024
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| format | command | median wall s | peak RSS MiB | speed-up vs plain |",
+        "|---|---|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("failed"):
+            wall, rss = f"FAILED ({r['failed']})", "-"
+        else:
+            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
+        speed = r.get("speedup")
+        speed = "-" if speed is None else f"{speed:.1f}x"
+        lines.append(f"| {r['format']} | `{r['command']}` | {wall} | {rss} | {speed} |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in GB (10^9 bytes)")
+    parser.add_argument("--tensors", type=int, default=300, help="number of tensors")
+    parser.add_argument(
+        "--env-as-is",
+        action="store_true",
+        help="run the commands in this environment exactly (by default they get a bytecode cache, see above)",
+    )
+    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._generate:  # child mode: make the checkpoints, print facts as JSON
+        print(json.dumps(generate(Path(args._generate), args.size_gb, args.tensors)))
+        return 0
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_inspect_"))
+    try:
+        print(f"making {args.size_gb} GB x 3 formats, {args.tensors} tensors, in {folder} ...", flush=True)
+        gen = subprocess.run(
+            [
+                sys.executable,
+                __file__,
+                "--_generate",
+                str(folder),
+                "--size-gb",
+                str(args.size_gb),
+                "--tensors",
+                str(args.tensors),
+            ],
+            capture_output=True,
+            text=True,
+        )
+        if gen.returncode != 0:
+            sys.stderr.write(gen.stderr)
+            return 1
+        facts = json.loads(gen.stdout.strip().splitlines()[-1])
+        print(
+            f"  {facts['num_tensors']} tensors, {facts['tensor_bytes'] / 1e9:.3f} GB of float32 "
+            f"(made in {facts['seconds_make']} s, saved in {facts['seconds_save']} s); "
+            + ", ".join(f"{k} {v / 2**20:.0f} MiB" for k, v in facts["file_bytes"].items()),
+            flush=True,
+        )
+        paths = {fmt: folder / name for fmt, name in FORMATS.items()}
+
+        problems = []
+        for fmt, path in paths.items():
+            bad = check_surgery_json(path, fmt, facts)
+            print(
+                f"  surgery --json on {fmt}: {bad or 'ok, lists every tensor with the right sizes'}",
+                flush=True,
+            )
+            if bad:
+                problems.append(f"surgery on {fmt}: {bad}")
+
+        env, bytecode = child_env(folder, args.env_as_is)
+        print(f"  bytecode cache for the commands: {bytecode}", flush=True)
+        rows = commands(paths)
+        clear_refs_ok = run_all(rows, folder, env)
+        for r in rows:
+            codes = sorted({run["exit"] for run in r["runs"]} - {0})
+            if codes:
+                r["failed"] = f"exit {codes[0]}"
+                problems.append(f"{r['format']} {r['command']}: exit {codes}")
+            r["median_s"] = statistics.median(run["wall_s"] for run in r["runs"])
+            r["max_rss_kib"] = max(run["rss_kib"] for run in r["runs"])
+        surgery = {r["format"]: r for r in rows if r["kind"] == "surgery"}
+        for r in rows:
+            s = surgery.get(r["format"])
+            if s and r["kind"].startswith("plain") and not s.get("failed") and not r.get("failed"):
+                r["speedup"] = r["median_s"] / s["median_s"]
+
+        targets = []
+        for fmt, s in surgery.items():
+            plain = next(r for r in rows if r["format"] == fmt and r["kind"] == "plain")
+            speed = plain.get("speedup")
+            rss_bytes = s["max_rss_kib"] * 1024
+            targets.append(
+                {
+                    "format": fmt,
+                    "against": plain["command"],
+                    "speedup": speed,
+                    "speed_ok": speed is not None and speed > SPEED_TARGET,
+                    "peak_rss_mib": _mib(s["max_rss_kib"]),
+                    "rss_ok": not s.get("failed") and rss_bytes < RSS_TARGET_BYTES,
+                }
+            )
+
+        floor = next((r for r in rows if r["kind"] == "launcher"), None)
+        print()
+        print(
+            f"{facts['num_tensors']} float32 tensors, {facts['tensor_bytes'] / 1e9:.2f} GB; "
+            f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {facts['torch_version']}, "
+            f"safetensors {facts['safetensors_version']}. Median of {RUNS} runs after 1 warm-up, all warm "
+            "(files in page cache, nothing dropped)."
+        )
+        print(f"Bytecode cache: {bytecode}.")
+        print()
+        print(table(rows))
+        print()
+        print("- speed-up vs plain = plain median wall time / surgery median wall time, same format.")
+        print("- torch-legacy: torch cannot mmap the legacy format, so the plain load reads all tensor data.")
+        if floor:
+            print(
+                f"- peak RSS is the child's own ru_maxrss (os.wait4); measurement floor "
+                f"{_mib(floor['max_rss_kib']):.1f} MiB (`true` launched the same way)."
+            )
+        if not clear_refs_ok:
+            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
+        for t in targets:
+            speed = "n/a" if t["speedup"] is None else f"{t['speedup']:.1f}x"
+            print(
+                f"- target {t['format']}: {speed} vs {t['against']} (> {SPEED_TARGET:.0f}x: "
+                f"{'met' if t['speed_ok'] else 'MISSED'}); peak RSS {t['peak_rss_mib']:.1f} MiB "
+                f"(< 60 MB = 57.2 MiB: {'met' if t['rss_ok'] else 'MISSED'})"
+            )
+        for p in problems:
+            print(f"- PROBLEM: {p}")
+
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        out = {
+            "benchmark": "inspect",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": {
+                "nproc": os.cpu_count(),
+                "platform": platform.platform(),
+                "python": platform.python_version(),
+                "torch": facts["torch_version"],
+                "safetensors": facts["safetensors_version"],
+            },
+            "params": {
+                "size_gb": args.size_gb,
+                "tensors": args.tensors,
+                "runs": RUNS,
+                "warmup_runs": 1,
+                "env_as_is": args.env_as_is,
+                "bytecode_cache": bytecode,
+            },
+            "checkpoint": facts,
+            "warm_cache": True,
+            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
+            "and /proc/self/clear_refs 5 before exec",
+            "clear_refs_writable": clear_refs_ok,
+            "rows": [
+                {
+                    "format": r["format"],
+                    "command": r["command"],
+                    "kind": r["kind"],
+                    "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
+                    "note": r["note"],
+                    "median_wall_s": r["median_s"],
+                    "peak_rss_kib": r["max_rss_kib"],
+                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
+                    "speedup_vs_plain": r.get("speedup"),
+                    "failed": r.get("failed"),
+                    "runs": r["runs"],
+                    "warmup": r["warmup"],
+                }
+                for r in rows
+            ],
+            "targets": {
+                "speedup_over": SPEED_TARGET,
+                "peak_rss_under_bytes": RSS_TARGET_BYTES,
+                "results": targets,
+            },
+            "problems": problems,
+            "table_markdown": table(rows),
+        }
+        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
+        return 1 if problems else 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

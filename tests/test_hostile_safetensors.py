@@ -68,7 +68,10 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
     "shape_and_dtype_need_more_bytes_than_the_range": (st({"w": f32([2, 2], 0, 12)}, bytes(12)), "needs 16"),
     "shape_and_dtype_need_fewer_bytes_than_the_range": (st({"w": f32([2], 0, 16)}, bytes(16)), "needs 8"),
     "shape_whose_size_has_5000_digits": (st({"w": f32([2**62] * 300, 0, 4)}, bytes(4)), "at most 64 ints"),
-    "shape_whose_size_overflows_int64": (st({"w": f32([2**62] * 8, 0, 4)}, bytes(4)), "more than 2**63 elements"),
+    "shape_whose_size_overflows_int64": (
+        st({"w": f32([2**62] * 8, 0, 4)}, bytes(4)),
+        "more than 2**63 elements",
+    ),
     "offsets_past_the_end_of_the_file": (st({"w": f32([2, 2], 0, 16)}, bytes(8)), "past the end"),
     "offsets_far_past_the_end": (st({"w": f32([2**40], 0, 2**42)}, bytes(8)), "past the end"),
     "overlapping_tensors": (st({"a": f32([2], 0, 8), "b": f32([2], 4, 12)}, bytes(12)), "overlap"),

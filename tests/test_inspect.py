@@ -196,7 +196,9 @@ def test_dangerous_payload_still_shows_the_tree_and_exits_non_zero():
         "danger: global os.system (GLOBAL), called as os.system('echo surgery-fixture-payload')" in run.stdout
     )
     assert "layer1" in run.stdout  # the tree is still there
-    assert run.stderr.startswith(f"error: {FIXTURES / 'payload_os_system.pth'}: not safe to load: danger: global os.system")
+    assert run.stderr.startswith(
+        f"error: {FIXTURES / 'payload_os_system.pth'}: not safe to load: danger: global os.system"
+    )
     assert "surgery-fixture-payload" not in run.stderr.split("called as")[0]
 
 
@@ -220,7 +222,9 @@ def test_torchscript_archive_is_recognised_and_its_tensors_listed():
     assert ckpt.format == "torchscript" and ckpt.safe
     import zipfile
 
-    code = [n for n in zipfile.ZipFile(FIXTURES / "scripted.pt").namelist() if "/code/" in n and n.endswith(".py")]
+    code = [
+        n for n in zipfile.ZipFile(FIXTURES / "scripted.pt").namelist() if "/code/" in n and n.endswith(".py")
+    ]
     assert [f.message for f in ckpt.findings] == [
         f"{len(code)} TorchScript code files: torch.jit.load compiles and runs them, surgery never does"
     ]

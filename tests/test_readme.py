@@ -46,3 +46,17 @@ def test_readme_example_prints_what_it_shows(commands, expected):
         ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"}
     )
     assert proc.stdout == expected
+
+
+def test_readme_python_example_runs(monkeypatch):
+    """The API example executes as written, with `your_model` the fixtures' architecture."""
+    import importlib.util
+
+    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "fixtures" / "make_fixtures.py")
+    fixtures = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(fixtures)
+    (block,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    monkeypatch.chdir(ROOT)
+    namespace = {"your_model": fixtures.tiny_net()}
+    exec(compile(block, "README.md", "exec"), namespace)
+    assert namespace["ckpt"].container == ("state_dict",)

@@ -82,6 +82,7 @@ class Checkpoint:
         tensors: the state_dict's tensors in file order.
         extras: everything stored beside the state_dict.
         findings: safety and integrity findings.
+        files: every file read (the index and each shard, for sharded checkpoints).
     """
 
     def __init__(self, scanned: Scan, key: tuple[str, ...] | None = None):
@@ -90,6 +91,7 @@ class Checkpoint:
         self.format = scanned.format
         self.description = scanned.description
         self.metadata = scanned.metadata
+        self.files = list(scanned.files)
         try:
             located = locate(scanned.root, key)
         except KeyError:

@@ -73,6 +73,7 @@ def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
     return {
         "surgery_json": JSON_VERSION,
         "path": str(ckpt.path),
+        "files": [str(f) for f in ckpt.files],
         "format": ckpt.format,
         "description": ckpt.description,
         "container": list(ckpt.container) if ckpt.container is not None else None,

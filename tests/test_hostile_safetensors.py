@@ -132,13 +132,7 @@ def test_huge_declared_header_is_refused_without_allocating_it(tmp_path, declare
     path = tmp_path / "model.safetensors"
     raw = struct.pack("<Q", declared) + b'{"w": 1}'
     path.write_bytes(raw)
-    proc = subprocess.run(
-        [sys.executable, "-m", "surgery", "inspect", str(path)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        preexec_fn=_limit_address_space(150),
-    )
+    proc = inspect_with_memory_cap(path, 150)
     assert_clean_error(proc_run(proc), path, contains="limit", code=1)
     assert path.read_bytes() == raw
 
@@ -197,16 +191,21 @@ def assert_ends_cleanly(run, path: Path) -> None:
         assert errors[0].startswith(f"error: {path}: "), errors[0]
 
 
+def inspect_with_memory_cap(path: Path, mib: int) -> subprocess.CompletedProcess:
+    """`python -m surgery inspect PATH` in a process that cannot map more than `mib` MiB."""
+    return subprocess.run(
+        [sys.executable, "-m", "surgery", "inspect", str(path)],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        preexec_fn=_limit_address_space(mib),
+    )
+
+
 def run_bomb(path: Path, expect: str):
     """The bomb in a real process, then in this one. Returns the Checkpoint, or None on a clean error."""
     try:
-        proc = subprocess.run(
-            [sys.executable, "-m", "surgery", "inspect", str(path)],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            preexec_fn=_limit_address_space(2048),
-        )
+        proc = inspect_with_memory_cap(path, 2048)
     except subprocess.TimeoutExpired:
         pytest.fail(f"`surgery inspect {path.name}` still running after 60 s")
     assert_ends_cleanly(proc_run(proc), path)

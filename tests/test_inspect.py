@@ -244,6 +244,11 @@ def test_sharded_folder_reads_every_shard_through_its_index():
     ckpt = open_checkpoint(FIXTURES / "sharded_safetensors")
     assert ckpt.metadata["shards"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert ckpt.num_tensors == 14 and ckpt.findings == []
+    assert [f.name for f in ckpt.files] == [
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ]
     single = open_checkpoint(FIXTURES / "sharded_bin")
     assert sorted(t.name for t in single.tensors) == sorted(t.name for t in ckpt.tensors)
 

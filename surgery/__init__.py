@@ -23,11 +23,23 @@ from surgery.errors import (
 )
 from surgery.safety import Finding
 
+
+def __getattr__(name: str):
+    """`surgery.port` and its report types, imported on first use (they need torch)."""
+    if name in ("port", "PortReport", "PortFailed", "PortOptions"):
+        import importlib
+
+        return getattr(importlib.import_module("surgery.porting"), name)
+    raise AttributeError(f"module 'surgery' has no attribute {name!r}")
+
+
 __all__ = [
     "Checkpoint",
     "CorruptCheckpoint",
     "Extra",
     "Finding",
+    "PortFailed",
+    "PortReport",
     "NotACheckpoint",
     "NotFound",
     "SurgeryError",
@@ -35,4 +47,5 @@ __all__ = [
     "UnsupportedTensor",
     "UsageError",
     "open_checkpoint",
+    "port",
 ]

@@ -200,6 +200,14 @@ class Checkpoint:
         """
         return self._tensor_reader().read_all(self._refs.items())
 
+    def release(self, name: str) -> None:
+        """Drop the memory a tensor read by `tensor(name)` holds, for streaming work.
+
+        Only after the tensor is no longer used: its pages are given back to the file.
+        """
+        if self._reader is not None and name in self._refs:
+            self._reader.release(self._refs[name])
+
     def _tensor_reader(self):
         if self._reader is None:
             from surgery.formats.tensors import TensorReader

@@ -145,6 +145,150 @@ def inspect(
         raise typer.Exit(1)
 
 
+def _strictness(value: str, no_strict: bool) -> bool:
+    if no_strict:
+        return False
+    truth = {
+        "true": True,
+        "yes": True,
+        "1": True,
+        "on": True,
+        "false": False,
+        "no": False,
+        "0": False,
+        "off": False,
+    }
+    if value.lower() not in truth:
+        raise typer.BadParameter(f"{value!r} is not true or false", param_hint="--strict")
+    return truth[value.lower()]
+
+
+@app.command()
+@handles_errors
+def port(
+    source: Annotated[
+        Path, typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False)
+    ],
+    to: Annotated[
+        str,
+        typer.Option(
+            "--to",
+            help="torchvision:NAME, timm:NAME, package.module:callable (with ?k=v&...), or a checkpoint as template.",
+            show_default=False,
+        ),
+    ],
+    out: Annotated[
+        Optional[Path], typer.Option("--out", "-o", help="Output file: .safetensors, or a torch file.")
+    ] = None,  # noqa: UP045
+    arg: Annotated[
+        Optional[list[str]], typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
+    ] = None,  # noqa: UP045
+    strict: Annotated[
+        str,
+        typer.Option(
+            "--strict", help="true: refuse unless every key matches (as torch); false: load what matches."
+        ),
+    ] = "true",
+    no_strict: Annotated[bool, typer.Option("--no-strict", help="The same as --strict false.")] = False,
+    match: Annotated[str, typer.Option("--match", help="exact, suffix, order or auto.")] = "exact",
+    rename: Annotated[
+        Optional[list[str]],
+        typer.Option("--rename", help="REGEX=REPL applied to every key, in order (repeatable)."),
+    ] = None,  # noqa: UP045
+    strip_prefix: Annotated[
+        Optional[list[str]],
+        typer.Option("--strip-prefix", help="Remove this prefix from source keys (repeatable)."),
+    ] = None,  # noqa: UP045
+    add_prefix: Annotated[
+        Optional[str], typer.Option("--add-prefix", help="Add this prefix to every source key.")
+    ] = None,  # noqa: UP045
+    include: Annotated[
+        Optional[list[str]],
+        typer.Option("--include", help="Only source keys matching this glob (repeatable)."),
+    ] = None,  # noqa: UP045
+    exclude: Annotated[
+        Optional[list[str]],
+        typer.Option("--exclude", help="Leave out source keys matching this glob (repeatable)."),
+    ] = None,  # noqa: UP045
+    reshape: Annotated[
+        bool,
+        typer.Option("--reshape", help="Load pairs of equal size but different shape (Linear <-> 1x1 conv)."),
+    ] = False,
+    key: Annotated[
+        Optional[str], typer.Option("--key", "-k", help="Where the source's state_dict sits, dotted.")
+    ] = None,  # noqa: UP045
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")] = False,
+    plan_out: Annotated[
+        Optional[Path], typer.Option("--plan-out", help="Save the final mapping as an editable JSON file.")
+    ] = None,  # noqa: UP045
+    plan: Annotated[
+        Optional[Path], typer.Option("--plan", help="Apply a saved (reviewed) mapping instead of matching.")
+    ] = None,  # noqa: UP045
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-read OUT and check every tensor bit for bit.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    trust: Annotated[
+        bool, typer.Option("--trust", help="Port from a file whose pickle references code (still never run).")
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Map, filter and match a checkpoint's keys into a target architecture; report; save.
+
+    Exit code 1 when a strict port finds anything missing, unexpected or mismatched
+    (the report is printed, nothing is written); 2 on bad usage.
+    """
+    from surgery import report as render
+    from surgery.errors import UsageError
+    from surgery.porting import PortFailed, make_options, port_checkpoint, read_plan
+
+    strict_on = _strictness(strict, no_strict)
+    if out is None and not dry_run:
+        raise UsageError("--out", "say where to write the result (-o OUT), or pass --dry-run")
+    options = make_options(
+        match,
+        rename or [],
+        strip_prefix or [],
+        add_prefix,
+        include or [],
+        exclude or [],
+        reshape,
+        key,
+        read_plan(plan) if plan is not None else None,
+    )
+    try:
+        result = port_checkpoint(
+            source,
+            to,
+            out,
+            options,
+            args=arg or [],
+            strict=strict_on,
+            dry_run=dry_run,
+            force=force,
+            verify=verify,
+            trust=trust,
+            plan_out=plan_out,
+        )
+    except PortFailed as failed:
+        _show_port(failed.report, json_out, render)
+        sys.stdout.flush()
+        raise
+    _show_port(result, json_out, render)
+
+
+def _show_port(result, json_out: bool, render) -> None:
+    if json_out:
+        typer.echo(render.dumps(result.to_json()))
+    elif _use_rich():
+        from rich.console import Console
+
+        render.render_port_rich(result, Console())
+    else:
+        sys.stdout.write(render.render_port_plain(result))
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="surgery")

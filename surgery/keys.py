@@ -123,3 +123,68 @@ def group_names(names: Iterable[str]) -> list[str]:
         body = leaves[0] if len(leaves) == 1 else "{" + ",".join(sorted(leaves)) + "}"
         out.append(f"{parent}.{body}" if parent else body)
     return out
+
+
+# -- the key pipeline of `surgery port` --------------------------------------
+@dataclass(frozen=True)
+class Rename:
+    """One `--rename REGEX=REPL` rule: `re.sub` over every key, groups allowed."""
+
+    pattern: str
+    replacement: str
+
+    @classmethod
+    def parse(cls, text: str) -> Rename:
+        """`REGEX=REPL`, split at the first `=` (write `\\=` for a literal `=` in REGEX).
+
+        Raises:
+            ValueError: no `=`, or a REGEX that does not compile.
+        """
+        import re
+
+        split = re.search(r"(?<!\\)=", text)
+        if split is None:
+            raise ValueError(f"rename {text!r} is not REGEX=REPL")
+        rule = cls(text[: split.start()].replace("\\=", "="), text[split.end() :])
+        try:
+            re.compile(rule.pattern)
+        except re.error as exc:
+            raise ValueError(f"rename {text!r}: bad regex ({exc})") from None
+        return rule
+
+    def __str__(self) -> str:
+        return f"{self.pattern}={self.replacement}"
+
+
+def strip_prefix(names: dict[str, str], prefix: str) -> dict[str, str]:
+    """Each key's current name without `prefix`, where it has it."""
+    return {old: new.removeprefix(prefix) for old, new in names.items()}
+
+
+def add_prefix(names: dict[str, str], prefix: str) -> dict[str, str]:
+    return {old: prefix + new for old, new in names.items()}
+
+
+def rename(names: dict[str, str], rule: Rename) -> dict[str, str]:
+    import re
+
+    compiled = re.compile(rule.pattern)
+    return {old: compiled.sub(rule.replacement, new) for old, new in names.items()}
+
+
+def select(names: dict[str, str], include: Iterable[str], exclude: Iterable[str]) -> dict[str, str]:
+    """The keys kept by `--include` (any, when given) and not dropped by `--exclude`."""
+    include, exclude = list(include), list(exclude)
+    return {
+        old: new
+        for old, new in names.items()
+        if (not include or matches(new, include)) and not matches(new, exclude)
+    }
+
+
+def collisions(names: dict[str, str]) -> dict[str, list[str]]:
+    """New names that two or more keys were mapped to, with those keys."""
+    seen: dict[str, list[str]] = {}
+    for old, new in names.items():
+        seen.setdefault(new, []).append(old)
+    return {new: olds for new, olds in seen.items() if len(olds) > 1}

@@ -19,6 +19,8 @@ from surgery.safety import SEVERITIES
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from surgery.porting import PortReport
+
 JSON_VERSION = 1
 
 
@@ -290,3 +292,88 @@ def render_rich(view: InspectView, safety: str, console: Console) -> None:
             )
             stack.append((child, sub, depth + 1))
     console.print(root)
+
+
+# -- port ---------------------------------------------------------------------
+MAX_LISTED = 20
+
+
+def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
+    """The rows of the `surgery port` report, summary first."""
+    from surgery.porting import percent
+
+    plan = report.plan
+    rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
+    where = ".".join(report.container or ()) or "(top level)"
+    rows.append(("source", [f"{report.source}: {where} ({report.source_format})"]))
+    rows.append(("target", [report.target]))
+    rows.append(("steps", list(plan.steps) or ["none"]))
+    per_module = [
+        f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
+    ]
+    rows.append(("loaded", _capped(per_module, per_line=4)))
+    rows.append(("coverage", [f"{percent(report.coverage)} of {report.target_numel:,} target parameters"]))
+    mismatched = [
+        f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}" for m in plan.mismatched
+    ]
+    rows.append(("mismatched", _capped(mismatched) or ["none"]))
+    rows.append(("missing", _capped(keys.group_names(plan.missing)) or ["none"]))
+    rows.append(("unexpected", _capped(keys.group_names(plan.unexpected)) or ["none"]))
+    paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]
+    if paired:
+        rows.append(("paired", _capped(paired)))
+    reshaped = [
+        f"{m.target}: {list(m.source_shape)} -> {list(m.shape)}" for m in plan.matched if m.source_shape
+    ]
+    if reshaped:
+        rows.append(("reshaped", _capped(reshaped)))
+    casts = sorted({m.cast for m in plan.matched if m.cast})
+    if casts:
+        rows.append(
+            ("cast", [f"{a} -> {b}: {sum(m.cast == (a, b) for m in plan.matched)} tensors" for a, b in casts])
+        )
+    if plan.tied:
+        rows.append(("tied", _capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
+    if not report.written:
+        rows.append(("output", [f"{report.output or 'none'}: not written"]))
+    else:
+        verified = (
+            f"; re-read, {report.verified} tensors bit-identical" if report.verified is not None else ""
+        )
+        rows.append(("output", [f"{report.output}: written{verified}"]))
+    return rows
+
+
+def _capped(lines: list[str], per_line: int = 1) -> list[str]:
+    if per_line > 1:
+        lines = [", ".join(lines[i : i + per_line]) for i in range(0, len(lines), per_line)]
+    if len(lines) > MAX_LISTED:
+        return [*lines[:MAX_LISTED], f"... and {len(lines) - MAX_LISTED} more"]
+    return lines
+
+
+def render_port_plain(report: PortReport) -> str:
+    rows = port_lines(report)
+    width = max(len(label) for label, _ in rows)
+    out = []
+    for label, values in rows:
+        for i, value in enumerate(values):
+            out.append(f"  {(label if i == 0 else ''):<{width}}  {value}")
+    return "\n".join(out) + "\n"
+
+
+def render_port_rich(report: PortReport, console: Console) -> None:
+    from rich.table import Table
+    from rich.text import Text
+
+    grid = Table.grid(padding=(0, 2))
+    grid.add_column(style="bold cyan", no_wrap=True)
+    grid.add_column()
+    for label, values in port_lines(report):
+        style = (
+            "bold"
+            if label == "summary"
+            else ("yellow" if label in ("mismatched", "missing", "unexpected") and values != ["none"] else "")
+        )
+        grid.add_row(label, Text("\n".join(values), style=style))
+    console.print(grid)

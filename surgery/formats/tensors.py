@@ -71,6 +71,26 @@ class TensorReader:
                 self.where, f"tensor {name!r} cannot be built as declared: {exc}"
             ) from None
 
+    def release(self, ref: TensorRef) -> None:
+        """Forget a tensor's storage and drop its pages from this process.
+
+        For streaming: after a tensor is copied out, its pages no longer count
+        in this process's memory; the file is read again if it is used again.
+        Only for tensors not handed to a caller: their pages revert to the file.
+        """
+        base = ref.storage.base if ref.storage else None
+        if base is None or base.data is None:
+            return
+        self._raw.pop(id(base), None)
+        for key in [k for k in self._storages if k[0] == id(base)]:
+            del self._storages[key]
+        data = base.data
+        mm = self._maps.get(data.path)
+        if mm is None or data.member is not None or data.size == 0 or not hasattr(mm, "madvise"):
+            return
+        start = data.offset - data.offset % mmap.PAGESIZE
+        mm.madvise(mmap.MADV_DONTNEED, start, data.offset + data.size - start)
+
     def read_all(self, refs: Iterable[tuple[str, TensorRef]]) -> dict[str, torch.Tensor]:
         return {name: self.read(name, ref) for name, ref in refs}
 

@@ -9,6 +9,7 @@ read unless `verify` asks for their CRCs.
 
 from __future__ import annotations
 
+import json
 import struct
 import sys
 import zipfile
@@ -125,6 +126,9 @@ def _scan_zip(path: Path, data: memoryview, verify: bool, findings: list[Finding
     version = _small_text(path, data, member("version"), findings)
     if version is not None:
         metadata["version"] = version
+    provenance = _provenance(path, data, member(".data/surgery.json"), findings)
+    if provenance:
+        metadata["metadata"] = provenance
     return Scan(path, kind, description, result.value, findings, metadata, [path])
 
 
@@ -291,6 +295,22 @@ def _small_text(path: Path, data: memoryview, member: Member | None, findings: l
     except CorruptCheckpoint as exc:
         findings.append(Finding("corrupt", exc.message, str(path)))
         return None
+
+
+def _provenance(
+    path: Path, data: memoryview, member: Member | None, findings: list[Finding]
+) -> dict[str, str]:
+    """What `surgery port` recorded about how the file was made (str -> str), if anything."""
+    if member is None or member.offset < 0 or member.info.file_size > 1 << 20:
+        return {}
+    try:
+        doc = json.loads(bytes(_member_bytes(path, data, member, findings)).decode("utf-8"))
+    except (CorruptCheckpoint, ValueError, RecursionError):
+        findings.append(Finding("notice", ".data/surgery.json is not the JSON surgery writes", str(path)))
+        return {}
+    if not isinstance(doc, dict):
+        return {}
+    return {str(k): v for k, v in doc.items() if isinstance(v, str)}
 
 
 def _byteorder(path: Path, data: memoryview, member: Member | None, findings: list[Finding]) -> str:

@@ -1,0 +1,190 @@
+"""Turning a target spec into the keys and shapes a checkpoint must fill.
+
+    torchvision:resnet18?num_classes=2     torchvision's builder, weights=None
+    timm:convnext_tiny?num_classes=10      timm.create_model, pretrained=False
+    mypkg.models:build_net?width=64        a factory or class of your own
+    template.safetensors                   a checkpoint whose keys and shapes are the target
+
+Keyword arguments come after `?` (joined by `&`) or as repeated `--arg k=v`; values
+are Python literals (`2`, `0.1`, `True`, `(3, 3)`) or else strings. Nothing is
+downloaded: pretrained weights are always off.
+"""
+
+from __future__ import annotations
+
+import ast
+import difflib
+import importlib
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery.errors import SurgeryError, UsageError
+from surgery.match import Entry
+
+if TYPE_CHECKING:
+    from torch import nn
+
+    from surgery.checkpoint import Checkpoint
+
+
+@dataclass
+class Target:
+    """What a port fills: the keys, shapes and dtypes, in order, and where they come from."""
+
+    spec: str
+    entries: list[Entry]
+    module: nn.Module | None = None  # built for torchvision, timm and factory targets
+    template: Checkpoint | None = None  # for a checkpoint used as the target
+    kwargs: dict[str, Any] = field(default_factory=dict)
+
+    def ties(self) -> dict[str, str]:
+        """Target key -> another key viewing the same memory (tied weights)."""
+        if self.module is None:
+            return {}
+        first: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for name, tensor in self.module.state_dict(keep_vars=True).items():
+            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
+            if tensor.numel() and where in first:
+                out[name] = first[where]
+                out.setdefault(first[where], name)
+            else:
+                first[where] = name
+        return out
+
+
+def parse_value(text: str) -> Any:
+    """`2` -> 2, `True` -> True, `(3, 3)` -> (3, 3); anything else stays a string."""
+    try:
+        return ast.literal_eval(text)
+    except (ValueError, SyntaxError, MemoryError, RecursionError):
+        return text
+
+
+def parse_kwargs(pairs: Sequence[str], where: str) -> dict[str, Any]:
+    out = {}
+    for pair in pairs:
+        name, sep, value = pair.partition("=")
+        if not sep or not name.isidentifier():
+            raise UsageError(where, f"argument {pair!r} is not NAME=VALUE")
+        out[name] = parse_value(value)
+    return out
+
+
+def build_target(spec: str, args: Sequence[str] = ()) -> Target:
+    """Build the target a spec names, with `args` (`k=v`) added to its keyword arguments.
+
+    Raises:
+        UsageError: the spec names nothing that can be built (unknown model, missing module).
+        SurgeryError: the builder itself failed.
+    """
+    base, _, query = spec.partition("?")
+    kwargs = parse_kwargs([q for q in query.split("&") if q], spec)
+    kwargs.update(parse_kwargs(args, spec))
+    kind, sep, name = base.partition(":")
+    if sep and kind == "torchvision":
+        return target_of_module(_torchvision(spec, name, kwargs), spec, kwargs)
+    if sep and kind == "timm":
+        return target_of_module(_timm(spec, name, kwargs), spec, kwargs)
+    if Path(base).exists():
+        if kwargs:
+            raise UsageError(spec, "a checkpoint used as the target takes no arguments")
+        return _from_template(spec, Path(base))
+    if sep and kind and name:
+        return target_of_module(_factory(spec, kind, name, kwargs), spec, kwargs)
+    raise UsageError(
+        spec,
+        "unknown target",
+        hint="use torchvision:NAME, timm:NAME, package.module:callable, or a checkpoint file as a template",
+    )
+
+
+def target_of_module(
+    module: nn.Module, spec: str | None = None, kwargs: dict[str, Any] | None = None
+) -> Target:
+    """A live module as the target: its state_dict's keys, shapes and dtypes."""
+    entries = [
+        Entry(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
+        for name, t in module.state_dict(keep_vars=True).items()
+    ]
+    return Target(spec or type(module).__name__, entries, module=module, kwargs=kwargs or {})
+
+
+def _from_template(spec: str, path: Path) -> Target:
+    from surgery.checkpoint import open_checkpoint
+
+    template = open_checkpoint(path)
+    entries = [Entry(t.name, t.shape, t.dtype) for t in template.tensors]
+    if not entries:
+        raise UsageError(spec, "the template checkpoint holds no tensors")
+    return Target(spec, entries, template=template)
+
+
+def _call(spec: str, builder: Any, kwargs: dict[str, Any]) -> nn.Module:
+    from torch import nn
+
+    try:
+        module = builder(**kwargs)
+    except Exception as exc:  # the user's factory: any failure is theirs to see, in one line
+        raise SurgeryError(spec, f"building the target failed: {type(exc).__name__}: {exc}") from None
+    if not isinstance(module, nn.Module):
+        raise SurgeryError(spec, f"the target builder returned a {type(module).__name__}, not an nn.Module")
+    return module
+
+
+def _torchvision(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    import torchvision
+
+    if kwargs.get("weights") is not None:
+        raise UsageError(spec, "pretrained weights cannot be downloaded here: leave `weights` unset")
+    kwargs.pop("weights", None)
+    try:
+        builder = torchvision.models.get_model_builder(name)
+    except ValueError:
+        near = difflib.get_close_matches(name, torchvision.models.list_models(), n=4)
+        hint = f"did you mean {', '.join(near)}?" if near else "see torchvision.models.list_models()"
+        raise UsageError(spec, f"torchvision has no model {name!r}", hint=hint) from None
+    return _call(spec, lambda **kw: builder(weights=None, **kw), kwargs)
+
+
+def _timm(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+    try:
+        import timm
+    except ImportError:
+        raise UsageError(spec, "timm is not installed", hint='pip install -e ".[timm]"') from None
+    if kwargs.pop("pretrained", False):
+        raise UsageError(spec, "pretrained weights cannot be downloaded here: leave `pretrained` unset")
+    if not timm.is_model(name):
+        near = difflib.get_close_matches(name, timm.list_models(), n=4)
+        hint = f"did you mean {', '.join(near)}?" if near else "see timm.list_models()"
+        raise UsageError(spec, f"timm has no model {name!r}", hint=hint)
+    return _call(spec, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
+
+
+def _factory(spec: str, module_name: str, attr: str, kwargs: dict[str, Any]) -> nn.Module:
+    """`package.module:callable`, importable from the current folder or PYTHONPATH."""
+    cwd = os.getcwd()
+    added = cwd not in sys.path
+    if added:
+        sys.path.insert(0, cwd)
+    try:
+        module = importlib.import_module(module_name)
+    except ImportError as exc:
+        raise UsageError(spec, f"cannot import {module_name!r}: {exc}") from None
+    except Exception as exc:
+        raise SurgeryError(spec, f"importing {module_name!r} failed: {type(exc).__name__}: {exc}") from None
+    finally:
+        if added:
+            sys.path.remove(cwd)
+    builder = module
+    for part in attr.split("."):
+        builder = getattr(builder, part, None)
+        if builder is None:
+            raise UsageError(spec, f"{module_name!r} has no {attr!r}")
+    if not callable(builder):
+        raise UsageError(spec, f"{module_name}:{attr} is not callable")
+    return _call(spec, builder, kwargs)

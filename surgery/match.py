@@ -1,0 +1,284 @@
+"""Pairing source keys with target keys, and judging each pair by its shape.
+
+Pure functions over names and shapes: nothing here reads a tensor or a file.
+The result is a `PortPlan` (matched, mismatched, missing, unexpected), which
+`surgery.port` applies, and which `--dry-run` and `--plan-out` show as it is.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+from surgery import keys
+
+Shape = tuple[int, ...]
+MODES = ("exact", "suffix", "order", "auto")
+
+
+class MatchError(ValueError):
+    """The keys cannot be paired as asked (ambiguous suffixes, a structure that does not line up)."""
+
+
+@dataclass(frozen=True)
+class Entry:
+    """A key with its shape and dtype, on either side."""
+
+    name: str
+    shape: Shape
+    dtype: str
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+
+@dataclass(frozen=True)
+class Pair:
+    source: str  # the key as the source file names it
+    target: str
+    how: str  # exact | suffix | order | plan
+
+
+@dataclass(frozen=True)
+class Matched:
+    source: str
+    target: str
+    shape: Shape  # the target's
+    how: str
+    source_shape: Shape | None = None  # set when --reshape made the shapes agree
+    cast: tuple[str, str] | None = None  # (source dtype, target dtype) when they differ
+
+    def to_json(self) -> dict:
+        out: dict = {"source": self.source, "target": self.target, "shape": list(self.shape), "how": self.how}
+        if self.source_shape is not None:
+            out["reshaped_from"] = list(self.source_shape)
+        if self.cast is not None:
+            out["cast"] = list(self.cast)
+        return out
+
+
+@dataclass(frozen=True)
+class Mismatched:
+    source: str
+    target: str
+    source_shape: Shape
+    target_shape: Shape
+
+    def to_json(self) -> dict:
+        return {
+            "source": self.source,
+            "target": self.target,
+            "source_shape": list(self.source_shape),
+            "target_shape": list(self.target_shape),
+        }
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """What loading would do: every target key is matched, mismatched, tied or missing."""
+
+    matched: tuple[Matched, ...]
+    mismatched: tuple[Mismatched, ...]
+    missing: tuple[str, ...]  # target keys nothing was found for
+    unexpected: tuple[str, ...]  # source keys nothing used
+    tied: tuple[tuple[str, str], ...] = ()  # (target key, key it shares storage with that was loaded)
+    steps: tuple[str, ...] = field(default=())
+
+    @property
+    def complete(self) -> bool:
+        """Nothing missing, unexpected or mismatched: what `--strict true` requires."""
+        return not (self.mismatched or self.missing or self.unexpected)
+
+
+# -- pairing ------------------------------------------------------------------
+def pair_exact(source: dict[str, str], target: Sequence[str]) -> list[Pair]:
+    """Pairs of keys whose (renamed) source name equals the target name.
+
+    Args:
+        source: original source key -> its current (renamed) name.
+        target: target key names.
+    """
+    by_name = {new: old for old, new in source.items()}
+    return [Pair(by_name[t], t, "exact") for t in target if t in by_name]
+
+
+def pair_suffix(source: dict[str, str], target: Sequence[str], *, ambiguous_is_error: bool) -> list[Pair]:
+    """Each target key takes the source key whose name overlaps it the most as a dotted
+    suffix (`layer1.0.conv1.weight` into `backbone.body.layer1.0.conv1.weight`, or the
+    other way round), as detectron2 matches backbone checkpoints.
+
+    Raises:
+        MatchError: with `ambiguous_is_error`, a target that two source keys fit equally
+            well, or one source key that would feed two targets (named).
+    """
+    current = {new: old for old, new in source.items()}
+    suffixes: dict[str, list[str]] = {}  # every dotted suffix of a source name -> those names
+    for name in current:
+        parts = name.split(".")
+        for i in range(len(parts)):
+            suffixes.setdefault(".".join(parts[i:]), []).append(name)
+    chosen: dict[str, str] = {}  # target -> current source name
+    for t in target:
+        if t in current:
+            chosen[t] = t
+            continue
+        parts = t.split(".")
+        # a source name that ends with the whole target overlaps it most...
+        best = [s for s in suffixes.get(t, []) if s != t]
+        if not best:  # ...else the longest dotted suffix of the target that is a source name
+            shorter = (".".join(parts[i:]) for i in range(1, len(parts)))
+            best = [next((c for c in shorter if c in current), None)] if len(parts) > 1 else []
+            best = [b for b in best if b]
+        if len(best) > 1:
+            if ambiguous_is_error:
+                names = ", ".join(sorted(current[b] for b in best)[:4])
+                raise MatchError(f"target {t!r} fits several source keys equally well: {names}")
+            continue
+        if best:
+            chosen[t] = best[0]
+    users: dict[str, list[str]] = {}
+    for t, s in chosen.items():
+        users.setdefault(s, []).append(t)
+    for s, ts in users.items():
+        if len(ts) == 1:
+            continue
+        if s in ts:  # the target of the same name keeps it; the others go without
+            for t in ts:
+                if t != s:
+                    del chosen[t]
+        elif ambiguous_is_error:
+            raise MatchError(f"source key {current[s]!r} would feed both {ts[0]!r} and {ts[1]!r}")
+        else:
+            for t in ts:
+                del chosen[t]
+    return [Pair(current[s], t, "exact" if s == t else "suffix") for t, s in chosen.items()]
+
+
+def pair_order(source: Sequence[Entry], target: Sequence[Entry], *, refuse: bool) -> list[Pair]:
+    """Pair two key sequences by position, for the same architecture named differently.
+
+    Raises:
+        MatchError: with `refuse`, when the counts differ or a pair's shapes differ
+            (the structures do not line up), naming the first divergence.
+    """
+    problem = None
+    if len(source) != len(target):
+        problem = f"{len(source)} source keys against {len(target)} target keys"
+    else:
+        for i, (s, t) in enumerate(zip(source, target, strict=True)):
+            if s.shape != t.shape:
+                problem = (
+                    f"structure diverges at key {i + 1}: source {s.name} {list(s.shape)} "
+                    f"against target {t.name} {list(t.shape)}"
+                )
+                break
+    if problem:
+        if refuse:
+            raise MatchError(f"cannot pair keys by order: {problem}")
+        return []
+    return [Pair(s.name, t.name, "order") for s, t in zip(source, target, strict=True)]
+
+
+def pair(source: Sequence[Entry], renamed: dict[str, str], target: Sequence[Entry], mode: str) -> list[Pair]:
+    """Pairs by `mode`: exact, suffix, order, or auto (exact, then unambiguous suffix,
+    then order on what is left when it lines up exactly).
+
+    Args:
+        source: source entries under their original names, in file order.
+        renamed: original source name -> name after the key pipeline (kept keys only).
+        target: target entries in the target's order.
+    """
+    target_names = [t.name for t in target]
+    if mode == "exact":
+        return pair_exact(renamed, target_names)
+    if mode == "suffix":
+        return pair_suffix(renamed, target_names, ambiguous_is_error=True)
+    by_name = {e.name: e for e in source}
+    if mode == "order":
+        return pair_order([by_name[s] for s in renamed], target, refuse=True)
+    if mode != "auto":
+        raise ValueError(f"match mode {mode!r} is not one of {', '.join(MODES)}")
+    pairs = pair_exact(renamed, target_names)
+    used_s, used_t = {p.source for p in pairs}, {p.target for p in pairs}
+    rest = {s: n for s, n in renamed.items() if s not in used_s}
+    rest_t = [t for t in target_names if t not in used_t]
+    suffix = pair_suffix(rest, rest_t, ambiguous_is_error=False)
+    pairs += suffix
+    used_s |= {p.source for p in suffix}
+    used_t |= {p.target for p in suffix}
+    left_s = [by_name[s] for s in renamed if s not in used_s]
+    left_t = [t for t in target if t.name not in used_t]
+    if left_s and left_t:
+        pairs += pair_order(left_s, left_t, refuse=False)
+    return pairs
+
+
+# -- judging pairs ------------------------------------------------------------
+def judge(
+    pairs: Sequence[Pair],
+    source: Sequence[Entry],
+    target: Sequence[Entry],
+    *,
+    reshape: bool = False,
+    ties: dict[str, str] | None = None,
+    steps: Sequence[str] = (),
+) -> PortPlan:
+    """Split pairs by shape and list what stays unpaired.
+
+    A pair of different shapes is mismatched and never loaded; equal numel with a
+    different shape (Linear <-> 1x1 conv) loads only with `reshape`.
+
+    Args:
+        ties: target key -> the key it shares storage with in the target (tied
+            weights): loading either fills both, so neither is missing.
+    """
+    src = {e.name: e for e in source}
+    tgt = {e.name: e for e in target}
+    matched, mismatched = [], []
+    for p in pairs:
+        s, t = src[p.source], tgt[p.target]
+        cast = (s.dtype, t.dtype) if s.dtype != t.dtype else None
+        if s.shape == t.shape:
+            matched.append(Matched(p.source, p.target, t.shape, p.how, None, cast))
+        elif reshape and s.numel == t.numel:
+            matched.append(Matched(p.source, p.target, t.shape, p.how, s.shape, cast))
+        else:
+            mismatched.append(Mismatched(p.source, p.target, s.shape, t.shape))
+    loaded = {m.target for m in matched}
+    paired_targets = loaded | {m.target for m in mismatched}
+    tied = tuple(
+        (t.name, ties[t.name])
+        for t in target
+        if ties and t.name not in paired_targets and ties.get(t.name) in loaded
+    )
+    tied_names = {name for name, _ in tied}
+    missing = tuple(t.name for t in target if t.name not in paired_targets and t.name not in tied_names)
+    used = {p.source for p in pairs}
+    unexpected = tuple(e.name for e in source if e.name not in used)
+    return PortPlan(tuple(matched), tuple(mismatched), missing, unexpected, tied, tuple(steps))
+
+
+def auto_strip(renamed: dict[str, str], target: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+    """Strip wrapper prefixes (`module.`, `_orig_mod.`, `model.`) that every key carries,
+    when that makes more keys equal target keys. Says what it did.
+    """
+    steps: list[str] = []
+    targets = set(target)
+    while renamed:
+        prefix = keys.common_prefix(list(renamed.values()))
+        wrapper = next((p for p in keys.WRAPPER_PREFIXES if prefix.startswith(p)), None)
+        if wrapper is None:
+            break
+        before = sum(n in targets for n in renamed.values())
+        stripped = keys.strip_prefix(renamed, wrapper)
+        after = sum(n in targets for n in stripped.values())
+        if after <= before:
+            break
+        steps.append(
+            f"stripped prefix {wrapper!r} ({keys.WRAPPER_PREFIXES[wrapper]}): "
+            f"{after} of {len(target)} target keys match instead of {before}"
+        )
+        renamed = stripped
+    return renamed, steps

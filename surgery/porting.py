@@ -1,0 +1,548 @@
+"""Porting a checkpoint into a target architecture: the key pipeline, then loading.
+
+The pipeline works on names and shapes only (`plan_port`): unwrap the container,
+strip or add prefixes (wrapper prefixes automatically when that makes keys match),
+rename by regex, include/exclude by glob, pair keys (exact, suffix, order, auto),
+then judge each pair by its shape. Loading copies matched tensors one at a time
+from the memory-mapped source into the target, so the source is never held in
+full; `port_checkpoint` then writes the target's complete state_dict.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery import __version__, keys
+from surgery.arch import Target, build_target, target_of_module
+from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.errors import SurgeryError, UsageError
+from surgery.match import MODES, Entry, MatchError, Pair, PortPlan, auto_strip, judge, pair
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+PLAN_VERSION = 1
+
+
+class PortFailed(SurgeryError):
+    """A strict port found keys missing, unexpected or mismatched; nothing was loaded or written."""
+
+    def __init__(self, where: object, report: PortReport):
+        super().__init__(
+            where, f"strict port refused: {report.summary()}", hint="pass --strict false to load what matches"
+        )
+        self.report = report
+
+
+@dataclass(frozen=True)
+class PortOptions:
+    """How source keys become target keys (the CLI flags, as a value)."""
+
+    key: str | None = None
+    match: str = "auto"
+    strip_prefix: tuple[str, ...] = ()
+    add_prefix: str | None = None
+    rename: tuple[keys.Rename, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    reshape: bool = False
+    mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "match": self.match,
+            "strip_prefix": list(self.strip_prefix),
+            "add_prefix": self.add_prefix,
+            "rename": [str(r) for r in self.rename],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "reshape": self.reshape,
+            "plan": self.mapping is not None,
+        }
+
+
+@dataclass(frozen=True)
+class PortReport:
+    """What a port did or would do; the CLI renders it, `--json` prints `to_json()`."""
+
+    source: str
+    source_format: str
+    container: tuple[str, ...] | None
+    target: str
+    plan: PortPlan
+    target_sizes: tuple[tuple[str, int], ...]  # every target key with its element count, in order
+    options: PortOptions
+    strict: bool
+    output: str | None = None
+    written: bool = False
+    verified: int | None = None  # tensors re-read and found bit-identical
+    notes: tuple[str, ...] = field(default=())
+
+    @property
+    def loaded(self) -> set[str]:
+        """Target keys filled from the source (directly or through a tied key)."""
+        return {m.target for m in self.plan.matched} | {t for t, _ in self.plan.tied}
+
+    @property
+    def target_numel(self) -> int:
+        return sum(n for _, n in self.target_sizes)
+
+    @property
+    def coverage(self) -> float:
+        """Share of the target's elements filled from the source."""
+        total = self.target_numel
+        return sum(n for name, n in self.target_sizes if name in self.loaded) / total if total else 1.0
+
+    def per_module(self) -> list[tuple[str, int, int, float]]:
+        """(top-level module, keys loaded, keys, share of its elements loaded), in target order."""
+        loaded = self.loaded
+        groups: dict[str, list[int]] = {}
+        for name, numel in self.target_sizes:
+            g = groups.setdefault(name.split(".")[0], [0, 0, 0, 0])
+            g[1] += 1
+            g[3] += numel
+            if name in loaded:
+                g[0] += 1
+                g[2] += numel
+        return [
+            (mod, done, total, (n / size) if size else 1.0) for mod, (done, total, n, size) in groups.items()
+        ]
+
+    def summary(self) -> str:
+        """`loaded 120/122 tensors (99.9% of parameters); mismatched 2: fc.{bias,weight}; ...`"""
+        plan = self.plan
+        total = len(plan.matched) + len(plan.mismatched) + len(plan.missing) + len(plan.tied)
+        loaded = len(plan.matched) + len(plan.tied)
+        parts = [f"loaded {loaded}/{total} tensors ({percent(self.coverage)} of parameters)"]
+        for label, names in (
+            ("mismatched", [m.target for m in plan.mismatched]),
+            ("missing", list(plan.missing)),
+            ("unexpected", list(plan.unexpected)),
+        ):
+            if names or label != "mismatched":
+                grouped = keys.group_names(names)
+                shown = ", ".join(grouped[:3]) + (", ..." if len(grouped) > 3 else "")
+                parts.append(f"{label} {len(names)}" + (f": {shown}" if names else ""))
+        return "; ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        plan = self.plan
+        return {
+            "surgery_json": 1,
+            "source": self.source,
+            "source_format": self.source_format,
+            "container": list(self.container) if self.container is not None else None,
+            "target": self.target,
+            "summary": self.summary(),
+            "steps": list(plan.steps),
+            "matched": [m.to_json() for m in plan.matched],
+            "missing": list(plan.missing),
+            "unexpected": list(plan.unexpected),
+            "mismatched": [m.to_json() for m in plan.mismatched],
+            "tied": [{"target": t, "loaded_through": via} for t, via in plan.tied],
+            "coverage": round(self.coverage, 6),
+            "strict": self.strict,
+            "options": self.options.to_json(),
+            "output": self.output,
+            "written": self.written,
+            "verified": self.verified,
+            "notes": list(self.notes),
+        }
+
+
+def percent(share: float) -> str:
+    """0.99991 -> '99.99%': never rounds a partial share up to 100%."""
+    text = f"{share:.1%}"
+    return f"{share:.2%}" if text == "100.0%" and share < 1 else text
+
+
+def entries_of(ckpt: Checkpoint) -> list[Entry]:
+    return [Entry(t.name, t.shape, t.dtype) for t in ckpt.tensors]
+
+
+def plan_port(
+    source: Sequence[Entry], target: Sequence[Entry], options: PortOptions, ties: dict[str, str] | None = None
+) -> PortPlan:
+    """The key pipeline, on names and shapes alone.
+
+    Raises:
+        UsageError: a rename makes two keys collide, or a plan names unknown keys.
+        MatchError: the keys cannot be paired as `options.match` asks.
+    """
+    if options.mapping is not None:
+        return _apply_mapping(source, target, options, ties)
+    names = {e.name: e.name for e in source}
+    steps: list[str] = []
+    target_names = [t.name for t in target]
+    for prefix in options.strip_prefix:
+        changed = sum(n.startswith(prefix) for n in names.values())
+        names = keys.strip_prefix(names, prefix)
+        steps.append(f"stripped prefix {prefix!r} from {changed} keys")
+    if not options.strip_prefix and not options.add_prefix:
+        names, auto = auto_strip(names, target_names)
+        steps += auto
+    if options.add_prefix:
+        names = keys.add_prefix(names, options.add_prefix)
+        steps.append(f"added prefix {options.add_prefix!r} to {len(names)} keys")
+    for rule in options.rename:
+        renamed = keys.rename(names, rule)
+        changed = sum(renamed[k] != names[k] for k in names)
+        steps.append(f"renamed {changed} keys by {rule}")
+        names = renamed
+    clashes = keys.collisions(names)
+    if clashes:
+        new, olds = next(iter(clashes.items()))
+        raise UsageError("--rename", f"keys {olds[0]!r} and {olds[1]!r} would both become {new!r}")
+    kept = keys.select(names, options.include, options.exclude)
+    if len(kept) != len(names):
+        steps.append(f"left out {len(names) - len(kept)} keys by --include/--exclude")
+    pairs = pair(source, kept, target, options.match)
+    hows = {h: sum(p.how == h for p in pairs) for h in ("exact", "suffix", "order")}
+    steps.append(
+        f"matched by {options.match}: " + ", ".join(f"{n} {h}" for h, n in hows.items() if n)
+        if pairs
+        else f"matched by {options.match}: no pairs"
+    )
+    return judge(pairs, source, target, reshape=options.reshape, ties=ties, steps=steps)
+
+
+def _apply_mapping(
+    source: Sequence[Entry], target: Sequence[Entry], options: PortOptions, ties: dict[str, str] | None
+) -> PortPlan:
+    mapping = options.mapping or {}
+    source_names = {e.name for e in source}
+    target_names = {e.name for e in target}
+    unknown = [s for s in mapping if s not in source_names] + [
+        t for t in mapping.values() if t not in target_names
+    ]
+    if unknown:
+        raise UsageError("--plan", f"the plan names keys that are not there: {', '.join(unknown[:3])}")
+    clashes = keys.collisions(mapping)
+    if clashes:
+        new, olds = next(iter(clashes.items()))
+        raise UsageError("--plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
+    pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
+    return judge(
+        pairs,
+        source,
+        target,
+        reshape=options.reshape,
+        ties=ties,
+        steps=[f"applied a plan of {len(pairs)} pairs"],
+    )
+
+
+def _report(
+    ckpt: Checkpoint, target: Target, plan: PortPlan, options: PortOptions, strict: bool, **extra: Any
+) -> PortReport:
+    return PortReport(
+        source=str(ckpt.path),
+        source_format=ckpt.format,
+        container=ckpt.container,
+        target=target.spec,
+        plan=plan,
+        target_sizes=tuple((e.name, e.numel) for e in target.entries),
+        options=options,
+        strict=strict,
+        **extra,
+    )
+
+
+def _open_source(source: str | Path | Checkpoint, options: PortOptions, trust: bool) -> Checkpoint:
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, key=options.key)
+    if not ckpt.safe and not trust:
+        worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))
+        raise SurgeryError(
+            ckpt.path,
+            f"refused: the source is not safe to load ({worst.severity}: {worst.message})",
+            hint="surgery never runs it; pass --trust to read its tensors from their bytes anyway",
+        )
+    if ckpt.container is None or not ckpt.tensors:
+        raise SurgeryError(ckpt.path, "the source holds no state_dict to port")
+    return ckpt
+
+
+def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
+    """Copy every matched tensor into `module`, one at a time, casting dtype and
+    reshaping where the plan says; nothing else in `module` changes."""
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for m in plan.matched:
+            value = ckpt.tensor(m.source)
+            if m.source_shape is not None:
+                value = value.reshape(m.shape)
+            state[m.target].copy_(value)
+            del value
+            ckpt.release(m.source)
+
+
+def port(
+    source: str | Path | Checkpoint,
+    into: nn.Module,
+    *,
+    strict: bool = False,
+    match: str = "auto",
+    rename: Sequence[str | keys.Rename] = (),
+    strip_prefix: Sequence[str] = (),
+    add_prefix: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    reshape: bool = False,
+    key: str | None = None,
+    trust: bool = False,
+) -> PortReport:
+    """Load a checkpoint into a live module, in place, and say exactly what happened.
+
+    Args:
+        source: a checkpoint path (any format `surgery inspect` reads) or an opened Checkpoint.
+        into: the module to fill; keys it has that the source does not fill keep their values.
+        strict: refuse (load nothing) unless every key is matched with its shape.
+        match: exact, suffix, order or auto.
+        rename: `REGEX=REPL` rules applied in order.
+        trust: read a source whose pickle references code (never run either way).
+
+    Returns:
+        The PortReport the CLI renders.
+
+    Raises:
+        PortFailed: `strict` and something is missing, unexpected or mismatched.
+
+    Example:
+        >>> model = torchvision.models.resnet18(num_classes=2)
+        >>> report = surgery.port("checkpoint.pth.tar", into=model)
+        >>> print(report.summary())
+        loaded 120/122 tensors (95.6% of parameters); mismatched 2: fc.{bias,weight}; missing 0; unexpected 0
+    """
+    options = make_options(match, rename, strip_prefix, add_prefix, include, exclude, reshape, key)
+    target = target_of_module(into)
+    ckpt = _open_source(source, options, trust)
+    plan = plan_port(entries_of(ckpt), target.entries, options, target.ties())
+    report = _report(ckpt, target, plan, options, strict)
+    if strict and not plan.complete:
+        raise PortFailed(ckpt.path, report)
+    load_into(into, ckpt, plan)
+    return report
+
+
+def make_options(
+    match: str = "auto",
+    rename: Sequence[str | keys.Rename] = (),
+    strip_prefix: Sequence[str] = (),
+    add_prefix: str | None = None,
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    reshape: bool = False,
+    key: str | None = None,
+    mapping: dict[str, str] | None = None,
+) -> PortOptions:
+    """Validated options. Raises UsageError on an unknown match mode or a bad regex."""
+    if match not in MODES:
+        raise UsageError("--match", f"{match!r} is not one of {', '.join(MODES)}")
+    rules = []
+    for rule in rename:
+        try:
+            rules.append(rule if isinstance(rule, keys.Rename) else keys.Rename.parse(rule))
+        except ValueError as exc:
+            raise UsageError("--rename", str(exc)) from None
+    return PortOptions(
+        key,
+        match,
+        tuple(strip_prefix),
+        add_prefix,
+        tuple(rules),
+        tuple(include),
+        tuple(exclude),
+        reshape,
+        mapping,
+    )
+
+
+def port_checkpoint(
+    source: str | Path,
+    to: str,
+    out: str | Path | None,
+    options: PortOptions,
+    *,
+    args: Sequence[str] = (),
+    strict: bool = True,
+    dry_run: bool = False,
+    force: bool = False,
+    verify: bool = False,
+    trust: bool = False,
+    plan_out: str | Path | None = None,
+) -> PortReport:
+    """`surgery port`: build the target, plan, load, write the target's complete state_dict.
+
+    Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
+    (PortFailed). The output holds CPU tensors, whatever device the source recorded.
+    """
+    from surgery.formats.writer import check_destination
+
+    ckpt = _open_source(source, options, trust)
+    out_path = Path(out) if out is not None else None
+    if out_path is not None and not dry_run:
+        check_destination(out_path, list(ckpt.files), force=force)
+    if plan_out is not None:
+        check_destination(Path(plan_out), list(ckpt.files), force=force)
+    target = build_target(to, args)
+    try:
+        plan = plan_port(entries_of(ckpt), target.entries, options, target.ties())
+    except MatchError as exc:
+        raise SurgeryError(ckpt.path, str(exc)) from None
+    report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
+    if plan_out is not None:
+        _write_plan(Path(plan_out), report)
+    if strict and not plan.complete:
+        raise PortFailed(ckpt.path, report)
+    if dry_run or out_path is None:
+        return report
+    tensors = _output_tensors(ckpt, target, plan)
+    metadata = provenance(ckpt, target, report)
+    from surgery.formats.writer import write_state_dict
+
+    write_state_dict(out_path, tensors, metadata, done=_releaser(ckpt, target, plan))
+    report = replace(report, written=True)
+    if verify:
+        report = replace(report, verified=verify_output(out_path, tensors, ckpt, plan))
+    return report
+
+
+def _output_tensors(ckpt: Checkpoint, target: Target, plan: PortPlan) -> dict[str, torch.Tensor]:
+    """The target's complete state_dict: from the loaded module, or template keys filled from the source."""
+    if target.module is not None:
+        load_into(target.module, ckpt, plan)
+        return {name: t.detach().cpu() for name, t in target.module.state_dict().items()}
+    return _template_tensors(ckpt, target, plan)
+
+
+def _template_tensors(ckpt: Checkpoint, target: Target, plan: PortPlan) -> dict[str, torch.Tensor]:
+    """Template targets: the template's tensors, matched keys taken from the source.
+    Both stay memory-mapped: each is read when the writer reaches it."""
+    template = target.template
+    assert template is not None
+    by_target = {m.target: m for m in plan.matched}
+    out = {}
+    for entry in target.entries:
+        base = template.tensor(entry.name)
+        m = by_target.get(entry.name)
+        if m is None:
+            out[entry.name] = base
+            continue
+        value = ckpt.tensor(m.source)
+        if m.source_shape is not None:
+            value = value.reshape(m.shape)
+        out[entry.name] = value.to(base.dtype) if value.dtype != base.dtype else value
+    return out
+
+
+def _releaser(ckpt: Checkpoint, target: Target, plan: PortPlan):
+    if target.template is None:
+        return None
+    by_target = {m.target: m.source for m in plan.matched}
+
+    def done(name: str) -> None:
+        if name in by_target:
+            ckpt.release(by_target[name])
+
+    return done
+
+
+def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str, str]:
+    """Where the output came from, as str -> str metadata."""
+    return {
+        "surgery.version": __version__,
+        "surgery.source": str(ckpt.path),
+        "surgery.source_files": json.dumps([{"path": str(p), "sha256": sha256(p)} for p in ckpt.files]),
+        "surgery.container": ".".join(ckpt.container or ()),
+        "surgery.target": target.spec,
+        "surgery.target_kwargs": json.dumps(target.kwargs, default=repr),
+        "surgery.rules": json.dumps(report.options.to_json()),
+        "surgery.summary": report.summary(),
+    }
+
+
+def sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 22):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def verify_output(out: Path, written: dict[str, torch.Tensor], ckpt: Checkpoint, plan: PortPlan) -> int:
+    """Re-read every tensor of `out` and compare its bytes with what was meant to be written,
+    and every loaded tensor with its source (after any cast). Returns how many were checked.
+
+    Raises:
+        SurgeryError: naming the first tensor that differs.
+    """
+    reread = open_checkpoint(out)
+    names = [t.name for t in reread.tensors]
+    if names != list(written):
+        raise SurgeryError(out, "verify: the output's keys differ from the target's")
+    sources = {m.target: m for m in plan.matched}
+    for name in names:
+        value = reread.tensor(name)
+        if not _same_bytes(value, written[name]):
+            raise SurgeryError(out, f"verify: tensor {name!r} differs from what was written")
+        m = sources.get(name)
+        if m is not None:
+            original = ckpt.tensor(m.source).reshape(value.shape).to(value.dtype)
+            if not _same_bytes(value, original):
+                raise SurgeryError(out, f"verify: tensor {name!r} differs from its source {m.source!r}")
+        reread.release(name)
+    return len(names)
+
+
+def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    flat_a, flat_b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+    if a.dtype == torch.bool:
+        flat_a, flat_b = flat_a.to(torch.uint8), flat_b.to(torch.uint8)
+    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+
+
+def _write_plan(path: Path, report: PortReport) -> None:
+    """The final mapping as an editable file: review it, then `--plan` applies it as is."""
+    from surgery.formats.writer import atomic
+
+    doc = {
+        "surgery_plan": PLAN_VERSION,
+        "source": report.source,
+        "target": report.target,
+        "mapping": {m.source: m.target for m in report.plan.matched}
+        | {m.source: m.target for m in report.plan.mismatched},
+        "unused_source_keys": list(report.plan.unexpected),
+        "unfilled_target_keys": list(report.plan.missing),
+    }
+    with atomic(path) as f:
+        f.write((json.dumps(doc, indent=2) + "\n").encode())
+
+
+def read_plan(path: str | Path) -> dict[str, str]:
+    """The mapping of a plan file written by `--plan-out` (and perhaps edited)."""
+    path = Path(path)
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(path, "no such plan file") from None
+    except (ValueError, RecursionError) as exc:
+        raise UsageError(path, f"the plan is not valid JSON ({exc})") from None
+    mapping = doc.get("mapping") if isinstance(doc, dict) else None
+    if not isinstance(mapping, dict) or not all(
+        isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
+    ):
+        raise UsageError(path, 'the plan needs a "mapping" object of source key -> target key')
+    return mapping

@@ -204,12 +204,9 @@ def plan_port(
     if len(kept) != len(names):
         steps.append(f"left out {len(names) - len(kept)} keys by --include/--exclude")
     pairs = pair(source, kept, target, options.match)
-    hows = {h: sum(p.how == h for p in pairs) for h in ("exact", "suffix", "order")}
-    steps.append(
-        f"matched by {options.match}: " + ", ".join(f"{n} {h}" for h, n in hows.items() if n)
-        if pairs
-        else f"matched by {options.match}: no pairs"
-    )
+    hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
+    counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
+    steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
     return judge(pairs, source, target, reshape=options.reshape, ties=ties, steps=steps)
 
 
@@ -402,9 +399,9 @@ def port_checkpoint(
     if plan_out is not None:
         _write_plan(Path(plan_out), report)
     if strict and not plan.complete:
-        raise PortFailed(ckpt.path, report)
+        raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
     if dry_run or out_path is None:
-        return report
+        return replace(report, notes=("--dry-run",))
     tensors = _output_tensors(ckpt, target, plan)
     metadata = provenance(ckpt, target, report)
     from surgery.formats.writer import write_state_dict

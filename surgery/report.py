@@ -335,7 +335,8 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
     if plan.tied:
         rows.append(("tied", _capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
     if not report.written:
-        rows.append(("output", [f"{report.output or 'none'}: not written"]))
+        why = f" ({report.notes[0]})" if report.notes else ""
+        rows.append(("output", [f"{report.output or 'none'}: not written{why}"]))
     else:
         verified = (
             f"; re-read, {report.verified} tensors bit-identical" if report.verified is not None else ""

@@ -30,6 +30,7 @@ def _examples() -> list[tuple[str, str]]:
 
 
 EXAMPLES = _examples()
+PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
 
 
 def test_the_readme_has_runnable_examples():
@@ -55,8 +56,26 @@ def test_readme_python_example_runs(monkeypatch):
     spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "fixtures" / "make_fixtures.py")
     fixtures = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(fixtures)
-    (block,) = re.findall(r"```python\n(.*?)```", README, re.S)
+    (block,) = [b for b in PYTHON_BLOCKS if "open_checkpoint" in b]
     monkeypatch.chdir(ROOT)
     namespace = {"your_model": fixtures.tiny_net()}
     exec(compile(block, "README.md", "exec"), namespace)
     assert namespace["ckpt"].container == ("state_dict",)
+
+
+def test_readme_port_example_runs(tmp_path, monkeypatch, capsys):
+    """The `surgery.port` example, on the ImageNet example's checkpoint of a seeded resnet18."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(weights=None)
+    torch.save(
+        {"epoch": 90, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in source.state_dict().items()}},
+        tmp_path / "checkpoint.pth.tar",
+    )
+    (block,) = [b for b in PYTHON_BLOCKS if "surgery.port(" in b]
+    monkeypatch.chdir(tmp_path)
+    exec(compile(block, "README.md", "exec"), {})
+    printed = capsys.readouterr().out
+    assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")

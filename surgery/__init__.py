@@ -3,7 +3,7 @@
     >>> import surgery
     >>> ckpt = surgery.open_checkpoint("fixtures/imagenet_example.pth.tar")
     >>> ckpt.container, ckpt.num_tensors
-    (('state_dict',), 12)
+    (('state_dict',), 14)
 
 Importing surgery does not import torch; reading tensors does.
 """

@@ -85,6 +85,12 @@ def build_target(spec: str, args: Sequence[str] = ()) -> Target:
     base, _, query = spec.partition("?")
     kwargs = parse_kwargs([q for q in query.split("&") if q], spec)
     kwargs.update(parse_kwargs(args, spec))
+    if args:  # one spelling in reports and provenance, however the arguments were given
+        spec = (
+            base
+            + "?"
+            + "&".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in kwargs.items())
+        )
     kind, sep, name = base.partition(":")
     if sep and kind == "torchvision":
         return target_of_module(_torchvision(spec, name, kwargs), spec, kwargs)
@@ -132,7 +138,7 @@ def _call(spec: str, builder: Any, kwargs: dict[str, Any]) -> nn.Module:
     except Exception as exc:  # the user's factory: any failure is theirs to see, in one line
         raise SurgeryError(spec, f"building the target failed: {type(exc).__name__}: {exc}") from None
     if not isinstance(module, nn.Module):
-        raise SurgeryError(spec, f"the target builder returned a {type(module).__name__}, not an nn.Module")
+        raise SurgeryError(spec, f"the target builder returned {type(module).__name__!r}, not an nn.Module")
     return module
 
 

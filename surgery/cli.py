@@ -72,7 +72,7 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # a bug: still no traceback unless asked
             if kwargs.get("debug"):
                 raise
-            where = kwargs.get("path", "surgery")
+            where = kwargs.get("path") or kwargs.get("source") or "surgery"
             typer.echo(f"error: {where}: internal error: {type(error).__name__}: {error}", err=True)
             typer.echo("hint: rerun with --debug for the traceback, and report it", err=True)
             raise typer.Exit(3) from None
@@ -159,7 +159,9 @@ def _strictness(value: str, no_strict: bool) -> bool:
         "off": False,
     }
     if value.lower() not in truth:
-        raise typer.BadParameter(f"{value!r} is not true or false", param_hint="--strict")
+        from surgery.errors import UsageError
+
+        raise UsageError("--strict", f"{value!r} is not true or false")
     return truth[value.lower()]
 
 
@@ -246,6 +248,11 @@ def port(
     strict_on = _strictness(strict, no_strict)
     if out is None and not dry_run:
         raise UsageError("--out", "say where to write the result (-o OUT), or pass --dry-run")
+    if plan is not None and (rename or strip_prefix or add_prefix or include or exclude or match != "exact"):
+        raise UsageError(
+            "--plan",
+            "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, --include and --exclude",
+        )
     options = make_options(
         match,
         rename or [],

@@ -107,6 +107,13 @@ def _merge_chains(root: Node) -> None:
             stack.append(child)
 
 
+def natural(name: str) -> tuple:
+    """Sort key that puts `layer2` before `layer10` and `enc.2` before `enc.10`."""
+    import re
+
+    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+
 def group_names(names: Iterable[str]) -> list[str]:
     """Names sharing a parent written once: `fc.{bias,weight}` (fvcore's style).
 
@@ -119,8 +126,8 @@ def group_names(names: Iterable[str]) -> list[str]:
         parent, _, leaf = name.rpartition(".")
         groups.setdefault(parent, []).append(leaf)
     out = []
-    for parent, leaves in sorted(groups.items()):
-        body = leaves[0] if len(leaves) == 1 else "{" + ",".join(sorted(leaves)) + "}"
+    for parent, leaves in sorted(groups.items(), key=lambda item: natural(item[0])):
+        body = leaves[0] if len(leaves) == 1 else "{" + ",".join(sorted(leaves, key=natural)) + "}"
         out.append(f"{parent}.{body}" if parent else body)
     return out
 

@@ -85,6 +85,7 @@ class PortPlan:
     unexpected: tuple[str, ...]  # source keys nothing used
     tied: tuple[tuple[str, str], ...] = ()  # (target key, key it shares storage with that was loaded)
     steps: tuple[str, ...] = field(default=())
+    excluded: tuple[str, ...] = ()  # source keys left out by --include/--exclude
 
     @property
     def complete(self) -> bool:
@@ -125,8 +126,12 @@ def pair_suffix(source: dict[str, str], target: Sequence[str], *, ambiguous_is_e
             chosen[t] = t
             continue
         parts = t.split(".")
-        # a source name that ends with the whole target overlaps it most...
-        best = [s for s in suffixes.get(t, []) if s != t]
+        # a source name that ends with the whole target overlaps it most; of those,
+        # the one that adds the fewest parts (`backbone.body.conv1.weight`, not
+        # `backbone.body.layer1.0.conv1.weight`, for `conv1.weight`)...
+        longer = [s for s in suffixes.get(t, []) if s != t]
+        fewest = min((s.count(".") for s in longer), default=0)
+        best = [s for s in longer if s.count(".") == fewest]
         if not best:  # ...else the longest dotted suffix of the target that is a source name
             shorter = (".".join(parts[i:]) for i in range(1, len(parts)))
             best = [next((c for c in shorter if c in current), None)] if len(parts) > 1 else []
@@ -223,6 +228,8 @@ def judge(
     *,
     reshape: bool = False,
     ties: dict[str, str] | None = None,
+    source_ties: dict[str, str] | None = None,
+    kept: set[str] | None = None,
     steps: Sequence[str] = (),
 ) -> PortPlan:
     """Split pairs by shape and list what stays unpaired.
@@ -232,10 +239,17 @@ def judge(
 
     Args:
         ties: target key -> the key it shares storage with in the target (tied
-            weights): loading either fills both, so neither is missing.
+            weights): loading either fills both, so neither is missing. When the
+            two would be filled from different source tensors, only the first
+            (in target order) is; the other source key is left unused.
+        source_ties: the same for the source: two source keys sharing storage
+            are one tensor, so filling a tied pair from them is no conflict.
+        kept: source keys left after --include/--exclude; the others are
+            `excluded`, not unexpected.
     """
     src = {e.name: e for e in source}
     tgt = {e.name: e for e in target}
+    order = {e.name: i for i, e in enumerate(target)}
     matched, mismatched = [], []
     for p in pairs:
         s, t = src[p.source], tgt[p.target]
@@ -246,39 +260,56 @@ def judge(
             matched.append(Matched(p.source, p.target, t.shape, p.how, s.shape, cast))
         else:
             mismatched.append(Mismatched(p.source, p.target, s.shape, t.shape))
+    steps = list(steps)
+    ties, source_ties = ties or {}, source_ties or {}
+    by_target = {m.target: m for m in matched}
+    conflicts = set()
+    for m in matched:
+        other = by_target.get(ties.get(m.target, ""))
+        if other is None or other.target in conflicts or order[m.target] < order[other.target]:
+            continue
+        if other.source != m.source and source_ties.get(other.source) != m.source:
+            conflicts.add(m.target)
+            steps.append(
+                f"{m.target} shares storage with {other.target} in the target: filled from "
+                f"{other.source} only, {m.source} left unused"
+            )
+    matched = [m for m in matched if m.target not in conflicts]
     loaded = {m.target for m in matched}
     paired_targets = loaded | {m.target for m in mismatched}
     tied = tuple(
-        (t.name, ties[t.name])
-        for t in target
-        if ties and t.name not in paired_targets and ties.get(t.name) in loaded
+        (t.name, ties[t.name]) for t in target if t.name not in paired_targets and ties.get(t.name) in loaded
     )
     tied_names = {name for name, _ in tied}
     missing = tuple(t.name for t in target if t.name not in paired_targets and t.name not in tied_names)
-    used = {p.source for p in pairs}
-    unexpected = tuple(e.name for e in source if e.name not in used)
-    return PortPlan(tuple(matched), tuple(mismatched), missing, unexpected, tied, tuple(steps))
+    used = {m.source for m in matched} | {m.source for m in mismatched}
+    kept = kept if kept is not None else set(src)
+    unexpected = tuple(e.name for e in source if e.name in kept and e.name not in used)
+    excluded = tuple(e.name for e in source if e.name not in kept)
+    return PortPlan(tuple(matched), tuple(mismatched), missing, unexpected, tied, tuple(steps), excluded)
 
 
 def auto_strip(renamed: dict[str, str], target: Sequence[str]) -> tuple[dict[str, str], list[str]]:
-    """Strip wrapper prefixes (`module.`, `_orig_mod.`, `model.`) that every key carries,
-    when that makes more keys equal target keys. Says what it did.
+    """Strip the wrapper prefixes every key carries (`module.`, `_orig_mod.`, `model.`,
+    nested as in `module._orig_mod.`) as far as that makes more keys fit the target:
+    equal a target key or be a dotted suffix of one. Says what it did.
     """
-    steps: list[str] = []
-    targets = set(target)
-    while renamed:
-        prefix = keys.common_prefix(list(renamed.values()))
-        wrapper = next((p for p in keys.WRAPPER_PREFIXES if prefix.startswith(p)), None)
-        if wrapper is None:
-            break
-        before = sum(n in targets for n in renamed.values())
-        stripped = keys.strip_prefix(renamed, wrapper)
-        after = sum(n in targets for n in stripped.values())
-        if after <= before:
-            break
-        steps.append(
-            f"stripped prefix {wrapper!r} ({keys.WRAPPER_PREFIXES[wrapper]}): "
-            f"{after} of {len(target)} target keys match instead of {before}"
-        )
-        renamed = stripped
-    return renamed, steps
+    fits = set()
+    for t in target:
+        parts = t.split(".")
+        fits.update(".".join(parts[i:]) for i in range(len(parts)))
+    common = keys.common_prefix(list(renamed.values())) if len(renamed) > 1 else ""
+    chain = [w for w, _ in keys.wrapper_prefixes(common)]
+    best, best_score = 0, sum(n in fits for n in renamed.values())
+    before = best_score
+    for depth in range(1, len(chain) + 1):
+        prefix = "".join(chain[:depth])
+        score = sum(n.removeprefix(prefix) in fits for n in renamed.values())
+        if score > best_score:
+            best, best_score = depth, score
+    if best == 0:
+        return renamed, []
+    prefix = "".join(chain[:best])
+    who = ", ".join(keys.WRAPPER_PREFIXES[w] for w in chain[:best])
+    step = f"stripped prefix {prefix!r} ({who}): {best_score} of {len(renamed)} keys fit the target instead of {before}"
+    return keys.strip_prefix(renamed, prefix), [step]

@@ -145,6 +145,7 @@ class PortReport:
             "matched": [m.to_json() for m in plan.matched],
             "missing": list(plan.missing),
             "unexpected": list(plan.unexpected),
+            "excluded": list(plan.excluded),
             "mismatched": [m.to_json() for m in plan.mismatched],
             "tied": [{"target": t, "loaded_through": via} for t, via in plan.tied],
             "coverage": round(self.coverage, 6),
@@ -168,16 +169,23 @@ def entries_of(ckpt: Checkpoint) -> list[Entry]:
 
 
 def plan_port(
-    source: Sequence[Entry], target: Sequence[Entry], options: PortOptions, ties: dict[str, str] | None = None
+    source: Sequence[Entry],
+    target: Sequence[Entry],
+    options: PortOptions,
+    ties: dict[str, str] | None = None,
+    source_ties: dict[str, str] | None = None,
 ) -> PortPlan:
     """The key pipeline, on names and shapes alone.
+
+    Args:
+        ties, source_ties: keys sharing storage in the target and in the source.
 
     Raises:
         UsageError: a rename makes two keys collide, or a plan names unknown keys.
         MatchError: the keys cannot be paired as `options.match` asks.
     """
     if options.mapping is not None:
-        return _apply_mapping(source, target, options, ties)
+        return _apply_mapping(source, target, options, ties, source_ties)
     names = {e.name: e.name for e in source}
     steps: list[str] = []
     target_names = [t.name for t in target]
@@ -207,11 +215,24 @@ def plan_port(
     hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
     counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
     steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
-    return judge(pairs, source, target, reshape=options.reshape, ties=ties, steps=steps)
+    return judge(
+        pairs,
+        source,
+        target,
+        reshape=options.reshape,
+        ties=ties,
+        source_ties=source_ties,
+        kept=set(kept),
+        steps=steps,
+    )
 
 
 def _apply_mapping(
-    source: Sequence[Entry], target: Sequence[Entry], options: PortOptions, ties: dict[str, str] | None
+    source: Sequence[Entry],
+    target: Sequence[Entry],
+    options: PortOptions,
+    ties: dict[str, str] | None,
+    source_ties: dict[str, str] | None,
 ) -> PortPlan:
     mapping = options.mapping or {}
     source_names = {e.name for e in source}
@@ -226,14 +247,23 @@ def _apply_mapping(
         new, olds = next(iter(clashes.items()))
         raise UsageError("--plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
     pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
+    steps = [f"applied a plan of {len(pairs)} pairs"]
     return judge(
-        pairs,
-        source,
-        target,
-        reshape=options.reshape,
-        ties=ties,
-        steps=[f"applied a plan of {len(pairs)} pairs"],
+        pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
     )
+
+
+def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
+    """plan_port for a checkpoint and a target, failures as SurgeryErrors."""
+    source_ties = {}
+    for group in ckpt.shared:
+        for name in group[1:]:
+            source_ties[name] = group[0]
+            source_ties.setdefault(group[0], name)
+    try:
+        return plan_port(entries_of(ckpt), target.entries, options, target.ties(), source_ties)
+    except MatchError as exc:
+        raise SurgeryError(ckpt.path, str(exc)) from None
 
 
 def _report(
@@ -317,12 +347,12 @@ def port(
         >>> model = torchvision.models.resnet18(num_classes=2)
         >>> report = surgery.port("checkpoint.pth.tar", into=model)
         >>> print(report.summary())
-        loaded 120/122 tensors (95.6% of parameters); mismatched 2: fc.{bias,weight}; missing 0; unexpected 0
+        loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}; missing 0; unexpected 0
     """
     options = make_options(match, rename, strip_prefix, add_prefix, include, exclude, reshape, key)
     target = target_of_module(into)
     ckpt = _open_source(source, options, trust)
-    plan = plan_port(entries_of(ckpt), target.entries, options, target.ties())
+    plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict)
     if strict and not plan.complete:
         raise PortFailed(ckpt.path, report)
@@ -382,75 +412,87 @@ def port_checkpoint(
     Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
     (PortFailed). The output holds CPU tensors, whatever device the source recorded.
     """
-    from surgery.formats.writer import check_destination
+    from surgery.formats.writer import check_destination, write_state_dict
 
     ckpt = _open_source(source, options, trust)
     out_path = Path(out) if out is not None else None
-    if out_path is not None and not dry_run:
-        check_destination(out_path, list(ckpt.files), force=force)
-    if plan_out is not None:
-        check_destination(Path(plan_out), list(ckpt.files), force=force)
+    writes = [
+        p for p in (None if dry_run else out_path, Path(plan_out) if plan_out else None) if p is not None
+    ]
+    if len(writes) == 2 and writes[0].resolve() == writes[1].resolve():
+        raise UsageError(writes[1], "the plan and the output are the same file")
+    for path in writes:  # before any work: refusals cost nothing
+        check_destination(path, list(ckpt.files), force=force)
     target = build_target(to, args)
-    try:
-        plan = plan_port(entries_of(ckpt), target.entries, options, target.ties())
-    except MatchError as exc:
-        raise SurgeryError(ckpt.path, str(exc)) from None
+    if target.template is not None:
+        for path in writes:
+            check_destination(path, list(target.template.files), force=force)
+    plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
     if plan_out is not None:
-        _write_plan(Path(plan_out), report)
+        _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
     if strict and not plan.complete:
         raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
     if dry_run or out_path is None:
         return replace(report, notes=("--dry-run",))
-    tensors = _output_tensors(ckpt, target, plan)
+    output = Output(ckpt, target, plan)
+    checked: list[int] = []
+
+    def check(written: Path) -> None:  # runs before the rename: a file that fails is never put in place
+        checked.append(verify_output(written, output, where=out_path))
+
     metadata = provenance(ckpt, target, report)
-    from surgery.formats.writer import write_state_dict
-
-    write_state_dict(out_path, tensors, metadata, done=_releaser(ckpt, target, plan))
-    report = replace(report, written=True)
-    if verify:
-        report = replace(report, verified=verify_output(out_path, tensors, ckpt, plan))
-    return report
+    write_state_dict(
+        out_path, target.entries, output.get, metadata, done=output.release, check=check if verify else None
+    )
+    return replace(report, written=True, verified=checked[0] if checked else None)
 
 
-def _output_tensors(ckpt: Checkpoint, target: Target, plan: PortPlan) -> dict[str, torch.Tensor]:
-    """The target's complete state_dict: from the loaded module, or template keys filled from the source."""
-    if target.module is not None:
-        load_into(target.module, ckpt, plan)
-        return {name: t.detach().cpu() for name, t in target.module.state_dict().items()}
-    return _template_tensors(ckpt, target, plan)
+class Output:
+    """The target's complete state_dict, one tensor at a time.
 
+    A built target is loaded first and gives its own tensors. A template target
+    gives the template's tensors with matched keys taken from the source, built
+    when asked for; both files stay memory-mapped and `release` gives their
+    pages back, so memory follows the largest tensor, not the checkpoint.
+    """
 
-def _template_tensors(ckpt: Checkpoint, target: Target, plan: PortPlan) -> dict[str, torch.Tensor]:
-    """Template targets: the template's tensors, matched keys taken from the source.
-    Both stay memory-mapped: each is read when the writer reaches it."""
-    template = target.template
-    assert template is not None
-    by_target = {m.target: m for m in plan.matched}
-    out = {}
-    for entry in target.entries:
-        base = template.tensor(entry.name)
-        m = by_target.get(entry.name)
+    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan):
+        self.ckpt, self.target, self.plan = ckpt, target, plan
+        self.by_target = {m.target: m for m in plan.matched}
+        self.dtypes = {e.name: e.dtype for e in target.entries}
+        self.state = None
+        if target.module is not None:
+            load_into(target.module, ckpt, plan)
+            self.state = target.module.state_dict()
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state[name].detach().cpu()
+        template = self.target.template
+        assert template is not None
+        m = self.by_target.get(name)
         if m is None:
-            out[entry.name] = base
-            continue
-        value = ckpt.tensor(m.source)
-        if m.source_shape is not None:
-            value = value.reshape(m.shape)
-        out[entry.name] = value.to(base.dtype) if value.dtype != base.dtype else value
-    return out
+            return template.tensor(name)
+        return self.source_of(name)
 
+    def source_of(self, name: str) -> torch.Tensor | None:
+        """The source tensor a target key is loaded from, shaped and cast as the target's."""
+        m = self.by_target.get(name)
+        if m is None:
+            return None
+        import torch
 
-def _releaser(ckpt: Checkpoint, target: Target, plan: PortPlan):
-    if target.template is None:
-        return None
-    by_target = {m.target: m.source for m in plan.matched}
+        value = self.ckpt.tensor(m.source).reshape(m.shape)
+        dtype = getattr(torch, self.dtypes[name])
+        return value if value.dtype == dtype else value.to(dtype)
 
-    def done(name: str) -> None:
-        if name in by_target:
-            ckpt.release(by_target[name])
-
-    return done
+    def release(self, name: str) -> None:
+        m = self.by_target.get(name)
+        if m is not None:
+            self.ckpt.release(m.source)
+        if self.target.template is not None:
+            self.target.template.release(name)
 
 
 def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str, str]:
@@ -458,8 +500,10 @@ def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str
     return {
         "surgery.version": __version__,
         "surgery.source": str(ckpt.path),
-        "surgery.source_files": json.dumps([{"path": str(p), "sha256": sha256(p)} for p in ckpt.files]),
-        "surgery.container": ".".join(ckpt.container or ()),
+        "surgery.source_files": json.dumps(
+            [{"path": str(p.resolve()), "sha256": sha256(p)} for p in ckpt.files]
+        ),
+        "surgery.container": ".".join(ckpt.container or ()) or "(top level)",
         "surgery.target": target.spec,
         "surgery.target_kwargs": json.dumps(target.kwargs, default=repr),
         "surgery.rules": json.dumps(report.options.to_json()),
@@ -475,28 +519,33 @@ def sha256(path: Path) -> str:
     return digest.hexdigest()
 
 
-def verify_output(out: Path, written: dict[str, torch.Tensor], ckpt: Checkpoint, plan: PortPlan) -> int:
+def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
     """Re-read every tensor of `out` and compare its bytes with what was meant to be written,
-    and every loaded tensor with its source (after any cast). Returns how many were checked.
+    and every loaded tensor with its source (after any cast), one tensor at a time.
+
+    Returns:
+        How many tensors were checked.
 
     Raises:
         SurgeryError: naming the first tensor that differs.
     """
+    where = where or out
     reread = open_checkpoint(out)
     names = [t.name for t in reread.tensors]
-    if names != list(written):
-        raise SurgeryError(out, "verify: the output's keys differ from the target's")
-    sources = {m.target: m for m in plan.matched}
+    if names != [e.name for e in output.target.entries]:
+        raise SurgeryError(where, "verify: the output's keys differ from the target's")
     for name in names:
         value = reread.tensor(name)
-        if not _same_bytes(value, written[name]):
-            raise SurgeryError(out, f"verify: tensor {name!r} differs from what was written")
-        m = sources.get(name)
-        if m is not None:
-            original = ckpt.tensor(m.source).reshape(value.shape).to(value.dtype)
-            if not _same_bytes(value, original):
-                raise SurgeryError(out, f"verify: tensor {name!r} differs from its source {m.source!r}")
+        if not _same_bytes(value, output.get(name)):
+            raise SurgeryError(where, f"verify: tensor {name!r} differs from what was written")
+        source = output.source_of(name)
+        if source is not None and not _same_bytes(value, source):
+            raise SurgeryError(
+                out, f"verify: tensor {name!r} differs from its source {output.by_target[name].source!r}"
+            )
+        del value, source
         reread.release(name)
+        output.release(name)
     return len(names)
 
 

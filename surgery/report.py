@@ -144,7 +144,10 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         rows.append(("key prefix", [ckpt.prefix + (f"  ({who})" if who else "")]))
     dtype_text = ", ".join(f"{d} {n}" for d, n in ckpt.dtypes.items())
     rows.append(("tensors", [f"{ckpt.num_tensors}" + (f"  ({dtype_text})" if dtype_text else "")]))
-    rows.append(("parameters", [f"{ckpt.num_params:,} ({human_count(ckpt.num_params)})"]))
+    short = human_count(ckpt.num_params)
+    rows.append(
+        ("parameters", [f"{ckpt.num_params:,}" + (f" ({short})" if short != f"{ckpt.num_params}" else "")])
+    )
     rows.append(("bytes", [f"{ckpt.nbytes:,} ({human_bytes(ckpt.nbytes)})"]))
     if ckpt.devices:
         rows.append(("saved on", [", ".join(f"{d} ({n})" for d, n in ckpt.devices.items())]))
@@ -319,6 +322,8 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
     rows.append(("mismatched", _capped(mismatched) or ["none"]))
     rows.append(("missing", _capped(keys.group_names(plan.missing)) or ["none"]))
     rows.append(("unexpected", _capped(keys.group_names(plan.unexpected)) or ["none"]))
+    if plan.excluded:
+        rows.append(("excluded", _capped(keys.group_names(plan.excluded))))
     paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]
     if paired:
         rows.append(("paired", _capped(paired)))

@@ -11,16 +11,18 @@ member of a torch zip archive, which torch ignores.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Sequence
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
+from surgery.match import Entry
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -55,14 +57,17 @@ def check_destination(out: Path, sources: list[Path], *, force: bool) -> None:
 
 
 @contextmanager
-def atomic(out: Path) -> Iterator[BinaryIO]:
-    """A temporary file beside `out`, renamed over it only when everything was written."""
+def atomic(out: Path, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+    """A temporary file beside `out`, renamed over it only when everything was written
+    (and `check`, given the temporary file's path, raised nothing)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
             os.fsync(f.fileno())
+        if check is not None:
+            check(Path(tmp))
         os.replace(tmp, out)
         _fsync_folder(out.parent)
     except OSError as exc:
@@ -87,74 +92,84 @@ def _fsync_folder(folder: Path) -> None:
 
 def write_state_dict(
     out: Path,
-    tensors: Mapping[str, torch.Tensor],
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor],
     metadata: dict[str, str],
     *,
     done: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
 ) -> None:
-    """Write `tensors` (CPU) to `out`, safetensors or torch by its extension.
+    """Write a state_dict to `out`, safetensors or torch by its extension.
 
     Args:
-        tensors: name -> tensor, in the order to write; they may be lazily backed
-            (a memory-mapped checkpoint): each is read when its turn comes.
+        entries: name, shape and dtype of every tensor, in the order to write.
+        get: the tensor of a name (CPU), asked for when its turn comes: it may be
+            built on demand or backed by a memory-mapped file.
         metadata: provenance, str -> str.
         done: called with each name once its bytes are written (to release them).
+        check: run on the finished temporary file before it replaces `out`.
     """
     if is_safetensors(out):
-        _check_safetensors_dtypes(out, tensors)
-        with atomic(out) as f:
-            _write_safetensors(f, tensors, metadata, done)
+        _check_safetensors_dtypes(out, entries)
+        with atomic(out, check) as f:
+            _write_safetensors(f, entries, get, metadata, done)
     else:
-        with atomic(out) as f:
-            _write_torch(f, tensors, metadata)
+        with atomic(out, check) as f:
+            _write_torch(f, {e.name: get(e.name) for e in entries}, metadata)
 
 
-def _check_safetensors_dtypes(out: Path, tensors: Mapping[str, torch.Tensor]) -> None:
-    bad = {
-        name: str(t.dtype).removeprefix("torch.")
-        for name, t in tensors.items()
-        if BY_NAME.get(str(t.dtype).removeprefix("torch.")) is None
-        or BY_NAME[str(t.dtype).removeprefix("torch.")].safetensors is None
-    }
-    if bad:
-        name, dtype = next(iter(bad.items()))
-        raise UsageError(
-            out, f"safetensors cannot store {dtype} (tensor {name!r})", hint="write a .pt file instead"
-        )
+def _check_safetensors_dtypes(out: Path, entries: Sequence[Entry]) -> None:
+    for e in entries:
+        dtype = BY_NAME.get(e.dtype)
+        if dtype is None or dtype.safetensors is None:
+            raise UsageError(
+                out,
+                f"safetensors cannot store {e.dtype} (tensor {e.name!r})",
+                hint="write a .pt file instead",
+            )
 
 
 def _write_safetensors(
     f: BinaryIO,
-    tensors: Mapping[str, torch.Tensor],
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor],
     metadata: dict[str, str],
     done: Callable[[str], None] | None,
 ) -> None:
+    """Header from the entries, then each tensor's bytes: one tensor in memory at a time."""
     import torch
 
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
-    for name, t in tensors.items():
-        code = BY_NAME[str(t.dtype).removeprefix("torch.")].safetensors
-        size = t.numel() * t.element_size()
-        header[name] = {"dtype": code, "shape": list(t.shape), "data_offsets": [offset, offset + size]}
+    for e in entries:
+        dtype = BY_NAME[e.dtype]
+        size = (math.prod(e.shape) * dtype.bits + 7) // 8
+        header[e.name] = {
+            "dtype": dtype.safetensors,
+            "shape": list(e.shape),
+            "data_offsets": [offset, offset + size],
+        }
         offset += size
     raw = json.dumps(header, separators=(",", ":")).encode()
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for name, t in tensors.items():
-        data = t.detach().contiguous().reshape(-1)
+    for e in entries:
+        tensor = get(e.name)
+        if tuple(tensor.shape) != e.shape or str(tensor.dtype).removeprefix("torch.") != e.dtype:
+            raise SurgeryError(f.name, f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced")
+        data = tensor.detach().contiguous().reshape(-1)
         if data.numel():
             f.write(memoryview(data.view(torch.uint8).numpy()))
-        del data
+        del data, tensor
         if done is not None:
-            done(name)
+            done(e.name)
 
 
-def _write_torch(f: BinaryIO, tensors: Mapping[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write_torch(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
     import torch
 
-    torch.save(dict(tensors), f)
+    torch.save(tensors, f)
     f.flush()
     f.seek(0)
     with zipfile.ZipFile(f, "a") as zf:  # type: ignore[arg-type]

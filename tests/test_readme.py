@@ -71,7 +71,11 @@ def test_readme_port_example_runs(tmp_path, monkeypatch, capsys):
     torch.manual_seed(0)
     source = torchvision.models.resnet18(weights=None)
     torch.save(
-        {"epoch": 90, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in source.state_dict().items()}},
+        {
+            "epoch": 90,
+            "arch": "resnet18",
+            "state_dict": {"module." + k: v for k, v in source.state_dict().items()},
+        },
         tmp_path / "checkpoint.pth.tar",
     )
     (block,) = [b for b in PYTHON_BLOCKS if "surgery.port(" in b]

@@ -1,0 +1,818 @@
+"""Benchmark `surgery port` against the plain torch way of porting a checkpoint.
+
+What it measures
+    Wall time and peak RSS of separate child processes that port a checkpoint
+    into a target and write the target's complete state_dict:
+
+    * resnet50 case: a seeded torchvision resnet50 (``weights=None``,
+      ``torch.manual_seed(0)``) saved the way the PyTorch ImageNet example saves
+      it -- ``{'epoch', 'arch', 'state_dict': {'module.' + k: v}, 'best_acc1',
+      'optimizer'}`` with SGD momentum buffers (about 200 MB) -- ported into
+      ``torchvision:resnet50?num_classes=10`` (``fc`` mismatches), written as
+      .safetensors and as .pt::
+
+          python -m surgery port ck.pth.tar --to 'torchvision:resnet50?num_classes=10' \\
+              --strict false -o OUT
+
+      The plain way (a child ``python -c``)::
+
+          ck = torch.load(p, weights_only=True, map_location='cpu')
+          sd = {k.removeprefix('module.'): v for k, v in ck['state_dict'].items()}
+          model = torchvision.models.resnet50(num_classes=10); own = model.state_dict()
+          sd = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}
+          model.load_state_dict(sd, strict=False)
+          torch.save(model.state_dict(), out)    # or safetensors.torch.save_file(...)
+
+    * big case: a ``--size-gb`` plain state_dict of ``--tensors`` float32
+      tensors (the layout of bench_inspect.py, ``torch.manual_seed(0)``, torch
+      zip) ported into a TEMPLATE target: a second checkpoint with the same keys
+      and shapes (``torch.manual_seed(1)``, safetensors), so no model is built::
+
+          python -m surgery port big.pth --to template.safetensors --strict false -o OUT.safetensors
+          (and the same with --verify)
+
+      The plain way::
+
+          src = torch.load(p, weights_only=True, mmap=False)
+          tgt = safetensors.torch.load_file(template)
+          tgt.update({k: v for k, v in src.items() if k in tgt and v.shape == tgt[k].shape})
+          safetensors.torch.save_file(tgt, out)
+
+    plus reference rows: ``python -c "import torch"`` and
+    ``python -c "import torch, torchvision"`` (the import floors of the two
+    cases) and ``true`` (the measurement floor).
+
+    Every command runs once as a warm-up and then 3 times (round-robin over
+    the commands); the table reports the median wall time and the max peak
+    RSS. Before every run (outside the timing) the runner deletes that
+    command's output and calls ``sync()``, so no run finds its output existing
+    or pays for writing back the dirty pages of an earlier run. Page cache is
+    not dropped (that needs root): the inputs are read warm. surgery fsyncs its
+    output (atomic write); the plain ways do not, which is their usual
+    behaviour, so that cost is surgery's own.
+
+    After the timed runs, a checker child process compares the last outputs
+    tensor by tensor (same keys, dtypes, shapes and bytes): surgery's output
+    with the plain output, and every tensor loaded from the source with the
+    source tensor. resnet50's ``fc`` is not in the source at its shape: both
+    ways keep the freshly built model's random init, which differs between
+    processes (the CLI takes no seed), so those tensors are compared by shape
+    and dtype only and listed. It also checks that surgery's provenance
+    metadata holds the source's sha256.
+
+    The run records the code it measured (commit, surgery's uncommitted files,
+    a hash of their diff; before and after the timed runs) and the CPU time
+    anything else used meanwhile (busy time from /proc/stat minus the
+    benchmark's own). More than 5% of a CPU used by others, or surgery's code
+    changing mid-run, is reported as a PROBLEM (exit code 1).
+
+How peak RSS is measured
+    As in bench_inspect.py (and with its code): a lean ``python -S -I`` runner
+    forks each command and resets the child's peak RSS (``/proc/self/clear_refs``
+    ``5``) before ``exec``; ``os.wait4`` gives the child's own ``ru_maxrss``.
+    This process never imports torch (child processes make the checkpoints
+    and check the outputs). RSS includes file-backed pages: memory-mapped
+    checkpoint pages that a command touches count, as do torch's shared
+    libraries (importing torch alone peaks at several hundred MiB here, see
+    the import-floor rows).
+
+Bytecode
+    As in bench_inspect.py: by default the commands run with
+    PYTHONDONTWRITEBYTECODE unset and a fresh PYTHONPYCACHEPREFIX in the
+    temporary folder, filled by the warm-up runs; ``--env-as-is`` runs them in
+    the caller's environment unchanged.
+
+The aim
+    surgery no slower than the plain way (time ratio <= 1.0) and peak RSS well
+    under it, taken here as at most half (memory ratio <= 0.5), same case and
+    output format. The ``--verify`` row does extra work by design: it is shown
+    with its ratios but not judged. Memory above the import floor is reported
+    too, since the floor is most of the resnet50 case.
+
+How to run
+    python bench/bench_port.py                    # 1 GB big case + resnet50 (a few minutes)
+    python bench/bench_port.py --size-gb 0.1      # quick check
+    python bench/bench_port.py --skip-resnet      # big case only
+    python bench/bench_port.py --env-as-is        # no bytecode-cache fix-up
+
+    It prints a Markdown table and writes the same numbers to
+    bench/results/port.json. Inputs and outputs go to a fresh temporary folder
+    (about 5 x --size-gb + 0.6 GB of disk) that is removed at the end.
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import os
+import platform
+import resource
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from bench_inspect import RUNNER, _layout, _mib, child_env  # noqa: E402
+
+RESULTS = HERE / "results" / "port.json"
+RUNS = 3
+TIME_TARGET = 1.0  # surgery/plain wall time at most this
+MEMORY_TARGET = 0.5  # surgery/plain peak RSS at most this ("well under")
+OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
+
+RESNET_SRC = "resnet50_imagenet.pth.tar"
+RESNET_TARGET = "torchvision:resnet50?num_classes=10"
+BIG_SRC = "big.pth"
+TEMPLATE = "template.safetensors"
+
+
+# --------------------------------------------------------------------------- checkpoint making
+# Child process (`--_generate`): this process never holds torch or the tensors.
+
+
+def generate(folder: Path, size_gb: float, n_tensors: int, resnet: bool) -> dict:
+    import safetensors
+    import safetensors.torch
+    import torch
+
+    facts: dict = {"torch_version": torch.__version__, "safetensors_version": safetensors.__version__}
+    t0 = time.perf_counter()
+    layout = _layout(n_tensors, int(size_gb * 1e9))
+    torch.manual_seed(0)
+    sd = {name: torch.empty(shape, dtype=torch.float32).normal_() for name, shape in layout}
+    torch.save(sd, folder / BIG_SRC)
+    facts["big"] = {
+        "num_tensors": len(sd),
+        "tensor_bytes": sum(t.numel() * t.element_size() for t in sd.values()),
+        "source_bytes": (folder / BIG_SRC).stat().st_size,
+    }
+    del sd
+    torch.manual_seed(1)
+    template = {name: torch.empty(shape, dtype=torch.float32).normal_() for name, shape in layout}
+    safetensors.torch.save_file(template, str(folder / TEMPLATE))
+    facts["big"]["template_bytes"] = (folder / TEMPLATE).stat().st_size
+    del template
+    facts["big"]["seconds_make"] = round(time.perf_counter() - t0, 2)
+
+    if resnet:
+        import torchvision
+
+        facts["torchvision_version"] = torchvision.__version__
+        torch.manual_seed(0)
+        model = torchvision.models.resnet50(weights=None)
+        optimizer = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        for p in model.parameters():  # one step with random gradients: every parameter gets a momentum buffer
+            p.grad = torch.randn_like(p)
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        state = {"module." + k: v for k, v in model.state_dict().items()}  # as DataParallel saves it
+        torch.save(
+            {
+                "epoch": 90,
+                "arch": "resnet50",
+                "state_dict": state,
+                "best_acc1": torch.tensor(76.13),
+                "optimizer": optimizer.state_dict(),
+            },
+            folder / RESNET_SRC,
+        )
+        facts["resnet"] = {
+            "num_tensors": len(state),
+            "state_dict_bytes": sum(t.numel() * t.element_size() for t in state.values()),
+            "source_bytes": (folder / RESNET_SRC).stat().st_size,
+        }
+    return facts
+
+
+# --------------------------------------------------------------------------- checking
+# Child process (`--_check`): compares outputs tensor by tensor, memory-mapped.
+
+
+def _open_tensors(path: Path):
+    """(names in file order, name -> tensor) without reading the data up front."""
+    import torch
+
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        f = safe_open(str(path), "pt")
+        return list(f.keys()), f.get_tensor
+    sd = torch.load(path, weights_only=True, mmap=True, map_location="cpu")
+    return list(sd), sd.__getitem__
+
+
+def _same(a, b) -> bool:
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    a, b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+    if a.dtype == torch.bool:
+        a, b = a.to(torch.uint8), b.to(torch.uint8)
+    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
+
+
+def _provenance(path: Path) -> dict | None:
+    if path.suffix == ".safetensors":
+        from safetensors import safe_open
+
+        return safe_open(str(path), "pt").metadata()
+    import zipfile
+
+    with zipfile.ZipFile(path) as zf:
+        member = next((n for n in zf.namelist() if n.endswith("/.data/surgery.json")), None)
+        return json.loads(zf.read(member)) if member else None
+
+
+def check(job: dict) -> dict:
+    """Each item: surgery output vs plain output, and loaded tensors vs the source."""
+    import hashlib
+
+    import torch
+
+    results = []
+    source_cache: dict[str, tuple] = {}
+    for item in job["items"]:
+        src_path = Path(item["source"])
+        if item["source"] not in source_cache:
+            loaded = torch.load(src_path, weights_only=True, mmap=True, map_location="cpu")
+            sd = loaded[item["container"]] if item["container"] else loaded
+            sd = {k.removeprefix(item["strip"]): v for k, v in sd.items()}
+            digest = hashlib.sha256(src_path.read_bytes()).hexdigest()
+            source_cache[item["source"]] = (sd, digest)
+        src, digest = source_cache[item["source"]]
+        res: dict = {"label": item["label"], "surgery": Path(item["surgery"]).name}
+        s_names, s_get = _open_tensors(Path(item["surgery"]))
+        p_names, p_get = _open_tensors(Path(item["plain"]))
+        res["keys_equal"] = set(s_names) == set(p_names)
+        res["key_order_equal"] = s_names == p_names
+        res["num_tensors"] = len(s_names)
+        identical, differ, not_from_source, source_bad = 0, [], [], []
+        for name in s_names:
+            if name not in p_names:
+                continue
+            a, b = s_get(name), p_get(name)
+            from_source = name in src and src[name].shape == a.shape
+            if from_source:
+                if _same(a, b):
+                    identical += 1
+                else:
+                    differ.append(name)
+                if not _same(a, src[name].to(a.dtype)):
+                    source_bad.append(name)
+            else:  # random init in each process: shapes and dtypes only
+                not_from_source.append(
+                    {"name": name, "shape_dtype_equal": a.shape == b.shape and a.dtype == b.dtype}
+                )
+                if _same(a, b):
+                    identical += 1
+        res.update(
+            identical=identical,
+            differ_from_plain=differ,
+            differ_from_source=source_bad,
+            not_from_source=not_from_source,
+        )
+        meta = _provenance(Path(item["surgery"])) or {}
+        files = json.loads(meta.get("surgery.source_files", "[]"))
+        res["provenance_sha256_ok"] = any(f.get("sha256") == digest for f in files)
+        res["ok"] = (
+            res["keys_equal"]
+            and not differ
+            and not source_bad
+            and all(n["shape_dtype_equal"] for n in not_from_source)
+            and res["provenance_sha256_ok"]
+        )
+        results.append(res)
+    return {"results": results}
+
+
+# --------------------------------------------------------------------------- measuring
+# bench_inspect's runner, with its measuring code (reset_peak_rss, measure) reused as is
+# and a loop of our own: before each run, delete the command's outputs and sync().
+
+_RUNNER_DEFS, _SEP, _ = RUNNER.partition("\nwith open(sys.argv[1]) as f:")
+if not _SEP:
+    raise RuntimeError("bench_inspect.RUNNER changed: cannot reuse its measure()")
+PORT_RUNNER = (
+    _RUNNER_DEFS
+    + r"""
+def prepare(outputs):  # outside the timing
+    for p in outputs:
+        try:
+            os.unlink(p)
+        except FileNotFoundError:
+            pass
+    os.sync()
+
+with open(sys.argv[1]) as f:
+    job = json.load(f)
+rows = job["rows"]
+print(f"warm-up: one run of each of {len(rows)} commands ...", file=sys.stderr, flush=True)
+results = []
+for row in rows:
+    prepare(row["outputs"])
+    results.append({"warmup": measure(row["argv"], job["env"]), "runs": []})
+for i in range(job["runs"]):  # round-robin, so drift hits every command alike
+    print(f"run {i + 1}/{job['runs']} ...", file=sys.stderr, flush=True)
+    for row, res in zip(rows, results):
+        prepare(row["outputs"])
+        res["runs"].append(measure(row["argv"], job["env"]))
+json.dump({"clear_refs_writable": os.access("/proc/self/clear_refs", os.W_OK), "results": results}, sys.stdout)
+"""
+)
+
+
+def run_all(rows: list[dict], folder: Path, env: dict[str, str]) -> bool:
+    job = folder / "job.json"
+    job.write_text(
+        json.dumps(
+            {
+                "rows": [{"argv": r["argv"], "outputs": r["outputs"]} for r in rows],
+                "runs": RUNS,
+                "env": env,
+            }
+        )
+    )
+    proc = subprocess.run(
+        [sys.executable, "-S", "-I", "-c", PORT_RUNNER, str(job)],
+        stdout=subprocess.PIPE,
+        text=True,
+        check=True,
+    )
+    out = json.loads(proc.stdout)
+    for r, res in zip(rows, out["results"], strict=True):
+        r.update(res)
+    return out["clear_refs_writable"]
+
+
+PLAIN_RESNET = (
+    "import sys, torch, torchvision\n"
+    "p, out = sys.argv[1:3]\n"
+    "ck = torch.load(p, weights_only=True, map_location='cpu')\n"
+    "sd = {k.removeprefix('module.'): v for k, v in ck['state_dict'].items()}\n"
+    "model = torchvision.models.resnet50(num_classes=10)\n"
+    "own = model.state_dict()\n"
+    "sd = {k: v for k, v in sd.items() if k in own and v.shape == own[k].shape}\n"
+    "model.load_state_dict(sd, strict=False)\n"
+)
+SAVE_PT = "torch.save(model.state_dict(), out)\n"
+SAVE_ST = "import safetensors.torch\nsafetensors.torch.save_file(model.state_dict(), out)\n"
+PLAIN_BIG = (
+    "import sys, torch, safetensors.torch\n"
+    "p, template, out = sys.argv[1:4]\n"
+    "src = torch.load(p, weights_only=True, mmap=False)\n"
+    "tgt = safetensors.torch.load_file(template)\n"
+    "tgt.update({k: v for k, v in src.items() if k in tgt and v.shape == tgt[k].shape})\n"
+    "safetensors.torch.save_file(tgt, out)\n"
+)
+
+
+def commands(folder: Path, size_label: str, resnet: bool) -> list[dict]:
+    py = sys.executable
+    rows: list[dict] = []
+
+    def add(case, label, kind, argv, out=None, fmt="-", note=""):
+        rows.append(
+            {
+                "case": case,
+                "format": fmt,
+                "command": label,
+                "kind": kind,
+                "argv": [str(a) for a in argv],
+                "outputs": [str(out)] if out else [],
+                "note": note,
+            }
+        )
+
+    if resnet:
+        src = folder / RESNET_SRC
+        for ext, save in ((".safetensors", SAVE_ST), (".pt", SAVE_PT)):
+            case = f"resnet50 -> {ext}"
+            out_s, out_p = folder / f"resnet_surgery{ext}", folder / f"resnet_plain{ext}"
+            add(
+                case,
+                f"surgery port --to {RESNET_TARGET} --strict false",
+                "surgery",
+                [py, "-m", "surgery", "port", src, "--to", RESNET_TARGET, "--strict", "false", "-o", out_s],
+                out_s,
+                ext,
+            )
+            add(
+                case,
+                "torch.load + load_state_dict(strict=False) + "
+                + ("save_file" if ext == ".safetensors" else "torch.save"),
+                "plain",
+                [py, "-c", PLAIN_RESNET + save, src, out_p],
+                out_p,
+                ext,
+            )
+    case = f"{size_label} -> template .safetensors"
+    src, template = folder / BIG_SRC, folder / TEMPLATE
+    for verify in (False, True):
+        out_s = folder / f"big_surgery{'_verify' if verify else ''}.safetensors"
+        add(
+            case,
+            "surgery port --to TEMPLATE --strict false" + (" --verify" if verify else ""),
+            "surgery-verify" if verify else "surgery",
+            [py, "-m", "surgery", "port", src, "--to", template, "--strict", "false", "-o", out_s]
+            + (["--verify"] if verify else []),
+            out_s,
+            ".safetensors",
+            "re-reads the output and the source to compare; not judged against the aim" if verify else "",
+        )
+    out_p = folder / "big_plain.safetensors"
+    add(
+        case,
+        "torch.load(mmap=False) + load_file(template) + update + save_file",
+        "plain",
+        [py, "-c", PLAIN_BIG, src, template, out_p],
+        out_p,
+        ".safetensors",
+    )
+    add("-", "python -c 'import torch' [import floor]", "floor", [py, "-c", "import torch"])
+    if resnet:
+        add(
+            "-",
+            "python -c 'import torch, torchvision' [import floor]",
+            "floor",
+            [py, "-c", "import torch, torchvision"],
+        )
+    true = shutil.which("true")
+    if true:
+        add("-", "true [measurement floor]", "launcher", [true], note="RSS inherited from the runner")
+    return rows
+
+
+def check_items(folder: Path, rows: list[dict]) -> list[dict]:
+    items = []
+    for r in rows:
+        if not r["kind"].startswith("surgery"):
+            continue
+        plain = next(p for p in rows if p["case"] == r["case"] and p["kind"] == "plain")
+        resnet = r["case"].startswith("resnet")
+        items.append(
+            {
+                "label": f"{r['case']}: {r['command']}",
+                "source": str(folder / (RESNET_SRC if resnet else BIG_SRC)),
+                "container": "state_dict" if resnet else None,
+                "strip": "module." if resnet else "",
+                "surgery": r["outputs"][0],
+                "plain": plain["outputs"][0],
+            }
+        )
+    return items
+
+
+# --------------------------------------------------------------------------- reporting
+
+
+def _ratio(x: float | None) -> str:
+    return "-" if x is None else f"{x:.2f}"
+
+
+def table(rows: list[dict]) -> str:
+    lines = [
+        "| case | command | median wall s | peak RSS MiB | surgery/plain time ratio | surgery/plain memory ratio |",
+        "|---|---|---:|---:|---:|---:|",
+    ]
+    for r in rows:
+        if r.get("failed"):
+            wall, rss = f"FAILED ({r['failed']})", "-"
+        else:
+            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
+        lines.append(
+            f"| {r['case']} | `{r['command']}` | {wall} | {rss} | "
+            f"{_ratio(r.get('time_ratio'))} | {_ratio(r.get('memory_ratio'))} |"
+        )
+    return "\n".join(lines)
+
+
+def _child(args: list[str]) -> dict:
+    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
+    if proc.returncode != 0:
+        sys.stderr.write(proc.stderr)
+        raise SystemExit(f"child {args[0]} failed (exit {proc.returncode})")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def busy_cpu_seconds() -> float | None:
+    """CPU time the whole machine has spent busy since boot (/proc/stat), in seconds."""
+    try:
+        with open("/proc/stat") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
+    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
+
+
+def own_cpu_seconds() -> float:
+    """CPU time of this process and every waited-for child (the runner and its commands)."""
+    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
+    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
+
+
+def code_state() -> dict:
+    """The commit measured, and surgery's files changed since (uncommitted work is measured as it stands)."""
+    repo = HERE.parent
+
+    def git(*argv: str) -> str | None:
+        proc = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
+        return proc.stdout.strip() if proc.returncode == 0 else None
+
+    changed = (git("diff", "--name-only", "HEAD", "--", "surgery") or "").split()
+    changed += (git("ls-files", "--others", "--exclude-standard", "--", "surgery") or "").split()
+    diff = subprocess.run(["git", "-C", str(repo), "diff", "HEAD", "--", "surgery"], capture_output=True)
+    return {
+        "commit": git("rev-parse", "HEAD"),
+        "surgery_changed_files": changed,
+        "surgery_diff_sha256": hashlib.sha256(diff.stdout).hexdigest() if diff.returncode == 0 else None,
+    }
+
+
+def machine(folder: Path, facts: dict) -> dict:
+    mem_kib = None
+    try:
+        with open("/proc/meminfo") as f:
+            mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
+    except (OSError, StopIteration, ValueError):
+        pass
+    cpu = None
+    try:
+        with open("/proc/cpuinfo") as f:
+            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        pass
+    fs = None
+    df = subprocess.run(["df", "-T", str(folder)], capture_output=True, text=True)
+    if df.returncode == 0 and len(df.stdout.splitlines()) > 1:
+        fs = df.stdout.splitlines()[1].split()[1]
+    return {
+        "nproc": os.cpu_count(),
+        "cpu": cpu,
+        "mem_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
+        "tmp_filesystem": fs,
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "torch": facts["torch_version"],
+        "torchvision": facts.get("torchvision_version"),
+        "safetensors": facts["safetensors_version"],
+    }
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--size-gb", type=float, default=1.0, help="big checkpoint size in GB (10^9 bytes)")
+    parser.add_argument("--tensors", type=int, default=300, help="tensors in the big checkpoint")
+    parser.add_argument("--skip-resnet", action="store_true", help="only the big (template) case")
+    parser.add_argument(
+        "--env-as-is",
+        action="store_true",
+        help="run the commands in this environment exactly (by default they get a bytecode cache)",
+    )
+    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
+    parser.add_argument("--_check", metavar="JOB", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+
+    if args._generate:
+        facts = generate(Path(args._generate), args.size_gb, args.tensors, not args.skip_resnet)
+        print(json.dumps(facts))
+        return 0
+    if args._check:
+        print(json.dumps(check(json.loads(Path(args._check).read_text()))))
+        return 0
+
+    folder = Path(tempfile.mkdtemp(prefix="bench_port_"))
+    try:
+        print(
+            f"making a {args.size_gb} GB checkpoint of {args.tensors} tensors, its template"
+            + ("" if args.skip_resnet else " and the resnet50 checkpoint")
+            + f", in {folder} ...",
+            flush=True,
+        )
+        gen = ["--_generate", str(folder), "--size-gb", str(args.size_gb), "--tensors", str(args.tensors)]
+        facts = _child(gen + (["--skip-resnet"] if args.skip_resnet else []))
+        big = facts["big"]
+        print(
+            f"  big: {big['num_tensors']} tensors, {big['tensor_bytes'] / 1e9:.3f} GB float32; "
+            f"source {big['source_bytes'] / 2**20:.0f} MiB, template {big['template_bytes'] / 2**20:.0f} MiB "
+            f"(made in {big['seconds_make']} s)",
+            flush=True,
+        )
+        if "resnet" in facts:
+            rn = facts["resnet"]
+            print(
+                f"  resnet50: {rn['num_tensors']} state_dict tensors ({rn['state_dict_bytes'] / 2**20:.0f} MiB), "
+                f"file with momentum buffers {rn['source_bytes'] / 2**20:.0f} MiB",
+                flush=True,
+            )
+
+        env, bytecode = child_env(folder, args.env_as_is)
+        print(f"  bytecode cache for the commands: {bytecode}", flush=True)
+        size_label = f"{big['tensor_bytes'] / 1e9:.2f} GB"
+        rows = commands(folder, size_label, not args.skip_resnet)
+        code_before = code_state()
+        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        clear_refs_ok = run_all(rows, folder, env)
+        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        code_after = code_state()
+        load = {"wall_s": round(wall1 - wall0, 1), "benchmark_cpu_s": round(own1 - own0, 1)}
+        if busy0 is not None and busy1 is not None:
+            load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
+            load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
+
+        problems = []
+        for r in rows:
+            codes = sorted({run["exit"] for run in r["runs"] + [r["warmup"]]} - {0})
+            if codes:
+                r["failed"] = f"exit {codes[0]}"
+                problems.append(f"{r['case']} {r['command']}: exit {codes}")
+            r["median_s"] = statistics.median(run["wall_s"] for run in r["runs"])
+            r["max_rss_kib"] = max(run["rss_kib"] for run in r["runs"])
+        floors = {r["command"]: r for r in rows if r["kind"] == "floor"}
+        torch_floor = next((r for c, r in floors.items() if "torchvision" not in c), None)
+        tv_floor = next((r for c, r in floors.items() if "torchvision" in c), None)
+        aims = []
+        for r in rows:
+            if not r["kind"].startswith("surgery"):
+                continue
+            plain = next(p for p in rows if p["case"] == r["case"] and p["kind"] == "plain")
+            if r.get("failed") or plain.get("failed"):
+                continue
+            r["time_ratio"] = r["median_s"] / plain["median_s"]
+            r["memory_ratio"] = r["max_rss_kib"] / plain["max_rss_kib"]
+            floor = tv_floor if r["case"].startswith("resnet") else torch_floor
+            above = None
+            if floor and plain["max_rss_kib"] > floor["max_rss_kib"]:
+                above = (r["max_rss_kib"] - floor["max_rss_kib"]) / (
+                    plain["max_rss_kib"] - floor["max_rss_kib"]
+                )
+            r["memory_ratio_above_floor"] = above
+            r["floor"] = floor["command"] if floor else None
+            aims.append(
+                {
+                    "case": r["case"],
+                    "command": r["command"],
+                    "judged": r["kind"] == "surgery",
+                    "time_ratio": r["time_ratio"],
+                    "time_ok": r["time_ratio"] <= TIME_TARGET,
+                    "memory_ratio": r["memory_ratio"],
+                    "memory_ok": r["memory_ratio"] <= MEMORY_TARGET,
+                    "memory_ratio_above_import_floor": above,
+                    "surgery_above_floor_mib": _mib(r["max_rss_kib"] - floor["max_rss_kib"])
+                    if floor
+                    else None,
+                    "plain_above_floor_mib": _mib(plain["max_rss_kib"] - floor["max_rss_kib"])
+                    if floor
+                    else None,
+                }
+            )
+
+        print("checking the outputs tensor by tensor ...", flush=True)
+        job = folder / "check.json"
+        job.write_text(json.dumps({"items": check_items(folder, rows)}))
+        checks = _child(["--_check", str(job)])["results"]
+        for c in checks:
+            if not c["ok"]:
+                problems.append(f"check {c['label']}: {c}")
+
+        mach = machine(folder, facts)
+        print()
+        print(
+            f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB, {mach['tmp_filesystem']} temp folder; "
+            f"Python {mach['python']}, torch {mach['torch']}, torchvision {mach['torchvision']}, "
+            f"safetensors {mach['safetensors']}. Median of {RUNS} runs after 1 warm-up; inputs warm in the "
+            "page cache; outputs deleted and sync() before every run."
+        )
+        print(f"Bytecode cache: {bytecode}.")
+        changed = code_before["surgery_changed_files"]
+        print(
+            f"surgery at commit {(code_before['commit'] or '?')[:10]}"
+            + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
+            + "."
+        )
+        other = load.get("other_cpu_s")
+        if other is not None:
+            print(
+                f"CPU during the timed runs: {load['benchmark_cpu_s']} s by the benchmark's commands, "
+                f"{other} s by anything else, in {load['wall_s']} s of wall time."
+            )
+            if other > OTHER_CPU_LIMIT * load["wall_s"]:
+                problems.append(
+                    f"other processes used {other} CPU-seconds during the {load['wall_s']} s of timed runs: "
+                    "the times are disturbed, rerun on a quiet machine"
+                )
+        if code_after != code_before:
+            problems.append("surgery's code changed while the benchmark ran: rerun it")
+        print()
+        print(table(rows))
+        print()
+        print(
+            "- ratios: surgery median wall time / plain median wall time, and surgery peak RSS / plain "
+            "peak RSS, same case and output format."
+        )
+        floor_row = next((r for r in rows if r["kind"] == "launcher"), None)
+        if floor_row:
+            print(
+                f"- peak RSS is the child's own ru_maxrss (os.wait4), file-backed pages included; measurement "
+                f"floor {_mib(floor_row['max_rss_kib']):.1f} MiB (`true` launched the same way)."
+            )
+        if not clear_refs_ok:
+            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
+        for a in aims:
+            above = a["memory_ratio_above_import_floor"]
+            verdict = (
+                f"time {'met' if a['time_ok'] else 'MISSED'} (<= {TIME_TARGET:.2f}), "
+                f"memory {'met' if a['memory_ok'] else 'MISSED'} (<= {MEMORY_TARGET:.2f})"
+                if a["judged"]
+                else "not judged (--verify does extra work)"
+            )
+            extra = (
+                f"; above the import floor: surgery {a['surgery_above_floor_mib']:.0f} MiB vs plain "
+                f"{a['plain_above_floor_mib']:.0f} MiB (ratio {above:.2f})"
+                if above is not None
+                else ""
+            )
+            print(
+                f"- aim {a['case']} `{a['command']}`: time ratio {a['time_ratio']:.3f}, memory ratio "
+                f"{a['memory_ratio']:.3f}: {verdict}{extra}"
+            )
+        for c in checks:
+            nfs = ", ".join(n["name"] for n in c["not_from_source"])
+            print(
+                f"- check {c['label']}: {'ok' if c['ok'] else 'FAILED'}: {c['identical']}/{c['num_tensors']} "
+                f"tensors bit-identical to the plain output"
+                + (f" (not from the source, random init in each process: {nfs})" if nfs else "")
+                + f"; loaded tensors equal the source: {not c['differ_from_source']}; "
+                f"key order equal: {c['key_order_equal']}; source sha256 in metadata: {c['provenance_sha256_ok']}"
+            )
+        for p in problems:
+            print(f"- PROBLEM: {p}")
+
+        RESULTS.parent.mkdir(parents=True, exist_ok=True)
+        out = {
+            "benchmark": "port",
+            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            "machine": mach,
+            "code": {"before": code_before, "after": code_after},
+            "cpu_during_runs": load,
+            "params": {
+                "size_gb": args.size_gb,
+                "tensors": args.tensors,
+                "skip_resnet": args.skip_resnet,
+                "runs": RUNS,
+                "warmup_runs": 1,
+                "env_as_is": args.env_as_is,
+                "bytecode_cache": bytecode,
+            },
+            "inputs": facts,
+            "warm_cache": True,
+            "between_runs": "the command's output deleted, then sync(), outside the timing",
+            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
+            "and /proc/self/clear_refs 5 before exec",
+            "clear_refs_writable": clear_refs_ok,
+            "rows": [
+                {
+                    "case": r["case"],
+                    "format": r["format"],
+                    "command": r["command"],
+                    "kind": r["kind"],
+                    "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
+                    "note": r["note"],
+                    "median_wall_s": r["median_s"],
+                    "peak_rss_kib": r["max_rss_kib"],
+                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
+                    "time_ratio": r.get("time_ratio"),
+                    "memory_ratio": r.get("memory_ratio"),
+                    "memory_ratio_above_import_floor": r.get("memory_ratio_above_floor"),
+                    "failed": r.get("failed"),
+                    "runs": r["runs"],
+                    "warmup": r["warmup"],
+                }
+                for r in rows
+            ],
+            "aim": {
+                "time_ratio_at_most": TIME_TARGET,
+                "memory_ratio_at_most": MEMORY_TARGET,
+                "results": aims,
+            },
+            "checks": checks,
+            "problems": problems,
+            "table_markdown": table(rows),
+        }
+        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
+        print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
+        return 1 if problems else 0
+    finally:
+        shutil.rmtree(folder, ignore_errors=True)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -23,13 +23,24 @@ from surgery.errors import (
 )
 from surgery.safety import Finding
 
+_LAZY = {
+    "port": "surgery.porting",
+    "PortReport": "surgery.porting",
+    "PortFailed": "surgery.porting",
+    "PortOptions": "surgery.porting",
+    "load_ready": "surgery.recipe",
+    "Ready": "surgery.recipe",
+    "Recipe": "surgery.recipe",
+    "set_lr": "surgery.finetune",
+}
+
 
 def __getattr__(name: str):
-    """`surgery.port` and its report types, imported on first use (they need torch)."""
-    if name in ("port", "PortReport", "PortFailed", "PortOptions"):
+    """The port and fine-tune calls, imported on first use: `import surgery` stays light."""
+    if name in _LAZY:
         import importlib
 
-        return getattr(importlib.import_module("surgery.porting"), name)
+        return getattr(importlib.import_module(_LAZY[name]), name)
     raise AttributeError(f"module 'surgery' has no attribute {name!r}")
 
 
@@ -46,6 +57,8 @@ __all__ = [
     "TensorInfo",
     "UnsupportedTensor",
     "UsageError",
+    "load_ready",
     "open_checkpoint",
     "port",
+    "set_lr",
 ]

@@ -165,59 +165,132 @@ def _strictness(value: str, no_strict: bool) -> bool:
     return truth[value.lower()]
 
 
+ListOpt = Optional[list[str]]  # noqa: UP045
+
+
 @app.command()
 @handles_errors
 def port(
     source: Annotated[
-        Path, typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False)
-    ],
+        Optional[Path],
+        typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False),
+    ] = None,  # noqa: UP045
     to: Annotated[
-        str,
+        Optional[str],
         typer.Option(
             "--to",
             help="torchvision:NAME, timm:NAME, package.module:callable (with ?k=v&...), or a checkpoint as template.",
             show_default=False,
         ),
-    ],
+    ] = None,  # noqa: UP045
     out: Annotated[
         Optional[Path], typer.Option("--out", "-o", help="Output file: .safetensors, or a torch file.")
     ] = None,  # noqa: UP045
     arg: Annotated[
-        Optional[list[str]], typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
-    ] = None,  # noqa: UP045
+        ListOpt, typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
+    ] = None,
     strict: Annotated[
-        str,
+        Optional[str],
         typer.Option(
-            "--strict", help="true: refuse unless every key matches (as torch); false: load what matches."
+            "--strict",
+            help="true (default): refuse unless every key matches, as torch; false: load what matches.",
         ),
-    ] = "true",
+    ] = None,  # noqa: UP045
     no_strict: Annotated[bool, typer.Option("--no-strict", help="The same as --strict false.")] = False,
-    match: Annotated[str, typer.Option("--match", help="exact, suffix, order or auto.")] = "exact",
+    match: Annotated[
+        Optional[str], typer.Option("--match", help="exact (default), suffix, order or auto.")
+    ] = None,  # noqa: UP045
     rename: Annotated[
-        Optional[list[str]],
-        typer.Option("--rename", help="REGEX=REPL applied to every key, in order (repeatable)."),
-    ] = None,  # noqa: UP045
+        ListOpt, typer.Option("--rename", help="REGEX=REPL applied to every key, in order (repeatable).")
+    ] = None,
     strip_prefix: Annotated[
-        Optional[list[str]],
-        typer.Option("--strip-prefix", help="Remove this prefix from source keys (repeatable)."),
-    ] = None,  # noqa: UP045
+        ListOpt, typer.Option("--strip-prefix", help="Remove this prefix from source keys (repeatable).")
+    ] = None,
     add_prefix: Annotated[
         Optional[str], typer.Option("--add-prefix", help="Add this prefix to every source key.")
     ] = None,  # noqa: UP045
     include: Annotated[
-        Optional[list[str]],
-        typer.Option("--include", help="Only source keys matching this glob (repeatable)."),
-    ] = None,  # noqa: UP045
+        ListOpt, typer.Option("--include", help="Only source keys matching this glob (repeatable).")
+    ] = None,
     exclude: Annotated[
-        Optional[list[str]],
-        typer.Option("--exclude", help="Leave out source keys matching this glob (repeatable)."),
-    ] = None,  # noqa: UP045
+        ListOpt, typer.Option("--exclude", help="Leave out source keys matching this glob (repeatable).")
+    ] = None,
     reshape: Annotated[
         bool,
         typer.Option("--reshape", help="Load pairs of equal size but different shape (Linear <-> 1x1 conv)."),
     ] = False,
     key: Annotated[
         Optional[str], typer.Option("--key", "-k", help="Where the source's state_dict sits, dotted.")
+    ] = None,  # noqa: UP045
+    replace: Annotated[
+        ListOpt,
+        typer.Option(
+            "--replace",
+            help="PATH=SPEC: put a torch.nn module spec at PATH; * is its input width (repeatable).",
+        ),
+    ] = None,
+    add: Annotated[
+        ListOpt,
+        typer.Option(
+            "--add", help="PATH=SPEC: add a module; an index into a Sequential inserts it there (repeatable)."
+        ),
+    ] = None,
+    delete: Annotated[ListOpt, typer.Option("--delete", help="PATH: remove a module (repeatable).")] = None,
+    rename_module: Annotated[
+        ListOpt, typer.Option("--rename-module", help="PATH=NAME: rename a submodule (repeatable).")
+    ] = None,
+    extract: Annotated[
+        Optional[str],
+        typer.Option("--extract", help="PATH[,PATH...]: keep only these submodules (a backbone)."),
+    ] = None,  # noqa: UP045
+    drop: Annotated[
+        Optional[str],
+        typer.Option(
+            "--drop", help="NAME[,NAME...]: keep every top-level module but these (resnet: avgpool,fc)."
+        ),
+    ] = None,  # noqa: UP045
+    num_classes: Annotated[
+        Optional[int], typer.Option("--num-classes", min=1, help="Replace the classifier for N classes.")
+    ] = None,  # noqa: UP045
+    in_chans: Annotated[
+        Optional[int], typer.Option("--in-chans", min=1, help="Adapt the first conv to N input channels.")
+    ] = None,  # noqa: UP045
+    init: Annotated[
+        Optional[str],
+        typer.Option("--init", help="default, kaiming, xavier, normal or zeros: for new modules."),
+    ] = None,  # noqa: UP045
+    freeze: Annotated[
+        ListOpt,
+        typer.Option("--freeze", help="Freeze parameters matching GLOB (repeatable; before --unfreeze)."),
+    ] = None,
+    unfreeze: Annotated[
+        ListOpt, typer.Option("--unfreeze", help="Unfreeze parameters matching GLOB (repeatable).")
+    ] = None,
+    freeze_bn: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-bn", help="Keep BatchNorm statistics fixed (eval mode) and its parameters frozen."
+        ),
+    ] = False,
+    lr: Annotated[
+        ListOpt,
+        typer.Option(
+            "--lr",
+            help="[NAME:]GLOB=VALUE: a named optimizer group's learning rate; first match wins (repeatable).",
+        ),
+    ] = None,
+    base_lr: Annotated[
+        Optional[float], typer.Option("--base-lr", help="Learning rate of the other trainable parameters.")
+    ] = None,  # noqa: UP045
+    weight_decay: Annotated[
+        Optional[float], typer.Option("--weight-decay", help="Weight decay, none on biases and norm weights.")
+    ] = None,  # noqa: UP045
+    layer_decay: Annotated[
+        Optional[float],
+        typer.Option("--layer-decay", help="Layer-wise learning-rate decay from the head down."),
+    ] = None,  # noqa: UP045
+    recipe: Annotated[
+        Optional[Path], typer.Option("--recipe", help="A TOML file with these fields (flags given here win).")
     ] = None,  # noqa: UP045
     dry_run: Annotated[bool, typer.Option("--dry-run", help="Show the plan; write nothing.")] = False,
     plan_out: Annotated[
@@ -236,53 +309,60 @@ def port(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Map, filter and match a checkpoint's keys into a target architecture; report; save.
+    """Map, filter and match a checkpoint's keys into a (possibly edited) target; report; save.
 
     Exit code 1 when a strict port finds anything missing, unexpected or mismatched
     (the report is printed, nothing is written); 2 on bad usage.
     """
     from surgery import report as render
-    from surgery.errors import UsageError
-    from surgery.porting import PortFailed, make_options, port_checkpoint, read_plan
+    from surgery.porting import PortFailed, port_from_fields
+    from surgery.recipe import read_recipe_file
 
-    strict_on = _strictness(strict, no_strict)
-    if out is None and not dry_run:
-        raise UsageError("--out", "say where to write the result (-o OUT), or pass --dry-run")
-    if plan is not None and (rename or strip_prefix or add_prefix or include or exclude or match != "exact"):
-        raise UsageError(
-            "--plan",
-            "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, --include and --exclude",
-        )
-    options = make_options(
-        match,
-        rename or [],
-        strip_prefix or [],
-        add_prefix,
-        include or [],
-        exclude or [],
-        reshape,
-        key,
-        read_plan(plan) if plan is not None else None,
-    )
+    flags = {
+        "source": str(source) if source else None,
+        "to": to,
+        "out": str(out) if out else None,
+        "args": arg,
+        "strict": False if no_strict else (_strictness(strict, False) if strict is not None else None),
+        "match": match,
+        "rename": rename,
+        "strip_prefix": strip_prefix,
+        "add_prefix": add_prefix,
+        "include": include,
+        "exclude": exclude,
+        "reshape": reshape or None,
+        "key": key,
+        "replace": replace,
+        "add": add,
+        "delete": delete,
+        "rename_module": rename_module,
+        "extract": extract,
+        "drop": drop,
+        "num_classes": num_classes,
+        "in_chans": in_chans,
+        "init": init,
+        "freeze": freeze,
+        "unfreeze": unfreeze,
+        "freeze_bn": freeze_bn or None,
+        "lr": lr,
+        "base_lr": base_lr,
+        "weight_decay": weight_decay,
+        "layer_decay": layer_decay,
+        "verify": verify or None,
+    }
+    fields = read_recipe_file(recipe) if recipe is not None else {}
+    fields.update({k: v for k, v in flags.items() if v is not None})
     try:
-        result = port_checkpoint(
-            source,
-            to,
-            out,
-            options,
-            args=arg or [],
-            strict=strict_on,
-            dry_run=dry_run,
-            force=force,
-            verify=verify,
-            trust=trust,
-            plan_out=plan_out,
+        result = port_from_fields(
+            fields, dry_run=dry_run, force=force, trust=trust, plan=plan, plan_out=plan_out
         )
     except PortFailed as failed:
         _show_port(failed.report, json_out, render)
         sys.stdout.flush()
         raise
     _show_port(result, json_out, render)
+    for warning in result.finetune.warnings if result.finetune else ():
+        typer.echo(f"warning: {warning}", err=True)
 
 
 def _show_port(result, json_out: bool, render) -> None:

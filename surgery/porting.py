@@ -20,8 +20,11 @@ from typing import TYPE_CHECKING, Any
 from surgery import __version__, keys
 from surgery.arch import Target, build_target, target_of_module
 from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.errors import SurgeryError, UsageError
+from surgery.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
 from surgery.match import MODES, Entry, MatchError, Pair, PortPlan, auto_strip, judge, pair
+from surgery.recipe import RECIPE_KEY, Recipe
 
 if TYPE_CHECKING:
     import torch
@@ -84,6 +87,8 @@ class PortReport:
     written: bool = False
     verified: int | None = None  # tensors re-read and found bit-identical
     notes: tuple[str, ...] = field(default=())
+    edits: tuple[str, ...] = field(default=())  # what each edit did, in order
+    finetune: FinetuneSummary | None = None
 
     @property
     def loaded(self) -> set[str]:
@@ -155,6 +160,8 @@ class PortReport:
             "written": self.written,
             "verified": self.verified,
             "notes": list(self.notes),
+            "edits": list(self.edits),
+            "finetune": self.finetune.to_json() if self.finetune else None,
         }
 
 
@@ -406,8 +413,16 @@ def port_checkpoint(
     verify: bool = False,
     trust: bool = False,
     plan_out: str | Path | None = None,
+    edits: Sequence[Edit] = (),
+    init: str | None = None,
+    finetune: FinetunePlan | None = None,
 ) -> PortReport:
-    """`surgery port`: build the target, plan, load, write the target's complete state_dict.
+    """`surgery port`: build and edit the target, plan, load, write its complete state_dict.
+
+    The target is built, edited (`edits`, except `in_chans`, with new modules
+    initialised by `init`), then the source is matched into the edited target and
+    loaded; `in_chans` then adapts the loaded first conv. With a `finetune` plan
+    (or any edit) the output carries the recipe `surgery.load_ready` replays.
 
     Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
     (PortFailed). The output holds CPU tensors, whatever device the source recorded.
@@ -427,44 +442,88 @@ def port_checkpoint(
     if target.template is not None:
         for path in writes:
             check_destination(path, list(target.template.files), force=force)
+    finetune = finetune or FinetunePlan()
+    target, edit_steps = _edit_target(target, edits, init)
+    summary = _finetune_summary(target, finetune)
     plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
+    report = replace(report, edits=tuple(edit_steps), finetune=summary)
     if plan_out is not None:
         _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
     if strict and not plan.complete:
         raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
     if dry_run or out_path is None:
         return replace(report, notes=("--dry-run",))
-    output = Output(ckpt, target, plan)
+    transformed: set[str] = set()
+    if target.module is not None:
+        load_into(target.module, ckpt, plan)
+        for edit in (e for e in edits if e.op == "in_chans"):
+            _, _, text = apply(target.module, edit, adapt_weights=True)
+            transformed.add(first_conv(target.module) + ".weight")
+            report = replace(report, edits=(*report.edits, text))
+        target = target_of_module(target.module, target.spec, target.kwargs)
+    output = Output(ckpt, target, plan, transformed)
     checked: list[int] = []
 
     def check(written: Path) -> None:  # runs before the rename: a file that fails is never put in place
         checked.append(verify_output(written, output, where=out_path))
 
     metadata = provenance(ckpt, target, report)
+    if edits or init or not finetune.empty:
+        recipe = Recipe(target.spec, tuple(edits), init, finetune, {m.source: m.target for m in plan.matched})
+        metadata[RECIPE_KEY] = json.dumps(recipe.to_json())
     write_state_dict(
         out_path, target.entries, output.get, metadata, done=output.release, check=check if verify else None
     )
     return replace(report, written=True, verified=checked[0] if checked else None)
 
 
+def _edit_target(target: Target, edits: Sequence[Edit], init: str | None) -> tuple[Target, list[str]]:
+    """Apply the structural edits (all but in_chans) and initialise what they created."""
+    structural = [e for e in edits if e.op != "in_chans"]
+    if not edits and not init:
+        return target, []
+    if target.module is None:
+        raise UsageError(
+            target.spec,
+            "edits need a built target (torchvision, timm or a factory), not a template checkpoint",
+        )
+    module, created, steps = target.module, [], []
+    for edit in structural:
+        module, paths, text = apply(module, edit)
+        created += paths
+        steps.append(text)
+    if init and created:
+        for path in created:
+            initialise(get_module(module, path), init)
+        steps.append(f"initialised {', '.join(created)} ({init})")
+    return target_of_module(module, target.spec, target.kwargs), steps
+
+
+def _finetune_summary(target: Target, plan: FinetunePlan) -> FinetuneSummary | None:
+    if plan.empty:
+        return None
+    if target.module is None:
+        raise UsageError(target.spec, "a fine-tune plan needs a built target, not a template checkpoint")
+    warnings = apply_freeze(target.module, plan)
+    groups, more = param_groups(target.module, plan)
+    return summarize(target.module, groups, warnings + more, plan)
+
+
 class Output:
     """The target's complete state_dict, one tensor at a time.
 
-    A built target is loaded first and gives its own tensors. A template target
-    gives the template's tensors with matched keys taken from the source, built
-    when asked for; both files stay memory-mapped and `release` gives their
-    pages back, so memory follows the largest tensor, not the checkpoint.
+    A built target (already loaded) gives its own tensors. A template target gives
+    the template's tensors with matched keys taken from the source, built when
+    asked for; both files stay memory-mapped and `release` gives their pages back,
+    so memory follows the largest tensor, not the checkpoint.
     """
 
-    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan):
+    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan, transformed: set[str] = frozenset()):
         self.ckpt, self.target, self.plan = ckpt, target, plan
-        self.by_target = {m.target: m for m in plan.matched}
+        self.by_target = {m.target: m for m in plan.matched if m.target not in transformed}
         self.dtypes = {e.name: e.dtype for e in target.entries}
-        self.state = None
-        if target.module is not None:
-            load_into(target.module, ckpt, plan)
-            self.state = target.module.state_dict()
+        self.state = target.module.state_dict() if target.module is not None else None
 
     def get(self, name: str) -> torch.Tensor:
         if self.state is not None:
@@ -477,7 +536,8 @@ class Output:
         return self.source_of(name)
 
     def source_of(self, name: str) -> torch.Tensor | None:
-        """The source tensor a target key is loaded from, shaped and cast as the target's."""
+        """The source tensor a target key is loaded from, shaped and cast as the target's
+        (None for keys not loaded, or changed after loading such as an adapted first conv)."""
         m = self.by_target.get(name)
         if m is None:
             return None
@@ -592,3 +652,104 @@ def read_plan(path: str | Path) -> dict[str, str]:
     ):
         raise UsageError(path, 'the plan needs a "mapping" object of source key -> target key')
     return mapping
+
+
+# -- requests from flags or a recipe file -------------------------------------------
+def edits_from_fields(fields: dict[str, Any]) -> list[Edit]:
+    """Edits in the order they apply: a recipe's `edits` table as written, then the
+    flags' edits by kind (extract, drop, delete, replace, add, rename), then the head
+    (`num_classes`) and the input (`in_chans`)."""
+    edits = [Edit.from_json(e) for e in fields.get("edits", [])]
+    if fields.get("extract"):
+        edits.append(Edit("extract", spec=fields["extract"]))
+    if fields.get("drop"):
+        edits.append(Edit("without", spec=fields["drop"]))
+    edits += [Edit("delete", path) for path in fields.get("delete", [])]
+    for op, flag in (("replace", "--replace"), ("add", "--add"), ("rename", "--rename-module")):
+        for text in fields.get(op if op != "rename" else "rename_module", []):
+            path, sep, spec = text.partition("=")
+            if not sep or not path or not spec:
+                raise UsageError(flag, f"{text!r} is not PATH=SPEC")
+            edits.append(Edit(op, path.strip(), spec.strip()))
+    if fields.get("num_classes") is not None:
+        edits.append(Edit("num_classes", value=int(fields["num_classes"])))
+    if fields.get("in_chans") is not None:
+        edits.append(Edit("in_chans", value=int(fields["in_chans"])))
+    return edits
+
+
+def finetune_from_fields(fields: dict[str, Any]) -> FinetunePlan:
+    """Freeze rules first, then unfreeze rules (each in the order given); `lr` rules in order."""
+    from surgery.finetune import LrRule
+
+    lr = fields.get("lr") or []
+    rules = [f"{k}={v}" for k, v in lr.items()] if isinstance(lr, dict) else list(lr)
+    return FinetunePlan(
+        tuple(("freeze", g) for g in fields.get("freeze") or [])
+        + tuple(("unfreeze", g) for g in fields.get("unfreeze") or []),
+        bool(fields.get("freeze_bn")),
+        tuple(LrRule.parse(r) for r in rules),
+        fields.get("base_lr"),
+        fields.get("weight_decay"),
+        fields.get("layer_decay"),
+    )
+
+
+def port_from_fields(
+    fields: dict[str, Any],
+    *,
+    dry_run: bool = False,
+    force: bool = False,
+    trust: bool = False,
+    plan: str | Path | None = None,
+    plan_out: str | Path | None = None,
+) -> PortReport:
+    """`surgery port` from its flags, or from a recipe file's fields (the same names)."""
+    from surgery.edit import INIT_SCHEMES
+
+    if not fields.get("source"):
+        raise UsageError("SRC", "name the checkpoint to port (or `source` in the recipe)")
+    if not fields.get("to"):
+        raise UsageError("--to", "name the target (or `to` in the recipe)")
+    if fields.get("out") is None and not dry_run:
+        raise UsageError("--out", "say where to write the result (-o OUT), or pass --dry-run")
+    matching = ("rename", "strip_prefix", "add_prefix", "include", "exclude")
+    if plan is not None and (any(fields.get(f) for f in matching) or fields.get("match", "exact") != "exact"):
+        raise UsageError(
+            "--plan",
+            "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, --include and --exclude",
+        )
+    init = fields.get("init")
+    if init is not None and init not in INIT_SCHEMES:
+        raise UsageError("--init", f"{init!r} is not one of {', '.join(INIT_SCHEMES)}")
+    args = fields.get("args") or []
+    if isinstance(args, dict):
+        args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
+    options = make_options(
+        fields.get("match") or "exact",
+        fields.get("rename") or [],
+        fields.get("strip_prefix") or [],
+        fields.get("add_prefix"),
+        fields.get("include") or [],
+        fields.get("exclude") or [],
+        bool(fields.get("reshape")),
+        fields.get("key"),
+        read_plan(plan) if plan is not None else None,
+    )
+    strict = fields.get("strict")
+    return port_checkpoint(
+        fields["source"],
+        fields["to"],
+        fields.get("out"),
+        options,
+        args=args,
+        strict=True if strict is None else bool(strict),
+        dry_run=dry_run,
+        force=force,
+        verify=bool(fields.get("verify")),
+        trust=trust,
+        plan_out=plan_out,
+        edits=edits_from_fields(fields),
+        init=init,
+        finetune=finetune_from_fields(fields),
+    )

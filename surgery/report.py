@@ -19,6 +19,7 @@ from surgery.safety import SEVERITIES
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from surgery.finetune import FinetuneSummary
     from surgery.porting import PortReport
 
 JSON_VERSION = 1
@@ -161,7 +162,9 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         )
     meta = ckpt.metadata.get("metadata")
     if meta:
-        rows.append(("metadata", [f"{k}: {v[:80]}" for k, v in list(meta.items())[:10]]))
+        shown = [f"{k}: {v[:80]}" for k, v in list(meta.items())[:12] if k != "surgery.recipe"]
+        rows.append(("metadata", shown))
+        rows.extend(recipe_rows(meta))
     if ckpt.format == "sharded":
         rows.append(
             (
@@ -182,6 +185,36 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
     tree = keys.build_tree((t.name, t.numel) for t in tensors)
     title = str(ckpt.path)
     return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings)
+
+
+def recipe_rows(meta: dict[str, str]) -> list[tuple[str, list[str]]]:
+    """A fine-tune-ready file's recipe, as `surgery.load_ready` will replay it."""
+    from surgery.recipe import recipe_of
+
+    try:
+        recipe = recipe_of({"metadata": meta})
+    except (ValueError, KeyError, TypeError):
+        return [("recipe", ["present but not readable"])]
+    if recipe is None:
+        return []
+    plan = recipe.finetune
+    lines = [f"target {recipe.target}"]
+    lines += [f"edit: {e}" for e in recipe.edits]
+    if recipe.init:
+        lines.append(f"init new modules: {recipe.init}")
+    lines += [f"{action} {glob}" for action, glob in plan.freeze]
+    if plan.freeze_bn:
+        lines.append("freeze BatchNorm statistics")
+    lines += [f"lr {rule}" for rule in plan.lr]
+    for label, value in (
+        ("base lr", plan.base_lr),
+        ("weight decay", plan.weight_decay),
+        ("layer decay", plan.layer_decay),
+    ):
+        if value is not None:
+            lines.append(f"{label} {value:g}")
+    lines.append(f"{len(recipe.mapping)} keys loaded from the source; surgery.load_ready(path) replays it")
+    return [("recipe", lines)]
 
 
 def safety_line(ckpt: Checkpoint) -> str:
@@ -310,6 +343,8 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
     where = ".".join(report.container or ()) or "(top level)"
     rows.append(("source", [f"{report.source}: {where} ({report.source_format})"]))
     rows.append(("target", [report.target]))
+    if report.edits:
+        rows.append(("edits", list(report.edits)))
     rows.append(("steps", list(plan.steps) or ["none"]))
     per_module = [
         f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
@@ -339,6 +374,8 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
         )
     if plan.tied:
         rows.append(("tied", _capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
+    if report.finetune is not None:
+        rows.extend(finetune_rows(report.finetune))
     if not report.written:
         why = f" ({report.notes[0]})" if report.notes else ""
         rows.append(("output", [f"{report.output or 'none'}: not written{why}"]))
@@ -347,6 +384,35 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
             f"; re-read, {report.verified} tensors bit-identical" if report.verified is not None else ""
         )
         rows.append(("output", [f"{report.output}: written{verified}"]))
+    return rows
+
+
+def finetune_rows(summary: FinetuneSummary) -> list[tuple[str, list[str]]]:
+    """Trainable and frozen elements per top-level module; each optimizer group."""
+    per_module = [
+        f"{m} {human_count(t)} trainable, {human_count(f)} frozen"
+        if t and f
+        else f"{m} {'frozen' if f else 'trainable'}"
+        for m, t, f in summary.modules
+    ]
+    rows = [("trainable", _capped(per_module, per_line=3))]
+    groups = []
+    for g in summary.groups:
+        lr = f"lr {g.lr:g}" if g.lr is not None else "lr: the optimizer's"
+        wd = f", weight decay {g.weight_decay:g}" if g.weight_decay is not None else ""
+        groups.append(
+            f"{g.name}: {lr}{wd}, {plural(g.tensors, 'tensor')}, {human_count(g.params)} parameters"
+        )
+    rows.append(("groups", groups or ["none: nothing trains"]))
+    if summary.frozen_bn:
+        rows.append(
+            (
+                "frozen BN",
+                [
+                    f"{summary.frozen_bn} BatchNorm layers keep their statistics (eval mode, even under train())"
+                ],
+            )
+        )
     return rows
 
 

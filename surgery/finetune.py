@@ -1,0 +1,254 @@
+"""The fine-tune plan: which parameters train, in which named optimizer group, at which rate.
+
+    --freeze '*' --unfreeze 'fc.*'           the fixed-feature-extractor recipe
+    --lr head:fc.*=1e-2 --base-lr 1e-3       the new head faster than the rest
+    --weight-decay 1e-4 --layer-decay 0.75   no decay on biases and norms; rates decay from the head down
+
+Groups hold parameters by identity (never by value), each trainable parameter in
+exactly one group, frozen ones in none, and carry a name so a training script can
+change one group's rate mid-run: `surgery.set_lr(optimizer, "head", 1e-4)`.
+"""
+
+from __future__ import annotations
+
+import re
+import types
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Any
+
+from surgery import keys
+from surgery.errors import UsageError
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+BASE_GROUP = "base"
+NO_DECAY = "/no_decay"
+
+
+@dataclass(frozen=True)
+class LrRule:
+    """`--lr [NAME:]GLOB=VALUE`: parameters matching GLOB train at VALUE, in group NAME (or GLOB)."""
+
+    name: str
+    glob: str
+    lr: float
+
+    @classmethod
+    def parse(cls, text: str) -> LrRule:
+        spec, sep, value = text.rpartition("=")
+        try:
+            lr = float(value)
+        except ValueError:
+            lr = -1.0
+        if not sep or not spec or lr < 0:
+            raise UsageError("--lr", f"{text!r} is not [NAME:]GLOB=VALUE with a non-negative VALUE")
+        name, colon, glob = spec.partition(":")
+        return cls(name, glob, lr) if colon and glob else cls(spec, spec, lr)
+
+    def __str__(self) -> str:
+        prefix = f"{self.name}:" if self.name != self.glob else ""
+        return f"{prefix}{self.glob}={self.lr:g}"
+
+
+@dataclass(frozen=True)
+class FinetunePlan:
+    freeze: tuple[tuple[str, str], ...] = ()  # ("freeze" | "unfreeze", glob), in order
+    freeze_bn: bool = False
+    lr: tuple[LrRule, ...] = ()
+    base_lr: float | None = None
+    weight_decay: float | None = None
+    layer_decay: float | None = None
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "freeze": [list(r) for r in self.freeze],
+            "freeze_bn": self.freeze_bn,
+            "lr": [{"name": r.name, "glob": r.glob, "lr": r.lr} for r in self.lr],
+            "base_lr": self.base_lr,
+            "weight_decay": self.weight_decay,
+            "layer_decay": self.layer_decay,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> FinetunePlan:
+        return cls(
+            tuple((a, g) for a, g in doc.get("freeze", [])),
+            bool(doc.get("freeze_bn", False)),
+            tuple(LrRule(r["name"], r["glob"], float(r["lr"])) for r in doc.get("lr", [])),
+            doc.get("base_lr"),
+            doc.get("weight_decay"),
+            doc.get("layer_decay"),
+        )
+
+    @property
+    def empty(self) -> bool:
+        return self == FinetunePlan()
+
+
+def trainable(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> tuple[dict[str, bool], list[str]]:
+    """Which parameter names train after the freeze/unfreeze rules, in order; and a
+    warning for each rule that matches nothing (a typo must not pass in silence)."""
+    state = dict.fromkeys(names, True)
+    warnings = []
+    for action, glob in rules:
+        hit = [n for n in names if keys.matches(n, [glob])]
+        if not hit:
+            warnings.append(f"--{action} {glob!r} matches no parameter")
+        for n in hit:
+            state[n] = action == "unfreeze"
+    return state, warnings
+
+
+def apply_freeze(model: nn.Module, plan: FinetunePlan) -> list[str]:
+    """Set requires_grad by the plan; with freeze_bn, BatchNorm layers stay in eval mode
+    (fixed statistics, even under model.train()) and their parameters freeze. Returns warnings."""
+    import torch.nn as tnn
+
+    named = dict(model.named_parameters())
+    state, warnings = trainable(list(named), plan.freeze)
+    for name, param in named.items():
+        param.requires_grad_(state[name])
+    if plan.freeze_bn:
+        for module in model.modules():
+            if isinstance(module, tnn.modules.batchnorm._BatchNorm):
+                for param in module.parameters(recurse=False):
+                    param.requires_grad_(False)
+                module.eval()
+                module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
+    return warnings
+
+
+def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
+    """`train()` of a frozen BatchNorm: its statistics stay fixed."""
+    return self
+
+
+def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, Any]], list[str]]:
+    """Optimizer parameter groups for the trainable parameters, by the plan's rules.
+
+    Returns:
+        (groups, warnings): each group a dict with `name`, `params` (the Parameter
+        objects), `lr` (when known) and `weight_decay` (when set), ready for
+        `torch.optim.SGD(groups, momentum=0.9)`.
+
+    Raises:
+        UsageError: an --lr rule that reaches only frozen parameters.
+    """
+    named = list(model.named_parameters())  # each shared parameter once, under its first name
+    warnings = []
+    for rule in plan.lr:
+        hit = [(n, p) for n, p in named if keys.matches(n, [rule.glob])]
+        if hit and not any(p.requires_grad for _, p in hit):
+            raise UsageError(
+                "--lr",
+                f"{rule} reaches only frozen parameters ({hit[0][0]}, ...): unfreeze them or drop the rule",
+            )
+        if not hit:
+            warnings.append(f"--lr {rule} matches no parameter")
+    layers = _layer_ids(model) if plan.layer_decay is not None else {}
+    depth = max(layers.values(), default=0)
+    groups: dict[tuple[str, float | None, bool], dict[str, Any]] = {}
+    for name, param in named:
+        if not param.requires_grad:
+            continue
+        rule = next((r for r in plan.lr if keys.matches(name, [r.glob])), None)
+        group, lr = (rule.name, rule.lr) if rule else (BASE_GROUP, plan.base_lr)
+        if plan.layer_decay is not None and lr is not None:
+            layer = layers.get(name.split(".")[0], depth)
+            lr = lr * plan.layer_decay ** (depth - layer)
+            group = f"{group}/layer{layer}"
+        decay = plan.weight_decay is not None and param.ndim > 1
+        key = (group + ("" if decay or plan.weight_decay is None else NO_DECAY), lr, decay)
+        entry = groups.get(key)
+        if entry is None:
+            entry = groups[key] = {"name": key[0], "params": []}
+            if lr is not None:
+                entry["lr"] = lr
+            if plan.weight_decay is not None:
+                entry["weight_decay"] = plan.weight_decay if decay else 0.0
+        entry["params"].append(param)
+    return list(groups.values()), warnings
+
+
+def _layer_ids(model: nn.Module) -> dict[str, int]:
+    """Top-level children in order: the last (the head) is the deepest layer."""
+    return {name: i for i, (name, _) in enumerate(model.named_children())}
+
+
+def set_lr(optimizer: torch.optim.Optimizer, name: str, lr: float) -> int:
+    """Change the learning rate of the groups named `name` (and its `/no_decay` and
+    `/layerN` parts) in place: the optimizer keeps its state (momentum, Adam moments),
+    which rebuilding it would lose. Returns how many groups changed.
+
+    Raises:
+        KeyError: no group of that name, naming the groups there are.
+    """
+    pattern = re.compile(rf"{re.escape(name)}(/.*)?$")
+    changed = 0
+    for group in optimizer.param_groups:
+        if pattern.match(str(group.get("name", ""))):
+            group["lr"] = lr
+            changed += 1
+    if not changed:
+        names = sorted({str(g.get("name")) for g in optimizer.param_groups})
+        raise KeyError(f"no parameter group named {name!r}; there are {', '.join(names)}")
+    return changed
+
+
+@dataclass(frozen=True)
+class GroupSummary:
+    name: str
+    lr: float | None
+    weight_decay: float | None
+    tensors: int
+    params: int
+
+
+@dataclass(frozen=True)
+class FinetuneSummary:
+    """What the report shows: per top-level module trainable/frozen counts, and each group."""
+
+    modules: tuple[tuple[str, int, int], ...]  # (module, trainable elements, frozen elements)
+    groups: tuple[GroupSummary, ...]
+    frozen_bn: int
+    warnings: tuple[str, ...] = field(default=())
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "modules": [{"module": m, "trainable": t, "frozen": f} for m, t, f in self.modules],
+            "groups": [g.__dict__ for g in self.groups],
+            "frozen_bn": self.frozen_bn,
+            "warnings": list(self.warnings),
+        }
+
+
+def summarize(
+    model: nn.Module, groups: list[dict[str, Any]], warnings: Sequence[str], plan: FinetunePlan
+) -> FinetuneSummary:
+    import torch.nn as tnn
+
+    per_module: dict[str, list[int]] = {}
+    for name, param in model.named_parameters():
+        counts = per_module.setdefault(name.split(".")[0], [0, 0])
+        counts[0 if param.requires_grad else 1] += param.numel()
+    frozen_bn = (
+        sum(isinstance(m, tnn.modules.batchnorm._BatchNorm) for m in model.modules()) if plan.freeze_bn else 0
+    )
+    return FinetuneSummary(
+        tuple((m, t, f) for m, (t, f) in per_module.items()),
+        tuple(
+            GroupSummary(
+                g["name"],
+                g.get("lr"),
+                g.get("weight_decay"),
+                len(g["params"]),
+                sum(p.numel() for p in g["params"]),
+            )
+            for g in groups
+        ),
+        frozen_bn,
+        tuple(warnings),
+    )

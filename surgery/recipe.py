@@ -1,0 +1,177 @@
+"""A fine-tune-ready checkpoint: weights plus the recipe that rebuilds model and optimizer groups.
+
+`surgery port ... -o ready.safetensors` stores the recipe (target, edits in order,
+initialisation, key mapping, freeze and learning-rate rules) in the file's
+metadata. `load_ready(path)` replays it: builds the target, replays the edits,
+loads the weights strictly, applies the freeze plan and builds the parameter
+groups, with no pickled code anywhere. `read_recipe_file` reads the same fields
+from a TOML file for `surgery port --recipe`.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery.edit import Edit
+from surgery.errors import SurgeryError, UsageError
+from surgery.finetune import FinetunePlan, FinetuneSummary
+
+if TYPE_CHECKING:
+    from torch import nn
+
+RECIPE_KEY = "surgery.recipe"
+RECIPE_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Recipe:
+    target: str
+    edits: tuple[Edit, ...] = ()
+    init: str | None = None
+    finetune: FinetunePlan = field(default_factory=FinetunePlan)
+    mapping: dict[str, str] = field(default_factory=dict)  # source key -> target key, as loaded
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "surgery_recipe": RECIPE_VERSION,
+            "target": self.target,
+            "edits": [e.to_json() for e in self.edits],
+            "init": self.init,
+            "finetune": self.finetune.to_json(),
+            "mapping": self.mapping,
+        }
+
+    @classmethod
+    def from_json(cls, doc: dict[str, Any]) -> Recipe:
+        return cls(
+            doc["target"],
+            tuple(Edit.from_json(e) for e in doc.get("edits", [])),
+            doc.get("init"),
+            FinetunePlan.from_json(doc.get("finetune", {})),
+            dict(doc.get("mapping", {})),
+        )
+
+
+@dataclass
+class Ready:
+    """What `load_ready` gives a training script."""
+
+    model: nn.Module
+    param_groups: list[dict[str, Any]]
+    recipe: Recipe
+    summary: FinetuneSummary
+
+
+def recipe_of(metadata: dict[str, Any]) -> Recipe | None:
+    text = (metadata.get("metadata") or {}).get(RECIPE_KEY)
+    if not text:
+        return None
+    return Recipe.from_json(json.loads(text))
+
+
+def load_ready(path: str | Path) -> Ready:
+    """Rebuild a fine-tune-ready model from a file `surgery port` wrote.
+
+    Returns:
+        Ready with `.model` (weights loaded strictly, frozen set applied), `.param_groups`
+        (for `torch.optim.SGD(ready.param_groups, momentum=0.9)`), `.recipe`, `.summary`.
+
+    Raises:
+        SurgeryError: the file holds no recipe, or its weights do not fit the rebuilt model.
+
+    Example:
+        >>> ready = surgery.load_ready("ready.safetensors")
+        >>> optimizer = torch.optim.SGD(ready.param_groups, lr=1e-3, momentum=0.9)
+        >>> surgery.set_lr(optimizer, "head", 1e-4)  # later, keeping the momentum
+    """
+    from surgery.arch import build_target
+    from surgery.checkpoint import open_checkpoint
+    from surgery.edit import apply
+    from surgery.finetune import apply_freeze, param_groups, summarize
+
+    ckpt = open_checkpoint(path)
+    recipe = recipe_of(ckpt.metadata)
+    if recipe is None:
+        raise SurgeryError(path, "no recipe in this file", hint="write one with surgery port ... -o OUT")
+    target = build_target(recipe.target)
+    model = target.module
+    if model is None:
+        raise SurgeryError(path, f"the recipe's target {recipe.target!r} builds no module")
+    for edit in recipe.edits:
+        model, _, _ = apply(model, edit, adapt_weights=False)
+    try:
+        model.load_state_dict(ckpt.state_dict(), strict=True)
+    except RuntimeError as exc:
+        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+        raise SurgeryError(path, f"the weights do not fit the rebuilt model: {first}") from None
+    warnings = apply_freeze(model, recipe.finetune)
+    groups, more = param_groups(model, recipe.finetune)
+    return Ready(model, groups, recipe, summarize(model, groups, warnings + more, recipe.finetune))
+
+
+# -- recipe files -----------------------------------------------------------------
+# The fields a recipe file may hold: the flags of `surgery port`, by their long names.
+FIELDS = {
+    "source": str,
+    "to": str,
+    "out": str,
+    "args": dict,
+    "strict": bool,
+    "match": str,
+    "rename": list,
+    "strip_prefix": list,
+    "add_prefix": str,
+    "include": list,
+    "exclude": list,
+    "reshape": bool,
+    "key": str,
+    "edits": list,
+    "num_classes": int,
+    "in_chans": int,
+    "init": str,
+    "freeze": list,
+    "unfreeze": list,
+    "freeze_bn": bool,
+    "lr": dict,
+    "base_lr": float,
+    "weight_decay": float,
+    "layer_decay": float,
+    "verify": bool,
+}
+EDIT_FIELDS = {"op", "path", "spec", "value"}
+
+
+def read_recipe_file(path: str | Path) -> dict[str, Any]:
+    """The fields of a TOML recipe, checked: unknown fields and wrong types are errors."""
+    import tomllib
+
+    path = Path(path)
+    try:
+        doc = tomllib.loads(path.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise UsageError(path, "no such recipe file") from None
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
+        raise UsageError(path, f"not a TOML file ({exc})") from None
+    unknown = sorted(set(doc) - set(FIELDS))
+    if unknown:
+        raise UsageError(
+            path,
+            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
+            hint=f"fields: {', '.join(FIELDS)}",
+        )
+    for name, value in doc.items():
+        expected = FIELDS[name]
+        ok = isinstance(value, expected) or (
+            expected is float and isinstance(value, int) and not isinstance(value, bool)
+        )
+        if not ok or (expected is int and isinstance(value, bool)):
+            raise UsageError(
+                path, f"field {name!r} should be {expected.__name__}, not {type(value).__name__}"
+            )
+    for edit in doc.get("edits", []):
+        if not isinstance(edit, dict) or "op" not in edit or set(edit) - EDIT_FIELDS:
+            raise UsageError(path, f"each edit is a table with op and path, spec or value; got {edit!r}")
+    return doc

@@ -430,7 +430,7 @@ def apply(model: nn.Module, edit: Edit, *, adapt_weights: bool = True) -> tuple[
         return model, [path], f"new head {path} for {edit.value} classes"
     if op == "in_chans":
         path = adapt_input(model, edit.value, adapt_weights=adapt_weights)
-        return model, [], f"first conv {path} adapted to {edit.value} input channels"
+        return model, [], f"first conv {path} adapted to {edit.value} input channel{'s' if edit.value != 1 else ''}"
     raise EditError(op, "unknown edit")
 
 

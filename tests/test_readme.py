@@ -8,7 +8,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT
+from conftest import ROOT, run_subprocess
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```console\n(.*?)```", README, re.S)
@@ -83,3 +83,38 @@ def test_readme_port_example_runs(tmp_path, monkeypatch, capsys):
     exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")
+
+
+@pytest.fixture
+def imagenet_example(tmp_path, monkeypatch):
+    """The PyTorch ImageNet example's checkpoint of a seeded resnet18, as checkpoint.pth.tar in the cwd."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    source = torchvision.models.resnet18(weights=None)
+    state = {"module." + k: v for k, v in source.state_dict().items()}
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state}, tmp_path / "checkpoint.pth.tar")
+    monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
+    """The fixed-feature-extractor command prints what the README shows; its Python continuation runs."""
+    block = next(b for b in BLOCKS if "--freeze-bn" in b)
+    command, *expected = block.splitlines()
+    run = run_subprocess(*shlex.split(command.removeprefix("$ surgery ")), cwd=imagenet_example)
+    assert run.exit_code == 0, run.stderr
+    assert run.stdout == "\n".join(expected) + "\n"
+    (code,) = [b for b in PYTHON_BLOCKS if "load_ready" in b]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    assert [g["name"] for g in namespace["optimizer"].param_groups] == ["head"]
+
+
+def test_readme_recipe_file_runs(imagenet_example):
+    (toml,) = re.findall(r"```toml\n(.*?)```", README, re.S)
+    (imagenet_example / "recipe.toml").write_text(toml)
+    run = run_subprocess("port", "--recipe", "recipe.toml", "--verify", cwd=imagenet_example)
+    assert run.exit_code == 0, run.stderr
+    assert "re-read, 122 tensors bit-identical" in run.stdout

@@ -34,6 +34,14 @@ SPEC_FORM = (
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 INIT_SCHEMES = ("default", "kaiming", "xavier", "normal", "zeros")
 _STAR = "__surgery_input_width__"
+OPS = ("replace", "add", "delete", "rename", "extract", "without", "num_classes", "in_chans")
+OP_ALIASES = {
+    "drop": "without",
+    "rename-module": "rename",
+    "rename_module": "rename",
+    "num-classes": "num_classes",
+    "in-chans": "in_chans",
+}
 
 
 class EditError(SurgeryError):
@@ -89,14 +97,13 @@ def add(model: nn.Module, path: str, new: nn.Module) -> None:
     import torch.nn as tnn
 
     parent, name = _parent(model, path)
-    if name in parent._modules:
-        raise EditError(path, "a module of that name exists already", hint="use replace, or another name")
-    if isinstance(parent, tnn.Sequential) and name.isdigit():
+    if isinstance(parent, (tnn.Sequential, tnn.ModuleList)) and name.isdigit():
         items = list(parent._modules.values())
-        index = min(int(name), len(items))
-        items.insert(index, new)
+        items.insert(min(int(name), len(items)), new)
         parent._modules = OrderedDict((str(i), m) for i, m in enumerate(items))
         return
+    if name in parent._modules:
+        raise EditError(path, "a module of that name exists already", hint="use replace, or another name")
     if not name.isidentifier():
         raise EditError(path, f"{name!r} is not a valid module name")
     parent.add_module(name, new)
@@ -113,15 +120,24 @@ def delete(model: nn.Module, path: str) -> str:
 
     parent, name = _parent(model, path)
     get_module(model, path)
-    if isinstance(parent, (tnn.Sequential, tnn.ModuleList, tnn.ModuleDict)):
+    if isinstance(parent, tnn.ModuleList):  # indexed by position: keys must stay 0..n-1
         del parent._modules[name]
+        parent._modules = OrderedDict((str(i), m) for i, m in enumerate(parent._modules.values()))
+        return "removed (the list renumbered)"
+    if isinstance(parent, (tnn.Sequential, tnn.ModuleDict)):
+        del parent._modules[name]  # a Sequential runs its modules in order: the others keep their names
         return "removed"
     parent._modules[name] = tnn.Identity()
     return "replaced by Identity (its parent's forward calls it)"
 
 
-def rename_module(model: nn.Module, path: str, new_name: str) -> None:
-    """Give the module at `path` another name under the same parent, keeping its place."""
+def rename_module(model: nn.Module, path: str, new_name: str) -> bool:
+    """Give the module at `path` another name under the same parent, keeping its place.
+
+    Returns whether the parent is a container (else its forward may still call the old name).
+    """
+    import torch.nn as tnn
+
     parent, name = _parent(model, path)
     get_module(model, path)
     if not new_name.isidentifier() and not new_name.isdigit():
@@ -129,6 +145,7 @@ def rename_module(model: nn.Module, path: str, new_name: str) -> None:
     if new_name in parent._modules:
         raise EditError(new_name, "a module of that name exists already")
     parent._modules = OrderedDict((new_name if k == name else k, v) for k, v in parent._modules.items())
+    return isinstance(parent, (tnn.Sequential, tnn.ModuleList, tnn.ModuleDict))
 
 
 def extract(model: nn.Module, paths: Sequence[str]) -> nn.Module:
@@ -204,16 +221,16 @@ def adapt_conv_weight(weight: Any, in_chans: int) -> Any:
     if weight.ndim < 3:
         raise ValueError(f"a conv weight has 3 or more dims, got {weight.ndim}")
     dtype = weight.dtype
-    w = weight.float()
+    w = weight.double() if dtype == torch.float64 else weight.float()
     have = w.shape[1]
     if in_chans == have:
-        out = w
+        out = w.clone()
     elif in_chans == 1:
         out = w.sum(dim=1, keepdim=True)
     else:
         repeats = math.ceil(in_chans / have)
         out = w.repeat(1, repeats, *([1] * (w.ndim - 2)))[:, :in_chans] * (have / in_chans)
-    return out.to(dtype) if dtype != torch.float32 else out
+    return out.to(dtype)
 
 
 def adapt_input(model: nn.Module, in_chans: int, *, adapt_weights: bool = True) -> str:
@@ -253,8 +270,9 @@ def initialise(module: nn.Module, scheme: str) -> None:
 
     default: the layer's own reset_parameters(); kaiming: He normal (fan_out, relu) for
     conv and linear; xavier: Glorot uniform; normal: the classic rule, conv
-    N(0, sqrt(2/n)) with n = k*k*out_channels, linear N(0, 0.01); zeros: all zero.
-    Biases start at 0 and norm layers at weight 1, bias 0 (except `default`).
+    N(0, sqrt(2/n)) with n = k*k*out_channels, linear N(0, 0.01); zeros: conv and
+    linear weights zero. Biases start at 0 and norm layers at weight 1, bias 0
+    (except `default`, which leaves each layer to its own rule).
     """
     import torch
     import torch.nn as tnn
@@ -284,7 +302,7 @@ def initialise(module: nn.Module, scheme: str) -> None:
                 if m.bias is not None:
                     m.bias.zero_()
             elif isinstance(m, norms) and getattr(m, "weight", None) is not None:
-                m.weight.fill_(0.0 if scheme == "zeros" else 1.0)
+                m.weight.fill_(1.0)
                 m.bias.zero_()
 
 
@@ -385,7 +403,14 @@ class Edit:
 
     @classmethod
     def from_json(cls, doc: dict[str, Any]) -> Edit:
-        return cls(doc["op"], doc.get("path", ""), doc.get("spec", ""), int(doc.get("value", 0)))
+        """From a recipe table; the flag names work as ops too (`drop`, `rename-module`, `num-classes`)."""
+        op = OP_ALIASES.get(doc["op"], doc["op"])
+        if op not in OPS:
+            raise EditError(str(doc["op"]), f"unknown edit: use one of {', '.join(OPS)}")
+        path, spec = doc.get("path", ""), doc.get("spec", "")
+        if op in ("extract", "without") and not spec:
+            spec, path = path, ""
+        return cls(op, path, spec, int(doc.get("value", 0)))
 
     def __str__(self) -> str:
         if self.op in ("replace", "add"):
@@ -408,17 +433,19 @@ def apply(model: nn.Module, edit: Edit, *, adapt_weights: bool = True) -> tuple[
         replace(model, edit.path, parse_spec(edit.spec, input_width(old)))
         return model, [edit.path], f"replaced {edit.path} ({type(old).__name__}) by {edit.spec}"
     if op == "add":
-        parent_path = edit.path.rpartition(".")[0]
+        parent_path, _, name = edit.path.rpartition(".")
         siblings = list(get_module(model, parent_path).children())
-        width = _output_width(siblings[-1]) if siblings else None
+        before = siblings[: int(name)] if name.isdigit() else siblings
+        width = next((w for m in reversed(before) if (w := _output_width(m)) is not None), None)
         new = parse_spec(edit.spec, width)
         add(model, edit.path, new)
         return model, [edit.path], f"added {edit.path} = {edit.spec}"
     if op == "delete":
         return model, [], f"deleted {edit.path}: {delete(model, edit.path)}"
     if op == "rename":
-        rename_module(model, edit.path, edit.spec)
-        return model, [], f"renamed {edit.path} to {edit.spec}"
+        safe = rename_module(model, edit.path, edit.spec)
+        note = "" if safe else " (its parent's forward may still call the old name)"
+        return model, [], f"renamed {edit.path} to {edit.spec}{note}"
     if op == "extract":
         paths = [p.strip() for p in edit.spec.split(",") if p.strip()]
         return extract(model, paths), [], f"extracted {', '.join(paths)}"
@@ -430,7 +457,11 @@ def apply(model: nn.Module, edit: Edit, *, adapt_weights: bool = True) -> tuple[
         return model, [path], f"new head {path} for {edit.value} classes"
     if op == "in_chans":
         path = adapt_input(model, edit.value, adapt_weights=adapt_weights)
-        return model, [], f"first conv {path} adapted to {edit.value} input channel{'s' if edit.value != 1 else ''}"
+        return (
+            model,
+            [],
+            f"first conv {path} adapted to {edit.value} input channel{'s' if edit.value != 1 else ''}",
+        )
     raise EditError(op, "unknown edit")
 
 

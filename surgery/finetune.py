@@ -11,8 +11,8 @@ change one group's rate mid-run: `surgery.set_lr(optimizer, "head", 1e-4)`.
 
 from __future__ import annotations
 
+import math
 import re
-import types
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
@@ -43,7 +43,7 @@ class LrRule:
             lr = float(value)
         except ValueError:
             lr = -1.0
-        if not sep or not spec or lr < 0:
+        if not sep or not spec or not math.isfinite(lr) or lr < 0:
             raise UsageError("--lr", f"{text!r} is not [NAME:]GLOB=VALUE with a non-negative VALUE")
         name, colon, glob = spec.partition(":")
         return cls(name, glob, lr) if colon and glob else cls(spec, spec, lr)
@@ -87,6 +87,13 @@ class FinetunePlan:
     def empty(self) -> bool:
         return self == FinetunePlan()
 
+    def __post_init__(self) -> None:
+        for flag, value in (("--base-lr", self.base_lr), ("--weight-decay", self.weight_decay)):
+            if value is not None and not (math.isfinite(value) and value >= 0):
+                raise UsageError(flag, f"{value!r} must be a finite number, 0 or more")
+        if self.layer_decay is not None and not (math.isfinite(self.layer_decay) and self.layer_decay > 0):
+            raise UsageError("--layer-decay", f"{self.layer_decay!r} must be a finite number above 0")
+
 
 def trainable(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> tuple[dict[str, bool], list[str]]:
     """Which parameter names train after the freeze/unfreeze rules, in order; and a
@@ -102,28 +109,41 @@ def trainable(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> tuple[d
     return state, warnings
 
 
+def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
+    """Each parameter once, by identity, with every name it has (a tied weight has two)."""
+    out: dict[int, tuple[Any, list[str]]] = {}
+    for name, param in model.named_parameters(remove_duplicate=False):
+        out.setdefault(id(param), (param, []))[1].append(name)
+    return list(out.values())
+
+
 def apply_freeze(model: nn.Module, plan: FinetunePlan) -> list[str]:
-    """Set requires_grad by the plan; with freeze_bn, BatchNorm layers stay in eval mode
-    (fixed statistics, even under model.train()) and their parameters freeze. Returns warnings."""
+    """Set requires_grad by the plan, rule by rule, on every parameter any of whose
+    names matches (a tied weight through either name). With freeze_bn, BatchNorm layers
+    keep their statistics (eval behaviour even under model.train()) and their
+    parameters freeze. Returns a warning for each rule that matches nothing.
+    """
     import torch.nn as tnn
 
-    named = dict(model.named_parameters())
-    state, warnings = trainable(list(named), plan.freeze)
-    for name, param in named.items():
-        param.requires_grad_(state[name])
+    params = _names_by_param(model)
+    for param, _ in params:
+        param.requires_grad_(True)
+    warnings = []
+    for action, glob in plan.freeze:
+        hit = [param for param, names in params if keys.matches_any(names, glob)]
+        if not hit:
+            warnings.append(f"--{action} {glob!r} matches no parameter")
+        for param in hit:
+            param.requires_grad_(action == "unfreeze")
     if plan.freeze_bn:
+        from surgery.frozen_bn import freeze_batchnorm
+
         for module in model.modules():
             if isinstance(module, tnn.modules.batchnorm._BatchNorm):
                 for param in module.parameters(recurse=False):
                     param.requires_grad_(False)
-                module.eval()
-                module.train = types.MethodType(_stay_in_eval, module)  # type: ignore[method-assign]
+                freeze_batchnorm(module)
     return warnings
-
-
-def _stay_in_eval(self: nn.Module, mode: bool = True) -> nn.Module:
-    """`train()` of a frozen BatchNorm: its statistics stay fixed."""
-    return self
 
 
 def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, Any]], list[str]]:
@@ -137,29 +157,32 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
     Raises:
         UsageError: an --lr rule that reaches only frozen parameters.
     """
-    named = list(model.named_parameters())  # each shared parameter once, under its first name
+    params = _names_by_param(model)  # each shared parameter once, by identity
     warnings = []
     for rule in plan.lr:
-        hit = [(n, p) for n, p in named if keys.matches(n, [rule.glob])]
+        hit = [(names, p) for p, names in params if keys.matches_any(names, rule.glob)]
         if hit and not any(p.requires_grad for _, p in hit):
+            first = hit[0][0][0]
             raise UsageError(
                 "--lr",
-                f"{rule} reaches only frozen parameters ({hit[0][0]}, ...): unfreeze them or drop the rule",
+                f"{rule} reaches only frozen parameters ({first}, ...): unfreeze them or drop the rule",
             )
         if not hit:
             warnings.append(f"--lr {rule} matches no parameter")
     layers = _layer_ids(model) if plan.layer_decay is not None else {}
     depth = max(layers.values(), default=0)
     groups: dict[tuple[str, float | None, bool], dict[str, Any]] = {}
-    for name, param in named:
+    for param, names in params:
         if not param.requires_grad:
             continue
-        rule = next((r for r in plan.lr if keys.matches(name, [r.glob])), None)
+        rule = next((r for r in plan.lr if keys.matches_any(names, r.glob)), None)
         group, lr = (rule.name, rule.lr) if rule else (BASE_GROUP, plan.base_lr)
-        if plan.layer_decay is not None and lr is not None:
-            layer = layers.get(name.split(".")[0], depth)
-            lr = lr * plan.layer_decay ** (depth - layer)
+        scale = 1.0
+        if plan.layer_decay is not None:
+            layer = layers.get(names[0].split(".")[0], depth)
+            scale = plan.layer_decay ** (depth - layer)
             group = f"{group}/layer{layer}"
+        lr = lr * scale if lr is not None else None
         decay = plan.weight_decay is not None and param.ndim > 1
         key = (group + ("" if decay or plan.weight_decay is None else NO_DECAY), lr, decay)
         entry = groups.get(key)
@@ -167,6 +190,8 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
             entry = groups[key] = {"name": key[0], "params": []}
             if lr is not None:
                 entry["lr"] = lr
+            if scale != 1.0:
+                entry["lr_scale"] = scale  # set_lr keeps the decay when it changes the rate
             if plan.weight_decay is not None:
                 entry["weight_decay"] = plan.weight_decay if decay else 0.0
         entry["params"].append(param)
@@ -174,14 +199,16 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
 
 
 def _layer_ids(model: nn.Module) -> dict[str, int]:
-    """Top-level children in order: the last (the head) is the deepest layer."""
-    return {name: i for i, (name, _) in enumerate(model.named_children())}
+    """Top-level children that hold parameters, in order: the last (the head) is the deepest."""
+    with_params = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
+    return {name: i for i, name in enumerate(with_params)}
 
 
 def set_lr(optimizer: torch.optim.Optimizer, name: str, lr: float) -> int:
     """Change the learning rate of the groups named `name` (and its `/no_decay` and
-    `/layerN` parts) in place: the optimizer keeps its state (momentum, Adam moments),
-    which rebuilding it would lose. Returns how many groups changed.
+    `/layerN` parts, each keeping its layer-decay scale) in place: the optimizer keeps
+    its state (momentum, Adam moments), which rebuilding it would lose. Returns how
+    many groups changed.
 
     Raises:
         KeyError: no group of that name, naming the groups there are.
@@ -190,7 +217,7 @@ def set_lr(optimizer: torch.optim.Optimizer, name: str, lr: float) -> int:
     changed = 0
     for group in optimizer.param_groups:
         if pattern.match(str(group.get("name", ""))):
-            group["lr"] = lr
+            group["lr"] = lr * group.get("lr_scale", 1.0)
             changed += 1
     if not changed:
         names = sorted({str(g.get("name")) for g in optimizer.param_groups})

@@ -57,6 +57,11 @@ def matches(name: str, globs: Iterable[str]) -> bool:
     return any(fnmatchcase(name, g) or fnmatchcase(name, g + ".*") for g in globs)
 
 
+def matches_any(names: Iterable[str], glob: str) -> bool:
+    """Whether any of a thing's names (a tied weight has several) matches `glob`."""
+    return any(matches(name, [glob]) for name in names)
+
+
 @dataclass
 class Node:
     """One module prefix in the tree of names."""

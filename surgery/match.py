@@ -289,10 +289,13 @@ def judge(
     return PortPlan(tuple(matched), tuple(mismatched), missing, unexpected, tied, tuple(steps), excluded)
 
 
-def auto_strip(renamed: dict[str, str], target: Sequence[str]) -> tuple[dict[str, str], list[str]]:
+def auto_strip(
+    renamed: dict[str, str], target: Sequence[str], extra: Sequence[str] = ()
+) -> tuple[dict[str, str], list[str]]:
     """Strip the wrapper prefixes every key carries (`module.`, `_orig_mod.`, `model.`,
-    nested as in `module._orig_mod.`) as far as that makes more keys fit the target:
-    equal a target key or be a dotted suffix of one. Says what it did.
+    nested as in `module._orig_mod.`), and after them any of `extra` (the path of a
+    module extracted from the target, `features.`), as far as that makes more keys
+    fit the target: equal a target key or be a dotted suffix of one. Says what it did.
     """
     fits = set()
     for t in target:
@@ -300,16 +303,22 @@ def auto_strip(renamed: dict[str, str], target: Sequence[str]) -> tuple[dict[str
         fits.update(".".join(parts[i:]) for i in range(len(parts)))
     common = keys.common_prefix(list(renamed.values())) if len(renamed) > 1 else ""
     chain = [w for w, _ in keys.wrapper_prefixes(common)]
-    best, best_score = 0, sum(n in fits for n in renamed.values())
-    before = best_score
-    for depth in range(1, len(chain) + 1):
-        prefix = "".join(chain[:depth])
+    candidates = ["".join(chain[:depth]) for depth in range(len(chain) + 1)]
+    candidates += [c + e for c in list(candidates) for e in extra]
+    before = sum(n in fits for n in renamed.values())
+    best, best_score = "", before
+    for prefix in filter(None, candidates):  # keys without the prefix keep their names
         score = sum(n.removeprefix(prefix) in fits for n in renamed.values())
         if score > best_score:
-            best, best_score = depth, score
-    if best == 0:
+            best, best_score = prefix, score
+    if not best:
         return renamed, []
-    prefix = "".join(chain[:best])
-    who = ", ".join(keys.WRAPPER_PREFIXES[w] for w in chain[:best])
-    step = f"stripped prefix {prefix!r} ({who}): {best_score} of {len(renamed)} keys fit the target instead of {before}"
-    return keys.strip_prefix(renamed, prefix), [step]
+    why, rest = [], best
+    for wrapper in chain:
+        if rest.startswith(wrapper):
+            why.append(keys.WRAPPER_PREFIXES[wrapper])
+            rest = rest[len(wrapper) :]
+    if rest:
+        why.append("the extracted module")
+    step = f"stripped prefix {best!r} ({', '.join(why)}): {best_score} of {len(renamed)} keys fit the target instead of {before}"
+    return keys.strip_prefix(renamed, best), [step]

@@ -56,6 +56,9 @@ class PortOptions:
     exclude: tuple[str, ...] = ()
     reshape: bool = False
     mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
+    extracted: tuple[
+        str, ...
+    ] = ()  # prefixes the target lost to --extract: stripped from source keys when that helps
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -201,7 +204,7 @@ def plan_port(
         names = keys.strip_prefix(names, prefix)
         steps.append(f"stripped prefix {prefix!r} from {changed} keys")
     if not options.strip_prefix and not options.add_prefix:
-        names, auto = auto_strip(names, target_names)
+        names, auto = auto_strip(names, target_names, options.extracted)
         steps += auto
     if options.add_prefix:
         names = keys.add_prefix(names, options.add_prefix)
@@ -444,24 +447,29 @@ def port_checkpoint(
             check_destination(path, list(target.template.files), force=force)
     finetune = finetune or FinetunePlan()
     target, edit_steps = _edit_target(target, edits, init)
-    summary = _finetune_summary(target, finetune)
+    extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
+    options = replace(options, extracted=extracted) if extracted else options
     plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
-    report = replace(report, edits=tuple(edit_steps), finetune=summary)
+    report = replace(report, edits=tuple(edit_steps))
     if plan_out is not None:
         _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
+    late = [e for e in edits if e.op == "in_chans"]
+    writing = not (strict and not plan.complete) and not (dry_run or out_path is None)
+    transformed: set[str] = set()
+    if target.module is not None:
+        if writing:
+            load_into(target.module, ckpt, plan)
+        for edit in late:  # after loading: the first conv's weight is derived from the source's
+            _, _, text = apply(target.module, edit, adapt_weights=writing)
+            transformed.add(first_conv(target.module) + ".weight")
+            report = replace(report, edits=(*report.edits, text))
+        target = target_of_module(target.module, target.spec, target.kwargs)
+    report = replace(report, finetune=_finetune_summary(target, finetune))
     if strict and not plan.complete:
         raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
     if dry_run or out_path is None:
         return replace(report, notes=("--dry-run",))
-    transformed: set[str] = set()
-    if target.module is not None:
-        load_into(target.module, ckpt, plan)
-        for edit in (e for e in edits if e.op == "in_chans"):
-            _, _, text = apply(target.module, edit, adapt_weights=True)
-            transformed.add(first_conv(target.module) + ".weight")
-            report = replace(report, edits=(*report.edits, text))
-        target = target_of_module(target.module, target.spec, target.kwargs)
     output = Output(ckpt, target, plan, transformed)
     checked: list[int] = []
 
@@ -665,11 +673,15 @@ def edits_from_fields(fields: dict[str, Any]) -> list[Edit]:
     if fields.get("drop"):
         edits.append(Edit("without", spec=fields["drop"]))
     edits += [Edit("delete", path) for path in fields.get("delete", [])]
-    for op, flag in (("replace", "--replace"), ("add", "--add"), ("rename", "--rename-module")):
+    for op, flag, form in (
+        ("replace", "--replace", "PATH=SPEC"),
+        ("add", "--add", "PATH=SPEC"),
+        ("rename", "--rename-module", "PATH=NAME"),
+    ):
         for text in fields.get(op if op != "rename" else "rename_module", []):
             path, sep, spec = text.partition("=")
             if not sep or not path or not spec:
-                raise UsageError(flag, f"{text!r} is not PATH=SPEC")
+                raise UsageError(flag, f"{text!r} is not {form}")
             edits.append(Edit(op, path.strip(), spec.strip()))
     if fields.get("num_classes") is not None:
         edits.append(Edit("num_classes", value=int(fields["num_classes"])))

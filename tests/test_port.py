@@ -282,7 +282,7 @@ def test_imagenet_example_exactly_as_the_readme_types_it(imagenet, x, tmp_path):
     (block,) = [
         b
         for b in re.findall(r"```console\n(.*?)```", readme, re.S)
-        if b.startswith("$ surgery port checkpoint")
+        if b.startswith("$ surgery port checkpoint") and "num_classes=2" in b.splitlines()[0]
     ]
     command, *expected = block.splitlines()
     args = shlex.split(command.removeprefix("$ surgery "))

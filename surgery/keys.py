@@ -5,7 +5,7 @@ Nothing here touches tensors or files.
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
 
@@ -200,3 +200,50 @@ def collisions(names: dict[str, str]) -> dict[str, list[str]]:
     for old, new in names.items():
         seen.setdefault(new, []).append(old)
     return {new: olds for new, olds in seen.items() if len(olds) > 1}
+
+
+def pipeline(
+    names: dict[str, str],
+    *,
+    strip: Sequence[str] = (),
+    prefix: str | None = None,
+    renames: Sequence[Rename] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    auto: Callable[[dict[str, str]], tuple[dict[str, str], list[str]]] | None = None,
+) -> tuple[dict[str, str], list[str]]:
+    """The key steps shared by `port` and `convert`, in order: strip prefixes (or the
+    `auto` stripping when none is given), add a prefix, renames, include/exclude.
+
+    Args:
+        names: original key -> current name.
+
+    Returns:
+        (original key -> new name for the keys kept, what each step did).
+
+    Raises:
+        ValueError: a step makes two keys collide (naming both).
+    """
+    steps: list[str] = []
+    for p in strip:
+        changed = sum(n.startswith(p) for n in names.values())
+        names = strip_prefix(names, p)
+        steps.append(f"stripped prefix {p!r} from {changed} keys")
+    if auto is not None and not strip and not prefix:
+        names, done = auto(names)
+        steps += done
+    if prefix:
+        names = add_prefix(names, prefix)
+        steps.append(f"added prefix {prefix!r} to {len(names)} keys")
+    for rule in renames:
+        renamed = rename(names, rule)
+        steps.append(f"renamed {sum(renamed[k] != names[k] for k in names)} keys by {rule}")
+        names = renamed
+    clashes = collisions(names)
+    if clashes:
+        new, olds = next(iter(clashes.items()))
+        raise ValueError(f"keys {olds[0]!r} and {olds[1]!r} would both become {new!r}")
+    kept = select(names, include, exclude)
+    if len(kept) != len(names):
+        steps.append(f"left out {len(names) - len(kept)} keys by --include/--exclude")
+    return kept, steps

@@ -196,31 +196,19 @@ def plan_port(
     """
     if options.mapping is not None:
         return _apply_mapping(source, target, options, ties, source_ties)
-    names = {e.name: e.name for e in source}
-    steps: list[str] = []
     target_names = [t.name for t in target]
-    for prefix in options.strip_prefix:
-        changed = sum(n.startswith(prefix) for n in names.values())
-        names = keys.strip_prefix(names, prefix)
-        steps.append(f"stripped prefix {prefix!r} from {changed} keys")
-    if not options.strip_prefix and not options.add_prefix:
-        names, auto = auto_strip(names, target_names, options.extracted)
-        steps += auto
-    if options.add_prefix:
-        names = keys.add_prefix(names, options.add_prefix)
-        steps.append(f"added prefix {options.add_prefix!r} to {len(names)} keys")
-    for rule in options.rename:
-        renamed = keys.rename(names, rule)
-        changed = sum(renamed[k] != names[k] for k in names)
-        steps.append(f"renamed {changed} keys by {rule}")
-        names = renamed
-    clashes = keys.collisions(names)
-    if clashes:
-        new, olds = next(iter(clashes.items()))
-        raise UsageError("--rename", f"keys {olds[0]!r} and {olds[1]!r} would both become {new!r}")
-    kept = keys.select(names, options.include, options.exclude)
-    if len(kept) != len(names):
-        steps.append(f"left out {len(names) - len(kept)} keys by --include/--exclude")
+    try:
+        kept, steps = keys.pipeline(
+            {e.name: e.name for e in source},
+            strip=options.strip_prefix,
+            prefix=options.add_prefix,
+            renames=options.rename,
+            include=options.include,
+            exclude=options.exclude,
+            auto=lambda names: auto_strip(names, target_names, options.extracted),
+        )
+    except ValueError as exc:
+        raise UsageError("--rename", str(exc)) from None
     pairs = pair(source, kept, target, options.match)
     hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
     counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]

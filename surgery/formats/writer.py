@@ -10,6 +10,7 @@ member of a torch zip archive, which torch ignores.
 
 from __future__ import annotations
 
+import errno
 import json
 import math
 import os
@@ -17,6 +18,7 @@ import tempfile
 import zipfile
 from collections.abc import Callable, Sequence
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
@@ -132,13 +134,12 @@ def _check_safetensors_dtypes(out: Path, entries: Sequence[Entry]) -> None:
 def _write_safetensors(
     f: BinaryIO,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor],
+    get: Callable[[str], torch.Tensor | RawBytes],
     metadata: dict[str, str],
     done: Callable[[str], None] | None,
 ) -> None:
-    """Header from the entries, then each tensor's bytes: one tensor in memory at a time."""
-    import torch
-
+    """Header from the entries, then each tensor's bytes: one tensor in memory at a time,
+    none at all when it is copied as raw bytes."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for e in entries:
@@ -154,16 +155,89 @@ def _write_safetensors(
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    for e in entries:
-        tensor = get(e.name)
-        if tuple(tensor.shape) != e.shape or str(tensor.dtype).removeprefix("torch.") != e.dtype:
-            raise SurgeryError(f.name, f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced")
-        data = tensor.detach().contiguous().reshape(-1)
-        if data.numel():
-            f.write(memoryview(data.view(torch.uint8).numpy()))
-        del data, tensor
-        if done is not None:
-            done(e.name)
+    copier = RangeCopier()
+    try:
+        for e in entries:
+            value = get(e.name)
+            if isinstance(value, RawBytes):
+                copier.copy(value, f)
+            else:
+                _write_tensor(f, e, value)
+            del value
+            if done is not None:
+                done(e.name)
+    finally:
+        copier.close()
+
+
+def _write_tensor(f: BinaryIO, e: Entry, tensor: torch.Tensor) -> None:
+    import torch
+
+    if tuple(tensor.shape) != e.shape or str(tensor.dtype).removeprefix("torch.") != e.dtype:
+        raise SurgeryError(f.name, f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced")
+    data = tensor.detach().contiguous().reshape(-1)
+    if data.numel():
+        f.write(memoryview(data.view(torch.uint8).numpy()))
+
+
+@dataclass(frozen=True)
+class RawBytes:
+    """A tensor's bytes as they lie in a file: copied as they are, without torch."""
+
+    path: str
+    offset: int
+    length: int
+
+
+class RangeCopier:
+    """Copies byte ranges between files in the kernel (copy_file_range, else sendfile,
+    else read/write in 8 MiB chunks): no tensor passes through this process's memory."""
+
+    CHUNK = 8 << 20
+
+    def __init__(self) -> None:
+        self.files: dict[str, BinaryIO] = {}
+
+    def copy(self, raw: RawBytes, out: BinaryIO) -> None:
+        out.flush()
+        src = self.files.get(raw.path)
+        if src is None:
+            src = self.files[raw.path] = open(raw.path, "rb")  # noqa: SIM115 - closed in close()
+        pos, left = raw.offset, raw.length
+        while left:
+            n = self._step(src.fileno(), out.fileno(), pos, left)
+            if n <= 0:
+                raise SurgeryError(
+                    raw.path, f"ends before byte {pos + left}: the source changed or is truncated"
+                )
+            pos += n
+            left -= n
+
+    def _step(self, src: int, dst: int, pos: int, left: int) -> int:
+        count = min(left, 1 << 30)
+        for call in (getattr(os, "copy_file_range", None), _sendfile):
+            if call is None:
+                continue
+            try:
+                return call(src, dst, count, pos)
+            except OSError as exc:
+                if exc.errno not in _UNSUPPORTED:
+                    raise  # disk full, file too large, I/O error: the write failed
+                continue  # not supported between these files: try the next way
+        data = os.pread(src, min(count, self.CHUNK), pos)
+        return os.write(dst, data) if data else 0
+
+    def close(self) -> None:
+        for f in self.files.values():
+            f.close()
+        self.files.clear()
+
+
+_UNSUPPORTED = {errno.EXDEV, errno.ENOSYS, errno.EINVAL, errno.EOPNOTSUPP, errno.EBADF, errno.ENOTSUP}
+
+
+def _sendfile(src: int, dst: int, count: int, pos: int) -> int:
+    return os.sendfile(dst, src, pos, count)
 
 
 def _write_torch(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
@@ -175,3 +249,97 @@ def _write_torch(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[s
     with zipfile.ZipFile(f, "a") as zf:  # type: ignore[arg-type]
         archive = zf.namelist()[0].split("/")[0]
         zf.writestr(f"{archive}/{PROVENANCE_MEMBER}", json.dumps(metadata, indent=1))
+
+
+@contextmanager
+def atomic_folder(out: Path) -> Iterator[Path]:
+    """A temporary folder beside `out`, put in its place only when everything was written;
+    an existing `out` (allowed by --force) is replaced only then."""
+    import shutil
+
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
+    try:
+        yield tmp
+        for path in tmp.iterdir():
+            with open(path, "rb+") as f:
+                os.fsync(f.fileno())
+        old = None
+        if out.exists():
+            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
+            os.replace(out, old / out.name)
+        os.replace(tmp, out)
+        if old is not None:
+            shutil.rmtree(old, ignore_errors=True)
+        _fsync_folder(out.parent)
+    except OSError as exc:
+        raise SurgeryError(out, f"cannot write: {exc.strerror or exc}") from None
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def check_folder_destination(out: Path, sources: list[Path], *, force: bool) -> None:
+    """An output folder: not an input's folder, not a file, empty unless `force`, in an existing folder."""
+    for source in sources:
+        if out.resolve() in (source.resolve(), source.resolve().parent):
+            raise UsageError(out, "the output folder holds an input of this run")
+    if out.exists() and not out.is_dir():
+        raise UsageError(out, "exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not force:
+        raise UsageError(out, "the output folder exists and is not empty", hint="pass --force to replace it")
+    if not out.parent.is_dir():
+        raise UsageError(out, f"the folder {str(out.parent)!r} does not exist")
+    if not os.access(out.parent, os.W_OK):
+        raise UsageError(out, f"the folder {str(out.parent)!r} is not writable")
+
+
+def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
+    """Entries split in order into shards of at most `shard_size` bytes (a bigger tensor alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    return shards
+
+
+def write_sharded(
+    out: Path,
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor | RawBytes],
+    metadata: dict[str, str],
+    *,
+    shard_size: int,
+    torch_format: bool = False,
+    done: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> list[str]:
+    """A folder of shards and the index others read (`model.safetensors.index.json`, or
+    `pytorch_model.bin.index.json` with `torch_format`), written atomically. Returns the shard names."""
+    stem, ext = ("pytorch_model", ".bin") if torch_format else ("model", ".safetensors")
+    if not torch_format:
+        _check_safetensors_dtypes(out, entries)
+    shards = shards_of(entries, shard_size)
+    names = [f"{stem}-{i:05d}-of-{len(shards):05d}{ext}" for i in range(1, len(shards) + 1)]
+    weight_map: dict[str, str] = {}
+    with atomic_folder(out) as tmp:
+        for name, group in zip(names, shards, strict=True):
+            with open(tmp / name, "w+b") as f:
+                if torch_format:
+                    _write_torch(f, {e.name: get(e.name) for e in group}, {})
+                    for e in group:
+                        if done is not None:
+                            done(e.name)
+                else:
+                    _write_safetensors(f, group, get, {"format": "pt"}, done)
+            weight_map.update(dict.fromkeys((e.name for e in group), name))
+        total = sum((math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8 for e in entries)
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        (tmp / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if check is not None:
+            check(tmp)
+    return names

@@ -32,11 +32,15 @@ _LAZY = {
     "Ready": "surgery.recipe",
     "Recipe": "surgery.recipe",
     "set_lr": "surgery.finetune",
+    "convert": "surgery.converting",
+    "ConvertReport": "surgery.converting",
+    "diff": "surgery.diffing",
+    "DiffReport": "surgery.diffing",
 }
 
 
 def __getattr__(name: str):
-    """The port and fine-tune calls, imported on first use: `import surgery` stays light."""
+    """The port, convert, diff and fine-tune calls, imported on first use: `import surgery` stays light."""
     if name in _LAZY:
         import importlib
 
@@ -46,6 +50,8 @@ def __getattr__(name: str):
 
 __all__ = [
     "Checkpoint",
+    "ConvertReport",
+    "DiffReport",
     "CorruptCheckpoint",
     "Extra",
     "Finding",
@@ -57,6 +63,8 @@ __all__ = [
     "TensorInfo",
     "UnsupportedTensor",
     "UsageError",
+    "convert",
+    "diff",
     "load_ready",
     "open_checkpoint",
     "port",

@@ -6,6 +6,7 @@ demand from the file's bytes through `surgery.formats.tensors`.
 
 from __future__ import annotations
 
+import json
 import math
 import struct
 from collections import Counter
@@ -20,7 +21,7 @@ from surgery.errors import UsageError
 from surgery.formats import Scan, scan
 from surgery.formats.containers import Located, TensorCounts, flatten, locate
 from surgery.formats.pickle_vm import Call, Global, Known, describe
-from surgery.formats.torch_pickle import Constant, DataLocation, StorageType, TensorRef, Unsupported
+from surgery.formats.torch_pickle import Constant, DataLocation, Opaque, StorageType, TensorRef, Unsupported
 from surgery.safety import Finding, blocking
 
 if TYPE_CHECKING:
@@ -115,9 +116,17 @@ class Checkpoint:
         self._refs: dict[str, TensorRef] = {}
         for name, ref in pairs:
             self._refs.setdefault(name, ref)
+        self.restored = _restore_aliases(self._refs, self.metadata)
         self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
         self.extras = [_extra(name, value, located.counts) for name, value in located.siblings + leaves]
         self.findings: list[Finding] = list(scanned.findings)
+        if self.restored:
+            tied = ", ".join(f"{a} = {k}" for a, k in list(self.restored.items())[:4])
+            self.findings.append(
+                Finding(
+                    "notice", f"tied names stored once, restored from {ALIASES_KEY}: {tied}", str(self.path)
+                )
+            )
         if truncated:
             self.findings.append(
                 Finding(
@@ -164,6 +173,51 @@ class Checkpoint:
             if ref.storage is not None:
                 groups.setdefault(id(ref.storage.base), []).append(name)
         return [names for names in groups.values() if len(names) > 1]
+
+    @cached_property
+    def tensors_by_name(self) -> dict[str, TensorInfo]:
+        return {t.name: t for t in self.tensors}
+
+    @cached_property
+    def aliases(self) -> dict[str, str]:
+        """Tensors that are the very same view of a storage as an earlier tensor (tied
+        weights: `lm_head.weight` -> `embed.weight`): alias -> the first name."""
+        first: dict[tuple, str] = {}
+        out: dict[str, str] = {}
+        for name, ref in self._refs.items():
+            if ref.storage is None or ref.unusual:
+                continue
+            view = (
+                id(ref.storage.base),
+                ref.storage.view_offset,
+                ref.offset,
+                ref.shape,
+                ref.stride,
+                ref.dtype,
+            )
+            if view in first:
+                out[name] = first[view]
+            else:
+                first[view] = name
+        return out
+
+    def byte_range(self, name: str) -> tuple[str, int, int] | None:
+        """(file, offset, length) when a tensor's bytes lie in the file exactly as a
+        contiguous little-endian tensor would hold them: they can be copied as they are.
+        None when they must be rebuilt (strided views, compressed members, byte order, bits)."""
+        ref = self._refs[name]
+        storage = ref.storage
+        if storage is None or ref.unusual or ref.bits or ref.dtype.bits % 8:
+            return None
+        data = storage.base.data
+        if data is None or data.member is not None or (data.byteswap and ref.dtype.itemsize > 1):
+            return None
+        if ref.stride != _contiguous_strides(ref.shape) and ref.numel > 1:
+            return None
+        start = storage.view_offset + ref.offset * ref.dtype.itemsize
+        if start + ref.nbytes > data.size:
+            return None
+        return data.path, data.offset + start, ref.nbytes
 
     @cached_property
     def prefix(self) -> str:
@@ -245,6 +299,63 @@ def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = 
     return Checkpoint(scanned, tuple(key.split(".")) if key else None)
 
 
+ALIASES_KEY = "surgery.aliases"
+
+
+def _restore_aliases(refs: dict[str, TensorRef], metadata: dict[str, Any]) -> dict[str, str]:
+    """Tied weights a converter stored once (safetensors cannot hold two names for one
+    storage) come back under both names, as they were saved: alias -> stored name."""
+    stored = metadata.get("metadata") or metadata.get("index_metadata") or {}
+    raw = stored.get(ALIASES_KEY) if isinstance(stored, dict) else None
+    if not isinstance(raw, str):
+        return {}
+    try:
+        aliases = json.loads(raw)
+    except ValueError:
+        return {}
+    if not isinstance(aliases, dict):
+        return {}
+    restored = {}
+    for alias, kept in aliases.items():
+        if isinstance(alias, str) and isinstance(kept, str) and kept in refs and alias not in refs:
+            refs[alias] = refs[kept]
+            restored[alias] = kept
+    return restored
+
+
+def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
+def open_trusted(
+    source: str | Path | Checkpoint, *, key: str | None = None, trust: bool = False, purpose: str = "port"
+) -> Checkpoint:
+    """A checkpoint whose tensors are about to be read: refused when it has blocking
+    findings (unless `trust`: its tensors are still read from their bytes, never run)
+    or holds no state_dict.
+
+    Raises:
+        SurgeryError: naming the worst finding, or the missing state_dict.
+    """
+    from surgery.errors import SurgeryError
+
+    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, key=key)
+    if not ckpt.safe and not trust:
+        worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))
+        raise SurgeryError(
+            ckpt.path,
+            f"refused: the source is not safe to load ({worst.severity}: {worst.message})",
+            hint="surgery never runs it; pass --trust to read its tensors from their bytes anyway",
+        )
+    if ckpt.container is None or not ckpt.tensors:
+        raise SurgeryError(ckpt.path, f"the source holds no state_dict to {purpose}")
+    return ckpt
+
+
 def _containers_hint(located: Located) -> str:
     if not located.candidates:
         return "the file holds no state_dict"
@@ -299,6 +410,8 @@ def _extra(name: str, value: Any, counts: TensorCounts) -> Extra:
         return Extra(name, "global", getattr(value, "qualname", None) or value.name)
     if isinstance(value, StorageType):
         return Extra(name, "storage type", "storage type")
+    if isinstance(value, Opaque):
+        return Extra(name, value.kind, value.summary)
     if isinstance(value, Unsupported):
         return Extra(name, "tensor", f"{value.kind.replace('_', ' ')} (not rebuilt by surgery)")
     return Extra(name, type(value).__name__, type(value).__name__)

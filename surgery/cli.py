@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from contextlib import contextmanager
 from functools import wraps
 from pathlib import Path
 from typing import Annotated, Any, Optional
@@ -374,6 +375,200 @@ def _show_port(result, json_out: bool, render) -> None:
         render.render_port_rich(result, Console())
     else:
         sys.stdout.write(render.render_port_plain(result))
+
+
+ListOpt = Optional[list[str]]  # noqa: UP045
+
+
+@app.command()
+@handles_errors
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint file, *.index.json, or a folder (sharded or DCP).", show_default=False
+        ),
+    ],
+    out: Annotated[
+        Path,
+        typer.Option(
+            "--out",
+            "-o",
+            help="Output: NAME.safetensors, a torch file, or a folder (--shard-size, --format dcp).",
+        ),
+    ],
+    format: Annotated[
+        str, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+    ] = "auto",
+    shard_size: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--shard-size", help="Write a sharded folder with shards of at most this size (2GB, 500MiB)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option(
+            "--dtype", help="Cast floating tensors: bf16 | fp16 | fp32 (integer buffers untouched)."
+        ),
+    ] = None,
+    key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--key", "-k", help="The container to convert, dotted (`state_dict_ema`)."),
+    ] = None,
+    rename: Annotated[
+        ListOpt, typer.Option("--rename", help="REGEX=REPLACEMENT on key names (repeatable).")
+    ] = None,
+    strip_prefix: Annotated[ListOpt, typer.Option("--strip-prefix", help="Remove this key prefix.")] = None,
+    add_prefix: Annotated[
+        Optional[str], typer.Option("--add-prefix", help="Put this prefix before every key.")  # noqa: UP045
+    ] = None,
+    include: Annotated[ListOpt, typer.Option("--include", help="Keep only keys matching a glob.")] = None,
+    exclude: Annotated[ListOpt, typer.Option("--exclude", help="Leave out keys matching a glob.")] = None,
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would be written; write nothing.")
+    ] = False,
+    verify: Annotated[
+        bool, typer.Option("--verify", help="Re-read the output and compare every tensor with its source.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing output.")] = False,
+    trust: Annotated[
+        bool,
+        typer.Option(
+            "--trust", help="Convert a source with unsafe findings (its pickle is still never run)."
+        ),
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert between torch, safetensors, sharded and DCP checkpoints, streaming.
+
+    One tensor at a time; bytes that need no change are copied file to file.
+    The output appears only when complete (and verified, with --verify).
+    """
+    from surgery import report
+    from surgery.converting import convert as run_convert
+
+    with _progress(enabled=not json_out and sys.stderr.isatty()) as progress:
+        result = run_convert(
+            source,
+            out,
+            key=key,
+            strip_prefix=strip_prefix or [],
+            add_prefix=add_prefix,
+            rename=rename or [],
+            include=include or [],
+            exclude=exclude or [],
+            dtype=dtype,
+            format=format,
+            shard_size=shard_size,
+            dry_run=dry_run,
+            force=force,
+            verify=verify,
+            trust=trust,
+            progress=progress,
+        )
+    _show(result, report.convert_rows, json_out)
+
+
+@app.command()
+@handles_errors
+def diff(
+    a: Annotated[str, typer.Argument(help="First checkpoint (any format).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second checkpoint (any format).", show_default=False)],
+    structure_only: Annotated[
+        bool, typer.Option("--structure-only", help="Compare names, shapes and dtypes only; read no data.")
+    ] = False,
+    key: Annotated[
+        Optional[str],  # noqa: UP045
+        typer.Option("--key", "-k", help="The container to compare in both files, dotted."),
+    ] = None,
+    strip_prefix: Annotated[
+        ListOpt, typer.Option("--strip-prefix", help="Remove this prefix on both sides.")
+    ] = None,
+    include: Annotated[ListOpt, typer.Option("--include", help="Compare only keys matching a glob.")] = None,
+    exclude: Annotated[ListOpt, typer.Option("--exclude", help="Leave out keys matching a glob.")] = None,
+    exit_code: Annotated[
+        bool,
+        typer.Option("--exit-code", help="Exit 1 when the checkpoints differ (like git diff --exit-code)."),
+    ] = False,
+    trust: Annotated[
+        bool,
+        typer.Option("--trust", help="Compare files with unsafe findings (their pickles are never run)."),
+    ] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Keys only in A or B, shape and dtype differences, and how far the values are apart.
+
+    Tensors are compared one at a time, as raw bytes where possible.
+    """
+    from surgery import report
+    from surgery.diffing import diff as run_diff
+
+    result = run_diff(
+        a,
+        b,
+        structure_only=structure_only,
+        key=key,
+        strip_prefix=strip_prefix or [],
+        include=include or [],
+        exclude=exclude or [],
+        trust=trust,
+    )
+    _show(result, report.diff_rows, json_out)
+    if exit_code and not result.same:
+        raise typer.Exit(1)
+
+
+def _show(result, rows, json_out: bool) -> None:
+    from surgery import report
+
+    if json_out:
+        typer.echo(report.dumps(result.to_json()))
+    elif _use_rich():
+        from rich.console import Console
+
+        report.render_rows_rich(rows(result), Console())
+    else:
+        sys.stdout.write(report.render_rows_plain(rows(result)))
+
+
+@contextmanager
+def _progress(*, enabled: bool):
+    """A rich progress bar (bytes, rate, time left) on a terminal; nothing in pipes or with --json."""
+    if not enabled:
+        yield None
+        return
+    from rich.progress import (
+        BarColumn,
+        DownloadColumn,
+        Progress,
+        TextColumn,
+        TimeRemainingColumn,
+        TransferSpeedColumn,
+    )
+
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+    )
+    with Progress(*columns, transient=True, console=_stderr_console()) as bar:
+
+        def start(tensors: int, total: int):
+            task = bar.add_task(f"{tensors} tensors", total=total)
+            return lambda done: bar.advance(task, done)
+
+        yield start
+
+
+def _stderr_console():
+    from rich.console import Console
+
+    return Console(stderr=True)
 
 
 def run() -> None:

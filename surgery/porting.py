@@ -19,10 +19,11 @@ from typing import TYPE_CHECKING, Any
 
 from surgery import __version__, keys
 from surgery.arch import Target, build_target, target_of_module
-from surgery.checkpoint import Checkpoint, open_checkpoint
+from surgery.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.errors import SurgeryError, UsageError
 from surgery.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
+from surgery.formats.tensors import same_bytes
 from surgery.match import MODES, Entry, MatchError, Pair, PortPlan, auto_strip, judge, pair
 from surgery.recipe import RECIPE_KEY, Recipe
 
@@ -280,20 +281,6 @@ def _report(
     )
 
 
-def _open_source(source: str | Path | Checkpoint, options: PortOptions, trust: bool) -> Checkpoint:
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, key=options.key)
-    if not ckpt.safe and not trust:
-        worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))
-        raise SurgeryError(
-            ckpt.path,
-            f"refused: the source is not safe to load ({worst.severity}: {worst.message})",
-            hint="surgery never runs it; pass --trust to read its tensors from their bytes anyway",
-        )
-    if ckpt.container is None or not ckpt.tensors:
-        raise SurgeryError(ckpt.path, "the source holds no state_dict to port")
-    return ckpt
-
-
 def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
     """Copy every matched tensor into `module`, one at a time, casting dtype and
     reshaping where the plan says; nothing else in `module` changes."""
@@ -349,7 +336,7 @@ def port(
     """
     options = make_options(match, rename, strip_prefix, add_prefix, include, exclude, reshape, key)
     target = target_of_module(into)
-    ckpt = _open_source(source, options, trust)
+    ckpt = open_trusted(source, key=options.key, trust=trust)
     plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict)
     if strict and not plan.complete:
@@ -420,7 +407,7 @@ def port_checkpoint(
     """
     from surgery.formats.writer import check_destination, write_state_dict
 
-    ckpt = _open_source(source, options, trust)
+    ckpt = open_trusted(source, key=options.key, trust=trust)
     out_path = Path(out) if out is not None else None
     writes = [
         p for p in (None if dry_run else out_path, Path(plan_out) if plan_out else None) if p is not None
@@ -592,10 +579,10 @@ def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
         raise SurgeryError(where, "verify: the output's keys differ from the target's")
     for name in names:
         value = reread.tensor(name)
-        if not _same_bytes(value, output.get(name)):
+        if not same_bytes(value, output.get(name)):
             raise SurgeryError(where, f"verify: tensor {name!r} differs from what was written")
         source = output.source_of(name)
-        if source is not None and not _same_bytes(value, source):
+        if source is not None and not same_bytes(value, source):
             raise SurgeryError(
                 out, f"verify: tensor {name!r} differs from its source {output.by_target[name].source!r}"
             )
@@ -603,17 +590,6 @@ def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
         reread.release(name)
         output.release(name)
     return len(names)
-
-
-def _same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    flat_a, flat_b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
-    if a.dtype == torch.bool:
-        flat_a, flat_b = flat_a.to(torch.uint8), flat_b.to(torch.uint8)
-    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
 
 
 def _write_plan(path: Path, report: PortReport) -> None:

@@ -19,6 +19,8 @@ from surgery.safety import SEVERITIES
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from surgery.converting import ConvertReport
+    from surgery.diffing import DiffReport
     from surgery.finetune import FinetuneSummary
     from surgery.porting import PortReport
 
@@ -425,7 +427,11 @@ def _capped(lines: list[str], per_line: int = 1) -> list[str]:
 
 
 def render_port_plain(report: PortReport) -> str:
-    rows = port_lines(report)
+    return render_rows_plain(port_lines(report))
+
+
+def render_rows_plain(rows: list[tuple[str, list[str]]]) -> str:
+    """Label and value columns, stable for logs and tests."""
     width = max(len(label) for label, _ in rows)
     out = []
     for label, values in rows:
@@ -435,17 +441,65 @@ def render_port_plain(report: PortReport) -> str:
 
 
 def render_port_rich(report: PortReport, console: Console) -> None:
+    render_rows_rich(port_lines(report), console)
+
+
+WARNING_LABELS = ("mismatched", "missing", "unexpected", "only in A", "only in B", "differ")
+
+
+def render_rows_rich(rows: list[tuple[str, list[str]]], console: Console) -> None:
     from rich.table import Table
     from rich.text import Text
 
     grid = Table.grid(padding=(0, 2))
     grid.add_column(style="bold cyan", no_wrap=True)
     grid.add_column()
-    for label, values in port_lines(report):
+    for label, values in rows:
         style = (
             "bold"
             if label == "summary"
-            else ("yellow" if label in ("mismatched", "missing", "unexpected") and values != ["none"] else "")
+            else ("yellow" if label in WARNING_LABELS and values != ["none"] else "")
         )
         grid.add_row(label, Text("\n".join(values), style=style))
     console.print(grid)
+
+
+def convert_rows(report: ConvertReport) -> list[tuple[str, list[str]]]:
+    """The rows of the `surgery convert` report, summary first."""
+    where = ".".join(report.container or ()) or "(top level)"
+    rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
+    rows.append(("source", [f"{report.source}: {where} ({report.source_format})"]))
+    rows.append(("output", [f"{report.output} ({report.output_format})"]))
+    if report.shards:
+        rows.append(("shards", _capped(list(report.shards))))
+    rows.append(("steps", list(report.steps) or ["none"]))
+    if report.left_out:
+        rows.append(("left out", _capped(keys.group_names(list(report.left_out)))))
+    if report.cast:
+        rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.aliases:
+        tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
+        rows.append(
+            ("tied", _capped(tied) + ["stored once; the alias is in the metadata and restored on read"])
+        )
+    if report.verified is not None:
+        rows.append(("verified", [f"re-read, {plural(report.verified, 'tensor')} equal to their source"]))
+    return rows
+
+
+def diff_rows(report: DiffReport) -> list[tuple[str, list[str]]]:
+    """The rows of the `surgery diff` report, summary first."""
+    rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
+    rows.append(("A", [report.a]))
+    rows.append(("B", [report.b]))
+    if report.steps:
+        rows.append(("steps", list(report.steps)))
+    rows.append(("only in A", _capped(keys.group_names(list(report.only_a))) or ["none"]))
+    rows.append(("only in B", _capped(keys.group_names(list(report.only_b))) or ["none"]))
+    rows.append(("differ", _capped([d.describe() for d in report.differences]) or ["none"]))
+    if report.structure_only:
+        rows.append(("values", ["not read (--structure-only)"]))
+    else:
+        read = f"{human_bytes(report.bytes_read)} read in {report.seconds:.2f} s"
+        rows.append(("identical", [f"{report.identical} of {report.compared} tensors in both ({read})"]))
+    return rows

@@ -37,11 +37,15 @@ class TensorReader:
     def read(self, name: str, ref: TensorRef) -> torch.Tensor:
         import torch
 
+        if ref.chunks is not None and not ref.unusual:
+            return self._assemble(name, ref)
         if ref.unusual:
             raise UnsupportedTensor(
                 self.where,
                 f"tensor {name!r} is {ref.unusual}: surgery lists it but does not rebuild it",
-                hint="load the file with torch.load(path, weights_only=True)",
+                hint="convert the folder with torch.distributed.checkpoint.format_utils.dcp_to_torch_save"
+                if ref.chunks is not None
+                else "load the file with torch.load(path, weights_only=True)",
             )
         problem = tensor_problem(ref)
         if problem:
@@ -71,6 +75,17 @@ class TensorReader:
                 self.where, f"tensor {name!r} cannot be built as declared: {exc}"
             ) from None
 
+    def _assemble(self, name: str, ref: TensorRef) -> torch.Tensor:
+        """A tensor saved in chunks (DCP from several ranks), copied together into new memory."""
+        import torch
+
+        out = torch.empty(ref.shape, dtype=getattr(torch, ref.dtype.name))
+        for offsets, piece in ref.chunks or ():
+            index = tuple(slice(o, o + n) for o, n in zip(offsets, piece.shape, strict=True))
+            out[index] = self.read(name, piece)
+            self.release(piece)
+        return out
+
     def release(self, ref: TensorRef) -> None:
         """Forget a tensor's storage and drop its pages from this process.
 
@@ -78,6 +93,8 @@ class TensorReader:
         in this process's memory; the file is read again if it is used again.
         Only for tensors not handed to a caller: their pages revert to the file.
         """
+        for _, piece in ref.chunks or ():
+            self.release(piece)
         base = ref.storage.base if ref.storage else None
         if base is None or base.data is None:
             return
@@ -131,3 +148,15 @@ class TensorReader:
             with open(data.path, "rb") as f:
                 mm = self._maps[data.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
         return torch.frombuffer(mm, dtype=torch.uint8, count=data.size, offset=data.offset)
+
+
+def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
+    """Same shape, dtype and bytes (NaNs included, -0.0 is not 0.0): what a copy must give."""
+    import torch
+
+    if a.shape != b.shape or a.dtype != b.dtype:
+        return False
+    flat_a, flat_b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+    if a.dtype == torch.bool:
+        flat_a, flat_b = flat_a.to(torch.uint8), flat_b.to(torch.uint8)
+    return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))

@@ -1,0 +1,487 @@
+"""Converting a checkpoint between formats, one tensor at a time.
+
+Source: anything `open_checkpoint` reads. Output: a safetensors file, a torch
+file, a sharded folder (safetensors or torch shards plus the index others read)
+or a torch.distributed.checkpoint folder. Keys go through the same pipeline as
+`surgery port` (strip, add, rename, include, exclude); floating tensors can be
+cast. When a tensor's bytes can be written as they lie in the source (no cast,
+contiguous, little-endian), they are copied file to file by the kernel without
+importing torch; otherwise one tensor at a time is built, written and released,
+so memory follows the largest tensor, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery import __version__, keys
+from surgery.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
+from surgery.dtypes import BY_NAME
+from surgery.errors import SurgeryError, UsageError
+from surgery.formats import writer
+from surgery.match import Entry
+
+if TYPE_CHECKING:
+    import torch
+
+FORMATS = ("auto", "safetensors", "torch", "dcp")
+CASTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
+         "float16": "float16", "float32": "float32", "half": "float16", "float": "float32"}  # fmt: skip
+FLOATING = {"float16", "bfloat16", "float32", "float64"}
+UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
+         "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
+
+
+@dataclass(frozen=True)
+class ConvertOptions:
+    """What `surgery convert` does besides copying (the CLI flags, as a value)."""
+
+    key: str | None = None
+    strip_prefix: tuple[str, ...] = ()
+    add_prefix: str | None = None
+    rename: tuple[keys.Rename, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+    dtype: str | None = None  # bfloat16 | float16 | float32: floating tensors only
+    format: str = "auto"  # by OUT's name: .safetensors, a folder with --shard-size, else torch
+    shard_size: int | None = None  # bytes per shard: a sharded folder
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "strip_prefix": list(self.strip_prefix),
+            "add_prefix": self.add_prefix,
+            "rename": [str(r) for r in self.rename],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+            "dtype": self.dtype,
+            "format": self.format,
+            "shard_size": self.shard_size,
+        }
+
+
+@dataclass(frozen=True)
+class ConvertReport:
+    """What a conversion read, changed and wrote."""
+
+    source: str
+    source_format: str
+    container: tuple[str, ...] | None
+    output: str
+    output_format: str
+    options: ConvertOptions
+    tensors: int
+    bytes_out: int
+    steps: tuple[str, ...] = ()
+    left_out: tuple[str, ...] = ()
+    cast: dict[str, int] = field(default_factory=dict)  # "float32 -> bfloat16" -> tensors
+    aliases: dict[str, str] = field(default_factory=dict)  # output alias -> the name stored
+    raw: int = 0  # tensors copied as raw bytes
+    shards: tuple[str, ...] = ()
+    seconds: float = 0.0
+    written: bool = False
+    verified: int | None = None
+
+    def summary(self) -> str:
+        text = f"{self.tensors} tensors, {_human(self.bytes_out)}"
+        if self.written:
+            text = (
+                f"wrote {text} in {self.seconds:.2f} s ({_human(self.bytes_out / max(self.seconds, 1e-9))}/s)"
+            )
+        else:
+            text = f"would write {text} (--dry-run)"
+        if self.raw:
+            text += f"; {self.raw} copied as raw bytes"
+        if self.cast:
+            text += f"; {sum(self.cast.values())} cast"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "source_format": self.source_format,
+            "container": list(self.container) if self.container is not None else None,
+            "output": self.output,
+            "output_format": self.output_format,
+            "options": self.options.to_json(),
+            "tensors": self.tensors,
+            "bytes": self.bytes_out,
+            "steps": list(self.steps),
+            "left_out": list(self.left_out),
+            "cast": self.cast,
+            "aliases": self.aliases,
+            "raw_copied": self.raw,
+            "shards": list(self.shards),
+            "seconds": round(self.seconds, 3),
+            "written": self.written,
+            "verified": self.verified,
+        }
+
+
+def make_convert_options(
+    *,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    add_prefix: str | None = None,
+    rename: Sequence[str | keys.Rename] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: str | None = None,
+    format: str = "auto",
+    shard_size: str | int | None = None,
+) -> ConvertOptions:
+    """Validated options. Raises UsageError naming the flag at fault."""
+    if format not in FORMATS:
+        raise UsageError("--format", f"{format!r} is not one of {', '.join(FORMATS)}")
+    if dtype is not None and dtype.lower() not in CASTS:
+        raise UsageError("--dtype", f"{dtype!r} is not one of bf16, fp16, fp32")
+    rules = []
+    for rule in rename:
+        try:
+            rules.append(rule if isinstance(rule, keys.Rename) else keys.Rename.parse(rule))
+        except ValueError as exc:
+            raise UsageError("--rename", str(exc)) from None
+    size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
+    if size is not None and size <= 0:
+        raise UsageError("--shard-size", "must be more than 0 bytes")
+    if size is not None and format == "dcp":
+        raise UsageError("--shard-size", "a DCP folder is written by torch's own layout: drop --shard-size")
+    return ConvertOptions(
+        key,
+        tuple(strip_prefix),
+        add_prefix,
+        tuple(rules),
+        tuple(include),
+        tuple(exclude),
+        CASTS[dtype.lower()] if dtype else None,
+        format,
+        size,
+    )
+
+
+def parse_size(text: str) -> int:
+    """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1e9' -> 1_000_000_000."""
+    raw = text.strip().upper().replace(" ", "")
+    number = raw.rstrip("BKMGTI")
+    unit = raw[len(number) :]
+    try:
+        value = float(number)
+    except ValueError:
+        raise UsageError("--shard-size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB") from None
+    if unit not in UNITS or not math.isfinite(value):
+        raise UsageError("--shard-size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB")
+    return int(value * UNITS[unit])
+
+
+def output_format(out: Path, options: ConvertOptions) -> str:
+    """safetensors | torch | sharded-safetensors | sharded-torch | dcp."""
+    kind = options.format
+    if kind == "auto":
+        if out.suffix == ".safetensors" or (options.shard_size and out.suffix != ".bin"):
+            kind = "safetensors"
+        else:
+            kind = "torch"
+    if kind == "dcp":
+        return "dcp"
+    return f"sharded-{kind}" if options.shard_size else kind
+
+
+@dataclass
+class _Plan:
+    """Names, shapes and dtypes of the output, and where each comes from."""
+
+    ckpt: Checkpoint
+    entries: list[Entry]  # what is written, in source order (aliases left out for safetensors)
+    source_of: dict[str, str]  # output name -> source name
+    aliases: dict[str, str]  # output alias -> output name stored
+    steps: list[str]
+    left_out: list[str]
+    cast: dict[str, int]
+
+
+def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
+    """The output's keys, dtypes and aliases, from names and metadata only."""
+    names = {t.name: t.name for t in ckpt.tensors}
+    try:
+        kept, steps = keys.pipeline(
+            names,
+            strip=options.strip_prefix,
+            prefix=options.add_prefix,
+            renames=options.rename,
+            include=options.include,
+            exclude=options.exclude,
+        )
+    except ValueError as exc:
+        raise UsageError("--rename", str(exc)) from None
+    if not kept:
+        raise UsageError(ckpt.path, "no tensors left after --include/--exclude")
+    unusual = [t for t in ckpt.tensors if t.name in kept and t.note]
+    if unusual:
+        t = unusual[0]
+        raise SurgeryError(
+            ckpt.path,
+            f"tensor {t.name!r} is {t.note}",
+            hint="leave it out with --exclude, or convert with torch",
+        )
+    ties = {a: k for a, k in ckpt.aliases.items() if a in kept and k in kept}
+    entries, cast = [], {}
+    for t in ckpt.tensors:
+        if t.name not in kept:
+            continue
+        dtype = t.dtype
+        if options.dtype and dtype in FLOATING and dtype != options.dtype:
+            change = f"{dtype} -> {options.dtype}"
+            cast[change] = cast.get(change, 0) + 1
+            dtype = options.dtype
+        if t.name in ties and kind != "torch" and kind != "sharded-torch" and kind != "dcp":
+            continue  # safetensors stores one name per storage: the alias goes in the metadata
+        entries.append(Entry(kept[t.name], t.shape, dtype))
+    return _Plan(
+        ckpt,
+        entries,
+        {new: old for old, new in kept.items()},
+        {kept[a]: kept[k] for a, k in ties.items()},
+        steps,
+        [t.name for t in ckpt.tensors if t.name not in kept],
+        cast,
+    )
+
+
+class _Source:
+    """Hands the writer each output tensor: raw bytes when they can be copied as
+    they lie, else a tensor built, cast, and released once written."""
+
+    def __init__(self, plan: _Plan, raw_ok: bool, progress: Callable[[int], None] | None):
+        self.plan, self.raw_ok, self.progress = plan, raw_ok, progress
+        self.dtypes = {e.name: e.dtype for e in plan.entries}
+        self.nbytes = {e.name: _nbytes(e) for e in plan.entries}
+        self.raw = 0
+
+    def get(self, name: str) -> torch.Tensor | writer.RawBytes:
+        source = self.plan.source_of[name]
+        info = self.plan.ckpt.tensors_by_name[source]
+        if self.raw_ok and info.dtype == self.dtypes[name]:
+            where = self.plan.ckpt.byte_range(source)
+            if where is not None:
+                self.raw += 1
+                return writer.RawBytes(*where)
+        return self.tensor(name)
+
+    def tensor(self, name: str) -> torch.Tensor:
+        import torch
+
+        value = self.plan.ckpt.tensor(self.plan.source_of[name]).detach()
+        dtype = getattr(torch, self.dtypes.get(name) or str(value.dtype).removeprefix("torch."))
+        return value if value.dtype == dtype else value.to(dtype)
+
+    def done(self, name: str) -> None:
+        self.plan.ckpt.release(self.plan.source_of[name])
+        if self.progress is not None:
+            self.progress(self.nbytes.get(name, 0))
+
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Every output tensor at once, aliases sharing their tensor (torch and DCP writers)."""
+        out: dict[str, torch.Tensor] = {}
+        for e in self.plan.entries:
+            kept = self.plan.aliases.get(e.name)
+            out[e.name] = out[kept] if kept in out else self.tensor(e.name)
+        return out
+
+
+def convert(
+    source: str | Path,
+    out: str | Path,
+    *,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    add_prefix: str | None = None,
+    rename: Sequence[str | keys.Rename] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    dtype: str | None = None,
+    format: str = "auto",
+    shard_size: str | int | None = None,
+    dry_run: bool = False,
+    force: bool = False,
+    verify: bool = False,
+    trust: bool = False,
+    progress: Callable[[int, int], Callable[[int], None]] | None = None,
+) -> ConvertReport:
+    """Convert `source` into `out`, streaming, atomically.
+
+    Args:
+        key, strip_prefix, add_prefix, rename, include, exclude: as for `surgery.port`.
+        dtype: bf16 | fp16 | fp32: cast floating tensors (integer buffers stay as they are).
+        format: auto (safetensors for `*.safetensors`, else torch) | safetensors | torch | dcp.
+        shard_size: bytes (or '2GB') per shard: `out` becomes a sharded folder with an index.
+        verify: re-read the written output before it is put in place and compare
+            every tensor with its source.
+        trust: read the tensors of a source with unsafe findings (never executed).
+        progress: called once with (tensors, bytes) to announce the work; returns
+            the function told how many bytes each written tensor added.
+
+    Raises:
+        UsageError: a bad option, or an output that would lose data (an input, or existing without `force`).
+        SurgeryError: an unreadable or unsafe source, a failed write (nothing is left behind).
+
+    Example:
+        >>> surgery.convert("ckpt.pth", "model.safetensors", strip_prefix=["module."], dtype="bf16")
+    """
+    options = make_convert_options(
+        key=key,
+        strip_prefix=strip_prefix,
+        add_prefix=add_prefix,
+        rename=rename,
+        include=include,
+        exclude=exclude,
+        dtype=dtype,
+        format=format,
+        shard_size=shard_size,
+    )
+    out = Path(out)
+    ckpt = open_trusted(source, key=options.key, trust=trust, purpose="convert")
+    kind = output_format(out, options)
+    folder = kind.startswith("sharded") or kind == "dcp"
+    if folder:
+        writer.check_folder_destination(out, list(ckpt.files), force=force)
+    else:
+        writer.check_destination(out, list(ckpt.files), force=force)
+    plan = plan_convert(ckpt, options, kind)
+    report = ConvertReport(
+        str(ckpt.path),
+        ckpt.format,
+        ckpt.container,
+        str(out),
+        kind,
+        options,
+        tensors=len(plan.entries) + (len(plan.aliases) if "torch" not in kind and kind != "dcp" else 0),
+        bytes_out=sum(_nbytes(e) for e in plan.entries),
+        steps=tuple(plan.steps),
+        left_out=tuple(plan.left_out),
+        cast=plan.cast,
+        aliases=plan.aliases,
+    )
+    if dry_run:
+        return report
+    started = time.perf_counter()
+    tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
+    src = _Source(plan, raw_ok=kind in ("safetensors", "sharded-safetensors"), progress=tick)
+    metadata = _provenance(ckpt, plan, options)
+    checked: list[int] = []
+
+    def check(written: Path) -> None:  # before the rename: an output that fails is never put in place
+        checked.append(verify_conversion(written, plan, where=out))
+
+    shards: list[str] = []
+    if kind == "safetensors" or kind == "torch":
+        write = writer.write_state_dict
+        if kind == "torch":
+            write(out, plan.entries, src.state_dict().__getitem__, metadata, check=check if verify else None)
+        else:
+            write(out, plan.entries, src.get, metadata, done=src.done, check=check if verify else None)
+    elif kind.startswith("sharded"):
+        shards = writer.write_sharded(
+            out,
+            plan.entries,
+            src.get,
+            metadata,
+            shard_size=options.shard_size or 0,
+            torch_format=kind == "sharded-torch",
+            done=src.done,
+            check=check if verify else None,
+        )
+    else:
+        _write_dcp(out, src, metadata, check if verify else None)
+    if tick is not None and kind in ("torch", "dcp"):
+        tick(report.bytes_out)  # written in one call by torch
+    return replace(
+        report,
+        raw=src.raw,
+        shards=tuple(shards),
+        seconds=time.perf_counter() - started,
+        written=True,
+        verified=checked[0] if checked else None,
+    )
+
+
+def _write_dcp(
+    out: Path, src: _Source, metadata: dict[str, str], check: Callable[[Path], None] | None
+) -> None:
+    """torch's own DCP writer (no process group needed on one machine), into a temporary folder."""
+    import warnings
+
+    import torch.distributed.checkpoint as dcp
+
+    with writer.atomic_folder(out) as tmp:
+        state = src.state_dict()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # "no process group": one machine is what we mean
+            dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        (tmp / "surgery.json").write_text(json.dumps(metadata, indent=1) + "\n")
+        del state
+        if check is not None:
+            check(tmp)
+
+
+def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> int:
+    """Re-read every tensor of the output and compare it with its source (after any cast),
+    one tensor at a time. Returns how many were compared; raises naming the first difference."""
+    import torch
+
+    from surgery.checkpoint import open_checkpoint
+    from surgery.formats.tensors import same_bytes
+
+    where = where or written
+    reread = open_checkpoint(written)
+    names = {t.name for t in reread.tensors}
+    wanted = [e.name for e in plan.entries] + list(plan.aliases)
+    missing = [n for n in wanted if n not in names]
+    if missing:
+        raise SurgeryError(where, f"verify: tensor {missing[0]!r} is not in the output")
+    dtypes = {e.name: e.dtype for e in plan.entries}
+    for name in wanted:
+        source = plan.source_of[name]
+        value = plan.ckpt.tensor(source)
+        dtype = getattr(torch, dtypes.get(name) or dtypes[plan.aliases[name]])
+        if value.dtype != dtype:
+            value = value.to(dtype)
+        if not same_bytes(reread.tensor(name), value):
+            raise SurgeryError(where, f"verify: tensor {name!r} differs from its source {source!r}")
+        del value
+        reread.release(name)
+        plan.ckpt.release(source)
+    return len(wanted)
+
+
+def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertOptions) -> dict[str, str]:
+    """Where the output came from. Files are named with their sizes, not hashed: hashing
+    would read the source a second time, and convert runs at disk speed."""
+    meta = {
+        "format": "pt",
+        "surgery.version": __version__,
+        "surgery.source": str(ckpt.path),
+        "surgery.source_files": json.dumps(
+            [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in ckpt.files]
+        ),
+        "surgery.container": ".".join(ckpt.container or ()) or "(top level)",
+        "surgery.rules": json.dumps(options.to_json()),
+    }
+    if plan.aliases:
+        meta[ALIASES_KEY] = json.dumps(plan.aliases)
+    return meta
+
+
+def _nbytes(e: Entry) -> int:
+    return (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
+
+
+def _human(n: float) -> str:
+    from surgery.report import human_bytes
+
+    return human_bytes(int(n))

@@ -1,0 +1,304 @@
+"""Comparing two checkpoints: keys, shapes, dtypes, then values one tensor at a time.
+
+Headers are compared first (instant at any size). Tensors in both are compared
+as bytes where both lie in their files as plain contiguous data (no torch, a
+memcmp of the mapped ranges); only when the bytes differ, or cannot be compared
+as they lie, are the values read, in chunks, to measure the difference. Memory
+follows the chunk, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+import math
+import mmap
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery import keys
+from surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
+
+if TYPE_CHECKING:
+    import torch
+
+CHUNK = 1 << 24  # elements compared at a time: 128 MiB as float64
+
+
+@dataclass(frozen=True)
+class Difference:
+    """A tensor in both checkpoints whose shape, dtype or values differ."""
+
+    name: str
+    shape_a: tuple[int, ...]
+    shape_b: tuple[int, ...]
+    dtype_a: str
+    dtype_b: str
+    max_abs: float | None = None  # None when the values were not compared
+    max_rel: float | None = None  # |a - b| / |a|, over elements where a != 0
+    differing: int | None = None  # elements that differ
+    nan: int = 0  # elements NaN on one side only
+
+    @property
+    def kind(self) -> str:
+        if self.shape_a != self.shape_b:
+            return "shape"
+        return "dtype" if self.dtype_a != self.dtype_b else "values"
+
+    def describe(self) -> str:
+        if self.kind == "shape":
+            return f"{self.name}: shape {list(self.shape_a)} vs {list(self.shape_b)}"
+        text = f"{self.name}: "
+        if self.kind == "dtype":
+            text += f"dtype {self.dtype_a} vs {self.dtype_b}"
+            if self.max_abs is not None:
+                text += ", "
+        if self.max_abs is not None and not self.differing and not self.nan:
+            text += (
+                "values equal" if self.kind == "dtype" else "equal values, other bits (-0.0 or NaN payloads)"
+            )
+        elif self.max_abs is not None:
+            numel = math.prod(self.shape_a)
+            text += f"{self.differing:,} of {numel:,} differ, max abs {self.max_abs:.3g}"
+            if self.max_rel is not None:
+                text += f", max rel {self.max_rel:.3g}"
+        if self.nan:
+            text += f", {self.nan:,} NaN on one side"
+        return text
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "name": self.name,
+            "kind": self.kind,
+            "shape": [list(self.shape_a), list(self.shape_b)],
+            "dtype": [self.dtype_a, self.dtype_b],
+            "max_abs": _finite(self.max_abs),
+            "max_rel": _finite(self.max_rel),
+            "differing": self.differing,
+            "nan": self.nan,
+        }
+
+
+@dataclass(frozen=True)
+class DiffReport:
+    a: str
+    b: str
+    only_a: tuple[str, ...]
+    only_b: tuple[str, ...]
+    differences: tuple[Difference, ...]
+    identical: int  # tensors in both with the same shape, dtype and bytes
+    compared: int  # tensors in both
+    structure_only: bool = False
+    bytes_read: int = 0
+    seconds: float = 0.0
+    steps: tuple[str, ...] = ()
+    extras: dict[str, int] = field(default_factory=dict)
+
+    @property
+    def same(self) -> bool:
+        return not (self.only_a or self.only_b or self.differences)
+
+    def summary(self) -> str:
+        if self.same:
+            what = "same names, shapes and dtypes" if self.structure_only else "identical"
+            return f"{what}: {self.compared} tensors"
+        kinds = [d.kind for d in self.differences]
+        parts = [f"{len(self.only_a)} only in A", f"{len(self.only_b)} only in B"]
+        parts += [f"{kinds.count('shape')} shape", f"{kinds.count('dtype')} dtype"]
+        if not self.structure_only:
+            parts += [f"{kinds.count('values')} with other values", f"{self.identical} identical"]
+        else:
+            parts.append(f"{self.compared - len(kinds)} alike (values not read)")
+        return "differ: " + ", ".join(parts)
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "a": self.a,
+            "b": self.b,
+            "same": self.same,
+            "summary": self.summary(),
+            "structure_only": self.structure_only,
+            "steps": list(self.steps),
+            "only_in_a": list(self.only_a),
+            "only_in_b": list(self.only_b),
+            "differences": [d.to_json() for d in self.differences],
+            "identical": None if self.structure_only else self.identical,
+            "in_both": self.compared,
+            "bytes_read": self.bytes_read,
+            "seconds": round(self.seconds, 3),
+        }
+
+
+def diff(
+    a: str | Path | Checkpoint,
+    b: str | Path | Checkpoint,
+    *,
+    structure_only: bool = False,
+    key: str | None = None,
+    strip_prefix: Sequence[str] = (),
+    include: Sequence[str] = (),
+    exclude: Sequence[str] = (),
+    trust: bool = False,
+) -> DiffReport:
+    """Compare two checkpoints of any formats.
+
+    Args:
+        structure_only: compare names, shapes and dtypes from the headers; read no data.
+        key: the container to compare in both (else each file's own state_dict).
+        strip_prefix: prefixes removed from the names on both sides (`module.`).
+        include, exclude: globs over the (stripped) names.
+        trust: compare the tensors of files with unsafe findings (never executed).
+    """
+    started = time.perf_counter()
+    if structure_only:  # headers only: nothing is loaded, so nothing needs trust
+        ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, key=key)
+        cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, key=key)
+    else:
+        ca = open_trusted(a, key=key, trust=trust, purpose="compare")
+        cb = open_trusted(b, key=key, trust=trust, purpose="compare")
+    names_a, names_b, steps = _aligned(ca, cb, strip_prefix, include, exclude)
+    info_a, info_b = ca.tensors_by_name, cb.tensors_by_name
+    in_b = {new: old for old, new in names_b.items()}
+    differences: list[Difference] = []
+    identical = read = 0
+    both = [(old, new) for old, new in names_a.items() if new in in_b]
+    for old_a, name in both:
+        ta, tb = info_a[old_a], info_b[in_b[name]]
+        if structure_only or ta.shape != tb.shape:
+            if ta.shape != tb.shape or ta.dtype != tb.dtype:
+                differences.append(Difference(name, ta.shape, tb.shape, ta.dtype, tb.dtype))
+            continue
+        found = _compare(ca, cb, ta, tb, name)
+        read += ta.nbytes + tb.nbytes
+        if found is None:
+            identical += 1
+        else:
+            differences.append(found)
+    return DiffReport(
+        str(ca.path),
+        str(cb.path),
+        tuple(new for new in names_a.values() if new not in in_b),
+        tuple(new for new in names_b.values() if new not in {n for _, n in both}),
+        tuple(differences),
+        identical,
+        len(both),
+        structure_only,
+        read,
+        time.perf_counter() - started,
+        tuple(steps),
+    )
+
+
+def _aligned(
+    ca: Checkpoint, cb: Checkpoint, strip: Sequence[str], include: Sequence[str], exclude: Sequence[str]
+) -> tuple[dict[str, str], dict[str, str], list[str]]:
+    """Both sides' names after the rules; without --strip-prefix, a wrapper prefix
+    (`module.`, `_orig_mod.`, `model.`) on one side only is stripped when that makes names meet."""
+    steps: list[str] = []
+    sides = []
+    for side, ckpt in (("A", ca), ("B", cb)):
+        names = {t.name: t.name for t in ckpt.tensors}
+        rules = list(strip) or [p for p, _ in keys.wrapper_prefixes(ckpt.prefix)]
+        kept, done = keys.pipeline(names, strip=rules, include=include, exclude=exclude)
+        sides.append((names, kept, [f"{side}: {d}" for d in done]))
+    (plain_a, rules_a, done_a), (plain_b, rules_b, done_b) = sides
+    if strip:
+        return rules_a, rules_b, done_a + done_b
+    best = None
+    for a, b, done in (
+        (rules_a, plain_b, done_a),
+        (plain_a, rules_b, done_b),
+        (rules_a, rules_b, done_a + done_b),
+    ):
+        common = len(set(a.values()) & set(b.values()))
+        if common and (best is None or common > best[0]):
+            best = (common, a, b, done)
+    if best is None or best[0] <= len(set(plain_a) & set(plain_b)):
+        a, b, done = _select(plain_a, include, exclude), _select(plain_b, include, exclude), []
+    else:
+        _, a, b, done = best
+        a, b = _select(a, include, exclude), _select(b, include, exclude)
+    steps += [d for d in done if "--include" not in d]
+    return a, b, steps
+
+
+def _select(names: dict[str, str], include: Sequence[str], exclude: Sequence[str]) -> dict[str, str]:
+    return keys.select(names, include, exclude)
+
+
+def _compare(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
+    """None when both tensors hold the same bytes; else how their values differ."""
+    try:
+        if ta.dtype == tb.dtype:
+            ra, rb = ca.byte_range(ta.name), cb.byte_range(tb.name)
+            if ra is not None and rb is not None and _same_range(ra, rb):
+                return None
+        return _measure(ca.tensor(ta.name), cb.tensor(tb.name), name, ta, tb)
+    finally:
+        ca.release(ta.name)
+        cb.release(tb.name)
+
+
+def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:
+    """Two byte ranges compared through read-only mappings, 64 MiB at a time."""
+    (pa, oa, n), (pb, ob, nb) = ra, rb
+    if n != nb:
+        return False
+    step = 64 << 20
+    with open(pa, "rb") as fa, open(pb, "rb") as fb:
+        for start in range(0, n, step):
+            size = min(step, n - start)
+            if _window(fa, oa + start, size) != _window(fb, ob + start, size):
+                return False
+    return True
+
+
+def _window(f, offset: int, size: int) -> bytes:
+    """`size` bytes at `offset`: a mapping (only those pages), read without Python buffers where possible."""
+    if size == 0:
+        return b""
+    base = offset - offset % mmap.ALLOCATIONGRANULARITY
+    with mmap.mmap(f.fileno(), size + offset - base, access=mmap.ACCESS_READ, offset=base) as mm:
+        return mm[offset - base : offset - base + size]
+
+
+def _measure(
+    a: torch.Tensor, b: torch.Tensor, name: str, ta: TensorInfo, tb: TensorInfo
+) -> Difference | None:
+    """Max absolute and relative difference, counted in chunks in float64 (exact for every
+    float and for integers below 2**53); NaN on both sides counts as equal."""
+    import torch
+
+    from surgery.formats.tensors import same_bytes
+
+    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
+    if same_bytes(flat_a, flat_b):
+        return None
+    work = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    max_abs = max_rel = 0.0
+    differing = nan = 0
+    rel_seen = False
+    for start in range(0, flat_a.numel(), CHUNK):
+        x = flat_a[start : start + CHUNK].to(work)
+        y = flat_b[start : start + CHUNK].to(work)
+        nan_x, nan_y = torch.isnan(x), torch.isnan(y)
+        nan += int((nan_x ^ nan_y).sum())
+        delta = (x - y).abs()
+        delta[nan_x | nan_y] = 0  # NaN against NaN is equal; NaN against a number is counted above
+        same_bits = x == y
+        differing += int((~same_bits & ~(nan_x & nan_y)).sum())
+        if delta.numel():
+            max_abs = max(max_abs, float(delta.max()))
+            nonzero = x.abs() > 0
+            if bool(nonzero.any()):
+                rel_seen = True
+                max_rel = max(max_rel, float((delta[nonzero] / x.abs()[nonzero]).max()))
+        del x, y, delta
+    return Difference(
+        name, ta.shape, tb.shape, ta.dtype, tb.dtype, max_abs, max_rel if rel_seen else None, differing, nan
+    )
+
+
+def _finite(x: float | None) -> float | None:
+    return x if x is None or math.isfinite(x) else None

@@ -82,6 +82,7 @@ class ConvertReport:
     left_out: tuple[str, ...] = ()
     cast: dict[str, int] = field(default_factory=dict)  # "float32 -> bfloat16" -> tensors
     aliases: dict[str, str] = field(default_factory=dict)  # output alias -> the name stored
+    aliases_in_metadata: bool = False  # safetensors: stored once, the alias named in the metadata
     raw: int = 0  # tensors copied as raw bytes
     shards: tuple[str, ...] = ()
     seconds: float = 0.0
@@ -366,12 +367,16 @@ def convert(
         left_out=tuple(plan.left_out),
         cast=plan.cast,
         aliases=plan.aliases,
+        aliases_in_metadata=kind in ("safetensors", "sharded-safetensors"),
     )
     if dry_run:
         return report
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
-    src = _Source(plan, raw_ok=kind in ("safetensors", "sharded-safetensors"), progress=tick)
+    raw_ok = kind in ("safetensors", "sharded-safetensors") or (
+        "torch" in kind and writer.streams_torch(plan.entries)
+    )
+    src = _Source(plan, raw_ok=raw_ok, progress=tick)
     metadata = _provenance(ckpt, plan, options)
     checked: list[int] = []
 
@@ -379,12 +384,11 @@ def convert(
         checked.append(verify_conversion(written, plan, where=out))
 
     shards: list[str] = []
-    if kind == "safetensors" or kind == "torch":
-        write = writer.write_state_dict
-        if kind == "torch":
-            write(out, plan.entries, src.state_dict().__getitem__, metadata, check=check if verify else None)
-        else:
-            write(out, plan.entries, src.get, metadata, done=src.done, check=check if verify else None)
+    ties = plan.aliases if kind in ("torch", "sharded-torch") else {}
+    if kind in ("safetensors", "torch"):
+        writer.write_state_dict(
+            out, plan.entries, src.get, metadata, done=src.done, check=check if verify else None, aliases=ties
+        )
     elif kind.startswith("sharded"):
         shards = writer.write_sharded(
             out,
@@ -395,10 +399,11 @@ def convert(
             torch_format=kind == "sharded-torch",
             done=src.done,
             check=check if verify else None,
+            aliases=ties,
         )
     else:
         _write_dcp(out, src, metadata, check if verify else None)
-    if tick is not None and kind in ("torch", "dcp"):
+    if tick is not None and kind == "dcp":
         tick(report.bytes_out)  # written in one call by torch
     return replace(
         report,
@@ -440,7 +445,8 @@ def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> 
     where = where or written
     reread = open_checkpoint(written)
     names = {t.name for t in reread.tensors}
-    wanted = [e.name for e in plan.entries] + list(plan.aliases)
+    wanted = [e.name for e in plan.entries]
+    wanted += [a for a in plan.aliases if a not in wanted]
     missing = [n for n in wanted if n not in names]
     if missing:
         raise SurgeryError(where, f"verify: tensor {missing[0]!r} is not in the output")

@@ -455,8 +455,16 @@ def port_checkpoint(
     if edits or init or not finetune.empty:
         recipe = Recipe(target.spec, tuple(edits), init, finetune, {m.source: m.target for m in plan.matched})
         metadata[RECIPE_KEY] = json.dumps(recipe.to_json())
+    order = {e.name: i for i, e in enumerate(target.entries)}
+    tied = {a: k for a, k in target.ties().items() if a in order and k in order and order[k] < order[a]}
     write_state_dict(
-        out_path, target.entries, output.get, metadata, done=output.release, check=check if verify else None
+        out_path,
+        target.entries,
+        output.get,
+        metadata,
+        done=output.release,
+        check=check if verify else None,
+        aliases=tied,  # a torch file keeps tied weights in one storage, as torch.save would
     )
     return replace(report, written=True, verified=checked[0] if checked else None)
 

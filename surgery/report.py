@@ -479,9 +479,12 @@ def convert_rows(report: ConvertReport) -> list[tuple[str, list[str]]]:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
     if report.aliases:
         tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
-        rows.append(
-            ("tied", _capped(tied) + ["stored once; the alias is in the metadata and restored on read"])
+        how = (
+            "stored once; the alias is in the metadata and restored on read"
+            if report.aliases_in_metadata
+            else "one storage, as saved"
         )
+        rows.append(("tied", [*_capped(tied), how]))
     if report.verified is not None:
         rows.append(("verified", [f"re-read, {plural(report.verified, 'tensor')} equal to their source"]))
     return rows

@@ -95,11 +95,12 @@ def _fsync_folder(folder: Path) -> None:
 def write_state_dict(
     out: Path,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor],
+    get: Callable[[str], torch.Tensor | RawBytes],
     metadata: dict[str, str],
     *,
     done: Callable[[str], None] | None = None,
     check: Callable[[Path], None] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> None:
     """Write a state_dict to `out`, safetensors or torch by its extension.
 
@@ -110,6 +111,7 @@ def write_state_dict(
         metadata: provenance, str -> str.
         done: called with each name once its bytes are written (to release them).
         check: run on the finished temporary file before it replaces `out`.
+        aliases: (torch files) entries that share the storage of an earlier entry: alias -> name.
     """
     if is_safetensors(out):
         _check_safetensors_dtypes(out, entries)
@@ -117,7 +119,7 @@ def write_state_dict(
             _write_safetensors(f, entries, get, metadata, done)
     else:
         with atomic(out, check) as f:
-            _write_torch(f, {e.name: get(e.name) for e in entries}, metadata)
+            _write_torch(f, entries, get, metadata, done, aliases)
 
 
 def _check_safetensors_dtypes(out: Path, entries: Sequence[Entry]) -> None:
@@ -144,7 +146,7 @@ def _write_safetensors(
     offset = 0
     for e in entries:
         dtype = BY_NAME[e.dtype]
-        size = (math.prod(e.shape) * dtype.bits + 7) // 8
+        size = _nbytes(e)
         header[e.name] = {
             "dtype": dtype.safetensors,
             "shape": list(e.shape),
@@ -174,7 +176,9 @@ def _write_tensor(f: BinaryIO, e: Entry, tensor: torch.Tensor) -> None:
     import torch
 
     if tuple(tensor.shape) != e.shape or str(tensor.dtype).removeprefix("torch.") != e.dtype:
-        raise SurgeryError(f.name, f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced")
+        raise SurgeryError(
+            getattr(f, "name", "output"), f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced"
+        )
     data = tensor.detach().contiguous().reshape(-1)
     if data.numel():
         f.write(memoryview(data.view(torch.uint8).numpy()))
@@ -213,6 +217,20 @@ class RangeCopier:
             pos += n
             left -= n
 
+    def read_into(self, raw: RawBytes, out: BinaryIO) -> None:
+        """The range through this process, 8 MiB at a time: for writers that must see the
+        bytes (a zip member computes its CRC)."""
+        src = self.files.get(raw.path)
+        if src is None:
+            src = self.files[raw.path] = open(raw.path, "rb")  # noqa: SIM115 - closed in close()
+        pos, end = raw.offset, raw.offset + raw.length
+        while pos < end:
+            data = os.pread(src.fileno(), min(self.CHUNK, end - pos), pos)
+            if not data:
+                raise SurgeryError(raw.path, f"ends before byte {end}: the source changed or is truncated")
+            out.write(data)
+            pos += len(data)
+
     def _step(self, src: int, dst: int, pos: int, left: int) -> int:
         count = min(left, 1 << 30)
         for call in (getattr(os, "copy_file_range", None), _sendfile):
@@ -240,15 +258,151 @@ def _sendfile(src: int, dst: int, count: int, pos: int) -> int:
     return os.sendfile(dst, src, pos, count)
 
 
-def _write_torch(f: BinaryIO, tensors: dict[str, torch.Tensor], metadata: dict[str, str]) -> None:
+def _write_torch(
+    f: BinaryIO,
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor | RawBytes],
+    metadata: dict[str, str],
+    done: Callable[[str], None] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """A torch zip archive as torch.save writes it, streamed: data.pkl from the entries,
+    then each tensor's bytes as a stored, 64-byte aligned member. `torch.load` (with or
+    without mmap) reads it; dtypes without a storage class go through torch.save instead."""
+    aliases = aliases or {}
+    if not streams_torch(entries):
+        _torch_save(f, entries, get, metadata, done, aliases)
+        return
+    stored = [e for e in entries if e.name not in aliases]
+    keys = {e.name: str(i) for i, e in enumerate(stored)}
+    for alias, kept in aliases.items():
+        keys[alias] = keys[kept]
+    with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
+        _member(zf, "archive/data.pkl", state_dict_pickle(entries, keys))
+        for name, text in (
+            (".format_version", b"1"),
+            (".storage_alignment", b"64"),
+            ("byteorder", b"little"),
+        ):
+            _member(zf, f"archive/{name}", text)
+        copier = RangeCopier()
+        try:
+            for e in stored:
+                value = get(e.name)
+                with _open_member(zf, f"archive/data/{keys[e.name]}", _nbytes(e)) as w:
+                    if isinstance(value, RawBytes):
+                        copier.read_into(value, w)
+                    else:
+                        _write_tensor(w, e, value)
+                del value
+                if done is not None:
+                    done(e.name)
+        finally:
+            copier.close()
+        for alias in aliases:
+            if done is not None:
+                done(alias)
+        _member(zf, "archive/version", b"3\n")
+        _member(zf, "archive/.data/serialization_id", os.urandom(16).hex().encode())
+        _member(zf, f"archive/{PROVENANCE_MEMBER}", json.dumps(metadata, indent=1).encode())
+
+
+def streams_torch(entries: Sequence[Entry]) -> bool:
+    """Whether a torch file of these entries is streamed (and takes RawBytes): every dtype
+    has a storage class to name in the pickle; newer dtypes (float8, uint16) go through torch.save."""
+    return all(BY_NAME[e.dtype].storage is not None for e in entries)
+
+
+def _torch_save(f, entries, get, metadata, done, aliases) -> None:
     import torch
 
+    tensors: dict[str, torch.Tensor] = {}
+    for e in entries:
+        kept = aliases.get(e.name)
+        value = tensors[kept] if kept in tensors else get(e.name)
+        if isinstance(value, RawBytes):
+            raise SurgeryError(f.name, f"tensor {e.name!r}: raw bytes cannot go through torch.save")
+        tensors[e.name] = value
     torch.save(tensors, f)
     f.flush()
     f.seek(0)
-    with zipfile.ZipFile(f, "a") as zf:  # type: ignore[arg-type]
+    with zipfile.ZipFile(f, "a") as zf:
         archive = zf.namelist()[0].split("/")[0]
         zf.writestr(f"{archive}/{PROVENANCE_MEMBER}", json.dumps(metadata, indent=1))
+    for e in entries:
+        if done is not None:
+            done(e.name)
+
+
+ALIGNMENT = 64
+
+
+def _open_member(zf: zipfile.ZipFile, name: str, size: int):
+    """A stored member whose data starts on a 64-byte boundary, as torch aligns them
+    (the padding is an extra field of the local header, as torch writes it)."""
+    info = zipfile.ZipInfo(name, date_time=(1980, 1, 1, 0, 0, 0))
+    info.compress_type = zipfile.ZIP_STORED
+    info.file_size = size
+    zip64 = size * 1.05 > zipfile.ZIP64_LIMIT  # what zipfile decides from file_size
+    start = zf.fp.tell() + 30 + len(name.encode()) + (20 if zip64 else 0)  # type: ignore[union-attr]
+    pad = -(start + 4) % ALIGNMENT
+    info.extra = b"FB" + pad.to_bytes(2, "little") + b"Z" * pad
+    handle = zf.open(info, "w", force_zip64=zip64)
+    if zf.fp.tell() % ALIGNMENT:  # type: ignore[union-attr]
+        raise SurgeryError(zf.filename or "archive", f"member {name!r} would not be aligned")
+    return handle
+
+
+def _member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
+    with _open_member(zf, name, len(data)) as w:
+        w.write(data)
+
+
+def _nbytes(e: Entry) -> int:
+    return (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
+
+
+def state_dict_pickle(entries: Sequence[Entry], storage_keys: dict[str, str]) -> bytes:
+    """data.pkl for a flat state_dict of contiguous CPU tensors, written opcode by opcode
+    (protocol 2, as torch.save): `{name: _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())}`.
+    Tensors with the same storage key share their storage when loaded."""
+    out = bytearray(b"\x80\x02}(")  # PROTO 2, EMPTY_DICT, MARK
+    for e in entries:
+        dtype = BY_NAME[e.dtype]
+        out += _text(e.name)
+        out += b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK: the call's arguments
+        numel = math.prod(e.shape)
+        out += b"(" + _text("storage") + f"ctorch\n{dtype.storage}\n".encode()
+        out += _text(storage_keys[e.name]) + _text("cpu") + _int(numel) + b"tQ"  # TUPLE, BINPERSID
+        out += _int(0) + _ints(e.shape) + _ints(_strides(e.shape))
+        out += b"\x89" + b"ccollections\nOrderedDict\n)R"  # False, OrderedDict()
+        out += b"tR"  # TUPLE, REDUCE
+    out += b"u."  # SETITEMS, STOP
+    return bytes(out)
+
+
+def _text(s: str) -> bytes:
+    raw = s.encode("utf-8", "surrogatepass")
+    return b"X" + len(raw).to_bytes(4, "little") + raw
+
+
+def _int(n: int) -> bytes:
+    if 0 <= n < 2**31:
+        return b"J" + n.to_bytes(4, "little", signed=True)
+    raw = n.to_bytes((n.bit_length() + 8) // 8, "little", signed=True)
+    return b"\x8a" + len(raw).to_bytes(1, "little") + raw
+
+
+def _ints(values: Sequence[int]) -> bytes:
+    return b"(" + b"".join(_int(v) for v in values) + b"t"
+
+
+def _strides(shape: Sequence[int]) -> tuple[int, ...]:
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
 
 
 @contextmanager
@@ -298,7 +452,7 @@ def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     size = 0
     for e in entries:
-        nbytes = (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
+        nbytes = _nbytes(e)
         if shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
@@ -317,6 +471,7 @@ def write_sharded(
     torch_format: bool = False,
     done: Callable[[str], None] | None = None,
     check: Callable[[Path], None] | None = None,
+    aliases: dict[str, str] | None = None,
 ) -> list[str]:
     """A folder of shards and the index others read (`model.safetensors.index.json`, or
     `pytorch_model.bin.index.json` with `torch_format`), written atomically. Returns the shard names."""
@@ -330,14 +485,13 @@ def write_sharded(
         for name, group in zip(names, shards, strict=True):
             with open(tmp / name, "w+b") as f:
                 if torch_format:
-                    _write_torch(f, {e.name: get(e.name) for e in group}, {})
-                    for e in group:
-                        if done is not None:
-                            done(e.name)
+                    names = {e.name for e in group}
+                    ties = {a: k for a, k in (aliases or {}).items() if a in names and k in names}
+                    _write_torch(f, group, get, {}, done, ties)
                 else:
                     _write_safetensors(f, group, get, {"format": "pt"}, done)
             weight_map.update(dict.fromkeys((e.name for e in group), name))
-        total = sum((math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8 for e in entries)
+        total = sum(_nbytes(e) for e in entries)
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         (tmp / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if check is not None:

@@ -77,7 +77,7 @@ class Checkpoint:
 
     Attributes:
         path: the file, index or folder opened.
-        format: torch-zip, torch-legacy, torchscript, safetensors, sharded or pickle.
+        format: torch-zip, torch-legacy, torchscript, safetensors, sharded, dcp or pickle.
         container: keys from the top to the state_dict (`("state_dict",)`, `()` for
             the top level), or None when the file holds no state_dict.
         tensors: the state_dict's tensors in file order.
@@ -278,7 +278,8 @@ def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = 
 
     Args:
         path: a torch file (zip or legacy), TorchScript archive, safetensors file,
-            `*.index.json`, or a folder holding one.
+            `*.index.json`, or a folder holding one; a torch.distributed.checkpoint
+            folder (or its `.metadata` file).
         key: where the state_dict sits, dotted (`state_dict`, `model_ema`), when
             the automatic choice is not the one wanted.
         verify: read all storage bytes too, to check zip CRCs.

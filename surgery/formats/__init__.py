@@ -13,12 +13,15 @@ from surgery.formats.base import Scan, mapped, sniff
 
 __all__ = ["Scan", "scan"]
 
+DCP_METADATA = ".metadata"
+
 
 def scan(path: str | Path, *, verify: bool = False) -> Scan:
     """Read a checkpoint's metadata: tensors, containers, findings. No tensor data.
 
     Args:
-        path: a file in any supported format, a `*.index.json`, or a folder holding one.
+        path: a file in any supported format, a `*.index.json`, or a folder holding one;
+            a torch.distributed.checkpoint folder or its `.metadata` file.
         verify: also read every storage to check zip CRCs (reads all the data).
 
     Raises:
@@ -29,9 +32,13 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
         if path.is_dir():
             from surgery.formats.sharded import scan_folder
 
-            return scan_folder(path, lambda p: scan(p, verify=verify))
+            return scan_folder(path, lambda p: scan(p, verify=verify), verify=verify)
         if not path.exists():
             raise NotFound(path, "no such file or folder")
+        if path.name == DCP_METADATA and path.is_file():  # the fixed name DCP gives its metadata
+            from surgery.formats.dcp import scan_dcp
+
+            return scan_dcp(path.parent, verify=verify)
         with mapped(path) as data:
             if len(data) == 0:
                 raise NotACheckpoint(path, "empty file (0 bytes)")

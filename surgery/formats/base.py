@@ -25,12 +25,12 @@ from surgery.safety import Finding
 @dataclass
 class Scan:
     path: Path
-    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | pickle
+    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp | pickle
     description: str
     root: Any
     findings: list[Finding] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
-    files: list[Path] = field(default_factory=list)  # every file read (shards)
+    files: list[Path] = field(default_factory=list)  # every file read (shards, .distcp files)
 
 
 @contextmanager

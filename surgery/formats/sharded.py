@@ -20,16 +20,15 @@ MAX_INDEX_BYTES = 100_000_000
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".pkl")
 
 
-def scan_folder(folder: Path, scan_file: Callable[[Path], Scan]) -> Scan:
-    """A folder is read through the index it holds."""
+def scan_folder(folder: Path, scan_file: Callable[[Path], Scan], *, verify: bool = False) -> Scan:
+    """A folder is read through the index it holds, or as a torch.distributed.checkpoint
+    folder when it holds `.metadata` and no index."""
     indexes = sorted(folder.glob("*.index.json"))
     if not indexes:
-        if (folder / ".metadata").exists():
-            raise NotACheckpoint(
-                folder,
-                "a torch.distributed.checkpoint (DCP) folder, not read yet",
-                hint="convert it with torch.distributed.checkpoint.format_utils.dcp_to_torch_save",
-            )
+        if (folder / ".metadata").is_file():
+            from surgery.formats.dcp import scan_dcp
+
+            return scan_dcp(folder, verify=verify)
         files = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
         hint = f"it holds {', '.join(files[:5])}: inspect one of those" if files else None
         raise NotFound(folder, "a folder with no *.index.json", hint=hint)

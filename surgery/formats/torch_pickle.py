@@ -70,6 +70,9 @@ class TensorRef:
     parameter: bool = False
     unusual: str | None = None  # what a plain read of the bytes would not reproduce
     bits: dict[str, bool] | None = None  # conj/neg bits torch sets after the view
+    # A tensor saved in pieces (DCP, sharded by distributed training): each piece
+    # with its offsets in this tensor; `storage` then has no bytes of its own.
+    chunks: tuple[tuple[tuple[int, ...], TensorRef], ...] | None = None
 
     @property
     def numel(self) -> int:
@@ -95,6 +98,15 @@ class Unsupported:
     """A tensor kind that only torch itself can rebuild (sparse, nested, ...)."""
 
     kind: str
+
+
+@dataclass(frozen=True)
+class Opaque:
+    """A stored value surgery does not rebuild, described in a few words
+    (`bytes`, "1261 bytes, a damaged torch.save archive")."""
+
+    kind: str
+    summary: str
 
 
 INT64_MAX = 2**63 - 1
@@ -251,6 +263,13 @@ def _ordered_dict(items=()) -> dict:
     return dict(items)
 
 
+def _layout(name: Any) -> Constant:
+    """torch pickles a layout as `_get_layout(str(layout))`, e.g. `'torch.strided'`."""
+    if not isinstance(name, str) or not name.replace("_", "").replace(".", "").isalnum():
+        raise ValueError(f"layout name must be a plain string, got {describe_value(name)}")
+    return Constant(name if name.startswith("torch.") else f"torch.{name}")
+
+
 def describe_keys(mapping: Any) -> str:
     if isinstance(mapping, dict):
         return "{" + ", ".join(str(k) for k in list(mapping)[:5]) + "}"
@@ -283,7 +302,7 @@ def _known_table() -> dict[str, Any]:
         "collections.Counter": _ordered_dict,
         "torch.Size": lambda dims=(): _ints(dims, "torch.Size"),
         "torch.device": lambda *a: ":".join(str(x) for x in a),
-        "torch.serialization._get_layout": lambda name: Constant(f"torch.{name}"),
+        "torch.serialization._get_layout": _layout,
         "_codecs.encode": _encode,
         "builtins.bytearray": _bytes_like(bytearray),
         "builtins.bytes": _bytes_like(bytes),  # empty bytes at protocols 0-2
@@ -377,6 +396,7 @@ def is_module_state(value: Any) -> bool:
 __all__ = [
     "Global",
     "KNOWN",
+    "Opaque",
     "TORCHSCRIPT_KNOWN",
     "StorageRef",
     "StorageTable",

@@ -9,6 +9,7 @@ read unless `verify` asks for their CRCs.
 
 from __future__ import annotations
 
+import io
 import json
 import struct
 import sys
@@ -44,17 +45,69 @@ class Member:
     problems: list[str]
 
 
-def scan_zip(path: Path, data: memoryview, *, verify: bool = False) -> Scan:
+def scan_zip(
+    path: Path, data: memoryview, *, verify: bool = False, base: int = 0, label: str | None = None
+) -> Scan:
+    """Read a torch zip archive's metadata.
+
+    Args:
+        path: the file holding the archive.
+        data: the archive's bytes: the whole mapped file, or a slice of it when
+            the archive is embedded in a larger file (DCP `.distcp` files hold
+            one `torch.save` archive per item).
+        verify: also check every storage member's CRC.
+        base: where `data` starts in the file, so each `DataLocation.offset`
+            counts from the start of the file.
+        label: how messages name the archive (default: the path).
+
+    Returns:
+        A `Scan` whose storages point at their bytes in `path`.
+    """
     findings: list[Finding] = []
     with carrying(findings):
-        return _scan_zip(path, data, verify, findings)
+        return _scan_zip(path, data, verify, findings, base, label)
 
 
-def _scan_zip(path: Path, data: memoryview, verify: bool, findings: list[Finding]) -> Scan:
+class _Window(io.RawIOBase):
+    """A read-only file over a memoryview, so `zipfile` reads the central
+    directory of an archive embedded in a larger file without copying it."""
+
+    def __init__(self, data: memoryview):
+        self._data = data
+        self._pos = 0
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def tell(self) -> int:
+        return self._pos
+
+    def seek(self, offset: int, whence: int = io.SEEK_SET) -> int:
+        start = {io.SEEK_SET: 0, io.SEEK_CUR: self._pos, io.SEEK_END: len(self._data)}[whence]
+        if start + offset < 0:
+            raise OSError("seek before the start of the archive")
+        self._pos = start + offset
+        return self._pos
+
+    def readinto(self, buffer) -> int:  # type: ignore[override]
+        chunk = self._data[self._pos : self._pos + len(buffer)]
+        n = len(chunk)
+        memoryview(buffer).cast("B")[:n] = chunk
+        self._pos += n
+        return n
+
+
+def _scan_zip(
+    real_path: Path, data: memoryview, verify: bool, findings: list[Finding], base: int, label: str | None
+) -> Scan:
+    # `path` names the archive in messages; `real_path` is the file its bytes lie in.
+    path: Path | str = label or real_path
     where = str(path)
     try:
-        with open(path, "rb") as f:
-            infos = zipfile.ZipFile(f).infolist()
+        infos = zipfile.ZipFile(_Window(data)).infolist()
     except Exception as exc:  # zipfile raises many types on damaged input
         raise CorruptCheckpoint(path, f"damaged or truncated zip archive ({exc})") from None
 
@@ -97,7 +150,11 @@ def _scan_zip(path: Path, data: memoryview, verify: bool, findings: list[Finding
         if m is not None and m.offset >= 0:  # a damaged header is already a corrupt finding
             stored = m.info.compress_type == zipfile.ZIP_STORED
             storage.data = DataLocation(
-                where, m.offset, m.info.file_size, byteswap, None if stored else m.info.filename
+                str(real_path),
+                base + m.offset,
+                m.info.file_size,
+                byteswap,
+                None if stored else m.info.filename,
             )
     storage_folder = folder + "data/"
     used = {key.lower() for key in table.storages}
@@ -129,11 +186,11 @@ def _scan_zip(path: Path, data: memoryview, verify: bool, findings: list[Finding
     provenance = _provenance(path, data, member(".data/surgery.json"), findings)
     if provenance:
         metadata["metadata"] = provenance
-    return Scan(path, kind, description, result.value, findings, metadata, [path])
+    return Scan(real_path, kind, description, result.value, findings, metadata, [real_path])
 
 
 def _read_data_pkl(
-    path: Path,
+    path: Path | str,
     data: memoryview,
     copies: list[Member],
     known: dict,
@@ -177,7 +234,7 @@ def _read_data_pkl(
 
 
 def _torchscript_findings(
-    path: Path, data: memoryview, folder: str, members: dict[str, list[Member]], findings: list[Finding]
+    path: Path | str, data: memoryview, folder: str, members: dict[str, list[Member]], findings: list[Finding]
 ) -> list[Finding]:
     """TorchScript keeps constants in a pickle of their own, and code that torch.jit.load compiles and runs."""
     out: list[Finding] = []
@@ -206,7 +263,7 @@ def _torchscript_findings(
     return out
 
 
-def _archive_prefix(path: Path, names: list[str]) -> str:
+def _archive_prefix(path: Path | str, names: list[str]) -> str:
     pickles = [n for n in names if n.lower().endswith("/data.pkl") and n.count("/") == 1]
     if pickles:
         return pickles[0][: -len("/data.pkl")]
@@ -257,7 +314,7 @@ def _read_local_header(data: memoryview, info: zipfile.ZipInfo) -> Member:
 
 
 def _member_bytes(
-    path: Path, data: memoryview, member: Member, findings: list[Finding]
+    path: Path | str, data: memoryview, member: Member, findings: list[Finding]
 ) -> memoryview | bytes:
     info = member.info
     if member.offset < 0:
@@ -286,7 +343,9 @@ def _member_bytes(
     return body
 
 
-def _small_text(path: Path, data: memoryview, member: Member | None, findings: list[Finding]) -> str | None:
+def _small_text(
+    path: Path | str, data: memoryview, member: Member | None, findings: list[Finding]
+) -> str | None:
     """A short text member (byteorder, version), or None when absent or unreadable."""
     if member is None or member.offset < 0:
         return None
@@ -298,7 +357,7 @@ def _small_text(path: Path, data: memoryview, member: Member | None, findings: l
 
 
 def _provenance(
-    path: Path, data: memoryview, member: Member | None, findings: list[Finding]
+    path: Path | str, data: memoryview, member: Member | None, findings: list[Finding]
 ) -> dict[str, str]:
     """What `surgery port` recorded about how the file was made (str -> str), if anything."""
     if member is None or member.offset < 0 or member.info.file_size > 1 << 20:
@@ -313,7 +372,7 @@ def _provenance(
     return {str(k): v for k, v in doc.items() if isinstance(v, str)}
 
 
-def _byteorder(path: Path, data: memoryview, member: Member | None, findings: list[Finding]) -> str:
+def _byteorder(path: Path | str, data: memoryview, member: Member | None, findings: list[Finding]) -> str:
     value = _small_text(path, data, member, findings)
     if value is None:
         return "little"  # files from before the member existed, or a damaged one (reported)
@@ -340,7 +399,7 @@ def _unexpected_members(prefix: str, members: dict[str, list[Member]], where: st
     return out
 
 
-def _check_crcs(path: Path, data: memoryview, members: dict[str, list[Member]]) -> list[Finding]:
+def _check_crcs(path: Path | str, data: memoryview, members: dict[str, list[Member]]) -> list[Finding]:
     """Read every storage member and compare its CRC (torch never does)."""
     findings: list[Finding] = []
     for name, copies in members.items():

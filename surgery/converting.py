@@ -230,7 +230,7 @@ def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
             f"tensor {t.name!r} is {t.note}",
             hint="leave it out with --exclude, or convert with torch",
         )
-    ties = {a: k for a, k in ckpt.aliases.items() if a in kept and k in kept}
+    ties = {} if kind == "dcp" else {a: k for a, k in ckpt.aliases.items() if a in kept and k in kept}
     entries, cast = [], {}
     for t in ckpt.tensors:
         if t.name not in kept:
@@ -240,7 +240,7 @@ def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
             change = f"{dtype} -> {options.dtype}"
             cast[change] = cast.get(change, 0) + 1
             dtype = options.dtype
-        if t.name in ties and kind != "torch" and kind != "sharded-torch" and kind != "dcp":
+        if t.name in ties and kind.endswith("safetensors"):
             continue  # safetensors stores one name per storage: the alias goes in the metadata
         entries.append(Entry(kept[t.name], t.shape, dtype))
     return _Plan(
@@ -361,7 +361,7 @@ def convert(
         str(out),
         kind,
         options,
-        tensors=len(plan.entries) + (len(plan.aliases) if "torch" not in kind and kind != "dcp" else 0),
+        tensors=len(plan.entries) + (len(plan.aliases) if kind.endswith("safetensors") else 0),
         bytes_out=sum(_nbytes(e) for e in plan.entries),
         steps=tuple(plan.steps),
         left_out=tuple(plan.left_out),
@@ -403,8 +403,6 @@ def convert(
         )
     else:
         _write_dcp(out, src, metadata, check if verify else None)
-    if tick is not None and kind == "dcp":
-        tick(report.bytes_out)  # written in one call by torch
     return replace(
         report,
         raw=src.raw,
@@ -418,18 +416,12 @@ def convert(
 def _write_dcp(
     out: Path, src: _Source, metadata: dict[str, str], check: Callable[[Path], None] | None
 ) -> None:
-    """torch's own DCP writer (no process group needed on one machine), into a temporary folder."""
-    import warnings
-
-    import torch.distributed.checkpoint as dcp
+    """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
+    from surgery.formats.dcp_writer import write_dcp
 
     with writer.atomic_folder(out) as tmp:
-        state = src.state_dict()
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # "no process group": one machine is what we mean
-            dcp.save(state, checkpoint_id=str(tmp), no_dist=True)
+        write_dcp(tmp, src.plan.entries, src.get, done=src.done)
         (tmp / "surgery.json").write_text(json.dumps(metadata, indent=1) + "\n")
-        del state
         if check is not None:
             check(tmp)
 

@@ -277,8 +277,35 @@ def _write_torch(
     keys = {e.name: str(i) for i, e in enumerate(stored)}
     for alias, kept in aliases.items():
         keys[alias] = keys[kept]
+    provenance = {PROVENANCE_MEMBER: json.dumps(metadata, indent=1).encode()}
+    _write_archive(f, state_dict_pickle(entries, keys), stored, keys, get, done, provenance)
+    for alias in aliases:
+        if done is not None:
+            done(alias)
+
+
+def stream_torch_archive(f: BinaryIO, e: Entry, value: torch.Tensor | RawBytes) -> None:
+    """What `torch.save(tensor)` writes for one contiguous tensor, streamed (DCP items)."""
+    if not streams_torch([e]):
+        import torch
+
+        torch.save(value, f)
+        return
+    _write_archive(f, tensor_pickle(e, "0"), [e], {e.name: "0"}, lambda _: value, None, {})
+
+
+def _write_archive(
+    f: BinaryIO,
+    pickled: bytes,
+    stored: Sequence[Entry],
+    keys: dict[str, str],
+    get: Callable[[str], torch.Tensor | RawBytes],
+    done: Callable[[str], None] | None,
+    extra: dict[str, bytes],
+) -> None:
+    """The members in torch.save's order: data.pkl, format records, each storage, version."""
     with zipfile.ZipFile(f, "w", zipfile.ZIP_STORED) as zf:  # type: ignore[arg-type]
-        _member(zf, "archive/data.pkl", state_dict_pickle(entries, keys))
+        _member(zf, "archive/data.pkl", pickled)
         for name, text in (
             (".format_version", b"1"),
             (".storage_alignment", b"64"),
@@ -299,12 +326,10 @@ def _write_torch(
                     done(e.name)
         finally:
             copier.close()
-        for alias in aliases:
-            if done is not None:
-                done(alias)
         _member(zf, "archive/version", b"3\n")
         _member(zf, "archive/.data/serialization_id", os.urandom(16).hex().encode())
-        _member(zf, f"archive/{PROVENANCE_MEMBER}", json.dumps(metadata, indent=1).encode())
+        for name, data in extra.items():
+            _member(zf, f"archive/{name}", data)
 
 
 def streams_torch(entries: Sequence[Entry]) -> bool:
@@ -368,17 +393,23 @@ def state_dict_pickle(entries: Sequence[Entry], storage_keys: dict[str, str]) ->
     Tensors with the same storage key share their storage when loaded."""
     out = bytearray(b"\x80\x02}(")  # PROTO 2, EMPTY_DICT, MARK
     for e in entries:
-        dtype = BY_NAME[e.dtype]
-        out += _text(e.name)
-        out += b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK: the call's arguments
-        numel = math.prod(e.shape)
-        out += b"(" + _text("storage") + f"ctorch\n{dtype.storage}\n".encode()
-        out += _text(storage_keys[e.name]) + _text("cpu") + _int(numel) + b"tQ"  # TUPLE, BINPERSID
-        out += _int(0) + _ints(e.shape) + _ints(_strides(e.shape))
-        out += b"\x89" + b"ccollections\nOrderedDict\n)R"  # False, OrderedDict()
-        out += b"tR"  # TUPLE, REDUCE
-    out += b"u."  # SETITEMS, STOP
-    return bytes(out)
+        out += _text(e.name) + _tensor_call(e, storage_keys[e.name])
+    return bytes(out + b"u.")  # SETITEMS, STOP
+
+
+def tensor_pickle(e: Entry, storage_key: str) -> bytes:
+    """data.pkl of `torch.save(tensor)` for one contiguous CPU tensor."""
+    return b"\x80\x02" + _tensor_call(e, storage_key) + b"."
+
+
+def _tensor_call(e: Entry, storage_key: str) -> bytes:
+    dtype = BY_NAME[e.dtype]
+    out = b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK: the call's arguments
+    out += b"(" + _text("storage") + f"ctorch\n{dtype.storage}\n".encode()
+    out += _text(storage_key) + _text("cpu") + _int(math.prod(e.shape)) + b"tQ"  # TUPLE, BINPERSID
+    out += _int(0) + _ints(e.shape) + _ints(_strides(e.shape))
+    out += b"\x89" + b"ccollections\nOrderedDict\n)R"  # False, OrderedDict()
+    return out + b"tR"  # TUPLE, REDUCE
 
 
 def _text(s: str) -> bytes:

@@ -104,12 +104,13 @@ class DiffReport:
             what = "same names, shapes and dtypes" if self.structure_only else "identical"
             return f"{what}: {self.compared} tensors"
         kinds = [d.kind for d in self.differences]
-        parts = [f"{len(self.only_a)} only in A", f"{len(self.only_b)} only in B"]
-        parts += [f"{kinds.count('shape')} shape", f"{kinds.count('dtype')} dtype"]
-        if not self.structure_only:
-            parts += [f"{kinds.count('values')} with other values", f"{self.identical} identical"]
+        counts = [(len(self.only_a), "only in A"), (len(self.only_b), "only in B")]
+        counts += [(kinds.count("shape"), "other shape"), (kinds.count("dtype"), "other dtype")]
+        if self.structure_only:
+            counts.append((self.compared - len(kinds), "alike (values not read)"))
         else:
-            parts.append(f"{self.compared - len(kinds)} alike (values not read)")
+            counts += [(kinds.count("values"), "other values"), (self.identical, "identical")]
+        parts = [f"{n} {what}" for n, what in counts if n]
         return "differ: " + ", ".join(parts)
 
     def to_json(self) -> dict[str, Any]:

@@ -137,6 +137,25 @@ def group_names(names: Iterable[str]) -> list[str]:
     return out
 
 
+def short_names(names: Sequence[str], limit: int = 8) -> list[str]:
+    """`group_names`, or for long lists the names sharing a last part counted together:
+    `*.num_batches_tracked (20 keys)`.
+
+    Example:
+        >>> short_names([f"layer{i}.bn.num_batches_tracked" for i in range(9)] + ["fc.bias"])
+        ['*.num_batches_tracked (9 keys)', 'fc.bias']
+    """
+    grouped = group_names(names)
+    if len(grouped) <= limit:
+        return grouped
+    by_leaf: dict[str, list[str]] = {}
+    for name in names:
+        by_leaf.setdefault(name.rpartition(".")[2], []).append(name)
+    common = {leaf for leaf, members in by_leaf.items() if len(members) >= 3}
+    out = [f"*.{leaf} ({len(by_leaf[leaf])} keys)" for leaf in sorted(common, key=natural)]
+    return out + group_names(n for n in names if n.rpartition(".")[2] not in common)
+
+
 # -- the key pipeline of `surgery port` --------------------------------------
 @dataclass(frozen=True)
 class Rename:

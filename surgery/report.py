@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from rich.console import Console
 
     from surgery.converting import ConvertReport
-    from surgery.diffing import DiffReport
+    from surgery.diffing import Difference, DiffReport
     from surgery.finetune import FinetuneSummary
     from surgery.porting import PortReport
 
@@ -474,7 +474,7 @@ def convert_rows(report: ConvertReport) -> list[tuple[str, list[str]]]:
         rows.append(("shards", _capped(list(report.shards))))
     rows.append(("steps", list(report.steps) or ["none"]))
     if report.left_out:
-        rows.append(("left out", _capped(keys.group_names(list(report.left_out)))))
+        rows.append(("left out", _capped(keys.short_names(report.left_out))))
     if report.cast:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
     if report.aliases:
@@ -491,18 +491,45 @@ def convert_rows(report: ConvertReport) -> list[tuple[str, list[str]]]:
 
 
 def diff_rows(report: DiffReport) -> list[tuple[str, list[str]]]:
-    """The rows of the `surgery diff` report, summary first."""
+    """The rows of the `surgery diff` report, summary first; the largest differences first."""
     rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
     rows.append(("A", [report.a]))
     rows.append(("B", [report.b]))
     if report.steps:
         rows.append(("steps", list(report.steps)))
-    rows.append(("only in A", _capped(keys.group_names(list(report.only_a))) or ["none"]))
-    rows.append(("only in B", _capped(keys.group_names(list(report.only_b))) or ["none"]))
-    rows.append(("differ", _capped([d.describe() for d in report.differences]) or ["none"]))
+    rows.append(("only in A", _capped(keys.short_names(report.only_a)) or ["none"]))
+    rows.append(("only in B", _capped(keys.short_names(report.only_b)) or ["none"]))
+    by_kind = {
+        kind: [d for d in report.differences if d.kind == kind] for kind in ("shape", "dtype", "values")
+    }
+    if by_kind["shape"]:
+        rows.append(("shape", _capped([d.describe() for d in by_kind["shape"]])))
+    if by_kind["dtype"]:
+        rows.append(("dtype", _dtype_lines(by_kind["dtype"])))
+    worst = sorted(by_kind["values"], key=lambda d: -(d.max_abs or 0.0))
     if report.structure_only:
         rows.append(("values", ["not read (--structure-only)"]))
     else:
+        rows.append(("values", _capped([d.describe() for d in worst]) or ["none differ"]))
         read = f"{human_bytes(report.bytes_read)} read in {report.seconds:.2f} s"
         rows.append(("identical", [f"{report.identical} of {report.compared} tensors in both ({read})"]))
     return rows
+
+
+def _dtype_lines(found: list[Difference]) -> list[str]:
+    """One line per dtype pair: how many, and how far the values moved."""
+    lines = []
+    for pair in dict.fromkeys((d.dtype_a, d.dtype_b) for d in found):
+        group = [d for d in found if (d.dtype_a, d.dtype_b) == pair]
+        line = f"{pair[0]} vs {pair[1]}: {plural(len(group), 'tensor')}"
+        moved = [d for d in group if d.differing or d.nan]
+        if group[0].max_abs is not None:
+            line += f"; values equal in {len(group) - len(moved)}"
+            if moved:
+                top = max(moved, key=lambda d: d.max_abs or 0.0)
+                rel = max((d.max_rel or 0.0) for d in moved)
+                line += (
+                    f", moved in {len(moved)} (max abs {top.max_abs:.3g} in {top.name}, max rel {rel:.3g})"
+                )
+        lines.append(line)
+    return lines

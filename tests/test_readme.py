@@ -118,3 +118,31 @@ def test_readme_recipe_file_runs(imagenet_example):
     run = run_subprocess("port", "--recipe", "recipe.toml", "--verify", cwd=imagenet_example)
     assert run.exit_code == 0, run.stderr
     assert "re-read, 122 tensors bit-identical" in run.stdout
+
+
+TIMES = re.compile(r"in \d+\.\d+ s( \([^)]*/s\))?")
+
+
+def _steady(text: str) -> str:
+    """Timings and rates vary from run to run; everything else must be as shown."""
+    return TIMES.sub("in <t> s", text)
+
+
+def test_readme_convert_and_diff_examples_print_what_they_show(imagenet_example, capsys):
+    """Run in order on the ImageNet example's checkpoint; the Python continuation after them."""
+    blocks = [b for b in BLOCKS if "$ surgery convert" in b or "$ surgery diff" in b]
+    assert len(blocks) == 2
+    for block in blocks:
+        lines = block.splitlines()
+        starts = [i for i, line in enumerate(lines) if line.startswith("$ ")] + [len(lines)]
+        for start, end in zip(starts, starts[1:], strict=False):
+            run = run_subprocess(*shlex.split(lines[start].removeprefix("$ surgery ")), cwd=imagenet_example)
+            assert run.exit_code == 0, run.stderr
+            assert _steady(run.stdout) == _steady("\n".join(lines[start + 1 : end]) + "\n")
+    (code,) = [b for b in PYTHON_BLOCKS if "surgery.convert(" in b]
+    namespace: dict = {}
+    exec(compile(code, "README.md", "exec"), namespace)
+    printed = capsys.readouterr().out.splitlines()
+    assert printed[0].endswith("20 copied as raw bytes; 102 cast")
+    assert printed[1] == "differ: 102 other dtype, 20 identical"
+    assert namespace["worst"].max_abs > 0

@@ -470,12 +470,28 @@ def check_folder_destination(out: Path, sources: list[Path], *, force: bool) -> 
             raise UsageError(out, "the output folder holds an input of this run")
     if out.exists() and not out.is_dir():
         raise UsageError(out, "exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not force:
-        raise UsageError(out, "the output folder exists and is not empty", hint="pass --force to replace it")
+    if out.is_dir() and any(out.iterdir()):
+        if not force:
+            raise UsageError(out, "the output folder exists and is not empty", hint="pass --force to replace it")
+        others = sorted(p.name for p in out.iterdir() if not _checkpoint_output(p))
+        if others:
+            raise UsageError(
+                out,
+                f"--force replaces a checkpoint folder, and this one also holds {', '.join(others[:3])}",
+                hint="choose another output folder, or remove those files yourself",
+            )
     if not out.parent.is_dir():
         raise UsageError(out, f"the folder {str(out.parent)!r} does not exist")
     if not os.access(out.parent, os.W_OK):
         raise UsageError(out, f"the folder {str(out.parent)!r} is not writable")
+
+
+def _checkpoint_output(path: Path) -> bool:
+    """A file a sharded or DCP output consists of: what --force may replace."""
+    name = path.name
+    return path.is_file() and (
+        name.endswith((".safetensors", ".bin", ".index.json", ".distcp")) or name in (".metadata", "surgery.json")
+    )
 
 
 def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:

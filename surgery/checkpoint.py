@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery import keys
 from surgery.dtypes import DType
-from surgery.errors import UsageError
+from surgery.errors import CorruptCheckpoint, UsageError
 from surgery.formats import Scan, scan
 from surgery.formats.containers import Located, TensorCounts, flatten, locate
 from surgery.formats.pickle_vm import Call, Global, Known, describe
@@ -25,6 +25,8 @@ from surgery.formats.torch_pickle import Constant, DataLocation, Opaque, Storage
 from surgery.safety import Finding, blocking
 
 if TYPE_CHECKING:
+    from collections.abc import Iterator
+
     import torch
 
 
@@ -261,6 +263,36 @@ class Checkpoint:
         """
         if self._reader is not None and name in self._refs:
             self._reader.release(self._refs[name])
+
+    def pieces(self, name: str, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+        """A tensor as flat pieces of at most `elements`, in order: bounded memory for
+        work that goes element by element (casts, comparisons) however big the tensor.
+
+        Bytes that lie as plain data are read piece by piece from the file (nothing stays
+        mapped); others come from `tensor(name)`, released at the end.
+        """
+        import torch
+
+        where = self.byte_range(name)
+        if where is None:
+            flat = self.tensor(name).detach().reshape(-1)
+            try:
+                for start in range(0, flat.numel(), elements):
+                    yield flat[start : start + elements]
+            finally:
+                del flat
+                self.release(name)
+            return
+        path, offset, length = where
+        dtype = getattr(torch, self._refs[name].dtype.name)
+        step = elements * self._refs[name].dtype.itemsize
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset)
+            for start in range(0, length, step):
+                data = bytearray(min(step, length - start))
+                if f.readinto(data) != len(data):
+                    raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
+                yield torch.frombuffer(data, dtype=dtype)
 
     def _tensor_reader(self):
         if self._reader is None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -255,24 +255,35 @@ def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
 
 
 class _Source:
-    """Hands the writer each output tensor: raw bytes when they can be copied as
-    they lie, else a tensor built, cast, and released once written."""
+    """Hands the writer each output tensor: a byte range of the source when it can be
+    copied as it lies, else its bytes cast piece by piece (or, for writers that need
+    whole tensors, the tensor), released once written."""
 
-    def __init__(self, plan: _Plan, raw_ok: bool, progress: Callable[[int], None] | None):
-        self.plan, self.raw_ok, self.progress = plan, raw_ok, progress
+    def __init__(self, plan: _Plan, streams: bool, progress: Callable[[int], None] | None):
+        self.plan, self.streams, self.progress = plan, streams, progress
         self.dtypes = {e.name: e.dtype for e in plan.entries}
         self.nbytes = {e.name: _nbytes(e) for e in plan.entries}
         self.raw = 0
 
-    def get(self, name: str) -> torch.Tensor | writer.RawBytes:
+    def get(self, name: str) -> torch.Tensor | writer.RawBytes | writer.Pieces:
         source = self.plan.source_of[name]
         info = self.plan.ckpt.tensors_by_name[source]
-        if self.raw_ok and info.dtype == self.dtypes[name]:
+        if not self.streams:
+            return self.tensor(name)
+        if info.dtype == self.dtypes[name]:
             where = self.plan.ckpt.byte_range(source)
             if where is not None:
                 self.raw += 1
                 return writer.RawBytes(*where)
-        return self.tensor(name)
+        return writer.Pieces(self._cast(source, self.dtypes[name]))
+
+    def _cast(self, source: str, dtype_name: str) -> Iterator[memoryview]:
+        """The source tensor cast piece by piece: memory follows the piece, not the tensor."""
+        import torch
+
+        dtype = getattr(torch, dtype_name)
+        for piece in self.plan.ckpt.pieces(source):
+            yield memoryview(piece.to(dtype).contiguous().view(torch.uint8).numpy())
 
     def tensor(self, name: str) -> torch.Tensor:
         import torch
@@ -373,10 +384,8 @@ def convert(
         return report
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
-    raw_ok = kind in ("safetensors", "sharded-safetensors") or (
-        "torch" in kind and writer.streams_torch(plan.entries)
-    )
-    src = _Source(plan, raw_ok=raw_ok, progress=tick)
+    streams = kind.endswith("safetensors") or writer.streams_torch(plan.entries)  # torch and DCP archives
+    src = _Source(plan, streams=streams, progress=tick)
     metadata = _provenance(ckpt, plan, options)
     checked: list[int] = []
 

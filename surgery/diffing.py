@@ -15,15 +15,12 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from surgery import keys
 from surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
 
-if TYPE_CHECKING:
-    import torch
-
-CHUNK = 1 << 24  # elements compared at a time: 128 MiB as float64
+CHUNK = 1 << 22  # elements compared at a time: 32 MiB as float64
 
 
 @dataclass(frozen=True)
@@ -235,18 +232,18 @@ def _compare(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, nam
             ra, rb = ca.byte_range(ta.name), cb.byte_range(tb.name)
             if ra is not None and rb is not None and _same_range(ra, rb):
                 return None
-        return _measure(ca.tensor(ta.name), cb.tensor(tb.name), name, ta, tb)
+        return _measure(ca, cb, ta, tb, name)
     finally:
         ca.release(ta.name)
         cb.release(tb.name)
 
 
 def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:
-    """Two byte ranges compared through read-only mappings, 64 MiB at a time."""
+    """Two byte ranges compared through read-only mappings, 16 MiB at a time."""
     (pa, oa, n), (pb, ob, nb) = ra, rb
     if n != nb:
         return False
-    step = 64 << 20
+    step = 16 << 20
     with open(pa, "rb") as fa, open(pb, "rb") as fb:
         for start in range(0, n, step):
             size = min(step, n - start)
@@ -264,38 +261,48 @@ def _window(f, offset: int, size: int) -> bytes:
         return mm[offset - base : offset - base + size]
 
 
-def _measure(
-    a: torch.Tensor, b: torch.Tensor, name: str, ta: TensorInfo, tb: TensorInfo
-) -> Difference | None:
-    """Max absolute and relative difference, counted in chunks in float64 (exact for every
-    float and for integers below 2**53); NaN on both sides counts as equal."""
+def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
+    """Max absolute and relative difference, counted piece by piece (memory follows the
+    piece); NaN on both sides counts as equal. Values are compared in float32 when both
+    dtypes fit in it exactly, else float64 (exact for floats, and integers below 2**53)."""
     import torch
 
     from surgery.formats.tensors import same_bytes
 
-    flat_a, flat_b = a.detach().reshape(-1), b.detach().reshape(-1)
-    if same_bytes(flat_a, flat_b):
-        return None
-    work = torch.complex128 if a.is_complex() or b.is_complex() else torch.float64
+    exact32 = {"float32", "float16", "bfloat16", "int8", "uint8", "int16", "bool"}
+    complex_ = ta.dtype.startswith("complex") or tb.dtype.startswith("complex")
+    work = (
+        torch.complex128
+        if complex_
+        else (torch.float32 if {ta.dtype, tb.dtype} <= exact32 else torch.float64)
+    )
     max_abs = max_rel = 0.0
     differing = nan = 0
-    rel_seen = False
-    for start in range(0, flat_a.numel(), CHUNK):
-        x = flat_a[start : start + CHUNK].to(work)
-        y = flat_b[start : start + CHUNK].to(work)
-        nan_x, nan_y = torch.isnan(x), torch.isnan(y)
-        nan += int((nan_x ^ nan_y).sum())
+    bitwise, rel_seen = True, False
+    for pa, pb in zip(ca.pieces(ta.name, CHUNK), cb.pieces(tb.name, CHUNK), strict=True):
+        if ta.dtype == tb.dtype and same_bytes(pa, pb):
+            continue
+        bitwise = False
+        x, y = pa.to(work), pb.to(work)
+        unequal = x != y
+        if not bool(unequal.any()):
+            continue
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        one_nan = (torch.isnan(x) | torch.isnan(y)) & ~both_nan
+        unequal &= ~both_nan
+        differing += int(unequal.sum())
+        nan += int(one_nan.sum())
         delta = (x - y).abs()
-        delta[nan_x | nan_y] = 0  # NaN against NaN is equal; NaN against a number is counted above
-        same_bits = x == y
-        differing += int((~same_bits & ~(nan_x & nan_y)).sum())
-        if delta.numel():
-            max_abs = max(max_abs, float(delta.max()))
-            nonzero = x.abs() > 0
-            if bool(nonzero.any()):
-                rel_seen = True
-                max_rel = max(max_rel, float((delta[nonzero] / x.abs()[nonzero]).max()))
-        del x, y, delta
+        delta.masked_fill_(~unequal | one_nan, 0)
+        max_abs = max(max_abs, float(delta.max()))
+        size = x.abs()
+        nonzero = size > 0
+        if bool(nonzero.any()):
+            rel_seen = True
+            max_rel = max(max_rel, float((delta / size).masked_fill_(~nonzero, 0).max()))
+        del x, y, delta, size
+    if bitwise and ta.dtype == tb.dtype:
+        return None
     return Difference(
         name, ta.shape, tb.shape, ta.dtype, tb.dtype, max_abs, max_rel if rel_seen else None, differing, nan
     )

@@ -16,7 +16,7 @@ import math
 import os
 import tempfile
 import zipfile
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -95,7 +95,7 @@ def _fsync_folder(folder: Path) -> None:
 def write_state_dict(
     out: Path,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor | RawBytes],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
     metadata: dict[str, str],
     *,
     done: Callable[[str], None] | None = None,
@@ -136,7 +136,7 @@ def _check_safetensors_dtypes(out: Path, entries: Sequence[Entry]) -> None:
 def _write_safetensors(
     f: BinaryIO,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor | RawBytes],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
     metadata: dict[str, str],
     done: Callable[[str], None] | None,
 ) -> None:
@@ -163,6 +163,8 @@ def _write_safetensors(
             value = get(e.name)
             if isinstance(value, RawBytes):
                 copier.copy(value, f)
+            elif isinstance(value, Pieces):
+                _write_pieces(f, e, value)
             else:
                 _write_tensor(f, e, value)
             del value
@@ -191,6 +193,24 @@ class RawBytes:
     path: str
     offset: int
     length: int
+
+
+@dataclass(frozen=True)
+class Pieces:
+    """A tensor's bytes in order, made piece by piece (a cast of a big tensor): only one
+    piece is in memory at a time."""
+
+    chunks: Iterable[bytes | memoryview]
+
+
+def _write_pieces(f: BinaryIO, e: Entry, pieces: Pieces) -> None:
+    written = 0
+    for piece in pieces.chunks:
+        written += f.write(piece) or 0
+    if written != _nbytes(e):
+        raise SurgeryError(
+            getattr(f, "name", "output"), f"tensor {e.name!r}: {written} bytes made, {_nbytes(e)} announced"
+        )
 
 
 class RangeCopier:
@@ -261,7 +281,7 @@ def _sendfile(src: int, dst: int, count: int, pos: int) -> int:
 def _write_torch(
     f: BinaryIO,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor | RawBytes],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
     metadata: dict[str, str],
     done: Callable[[str], None] | None = None,
     aliases: dict[str, str] | None = None,
@@ -284,7 +304,7 @@ def _write_torch(
             done(alias)
 
 
-def stream_torch_archive(f: BinaryIO, e: Entry, value: torch.Tensor | RawBytes) -> None:
+def stream_torch_archive(f: BinaryIO, e: Entry, value: torch.Tensor | RawBytes | Pieces) -> None:
     """What `torch.save(tensor)` writes for one contiguous tensor, streamed (DCP items)."""
     if not streams_torch([e]):
         import torch
@@ -299,7 +319,7 @@ def _write_archive(
     pickled: bytes,
     stored: Sequence[Entry],
     keys: dict[str, str],
-    get: Callable[[str], torch.Tensor | RawBytes],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
     done: Callable[[str], None] | None,
     extra: dict[str, bytes],
 ) -> None:
@@ -319,6 +339,8 @@ def _write_archive(
                 with _open_member(zf, f"archive/data/{keys[e.name]}", _nbytes(e)) as w:
                     if isinstance(value, RawBytes):
                         copier.read_into(value, w)
+                    elif isinstance(value, Pieces):
+                        _write_pieces(w, e, value)
                     else:
                         _write_tensor(w, e, value)
                 del value
@@ -472,7 +494,9 @@ def check_folder_destination(out: Path, sources: list[Path], *, force: bool) -> 
         raise UsageError(out, "exists and is not a folder")
     if out.is_dir() and any(out.iterdir()):
         if not force:
-            raise UsageError(out, "the output folder exists and is not empty", hint="pass --force to replace it")
+            raise UsageError(
+                out, "the output folder exists and is not empty", hint="pass --force to replace it"
+            )
         others = sorted(p.name for p in out.iterdir() if not _checkpoint_output(p))
         if others:
             raise UsageError(
@@ -490,7 +514,8 @@ def _checkpoint_output(path: Path) -> bool:
     """A file a sharded or DCP output consists of: what --force may replace."""
     name = path.name
     return path.is_file() and (
-        name.endswith((".safetensors", ".bin", ".index.json", ".distcp")) or name in (".metadata", "surgery.json")
+        name.endswith((".safetensors", ".bin", ".index.json", ".distcp"))
+        or name in (".metadata", "surgery.json")
     )
 
 
@@ -511,7 +536,7 @@ def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
 def write_sharded(
     out: Path,
     entries: Sequence[Entry],
-    get: Callable[[str], torch.Tensor | RawBytes],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
     metadata: dict[str, str],
     *,
     shard_size: int,

@@ -160,18 +160,24 @@ def _write_safetensors(
     copier = RangeCopier()
     try:
         for e in entries:
-            value = get(e.name)
-            if isinstance(value, RawBytes):
-                copier.copy(value, f)
-            elif isinstance(value, Pieces):
-                _write_pieces(f, e, value)
-            else:
-                _write_tensor(f, e, value)
-            del value
+            _put(f, e, get(e.name), copier, kernel=True)
             if done is not None:
                 done(e.name)
     finally:
         copier.close()
+
+
+def _put(
+    f: BinaryIO, e: Entry, value: torch.Tensor | RawBytes | Pieces, copier: RangeCopier, *, kernel: bool
+) -> None:
+    """One tensor's bytes into `f`: a byte range (copied by the kernel, or read through this
+    process where the writer must see the bytes), pieces, or a tensor."""
+    if isinstance(value, RawBytes):
+        (copier.copy if kernel else copier.read_into)(value, f)
+    elif isinstance(value, Pieces):
+        _write_pieces(f, e, value)
+    else:
+        _write_tensor(f, e, value)
 
 
 def _write_tensor(f: BinaryIO, e: Entry, tensor: torch.Tensor) -> None:
@@ -335,15 +341,8 @@ def _write_archive(
         copier = RangeCopier()
         try:
             for e in stored:
-                value = get(e.name)
                 with _open_member(zf, f"archive/data/{keys[e.name]}", _nbytes(e)) as w:
-                    if isinstance(value, RawBytes):
-                        copier.read_into(value, w)
-                    elif isinstance(value, Pieces):
-                        _write_pieces(w, e, value)
-                    else:
-                        _write_tensor(w, e, value)
-                del value
+                    _put(w, e, get(e.name), copier, kernel=False)  # the member computes its CRC
                 if done is not None:
                     done(e.name)
         finally:

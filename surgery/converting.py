@@ -437,11 +437,10 @@ def _write_dcp(
 
 def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> int:
     """Re-read every tensor of the output and compare it with its source (after any cast),
-    one tensor at a time. Returns how many were compared; raises naming the first difference."""
-    import torch
-
+    one tensor at a time, as bytes where both lie as plain data (no torch). Returns how many
+    were compared; raises naming the first difference."""
     from surgery.checkpoint import open_checkpoint
-    from surgery.formats.tensors import same_bytes
+    from surgery.diffing import same_tensor
 
     where = where or written
     reread = open_checkpoint(written)
@@ -454,15 +453,9 @@ def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> 
     dtypes = {e.name: e.dtype for e in plan.entries}
     for name in wanted:
         source = plan.source_of[name]
-        value = plan.ckpt.tensor(source)
-        dtype = getattr(torch, dtypes.get(name) or dtypes[plan.aliases[name]])
-        if value.dtype != dtype:
-            value = value.to(dtype)
-        if not same_bytes(reread.tensor(name), value):
+        dtype = dtypes.get(name) or dtypes[plan.aliases[name]]
+        if not same_tensor(plan.ckpt, source, reread, name, cast=dtype):
             raise SurgeryError(where, f"verify: tensor {name!r} differs from its source {source!r}")
-        del value
-        reread.release(name)
-        plan.ckpt.release(source)
     return len(wanted)
 
 

@@ -227,15 +227,37 @@ def _select(names: dict[str, str], include: Sequence[str], exclude: Sequence[str
 
 def _compare(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
     """None when both tensors hold the same bytes; else how their values differ."""
+    if ta.dtype == tb.dtype and same_tensor(ca, ta.name, cb, tb.name):
+        return None
     try:
-        if ta.dtype == tb.dtype:
-            ra, rb = ca.byte_range(ta.name), cb.byte_range(tb.name)
-            if ra is not None and rb is not None and _same_range(ra, rb):
-                return None
         return _measure(ca, cb, ta, tb, name)
     finally:
         ca.release(ta.name)
         cb.release(tb.name)
+
+
+def same_tensor(ca: Checkpoint, a: str, cb: Checkpoint, b: str, *, cast: str | None = None) -> bool:
+    """Whether tensor `b` of `cb` holds exactly the bytes of tensor `a` of `ca` (cast to the
+    dtype `cast` first, when given). Byte ranges are compared without torch where both lie as
+    plain data, else the tensors piece by piece; memory follows the piece."""
+    ta, tb = ca.tensors_by_name[a], cb.tensors_by_name[b]
+    want = cast or ta.dtype
+    if ta.shape != tb.shape or tb.dtype != want:
+        return False
+    try:
+        ra, rb = ca.byte_range(a), cb.byte_range(b)
+        if want == ta.dtype and ra is not None and rb is not None:
+            return _same_range(ra, rb)
+        import torch
+
+        from surgery.formats.tensors import same_bytes
+
+        dtype = getattr(torch, want)
+        pairs = zip(ca.pieces(a, CHUNK), cb.pieces(b, CHUNK), strict=True)
+        return all(same_bytes(pa.to(dtype), pb) for pa, pb in pairs)
+    finally:
+        ca.release(a)
+        cb.release(b)
 
 
 def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:

@@ -65,7 +65,6 @@ import math
 import os
 import platform
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -73,8 +72,11 @@ import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
+sys.path.insert(0, str(HERE))
+
+from _harness import RUNS, _layout, _mib, child_env, run_all, summarize  # noqa: E402
+
 RESULTS = HERE / "results" / "inspect.json"
-RUNS = 3
 SPEED_TARGET = 20.0  # surgery at least this many times faster than the plain load
 RSS_TARGET_BYTES = 60_000_000  # surgery peak RSS under 60 MB (57.2 MiB)
 
@@ -88,65 +90,6 @@ FORMATS = {
 # --------------------------------------------------------------------------- checkpoint making
 # Runs in a child process (`--_generate`), so that this process never holds torch or
 # the tensors: its RSS would leak into every child's ru_maxrss (see the docstring).
-
-
-def _shapes(width: int):
-    """Endless (name, shape) stream: a conv stem, then conv stages and transformer blocks."""
-    w = width
-    c0 = max(w // 4, 1)
-    yield "stem.conv.weight", (c0, 3, 7, 7)
-    for p in ("weight", "bias", "running_mean", "running_var"):
-        yield f"stem.bn.{p}", (c0,)
-    i = 0
-    while True:
-        if i % 3 == 0:  # residual conv block, channels cycle w/4, w/2, w
-            c = max(w >> (2 - (i // 3) % 3), 1)
-            for j in (1, 2):
-                yield f"blocks.{i}.conv{j}.weight", (c, c, 3, 3)
-                for p in ("weight", "bias", "running_mean", "running_var"):
-                    yield f"blocks.{i}.bn{j}.{p}", (c,)
-        else:  # transformer block, width w
-            pre = f"blocks.{i}"
-            yield f"{pre}.ln1.weight", (w,)
-            yield f"{pre}.ln1.bias", (w,)
-            yield f"{pre}.attn.qkv.weight", (3 * w, w)
-            yield f"{pre}.attn.qkv.bias", (3 * w,)
-            yield f"{pre}.attn.proj.weight", (w, w)
-            yield f"{pre}.attn.proj.bias", (w,)
-            yield f"{pre}.ln2.weight", (w,)
-            yield f"{pre}.ln2.bias", (w,)
-            yield f"{pre}.mlp.fc1.weight", (4 * w, w)
-            yield f"{pre}.mlp.fc1.bias", (4 * w,)
-            yield f"{pre}.mlp.fc2.weight", (w, 4 * w)
-            yield f"{pre}.mlp.fc2.bias", (w,)
-        i += 1
-
-
-def _layout(n_tensors: int, target_bytes: int) -> list[tuple[str, tuple[int, ...]]]:
-    """The first n tensors of `_shapes(width)`, width (a multiple of 8) chosen to come closest to target."""
-
-    def take(width: int):
-        stream = _shapes(width)
-        return [next(stream) for _ in range(n_tensors)]
-
-    def nbytes(layout) -> int:
-        total = 0
-        for _, shape in layout:
-            n = 4
-            for d in shape:
-                n *= d
-            total += n
-        return total
-
-    lo, hi = 1, 1 << 14  # width = 8 * k
-    while lo < hi:  # smallest k with size >= target
-        mid = (lo + hi) // 2
-        if nbytes(take(8 * mid)) >= target_bytes:
-            hi = mid
-        else:
-            lo = mid + 1
-    candidates = [take(8 * k) for k in (max(lo - 1, 1), lo)]
-    return min(candidates, key=lambda lay: abs(nbytes(lay) - target_bytes))
 
 
 def generate(folder: Path, size_gb: float, n_tensors: int) -> dict:
@@ -180,59 +123,6 @@ def generate(folder: Path, size_gb: float, n_tensors: int) -> dict:
         "seconds_make": round(t_make, 2),
         "seconds_save": round(t_save, 2),
     }
-
-
-# --------------------------------------------------------------------------- measuring
-# The measuring loop runs in a lean child interpreter (`python -S -I`, no torch, few
-# modules): each command's ru_maxrss can hold no more than this runner's own RSS, the
-# measurement floor (about 8 MiB), reported as the `true` row.
-
-RUNNER = r"""
-import json, os, subprocess, sys, time
-
-def reset_peak_rss():  # in the forked child, before exec: peak RSS := current RSS
-    try:
-        with open("/proc/self/clear_refs", "w") as f:
-            f.write("5")
-    except OSError:
-        pass
-
-def measure(argv, env):
-    t0 = time.perf_counter()
-    # preexec_fn makes Popen fork rather than vfork: with vfork the child would inherit
-    # the runner's peak RSS as its own ru_maxrss.
-    proc = subprocess.Popen(
-        argv, stdin=subprocess.DEVNULL, stdout=subprocess.DEVNULL, env=env, preexec_fn=reset_peak_rss
-    )
-    _, status, usage = os.wait4(proc.pid, 0)
-    wall = time.perf_counter() - t0
-    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
-    return {"wall_s": wall, "rss_kib": usage.ru_maxrss, "exit": proc.returncode}
-
-with open(sys.argv[1]) as f:
-    job = json.load(f)
-print(f"warm-up: one run of each of {len(job['argvs'])} commands ...", file=sys.stderr, flush=True)
-out = {"clear_refs_writable": os.access("/proc/self/clear_refs", os.W_OK),
-       "results": [{"warmup": measure(argv, job["env"]), "runs": []} for argv in job["argvs"]]}
-for i in range(job["runs"]):  # round-robin, so drift hits every command alike
-    print(f"run {i + 1}/{job['runs']} ...", file=sys.stderr, flush=True)
-    for argv, res in zip(job["argvs"], out["results"]):
-        res["runs"].append(measure(argv, job["env"]))
-json.dump(out, sys.stdout)
-"""
-
-
-def run_all(rows: list[dict], folder: Path, env: dict[str, str]) -> bool:
-    """Warm-up plus RUNS timed runs of every row's argv, in the lean runner; fills rows in place."""
-    job = folder / "job.json"
-    job.write_text(json.dumps({"argvs": [r["argv"] for r in rows], "runs": RUNS, "env": env}))
-    proc = subprocess.run(
-        [sys.executable, "-S", "-I", "-c", RUNNER, str(job)], stdout=subprocess.PIPE, text=True, check=True
-    )
-    out = json.loads(proc.stdout)
-    for r, res in zip(rows, out["results"], strict=True):
-        r.update(res)
-    return out["clear_refs_writable"]
 
 
 def commands(paths: dict[str, Path]) -> list[dict]:
@@ -292,30 +182,6 @@ def commands(paths: dict[str, Path]) -> list[dict]:
     return rows
 
 
-def child_env(folder: Path, as_is: bool) -> tuple[dict[str, str], str]:
-    """The environment of the measured commands, and how it treats bytecode caching.
-
-    With PYTHONDONTWRITEBYTECODE set (as in some containers), a package installed editable
-    from a source tree without __pycache__ (surgery here) is compiled from source at every
-    run, while torch & co. were compiled when pip installed them. By default the commands
-    get a fresh PYTHONPYCACHEPREFIX in the temporary folder instead, filled by the warm-up
-    runs, so every command runs from cached bytecode as after a normal install; the
-    source tree is not written to.
-    """
-    env = dict(os.environ)
-    if as_is:
-        if env.get("PYTHONPYCACHEPREFIX"):
-            mode = f"as is (PYTHONPYCACHEPREFIX={env['PYTHONPYCACHEPREFIX']})"
-        elif env.get("PYTHONDONTWRITEBYTECODE"):
-            mode = "as is (PYTHONDONTWRITEBYTECODE set: only modules with existing __pycache__ are cached)"
-        else:
-            mode = "as is (__pycache__ next to the sources)"
-        return env, mode
-    env.pop("PYTHONDONTWRITEBYTECODE", None)
-    env["PYTHONPYCACHEPREFIX"] = str(folder / "pycache")
-    return env, "fresh PYTHONPYCACHEPREFIX in the temporary folder, filled by the warm-up runs"
-
-
 def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
     """Run surgery once with its output kept; None when it lists the right tensors, else the problem."""
     proc = subprocess.run(
@@ -333,10 +199,6 @@ def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
     if data.get("format") != fmt:
         return f"format {data.get('format')!r}, expected {fmt!r}"
     return None
-
-
-def _mib(kib: int) -> float:
-    return kib / 1024
 
 
 def table(rows: list[dict]) -> str:
@@ -414,13 +276,7 @@ def main() -> int:
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         rows = commands(paths)
         clear_refs_ok = run_all(rows, folder, env)
-        for r in rows:
-            codes = sorted({run["exit"] for run in r["runs"]} - {0})
-            if codes:
-                r["failed"] = f"exit {codes[0]}"
-                problems.append(f"{r['format']} {r['command']}: exit {codes}")
-            r["median_s"] = statistics.median(run["wall_s"] for run in r["runs"])
-            r["max_rss_kib"] = max(run["rss_kib"] for run in r["runs"])
+        problems += summarize(rows)
         surgery = {r["format"]: r for r in rows if r["kind"] == "surgery"}
         for r in rows:
             s = surgery.get(r["format"])

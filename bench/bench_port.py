@@ -67,7 +67,7 @@ What it measures
     changing mid-run, is reported as a PROBLEM (exit code 1).
 
 How peak RSS is measured
-    As in bench_inspect.py (and with its code): a lean ``python -S -I`` runner
+    As in bench_inspect.py (with the shared code in _harness.py): a lean ``python -S -I`` runner
     forks each command and resets the child's peak RSS (``/proc/self/clear_refs``
     ``5``) before ``exec``; ``os.wait4`` gives the child's own ``ru_maxrss``.
     This process never imports torch (child processes make the checkpoints
@@ -103,13 +103,8 @@ How to run
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
-import os
-import platform
-import resource
 import shutil
-import statistics
 import subprocess
 import sys
 import tempfile
@@ -119,10 +114,20 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from bench_inspect import RUNNER, _layout, _mib, child_env  # noqa: E402
+from _harness import (  # noqa: E402
+    RUNS,
+    _layout,
+    _mib,
+    busy_cpu_seconds,
+    child_env,
+    code_state,
+    machine,
+    own_cpu_seconds,
+    run_all,
+    summarize,
+)
 
 RESULTS = HERE / "results" / "port.json"
-RUNS = 3
 TIME_TARGET = 1.0  # surgery/plain wall time at most this
 MEMORY_TARGET = 0.5  # surgery/plain peak RSS at most this ("well under")
 OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
@@ -293,65 +298,6 @@ def check(job: dict) -> dict:
     return {"results": results}
 
 
-# --------------------------------------------------------------------------- measuring
-# bench_inspect's runner, with its measuring code (reset_peak_rss, measure) reused as is
-# and a loop of our own: before each run, delete the command's outputs and sync().
-
-_RUNNER_DEFS, _SEP, _ = RUNNER.partition("\nwith open(sys.argv[1]) as f:")
-if not _SEP:
-    raise RuntimeError("bench_inspect.RUNNER changed: cannot reuse its measure()")
-PORT_RUNNER = (
-    _RUNNER_DEFS
-    + r"""
-def prepare(outputs):  # outside the timing
-    for p in outputs:
-        try:
-            os.unlink(p)
-        except FileNotFoundError:
-            pass
-    os.sync()
-
-with open(sys.argv[1]) as f:
-    job = json.load(f)
-rows = job["rows"]
-print(f"warm-up: one run of each of {len(rows)} commands ...", file=sys.stderr, flush=True)
-results = []
-for row in rows:
-    prepare(row["outputs"])
-    results.append({"warmup": measure(row["argv"], job["env"]), "runs": []})
-for i in range(job["runs"]):  # round-robin, so drift hits every command alike
-    print(f"run {i + 1}/{job['runs']} ...", file=sys.stderr, flush=True)
-    for row, res in zip(rows, results):
-        prepare(row["outputs"])
-        res["runs"].append(measure(row["argv"], job["env"]))
-json.dump({"clear_refs_writable": os.access("/proc/self/clear_refs", os.W_OK), "results": results}, sys.stdout)
-"""
-)
-
-
-def run_all(rows: list[dict], folder: Path, env: dict[str, str]) -> bool:
-    job = folder / "job.json"
-    job.write_text(
-        json.dumps(
-            {
-                "rows": [{"argv": r["argv"], "outputs": r["outputs"]} for r in rows],
-                "runs": RUNS,
-                "env": env,
-            }
-        )
-    )
-    proc = subprocess.run(
-        [sys.executable, "-S", "-I", "-c", PORT_RUNNER, str(job)],
-        stdout=subprocess.PIPE,
-        text=True,
-        check=True,
-    )
-    out = json.loads(proc.stdout)
-    for r, res in zip(rows, out["results"], strict=True):
-        r.update(res)
-    return out["clear_refs_writable"]
-
-
 PLAIN_RESNET = (
     "import sys, torch, torchvision\n"
     "p, out = sys.argv[1:3]\n"
@@ -502,71 +448,6 @@ def _child(args: list[str]) -> dict:
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def busy_cpu_seconds() -> float | None:
-    """CPU time the whole machine has spent busy since boot (/proc/stat), in seconds."""
-    try:
-        with open("/proc/stat") as f:
-            fields = [int(x) for x in f.readline().split()[1:]]
-    except (OSError, ValueError):
-        return None
-    user, nice, system, _idle, _iowait, irq, softirq, steal = (fields + [0] * 8)[:8]
-    return (user + nice + system + irq + softirq + steal) / os.sysconf("SC_CLK_TCK")
-
-
-def own_cpu_seconds() -> float:
-    """CPU time of this process and every waited-for child (the runner and its commands)."""
-    me, kids = resource.getrusage(resource.RUSAGE_SELF), resource.getrusage(resource.RUSAGE_CHILDREN)
-    return me.ru_utime + me.ru_stime + kids.ru_utime + kids.ru_stime
-
-
-def code_state() -> dict:
-    """The commit measured, and surgery's files changed since (uncommitted work is measured as it stands)."""
-    repo = HERE.parent
-
-    def git(*argv: str) -> str | None:
-        proc = subprocess.run(["git", "-C", str(repo), *argv], capture_output=True, text=True)
-        return proc.stdout.strip() if proc.returncode == 0 else None
-
-    changed = (git("diff", "--name-only", "HEAD", "--", "surgery") or "").split()
-    changed += (git("ls-files", "--others", "--exclude-standard", "--", "surgery") or "").split()
-    diff = subprocess.run(["git", "-C", str(repo), "diff", "HEAD", "--", "surgery"], capture_output=True)
-    return {
-        "commit": git("rev-parse", "HEAD"),
-        "surgery_changed_files": changed,
-        "surgery_diff_sha256": hashlib.sha256(diff.stdout).hexdigest() if diff.returncode == 0 else None,
-    }
-
-
-def machine(folder: Path, facts: dict) -> dict:
-    mem_kib = None
-    try:
-        with open("/proc/meminfo") as f:
-            mem_kib = int(next(line for line in f if line.startswith("MemTotal")).split()[1])
-    except (OSError, StopIteration, ValueError):
-        pass
-    cpu = None
-    try:
-        with open("/proc/cpuinfo") as f:
-            cpu = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
-    except OSError:
-        pass
-    fs = None
-    df = subprocess.run(["df", "-T", str(folder)], capture_output=True, text=True)
-    if df.returncode == 0 and len(df.stdout.splitlines()) > 1:
-        fs = df.stdout.splitlines()[1].split()[1]
-    return {
-        "nproc": os.cpu_count(),
-        "cpu": cpu,
-        "mem_gib": round(mem_kib / 2**20, 1) if mem_kib else None,
-        "tmp_filesystem": fs,
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "torch": facts["torch_version"],
-        "torchvision": facts.get("torchvision_version"),
-        "safetensors": facts["safetensors_version"],
-    }
-
-
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0, help="big checkpoint size in GB (10^9 bytes)")
@@ -620,7 +501,7 @@ def main() -> int:
         rows = commands(folder, size_label, not args.skip_resnet)
         code_before = code_state()
         busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        clear_refs_ok = run_all(rows, folder, env)
+        clear_refs_ok = run_all(rows, folder, env, sync=True)
         busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
         code_after = code_state()
         load = {"wall_s": round(wall1 - wall0, 1), "benchmark_cpu_s": round(own1 - own0, 1)}
@@ -628,14 +509,7 @@ def main() -> int:
             load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
             load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
 
-        problems = []
-        for r in rows:
-            codes = sorted({run["exit"] for run in r["runs"] + [r["warmup"]]} - {0})
-            if codes:
-                r["failed"] = f"exit {codes[0]}"
-                problems.append(f"{r['case']} {r['command']}: exit {codes}")
-            r["median_s"] = statistics.median(run["wall_s"] for run in r["runs"])
-            r["max_rss_kib"] = max(run["rss_kib"] for run in r["runs"])
+        problems = summarize(rows, count_warmup=True)
         floors = {r["command"]: r for r in rows if r["kind"] == "floor"}
         torch_floor = next((r for c, r in floors.items() if "torchvision" not in c), None)
         tv_floor = next((r for c, r in floors.items() if "torchvision" in c), None)

@@ -17,7 +17,7 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from surgery.formats.writer import ALIGNMENT, RawBytes, stream_torch_archive
+from surgery.formats.writer import ALIGNMENT, RawBytes, Writeback, stream_torch_archive
 from surgery.match import Entry
 
 if TYPE_CHECKING:
@@ -47,6 +47,9 @@ class _Window:
     def flush(self) -> None:
         self.f.flush()
 
+    def fileno(self) -> int:
+        return self.f.fileno()
+
     def seekable(self) -> bool:
         return True
 
@@ -73,10 +76,11 @@ def write_dcp(
     tensors: dict[str, TensorStorageMetadata] = {}
     storage: dict[MetadataIndex, _StorageInfo] = {}
     with open(folder / DATA_FILE, "wb") as f:
+        writeback = Writeback(f)
         for e in entries:
             start = f.tell() + (-f.tell() % ALIGNMENT)
             f.write(b"\0" * (start - f.tell()))
-            stream_torch_archive(_Window(f, start), e, get(e.name))  # type: ignore[arg-type]
+            stream_torch_archive(_Window(f, start), e, get(e.name), writeback)  # type: ignore[arg-type]
             size = torch.Size(e.shape)
             origin = torch.Size([0] * len(e.shape))
             tensors[e.name] = TensorStorageMetadata(

@@ -105,6 +105,7 @@ class ConvertReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "surgery_json": 1,
             "source": self.source,
             "source_format": self.source_format,
             "container": list(self.container) if self.container is not None else None,

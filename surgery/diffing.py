@@ -112,6 +112,7 @@ class DiffReport:
 
     def to_json(self) -> dict[str, Any]:
         return {
+            "surgery_json": 1,
             "a": self.a,
             "b": self.b,
             "same": self.same,

@@ -397,7 +397,14 @@ def convert(
     ties = plan.aliases if kind in ("torch", "sharded-torch") else {}
     if kind in ("safetensors", "torch"):
         writer.write_state_dict(
-            out, plan.entries, src.get, metadata, done=src.done, check=check if verify else None, aliases=ties
+            out,
+            plan.entries,
+            src.get,
+            metadata,
+            done=src.done,
+            check=check if verify else None,
+            aliases=ties,
+            safetensors=kind == "safetensors",
         )
     elif kind.startswith("sharded"):
         shards = writer.write_sharded(

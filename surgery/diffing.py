@@ -287,18 +287,12 @@ def _window(f, offset: int, size: int) -> bytes:
 def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
     """Max absolute and relative difference, counted piece by piece (memory follows the
     piece); NaN on both sides counts as equal. Values are compared in float32 when both
-    dtypes fit in it exactly, else float64 (exact for floats, and integers below 2**53)."""
+    dtypes fit in it exactly, as int64 when both are integers, else in float64."""
     import torch
 
     from surgery.formats.tensors import same_bytes
 
-    exact32 = {"float32", "float16", "bfloat16", "int8", "uint8", "int16", "bool"}
-    complex_ = ta.dtype.startswith("complex") or tb.dtype.startswith("complex")
-    work = (
-        torch.complex128
-        if complex_
-        else (torch.float32 if {ta.dtype, tb.dtype} <= exact32 else torch.float64)
-    )
+    work = _working_dtype(ta.dtype, tb.dtype)
     max_abs = max_rel = 0.0
     differing = nan = 0
     bitwise, rel_seen = True, False
@@ -322,13 +316,26 @@ def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, nam
         nonzero = size > 0
         if bool(nonzero.any()):
             rel_seen = True
-            max_rel = max(max_rel, float((delta / size).masked_fill_(~nonzero, 0).max()))
+            rel = delta / size  # where A is infinite the relative difference is undefined: left out
+            max_rel = max(max_rel, float(rel.masked_fill_(~nonzero | ~torch.isfinite(size), 0).max()))
         del x, y, delta, size
     if bitwise and ta.dtype == tb.dtype:
         return None
     return Difference(
         name, ta.shape, tb.shape, ta.dtype, tb.dtype, max_abs, max_rel if rel_seen else None, differing, nan
     )
+
+
+def _working_dtype(a: str, b: str):
+    """The dtype two tensors' values are compared in: exact for both, as small as that allows."""
+    import torch
+
+    if a.startswith("complex") or b.startswith("complex"):
+        return torch.complex128
+    if {a, b} <= {"float32", "float16", "bfloat16", "int8", "uint8", "int16", "bool"}:
+        return torch.float32
+    integers = {"int8", "uint8", "int16", "int32", "int64", "uint16", "uint32", "bool"}
+    return torch.int64 if {a, b} <= integers else torch.float64
 
 
 def _finite(x: float | None) -> float | None:

@@ -64,6 +64,7 @@ def atomic(out: Path, check: Callable[[Path], None] | None = None) -> Iterator[B
     (and `check`, given the temporary file's path, raised nothing)."""
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
+        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
         with os.fdopen(fd, "w+b") as f:
             yield f
             f.flush()
@@ -77,6 +78,12 @@ def atomic(out: Path, check: Callable[[Path], None] | None = None) -> Iterator[B
     finally:
         if os.path.exists(tmp):
             os.unlink(tmp)
+
+
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -101,8 +108,9 @@ def write_state_dict(
     done: Callable[[str], None] | None = None,
     check: Callable[[Path], None] | None = None,
     aliases: dict[str, str] | None = None,
+    safetensors: bool | None = None,
 ) -> None:
-    """Write a state_dict to `out`, safetensors or torch by its extension.
+    """Write a state_dict to `out`: safetensors or a torch file, by `safetensors` or else by its extension.
 
     Args:
         entries: name, shape and dtype of every tensor, in the order to write.
@@ -113,7 +121,7 @@ def write_state_dict(
         check: run on the finished temporary file before it replaces `out`.
         aliases: (torch files) entries that share the storage of an earlier entry: alias -> name.
     """
-    if is_safetensors(out):
+    if is_safetensors(out) if safetensors is None else safetensors:
         _check_safetensors_dtypes(out, entries)
         with atomic(out, check) as f:
             _write_safetensors(f, entries, get, metadata, done)
@@ -491,6 +499,7 @@ def atomic_folder(out: Path) -> Iterator[Path]:
 
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
+        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
         yield tmp
         for path in tmp.iterdir():
             with open(path, "rb+") as f:
@@ -582,8 +591,8 @@ def write_sharded(
         for name, group in zip(names, shards, strict=True):
             with open(tmp / name, "w+b") as f:
                 if torch_format:
-                    names = {e.name for e in group}
-                    ties = {a: k for a, k in (aliases or {}).items() if a in names and k in names}
+                    here = {e.name for e in group}
+                    ties = {a: k for a, k in (aliases or {}).items() if a in here and k in here}
                     _write_torch(f, group, get, {}, done, ties)
                 else:
                     _write_safetensors(f, group, get, {"format": "pt"}, done)

@@ -143,12 +143,10 @@ def make_convert_options(
         raise UsageError("--format", f"{format!r} is not one of {', '.join(FORMATS)}")
     if dtype is not None and dtype.lower() not in CASTS:
         raise UsageError("--dtype", f"{dtype!r} is not one of bf16, fp16, fp32")
-    rules = []
-    for rule in rename:
-        try:
-            rules.append(rule if isinstance(rule, keys.Rename) else keys.Rename.parse(rule))
-        except ValueError as exc:
-            raise UsageError("--rename", str(exc)) from None
+    try:
+        rules = keys.parse_renames(rename)
+    except ValueError as exc:
+        raise UsageError("--rename", str(exc)) from None
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     if size is not None and size <= 0:
         raise UsageError("--shard-size", "must be more than 0 bytes")
@@ -158,7 +156,7 @@ def make_convert_options(
         key,
         tuple(strip_prefix),
         add_prefix,
-        tuple(rules),
+        rules,
         tuple(include),
         tuple(exclude),
         CASTS[dtype.lower()] if dtype else None,

@@ -196,6 +196,11 @@ def add_prefix(names: dict[str, str], prefix: str) -> dict[str, str]:
     return {old: prefix + new for old, new in names.items()}
 
 
+def parse_renames(rules: Iterable[str | Rename]) -> tuple[Rename, ...]:
+    """`--rename` texts (or rules already parsed) as rules. Raises ValueError naming a bad one."""
+    return tuple(rule if isinstance(rule, Rename) else Rename.parse(rule) for rule in rules)
+
+
 def rename(names: dict[str, str], rule: Rename) -> dict[str, str]:
     import re
 

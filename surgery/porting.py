@@ -359,18 +359,16 @@ def make_options(
     """Validated options. Raises UsageError on an unknown match mode or a bad regex."""
     if match not in MODES:
         raise UsageError("--match", f"{match!r} is not one of {', '.join(MODES)}")
-    rules = []
-    for rule in rename:
-        try:
-            rules.append(rule if isinstance(rule, keys.Rename) else keys.Rename.parse(rule))
-        except ValueError as exc:
-            raise UsageError("--rename", str(exc)) from None
+    try:
+        rules = keys.parse_renames(rename)
+    except ValueError as exc:
+        raise UsageError("--rename", str(exc)) from None
     return PortOptions(
         key,
         match,
         tuple(strip_prefix),
         add_prefix,
-        tuple(rules),
+        rules,
         tuple(include),
         tuple(exclude),
         reshape,

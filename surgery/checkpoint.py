@@ -17,11 +17,19 @@ from typing import TYPE_CHECKING, Any
 
 from surgery import keys
 from surgery.dtypes import DType
-from surgery.errors import CorruptCheckpoint, UsageError
+from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
 from surgery.formats import Scan, scan
 from surgery.formats.containers import Located, TensorCounts, flatten, locate
 from surgery.formats.pickle_vm import Call, Global, Known, describe
-from surgery.formats.torch_pickle import Constant, DataLocation, Opaque, StorageType, TensorRef, Unsupported
+from surgery.formats.torch_pickle import (
+    Constant,
+    DataLocation,
+    Opaque,
+    StorageType,
+    TensorRef,
+    Unsupported,
+    contiguous_strides,
+)
 from surgery.safety import Finding, blocking
 
 if TYPE_CHECKING:
@@ -214,7 +222,7 @@ class Checkpoint:
         data = storage.base.data
         if data is None or data.member is not None or (data.byteswap and ref.dtype.itemsize > 1):
             return None
-        if ref.stride != _contiguous_strides(ref.shape) and ref.numel > 1:
+        if ref.stride != contiguous_strides(ref.shape) and ref.numel > 1:
             return None
         start = storage.view_offset + ref.offset * ref.dtype.itemsize
         if start + ref.nbytes > data.size:
@@ -356,14 +364,6 @@ def _restore_aliases(refs: dict[str, TensorRef], metadata: dict[str, Any]) -> di
     return restored
 
 
-def _contiguous_strides(shape: tuple[int, ...]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
-
-
 def open_trusted(
     source: str | Path | Checkpoint, *, key: str | None = None, trust: bool = False, purpose: str = "port"
 ) -> Checkpoint:
@@ -374,8 +374,6 @@ def open_trusted(
     Raises:
         SurgeryError: naming the worst finding, or the missing state_dict.
     """
-    from surgery.errors import SurgeryError
-
     ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, key=key)
     if not ckpt.safe and not trust:
         worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))

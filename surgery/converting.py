@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, Any
 
 from surgery import __version__, keys
 from surgery.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
-from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
 from surgery.formats import writer
 from surgery.match import Entry
@@ -261,7 +260,7 @@ class _Source:
     def __init__(self, plan: _Plan, streams: bool, progress: Callable[[int], None] | None):
         self.plan, self.streams, self.progress = plan, streams, progress
         self.dtypes = {e.name: e.dtype for e in plan.entries}
-        self.nbytes = {e.name: _nbytes(e) for e in plan.entries}
+        self.nbytes = {e.name: e.nbytes for e in plan.entries}
         self.raw = 0
 
     def get(self, name: str) -> torch.Tensor | writer.RawBytes | writer.Pieces:
@@ -295,14 +294,6 @@ class _Source:
         self.plan.ckpt.release(self.plan.source_of[name])
         if self.progress is not None:
             self.progress(self.nbytes.get(name, 0))
-
-    def state_dict(self) -> dict[str, torch.Tensor]:
-        """Every output tensor at once, aliases sharing their tensor (torch and DCP writers)."""
-        out: dict[str, torch.Tensor] = {}
-        for e in self.plan.entries:
-            kept = self.plan.aliases.get(e.name)
-            out[e.name] = out[kept] if kept in out else self.tensor(e.name)
-        return out
 
 
 def convert(
@@ -372,7 +363,7 @@ def convert(
         kind,
         options,
         tensors=len(plan.entries) + (len(plan.aliases) if kind.endswith("safetensors") else 0),
-        bytes_out=sum(_nbytes(e) for e in plan.entries),
+        bytes_out=sum(e.nbytes for e in plan.entries),
         steps=tuple(plan.steps),
         left_out=tuple(plan.left_out),
         cast=plan.cast,
@@ -481,10 +472,6 @@ def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertOptions) -> dict[
     if plan.aliases:
         meta[ALIASES_KEY] = json.dumps(plan.aliases)
     return meta
-
-
-def _nbytes(e: Entry) -> int:
-    return (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
 
 
 def _human(n: float) -> str:

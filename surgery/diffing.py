@@ -159,6 +159,7 @@ def diff(
     names_a, names_b, steps = _aligned(ca, cb, strip_prefix, include, exclude)
     info_a, info_b = ca.tensors_by_name, cb.tensors_by_name
     in_b = {new: old for old, new in names_b.items()}
+    in_a = set(names_a.values())
     differences: list[Difference] = []
     identical = read = 0
     both = [(old, new) for old, new in names_a.items() if new in in_b]
@@ -178,7 +179,7 @@ def diff(
         str(ca.path),
         str(cb.path),
         tuple(new for new in names_a.values() if new not in in_b),
-        tuple(new for new in names_b.values() if new not in {n for _, n in both}),
+        tuple(new for new in names_b.values() if new not in in_a),
         tuple(differences),
         identical,
         len(both),
@@ -214,16 +215,12 @@ def _aligned(
         if common and (best is None or common > best[0]):
             best = (common, a, b, done)
     if best is None or best[0] <= len(set(plain_a) & set(plain_b)):
-        a, b, done = _select(plain_a, include, exclude), _select(plain_b, include, exclude), []
+        a, b, done = plain_a, plain_b, []
     else:
         _, a, b, done = best
-        a, b = _select(a, include, exclude), _select(b, include, exclude)
+    a, b = keys.select(a, include, exclude), keys.select(b, include, exclude)
     steps += [d for d in done if "--include" not in d]
     return a, b, steps
-
-
-def _select(names: dict[str, str], include: Sequence[str], exclude: Sequence[str]) -> dict[str, str]:
-    return keys.select(names, include, exclude)
 
 
 def _compare(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
@@ -276,7 +273,7 @@ def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:
 
 
 def _window(f, offset: int, size: int) -> bytes:
-    """`size` bytes at `offset`: a mapping (only those pages), read without Python buffers where possible."""
+    """`size` bytes at `offset`, through a mapping of only those pages."""
     if size == 0:
         return b""
     base = offset - offset % mmap.ALLOCATIONGRANULARITY

@@ -12,6 +12,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 from surgery import keys
+from surgery.dtypes import BY_NAME
 
 Shape = tuple[int, ...]
 MODES = ("exact", "suffix", "order", "auto")
@@ -32,6 +33,11 @@ class Entry:
     @property
     def numel(self) -> int:
         return math.prod(self.shape)
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of its data, sub-byte dtypes packed."""
+        return (self.numel * BY_NAME[self.dtype].bits + 7) // 8
 
 
 @dataclass(frozen=True)

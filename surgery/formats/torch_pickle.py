@@ -109,6 +109,15 @@ class Opaque:
     summary: str
 
 
+def contiguous_strides(shape: tuple[int, ...] | list[int]) -> tuple[int, ...]:
+    """The strides of a C-contiguous tensor of `shape` (a size-0 dimension counts as 1, as torch does)."""
+    strides, step = [], 1
+    for n in reversed(shape):
+        strides.append(step)
+        step *= max(n, 1)
+    return tuple(reversed(strides))
+
+
 INT64_MAX = 2**63 - 1
 MAX_DIMS = 64  # torch's own kernels stop well below this
 

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import errno
 import json
-import math
 import os
 import tempfile
 import zipfile
@@ -24,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
+from surgery.formats.torch_pickle import contiguous_strides
 from surgery.match import Entry
 
 if TYPE_CHECKING:
@@ -154,7 +154,7 @@ def _write_safetensors(
     offset = 0
     for e in entries:
         dtype = BY_NAME[e.dtype]
-        size = _nbytes(e)
+        size = e.nbytes
         header[e.name] = {
             "dtype": dtype.safetensors,
             "shape": list(e.shape),
@@ -222,9 +222,9 @@ def _write_pieces(f: BinaryIO, e: Entry, pieces: Pieces) -> None:
     written = 0
     for piece in pieces.chunks:
         written += f.write(piece) or 0
-    if written != _nbytes(e):
+    if written != e.nbytes:
         raise SurgeryError(
-            getattr(f, "name", "output"), f"tensor {e.name!r}: {written} bytes made, {_nbytes(e)} announced"
+            getattr(f, "name", "output"), f"tensor {e.name!r}: {written} bytes made, {e.nbytes} announced"
         )
 
 
@@ -260,9 +260,7 @@ class RangeCopier:
 
     def copy(self, raw: RawBytes, out: BinaryIO) -> None:
         out.flush()
-        src = self.files.get(raw.path)
-        if src is None:
-            src = self.files[raw.path] = open(raw.path, "rb")  # noqa: SIM115 - closed in close()
+        src = self._source(raw.path)
         pos, left = raw.offset, raw.length
         while left:
             n = self._step(src.fileno(), out.fileno(), pos, left)
@@ -276,9 +274,7 @@ class RangeCopier:
     def read_into(self, raw: RawBytes, out: BinaryIO) -> None:
         """The range through this process, 8 MiB at a time: for writers that must see the
         bytes (a zip member computes its CRC)."""
-        src = self.files.get(raw.path)
-        if src is None:
-            src = self.files[raw.path] = open(raw.path, "rb")  # noqa: SIM115 - closed in close()
+        src = self._source(raw.path)
         pos, end = raw.offset, raw.offset + raw.length
         while pos < end:
             data = os.pread(src.fileno(), min(self.CHUNK, end - pos), pos)
@@ -286,6 +282,12 @@ class RangeCopier:
                 raise SurgeryError(raw.path, f"ends before byte {end}: the source changed or is truncated")
             out.write(data)
             pos += len(data)
+
+    def _source(self, path: str) -> BinaryIO:
+        """The source file, opened once per copier."""
+        if path not in self.files:
+            self.files[path] = open(path, "rb")  # noqa: SIM115 - closed in close()
+        return self.files[path]
 
     def _step(self, src: int, dst: int, pos: int, left: int) -> int:
         count = min(left, 1 << 30)
@@ -374,7 +376,7 @@ def _write_archive(
         copier, writeback = RangeCopier(), writeback or Writeback(f)
         try:
             for e in stored:
-                with _open_member(zf, f"archive/data/{keys[e.name]}", _nbytes(e)) as w:
+                with _open_member(zf, f"archive/data/{keys[e.name]}", e.nbytes) as w:
                     _put(w, e, get(e.name), copier, kernel=False)  # the member computes its CRC
                 writeback()
                 if done is not None:
@@ -438,10 +440,6 @@ def _member(zf: zipfile.ZipFile, name: str, data: bytes) -> None:
         w.write(data)
 
 
-def _nbytes(e: Entry) -> int:
-    return (math.prod(e.shape) * BY_NAME[e.dtype].bits + 7) // 8
-
-
 def state_dict_pickle(entries: Sequence[Entry], storage_keys: dict[str, str]) -> bytes:
     """data.pkl for a flat state_dict of contiguous CPU tensors, written opcode by opcode
     (protocol 2, as torch.save): `{name: _rebuild_tensor_v2(storage, 0, size, stride, False, OrderedDict())}`.
@@ -461,8 +459,8 @@ def _tensor_call(e: Entry, storage_key: str) -> bytes:
     dtype = BY_NAME[e.dtype]
     out = b"ctorch._utils\n_rebuild_tensor_v2\n("  # GLOBAL, MARK: the call's arguments
     out += b"(" + _text("storage") + f"ctorch\n{dtype.storage}\n".encode()
-    out += _text(storage_key) + _text("cpu") + _int(math.prod(e.shape)) + b"tQ"  # TUPLE, BINPERSID
-    out += _int(0) + _ints(e.shape) + _ints(_strides(e.shape))
+    out += _text(storage_key) + _text("cpu") + _int(e.numel) + b"tQ"  # TUPLE, BINPERSID
+    out += _int(0) + _ints(e.shape) + _ints(contiguous_strides(e.shape))
     out += b"\x89" + b"ccollections\nOrderedDict\n)R"  # False, OrderedDict()
     return out + b"tR"  # TUPLE, REDUCE
 
@@ -481,14 +479,6 @@ def _int(n: int) -> bytes:
 
 def _ints(values: Sequence[int]) -> bytes:
     return b"(" + b"".join(_int(v) for v in values) + b"t"
-
-
-def _strides(shape: Sequence[int]) -> tuple[int, ...]:
-    strides, step = [], 1
-    for n in reversed(shape):
-        strides.append(step)
-        step *= max(n, 1)
-    return tuple(reversed(strides))
 
 
 @contextmanager
@@ -558,7 +548,7 @@ def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
     shards: list[list[Entry]] = [[]]
     size = 0
     for e in entries:
-        nbytes = _nbytes(e)
+        nbytes = e.nbytes
         if shards[-1] and size + nbytes > shard_size:
             shards.append([])
             size = 0
@@ -597,7 +587,7 @@ def write_sharded(
                 else:
                     _write_safetensors(f, group, get, {"format": "pt"}, done)
             weight_map.update(dict.fromkeys((e.name for e in group), name))
-        total = sum(_nbytes(e) for e in entries)
+        total = sum(e.nbytes for e in entries)
         index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
         (tmp / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
         if check is not None:

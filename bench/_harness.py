@@ -289,3 +289,10 @@ def machine(folder: Path, facts: dict) -> dict:
         "torchvision": facts.get("torchvision_version"),
         "safetensors": facts["safetensors_version"],
     }
+
+
+def write_results(path: Path, doc: dict) -> int:
+    """The run's JSON document under bench/results/; the exit code: 1 when it reported problems."""
+    path.write_text(json.dumps(doc, indent=2) + "\n")
+    print(f"\nwrote {path.relative_to(path.parents[2])}")
+    return 1 if doc["problems"] else 0

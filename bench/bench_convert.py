@@ -95,6 +95,7 @@ from _harness import (  # noqa: E402
     own_cpu_seconds,
     run_all,
     summarize,
+    write_results,
 )
 
 RESULTS = HERE / "results" / "convert.json"
@@ -802,9 +803,7 @@ def main() -> int:
             "problems": problems,
             "table_markdown": table(all_rows),
         }
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
-        return 1 if problems else 0
+        return write_results(RESULTS, out)
     finally:
         if args.keep:
             print(f"kept {top}")

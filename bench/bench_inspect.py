@@ -74,7 +74,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import RUNS, _layout, _mib, child_env, run_all, summarize  # noqa: E402
+from _harness import RUNS, _layout, _mib, child_env, run_all, summarize, write_results  # noqa: E402
 
 RESULTS = HERE / "results" / "inspect.json"
 SPEED_TARGET = 20.0  # surgery at least this many times faster than the plain load
@@ -379,9 +379,7 @@ def main() -> int:
             "problems": problems,
             "table_markdown": table(rows),
         }
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
-        return 1 if problems else 0
+        return write_results(RESULTS, out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

@@ -125,6 +125,7 @@ from _harness import (  # noqa: E402
     own_cpu_seconds,
     run_all,
     summarize,
+    write_results,
 )
 
 RESULTS = HERE / "results" / "port.json"
@@ -213,17 +214,6 @@ def _open_tensors(path: Path):
     return list(sd), sd.__getitem__
 
 
-def _same(a, b) -> bool:
-    import torch
-
-    if a.shape != b.shape or a.dtype != b.dtype:
-        return False
-    a, b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
-    if a.dtype == torch.bool:
-        a, b = a.to(torch.uint8), b.to(torch.uint8)
-    return torch.equal(a.view(torch.uint8), b.view(torch.uint8))
-
-
 def _provenance(path: Path) -> dict | None:
     if path.suffix == ".safetensors":
         from safetensors import safe_open
@@ -241,6 +231,8 @@ def check(job: dict) -> dict:
     import hashlib
 
     import torch
+
+    from surgery.formats.tensors import same_bytes
 
     results = []
     source_cache: dict[str, tuple] = {}
@@ -266,17 +258,17 @@ def check(job: dict) -> dict:
             a, b = s_get(name), p_get(name)
             from_source = name in src and src[name].shape == a.shape
             if from_source:
-                if _same(a, b):
+                if same_bytes(a, b):
                     identical += 1
                 else:
                     differ.append(name)
-                if not _same(a, src[name].to(a.dtype)):
+                if not same_bytes(a, src[name].to(a.dtype)):
                     source_bad.append(name)
             else:  # random init in each process: shapes and dtypes only
                 not_from_source.append(
                     {"name": name, "shape_dtype_equal": a.shape == b.shape and a.dtype == b.dtype}
                 )
-                if _same(a, b):
+                if same_bytes(a, b):
                     identical += 1
         res.update(
             identical=identical,
@@ -681,9 +673,7 @@ def main() -> int:
             "problems": problems,
             "table_markdown": table(rows),
         }
-        RESULTS.write_text(json.dumps(out, indent=2) + "\n")
-        print(f"\nwrote {RESULTS.relative_to(HERE.parent)}")
-        return 1 if problems else 0
+        return write_results(RESULTS, out)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

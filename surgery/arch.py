@@ -15,6 +15,7 @@ from __future__ import annotations
 import ast
 import difflib
 import importlib
+import inspect
 import os
 import sys
 from collections.abc import Sequence
@@ -24,6 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError, UsageError
 from surgery.match import Entry
+from surgery.trust import LOADING_KWARGS
 
 if TYPE_CHECKING:
     from torch import nn
@@ -145,16 +147,16 @@ def _call(spec: str, builder: Any, kwargs: dict[str, Any]) -> nn.Module:
 def _torchvision(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
     import torchvision
 
-    if kwargs.get("weights") is not None:
-        raise UsageError(spec, "pretrained weights cannot be downloaded here: leave `weights` unset")
-    kwargs.pop("weights", None)
+    _refuse_loading(spec, "torchvision", kwargs)
     try:
         builder = torchvision.models.get_model_builder(name)
     except ValueError:
         near = difflib.get_close_matches(name, torchvision.models.list_models(), n=4)
         hint = f"did you mean {', '.join(near)}?" if near else "see torchvision.models.list_models()"
         raise UsageError(spec, f"torchvision has no model {name!r}", hint=hint) from None
-    return _call(spec, lambda **kw: builder(weights=None, **kw), kwargs)
+    # Detection and segmentation builders default to ImageNet backbone weights: off too.
+    off = {p: None for p in ("weights", "weights_backbone") if p in inspect.signature(builder).parameters}
+    return _call(spec, lambda **kw: builder(**off, **kw), kwargs)
 
 
 def _timm(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
@@ -162,13 +164,24 @@ def _timm(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
         import timm
     except ImportError:
         raise UsageError(spec, "timm is not installed", hint='pip install -e ".[timm]"') from None
-    if kwargs.pop("pretrained", False):
-        raise UsageError(spec, "pretrained weights cannot be downloaded here: leave `pretrained` unset")
+    _refuse_loading(spec, "timm", kwargs)
     if not timm.is_model(name):
         near = difflib.get_close_matches(name, timm.list_models(), n=4)
         hint = f"did you mean {', '.join(near)}?" if near else "see timm.list_models()"
         raise UsageError(spec, f"timm has no model {name!r}", hint=hint)
     return _call(spec, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
+
+
+def _refuse_loading(spec: str, library: str, kwargs: dict[str, Any]) -> None:
+    """Drop the builder's weight-loading keywords left unset; refuse any set: a builder
+    that downloads or `torch.load`s a file is not surgery's to run (it ports weights itself)."""
+    for name in LOADING_KWARGS[library]:
+        if kwargs.pop(name, None) not in (None, False):
+            raise UsageError(
+                spec,
+                f"`{name}` would make {library} load or download weights: leave it unset",
+                hint="port the weights with `surgery port CHECKPOINT --to ...` instead",
+            )
 
 
 def _factory(spec: str, module_name: str, attr: str, kwargs: dict[str, Any]) -> nn.Module:

@@ -31,6 +31,7 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
 )
 from surgery.safety import Finding, blocking
+from surgery.trust import recipe_findings
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -129,7 +130,7 @@ class Checkpoint:
         self.restored = _restore_aliases(self._refs, self.metadata)
         self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
         self.extras = [_extra(name, value, located.counts) for name, value in located.siblings + leaves]
-        self.findings: list[Finding] = list(scanned.findings)
+        self.findings: list[Finding] = list(scanned.findings) + recipe_findings(self.metadata, str(self.path))
         if self.restored:
             tied = ", ".join(f"{a} = {k}" for a, k in list(self.restored.items())[:4])
             self.findings.append(

@@ -305,7 +305,12 @@ def port(
     ] = False,
     force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
     trust: Annotated[
-        bool, typer.Option("--trust", help="Port from a file whose pickle references code (still never run).")
+        bool,
+        typer.Option(
+            "--trust",
+            help="Read a source whose pickle references code (still never run); build a "
+            "package.module:callable target named by a --recipe file.",
+        ),
     ] = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
@@ -352,10 +357,17 @@ def port(
         "verify": verify or None,
     }
     fields = read_recipe_file(recipe) if recipe is not None else {}
+    named_by = recipe if "to" in fields and to is None else None
     fields.update({k: v for k, v in flags.items() if v is not None})
     try:
         result = port_from_fields(
-            fields, dry_run=dry_run, force=force, trust=trust, plan=plan, plan_out=plan_out
+            fields,
+            dry_run=dry_run,
+            force=force,
+            trust=trust,
+            plan=plan,
+            plan_out=plan_out,
+            target_named_by=named_by,
         )
     except PortFailed as failed:
         _show_port(failed.report, json_out, render)

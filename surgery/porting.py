@@ -685,9 +685,16 @@ def port_from_fields(
     trust: bool = False,
     plan: str | Path | None = None,
     plan_out: str | Path | None = None,
+    target_named_by: str | Path | None = None,
 ) -> PortReport:
-    """`surgery port` from its flags, or from a recipe file's fields (the same names)."""
+    """`surgery port` from its flags, or from a recipe file's fields (the same names).
+
+    Args:
+        target_named_by: the recipe file the target was read from, if it was: a target
+            that imports code is then built only with `trust`.
+    """
     from surgery.edit import INIT_SCHEMES
+    from surgery.trust import require_trust
 
     if not fields.get("source"):
         raise UsageError("SRC", "name the checkpoint to port (or `source` in the recipe)")
@@ -701,6 +708,8 @@ def port_from_fields(
             "--plan",
             "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, --include and --exclude",
         )
+    if target_named_by is not None:
+        require_trust(fields["to"], target_named_by, trust=trust, named_by="the recipe file")
     init = fields.get("init")
     if init is not None and init not in INIT_SCHEMES:
         raise UsageError("--init", f"{init!r} is not one of {', '.join(INIT_SCHEMES)}")

@@ -18,11 +18,11 @@ from typing import TYPE_CHECKING, Any
 from surgery.edit import Edit
 from surgery.errors import SurgeryError, UsageError
 from surgery.finetune import FinetunePlan, FinetuneSummary
+from surgery.trust import RECIPE_KEY, require_trust
 
 if TYPE_CHECKING:
     from torch import nn
 
-RECIPE_KEY = "surgery.recipe"
 RECIPE_VERSION = 1
 
 
@@ -72,14 +72,20 @@ def recipe_of(metadata: dict[str, Any]) -> Recipe | None:
     return Recipe.from_json(json.loads(text))
 
 
-def load_ready(path: str | Path) -> Ready:
+def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
     """Rebuild a fine-tune-ready model from a file `surgery port` wrote.
+
+    Args:
+        trust: build a `package.module:callable` target named by the file's recipe.
+            Without it only library targets (torchvision, timm) are built: a name
+            read from a file is never imported unasked.
 
     Returns:
         Ready with `.model` (weights loaded strictly, frozen set applied), `.param_groups`
         (for `torch.optim.SGD(ready.param_groups, momentum=0.9)`), `.recipe`, `.summary`.
 
     Raises:
+        Untrusted: the recipe's target would import code and `trust` is not set.
         SurgeryError: the file holds no recipe, or its weights do not fit the rebuilt model.
 
     Example:
@@ -88,7 +94,7 @@ def load_ready(path: str | Path) -> Ready:
         >>> surgery.set_lr(optimizer, "head", 1e-4)  # later, keeping the momentum
     """
     from surgery.arch import build_target
-    from surgery.checkpoint import open_checkpoint
+    from surgery.checkpoint import open_checkpoint, open_trusted
     from surgery.edit import apply
     from surgery.finetune import apply_freeze, param_groups, summarize
 
@@ -96,6 +102,8 @@ def load_ready(path: str | Path) -> Ready:
     recipe = recipe_of(ckpt.metadata)
     if recipe is None:
         raise SurgeryError(path, "no recipe in this file", hint="write one with surgery port ... -o OUT")
+    require_trust(recipe.target, path, trust=trust, named_by="the file's recipe")
+    open_trusted(ckpt, trust=trust, purpose="load")  # the same refusals as a port's source
     target = build_target(recipe.target)
     model = target.module
     if model is None:

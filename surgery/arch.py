@@ -179,7 +179,7 @@ def _refuse_loading(spec: str, library: str, kwargs: dict[str, Any]) -> None:
         if kwargs.pop(name, None) not in (None, False):
             raise UsageError(
                 spec,
-                f"`{name}` would make {library} load or download weights: leave it unset",
+                f"pretrained weights cannot be downloaded here, nor loaded by {library}: leave `{name}` unset",
                 hint="port the weights with `surgery port CHECKPOINT --to ...` instead",
             )
 

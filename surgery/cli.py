@@ -17,7 +17,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgery import __version__
-from surgery.errors import SurgeryError
+from surgery.errors import BadArgument, SurgeryError
 
 app = typer.Typer(
     add_completion=False,
@@ -48,10 +48,20 @@ def main(
     """Inspect, port and operate on PyTorch checkpoints, safely."""
 
 
+# A library parameter (`BadArgument.param`) and the flag or argument it comes from,
+# where that is not `--` + the name with dashes.
+FLAG_OF = {"source": "SRC"}
+
+
+def flag_of(param: str) -> str:
+    return FLAG_OF.get(param, "--" + param.replace("_", "-"))
+
+
 def _fail(error: SurgeryError) -> typer.Exit:
     for finding in error.findings:
         typer.echo(f"  {finding}", err=True)
-    typer.echo(f"error: {error.where}: {error.message}", err=True)
+    where = flag_of(error.param) if isinstance(error, BadArgument) else error.where
+    typer.echo(f"error: {where}: {error.message}", err=True)
     if error.hint:
         typer.echo(f"hint: {error.hint}", err=True)
     return typer.Exit(error.exit_code)
@@ -160,9 +170,7 @@ def _strictness(value: str, no_strict: bool) -> bool:
         "off": False,
     }
     if value.lower() not in truth:
-        from surgery.errors import UsageError
-
-        raise UsageError("--strict", f"{value!r} is not true or false")
+        raise BadArgument("strict", f"{value!r} is not true or false")
     return truth[value.lower()]
 
 
@@ -321,8 +329,7 @@ def port(
     (the report is printed, nothing is written); 2 on bad usage.
     """
     from surgery import report as render
-    from surgery.porting import PortFailed, port_from_fields
-    from surgery.recipe import read_recipe_file
+    from surgery.porting import PortFailed, PortRequest, port_file
 
     flags = {
         "source": str(source) if source else None,
@@ -355,20 +362,15 @@ def port(
         "weight_decay": weight_decay,
         "layer_decay": layer_decay,
         "verify": verify or None,
+        "plan": plan,
+        "plan_out": plan_out,
+        "dry_run": dry_run or None,
+        "force": force or None,
+        "trust": trust or None,
     }
-    fields = read_recipe_file(recipe) if recipe is not None else {}
-    named_by = recipe if "to" in fields and to is None else None
-    fields.update({k: v for k, v in flags.items() if v is not None})
+    request = PortRequest.from_file(recipe, **flags) if recipe is not None else PortRequest.from_fields(flags)
     try:
-        result = port_from_fields(
-            fields,
-            dry_run=dry_run,
-            force=force,
-            trust=trust,
-            plan=plan,
-            plan_out=plan_out,
-            target_named_by=named_by,
-        )
+        result = port_file(request)
     except PortFailed as failed:
         _show_port(failed.report, json_out, render)
         sys.stdout.flush()

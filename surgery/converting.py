@@ -142,10 +142,7 @@ def make_convert_options(
         raise UsageError("--format", f"{format!r} is not one of {', '.join(FORMATS)}")
     if dtype is not None and dtype.lower() not in CASTS:
         raise UsageError("--dtype", f"{dtype!r} is not one of bf16, fp16, fp32")
-    try:
-        rules = keys.parse_renames(rename)
-    except ValueError as exc:
-        raise UsageError("--rename", str(exc)) from None
+    rules = keys.KeyRules.parse(rename=rename).rename
     size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
     if size is not None and size <= 0:
         raise UsageError("--shard-size", "must be more than 0 bytes")
@@ -207,17 +204,15 @@ class _Plan:
 def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
     """The output's keys, dtypes and aliases, from names and metadata only."""
     names = {t.name: t.name for t in ckpt.tensors}
-    try:
-        kept, steps = keys.pipeline(
-            names,
-            strip=options.strip_prefix,
-            prefix=options.add_prefix,
-            renames=options.rename,
-            include=options.include,
-            exclude=options.exclude,
-        )
-    except ValueError as exc:
-        raise UsageError("--rename", str(exc)) from None
+    rules = keys.KeyRules(
+        options.key,
+        options.strip_prefix,
+        options.add_prefix,
+        options.rename,
+        options.include,
+        options.exclude,
+    )
+    kept, steps = rules.apply(names)
     if not kept:
         raise UsageError(ckpt.path, "no tensors left after --include/--exclude")
     unusual = [t for t in ckpt.tensors if t.name in kept and t.note]

@@ -200,7 +200,9 @@ def _aligned(
     for side, ckpt in (("A", ca), ("B", cb)):
         names = {t.name: t.name for t in ckpt.tensors}
         rules = list(strip) or [p for p, _ in keys.wrapper_prefixes(ckpt.prefix)]
-        kept, done = keys.pipeline(names, strip=rules, include=include, exclude=exclude)
+        kept, done = keys.KeyRules(
+            strip_prefix=tuple(rules), include=tuple(include), exclude=tuple(exclude)
+        ).apply(names)
         sides.append((names, kept, [f"{side}: {d}" for d in done]))
     (plain_a, rules_a, done_a), (plain_b, rules_b, done_b) = sides
     if strip:

@@ -28,6 +28,15 @@ class UsageError(SurgeryError):
     exit_code = 2
 
 
+class BadArgument(UsageError):
+    """One argument has a value that cannot work. `param` is its name in the library call
+    (`strip_prefix`); the CLI shows the flag it came from (`--strip-prefix`)."""
+
+    def __init__(self, param: str, message: str, *, hint: str | None = None):
+        super().__init__(param, message, hint=hint)
+        self.param = param
+
+
 class NotFound(SurgeryError):
     """The path does not exist, or a folder holds no checkpoint."""
 

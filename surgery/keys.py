@@ -8,6 +8,9 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
+from typing import Any, ClassVar
+
+from surgery.errors import BadArgument
 
 # Prefixes that wrappers add to every key, and who adds them.
 WRAPPER_PREFIXES = {
@@ -156,7 +159,7 @@ def short_names(names: Sequence[str], limit: int = 8) -> list[str]:
     return out + group_names(n for n in names if n.rpartition(".")[2] not in common)
 
 
-# -- the key pipeline of `surgery port` --------------------------------------
+# -- key rules: what port, convert and diff do to names -----------------------
 @dataclass(frozen=True)
 class Rename:
     """One `--rename REGEX=REPL` rule: `re.sub` over every key, groups allowed."""
@@ -196,11 +199,6 @@ def add_prefix(names: dict[str, str], prefix: str) -> dict[str, str]:
     return {old: prefix + new for old, new in names.items()}
 
 
-def parse_renames(rules: Iterable[str | Rename]) -> tuple[Rename, ...]:
-    """`--rename` texts (or rules already parsed) as rules. Raises ValueError naming a bad one."""
-    return tuple(rule if isinstance(rule, Rename) else Rename.parse(rule) for rule in rules)
-
-
 def rename(names: dict[str, str], rule: Rename) -> dict[str, str]:
     import re
 
@@ -226,48 +224,133 @@ def collisions(names: dict[str, str]) -> dict[str, list[str]]:
     return {new: olds for new, olds in seen.items() if len(olds) > 1}
 
 
-def pipeline(
-    names: dict[str, str],
-    *,
-    strip: Sequence[str] = (),
-    prefix: str | None = None,
-    renames: Sequence[Rename] = (),
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    auto: Callable[[dict[str, str]], tuple[dict[str, str], list[str]]] | None = None,
-) -> tuple[dict[str, str], list[str]]:
-    """The key steps shared by `port` and `convert`, in order: strip prefixes (or the
-    `auto` stripping when none is given), add a prefix, renames, include/exclude.
+Auto = Callable[[dict[str, str]], tuple[dict[str, str], list[str]]]
 
-    Args:
-        names: original key -> current name.
 
-    Returns:
-        (original key -> new name for the keys kept, what each step did).
+@dataclass(frozen=True)
+class KeyRules:
+    """How a checkpoint's keys become the names a command works with, shared by every
+    command that reads keys (port, convert, diff): pick the container (`key`), strip
+    prefixes, add one, rename by regex, then keep by include/exclude globs.
 
-    Raises:
-        ValueError: a step makes two keys collide (naming both).
+    Build it with `KeyRules.parse(...)`, which checks every value and names the
+    parameter at fault. Pure: names in, names out.
+
+    Example:
+        >>> rules = KeyRules.parse(strip_prefix=["module."], include=["fc"])
+        >>> rules.apply(["module.fc.weight", "module.conv1.weight"])[0]
+        {'module.fc.weight': 'fc.weight'}
     """
-    steps: list[str] = []
-    for p in strip:
-        changed = sum(n.startswith(p) for n in names.values())
-        names = strip_prefix(names, p)
-        steps.append(f"stripped prefix {p!r} from {changed} keys")
-    if auto is not None and not strip and not prefix:
-        names, done = auto(names)
-        steps += done
-    if prefix:
-        names = add_prefix(names, prefix)
-        steps.append(f"added prefix {prefix!r} to {len(names)} keys")
-    for rule in renames:
-        renamed = rename(names, rule)
-        steps.append(f"renamed {sum(renamed[k] != names[k] for k in names)} keys by {rule}")
-        names = renamed
+
+    key: str | None = None
+    strip_prefix: tuple[str, ...] = ()
+    add_prefix: str | None = None
+    rename: tuple[Rename, ...] = ()
+    include: tuple[str, ...] = ()
+    exclude: tuple[str, ...] = ()
+
+    FIELDS: ClassVar[tuple[str, ...]] = ("key", "strip_prefix", "add_prefix", "rename", "include", "exclude")
+
+    @classmethod
+    def parse(
+        cls,
+        *,
+        key: str | None = None,
+        strip_prefix: str | Iterable[str] = (),
+        add_prefix: str | None = None,
+        rename: str | Rename | Iterable[str | Rename] = (),
+        include: str | Iterable[str] = (),
+        exclude: str | Iterable[str] = (),
+    ) -> KeyRules:
+        """Checked rules; a single string where a list is expected is one item.
+
+        Raises:
+            BadArgument: naming the parameter (`rename`, `strip_prefix`, ...) and the value.
+        """
+        rules = []
+        for rule in _items(rename, "rename"):
+            if isinstance(rule, Rename):
+                rules.append(rule)
+                continue
+            try:
+                rules.append(Rename.parse(rule))
+            except ValueError as exc:
+                raise BadArgument("rename", str(exc)) from None
+        for name, value in (("key", key), ("add_prefix", add_prefix)):
+            if value is not None and not isinstance(value, str):
+                raise BadArgument(name, f"{value!r} is not a string")
+        return cls(
+            key or None,
+            _items(strip_prefix, "strip_prefix"),
+            add_prefix or None,
+            tuple(rules),
+            _items(include, "include"),
+            _items(exclude, "exclude"),
+        )
+
+    @property
+    def renames_keys(self) -> bool:
+        """Whether any rule changes or drops a name (the container choice aside)."""
+        return bool(self.strip_prefix or self.add_prefix or self.rename or self.include or self.exclude)
+
+    def apply(self, names: Iterable[str], auto: Auto | None = None) -> tuple[dict[str, str], list[str]]:
+        """The rules in order: strip prefixes (or `auto`, when neither strip nor add is
+        given), add a prefix, renames, include/exclude.
+
+        Returns:
+            (original key -> new name for the keys kept, what each step did).
+
+        Raises:
+            BadArgument: a step makes two keys collide, naming that step's parameter and both keys.
+        """
+        current = {name: name for name in names}
+        steps: list[str] = []
+        for p in self.strip_prefix:
+            changed = sum(n.startswith(p) for n in current.values())
+            current = _unique(strip_prefix(current, p), "strip_prefix")
+            steps.append(f"stripped prefix {p!r} from {changed} keys")
+        if auto is not None and not self.strip_prefix and not self.add_prefix:
+            current, done = auto(current)
+            steps += done
+        if self.add_prefix:
+            current = add_prefix(current, self.add_prefix)
+            steps.append(f"added prefix {self.add_prefix!r} to {len(current)} keys")
+        for rule in self.rename:
+            renamed = _unique(rename(current, rule), "rename")
+            steps.append(f"renamed {sum(renamed[k] != current[k] for k in current)} keys by {rule}")
+            current = renamed
+        kept = select(current, self.include, self.exclude)
+        if len(kept) != len(current):
+            steps.append(f"left out {len(current) - len(kept)} keys by --include/--exclude")
+        return kept, steps
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "key": self.key,
+            "strip_prefix": list(self.strip_prefix),
+            "add_prefix": self.add_prefix,
+            "rename": [str(r) for r in self.rename],
+            "include": list(self.include),
+            "exclude": list(self.exclude),
+        }
+
+
+def _items(value: Any, param: str) -> tuple:
+    if isinstance(value, (str, Rename)):
+        return (value,)
+    try:
+        items = tuple(value or ())
+    except TypeError:
+        raise BadArgument(param, f"{value!r} is not a string or a list of strings") from None
+    for item in items:
+        if not isinstance(item, (str, Rename)) or (param != "rename" and not isinstance(item, str)):
+            raise BadArgument(param, f"{item!r} is not a string")
+    return items
+
+
+def _unique(names: dict[str, str], param: str) -> dict[str, str]:
     clashes = collisions(names)
     if clashes:
         new, olds = next(iter(clashes.items()))
-        raise ValueError(f"keys {olds[0]!r} and {olds[1]!r} would both become {new!r}")
-    kept = select(names, include, exclude)
-    if len(kept) != len(names):
-        steps.append(f"left out {len(names) - len(kept)} keys by --include/--exclude")
-    return kept, steps
+        raise BadArgument(param, f"keys {olds[0]!r} and {olds[1]!r} would both become {new!r}")
+    return names

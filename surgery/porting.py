@@ -12,20 +12,22 @@ from __future__ import annotations
 
 import hashlib
 import json
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__, keys
 from surgery.arch import Target, build_target, target_of_module
 from surgery.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.edit import Edit, apply, first_conv, get_module, initialise
-from surgery.errors import SurgeryError, UsageError
+from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
 from surgery.formats.tensors import same_bytes
 from surgery.match import MODES, Entry, MatchError, Pair, PortPlan, auto_strip, judge, pair
 from surgery.recipe import RECIPE_KEY, Recipe
+from surgery.requests import read_fields
+from surgery.trust import require_trust
 
 if TYPE_CHECKING:
     import torch
@@ -46,30 +48,24 @@ class PortFailed(SurgeryError):
 
 @dataclass(frozen=True)
 class PortOptions:
-    """How source keys become target keys (the CLI flags, as a value)."""
+    """How source keys become target keys: the key rules, then pairing and shape rules."""
 
-    key: str | None = None
+    keys: keys.KeyRules = keys.KeyRules()
     match: str = "auto"
-    strip_prefix: tuple[str, ...] = ()
-    add_prefix: str | None = None
-    rename: tuple[keys.Rename, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
     reshape: bool = False
     mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
-    extracted: tuple[
-        str, ...
-    ] = ()  # prefixes the target lost to --extract: stripped from source keys when that helps
+    extracted: tuple[str, ...] = ()  # prefixes the target lost to --extract: stripped when that helps
+
+    def __post_init__(self) -> None:
+        if self.match not in MODES:
+            raise BadArgument("match", f"{self.match!r} is not one of {', '.join(MODES)}")
 
     def to_json(self) -> dict[str, Any]:
+        rules = self.keys.to_json()
         return {
-            "key": self.key,
+            "key": rules.pop("key"),
             "match": self.match,
-            "strip_prefix": list(self.strip_prefix),
-            "add_prefix": self.add_prefix,
-            "rename": [str(r) for r in self.rename],
-            "include": list(self.include),
-            "exclude": list(self.exclude),
+            **rules,
             "reshape": self.reshape,
             "plan": self.mapping is not None,
         }
@@ -192,24 +188,15 @@ def plan_port(
         ties, source_ties: keys sharing storage in the target and in the source.
 
     Raises:
-        UsageError: a rename makes two keys collide, or a plan names unknown keys.
+        BadArgument: a key rule makes two keys collide, or a plan names unknown keys.
         MatchError: the keys cannot be paired as `options.match` asks.
     """
     if options.mapping is not None:
         return _apply_mapping(source, target, options, ties, source_ties)
     target_names = [t.name for t in target]
-    try:
-        kept, steps = keys.pipeline(
-            {e.name: e.name for e in source},
-            strip=options.strip_prefix,
-            prefix=options.add_prefix,
-            renames=options.rename,
-            include=options.include,
-            exclude=options.exclude,
-            auto=lambda names: auto_strip(names, target_names, options.extracted),
-        )
-    except ValueError as exc:
-        raise UsageError("--rename", str(exc)) from None
+    kept, steps = options.keys.apply(
+        [e.name for e in source], auto=lambda names: auto_strip(names, target_names, options.extracted)
+    )
     pairs = pair(source, kept, target, options.match)
     hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
     counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
@@ -240,11 +227,11 @@ def _apply_mapping(
         t for t in mapping.values() if t not in target_names
     ]
     if unknown:
-        raise UsageError("--plan", f"the plan names keys that are not there: {', '.join(unknown[:3])}")
+        raise BadArgument("plan", f"the plan names keys that are not there: {', '.join(unknown[:3])}")
     clashes = keys.collisions(mapping)
     if clashes:
         new, olds = next(iter(clashes.items()))
-        raise UsageError("--plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
+        raise BadArgument("plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
     pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
     steps = [f"applied a plan of {len(pairs)} pairs"]
     return judge(
@@ -334,9 +321,17 @@ def port(
         >>> print(report.summary())
         loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}; missing 0; unexpected 0
     """
-    options = make_options(match, rename, strip_prefix, add_prefix, include, exclude, reshape, key)
+    rules = keys.KeyRules.parse(
+        key=key,
+        strip_prefix=strip_prefix,
+        add_prefix=add_prefix,
+        rename=rename,
+        include=include,
+        exclude=exclude,
+    )
+    options = PortOptions(rules, match, reshape)
     target = target_of_module(into)
-    ckpt = open_trusted(source, key=options.key, trust=trust)
+    ckpt = open_trusted(source, key=rules.key, trust=trust)
     plan = _plan(ckpt, target, options)
     report = _report(ckpt, target, plan, options, strict)
     if strict and not plan.complete:
@@ -345,68 +340,42 @@ def port(
     return report
 
 
-def make_options(
-    match: str = "auto",
-    rename: Sequence[str | keys.Rename] = (),
-    strip_prefix: Sequence[str] = (),
-    add_prefix: str | None = None,
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    reshape: bool = False,
-    key: str | None = None,
-    mapping: dict[str, str] | None = None,
-) -> PortOptions:
-    """Validated options. Raises UsageError on an unknown match mode or a bad regex."""
-    if match not in MODES:
-        raise UsageError("--match", f"{match!r} is not one of {', '.join(MODES)}")
-    try:
-        rules = keys.parse_renames(rename)
-    except ValueError as exc:
-        raise UsageError("--rename", str(exc)) from None
-    return PortOptions(
-        key,
-        match,
-        tuple(strip_prefix),
-        add_prefix,
-        rules,
-        tuple(include),
-        tuple(exclude),
-        reshape,
-        mapping,
-    )
+def port_file(request: PortRequest) -> PortReport:
+    """`surgery port` as a library call: build and edit the target, plan, load, write
+    the target's complete state_dict.
 
-
-def port_checkpoint(
-    source: str | Path,
-    to: str,
-    out: str | Path | None,
-    options: PortOptions,
-    *,
-    args: Sequence[str] = (),
-    strict: bool = True,
-    dry_run: bool = False,
-    force: bool = False,
-    verify: bool = False,
-    trust: bool = False,
-    plan_out: str | Path | None = None,
-    edits: Sequence[Edit] = (),
-    init: str | None = None,
-    finetune: FinetunePlan | None = None,
-) -> PortReport:
-    """`surgery port`: build and edit the target, plan, load, write its complete state_dict.
-
-    The target is built, edited (`edits`, except `in_chans`, with new modules
-    initialised by `init`), then the source is matched into the edited target and
-    loaded; `in_chans` then adapts the loaded first conv. With a `finetune` plan
+    The target is built, edited (the request's edits, except `in_chans`, with new
+    modules initialised by `init`), then the source is matched into the edited target
+    and loaded; `in_chans` then adapts the loaded first conv. With a fine-tune plan
     (or any edit) the output carries the recipe `surgery.load_ready` replays.
 
     Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
     (PortFailed). The output holds CPU tensors, whatever device the source recorded.
+
+    Raises:
+        PortFailed: a strict port found keys missing, unexpected or mismatched (the report rides on it).
+        Untrusted: the target was read from a file and imports code, without `trust`.
+        SurgeryError: an unreadable or unsafe source, a target that cannot be built, a failed write.
+
+    Example:
+        >>> request = PortRequest("checkpoint.pth.tar", "torchvision:resnet18?num_classes=2",
+        ...                       out="ready.safetensors", strict=False)
+        >>> print(surgery.port_file(request).summary())
     """
     from surgery.formats.writer import check_destination, write_state_dict
 
-    ckpt = open_trusted(source, key=options.key, trust=trust)
-    out_path = Path(out) if out is not None else None
+    if request.target_named_by is not None:
+        require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
+    options = PortOptions(
+        request.keys,
+        request.match,
+        request.reshape,
+        read_plan(request.plan) if request.plan is not None else None,
+    )
+    strict, dry_run, force, verify = request.strict, request.dry_run, request.force, request.verify
+    edits, init, finetune, plan_out = request.edits, request.init, request.finetune, request.plan_out
+    ckpt = open_trusted(request.source, key=request.keys.key, trust=request.trust)
+    out_path = Path(request.out) if request.out is not None else None
     writes = [
         p for p in (None if dry_run else out_path, Path(plan_out) if plan_out else None) if p is not None
     ]
@@ -414,11 +383,10 @@ def port_checkpoint(
         raise UsageError(writes[1], "the plan and the output are the same file")
     for path in writes:  # before any work: refusals cost nothing
         check_destination(path, list(ckpt.files), force=force)
-    target = build_target(to, args)
+    target = build_target(request.to, request.args)
     if target.template is not None:
         for path in writes:
             check_destination(path, list(target.template.files), force=force)
-    finetune = finetune or FinetunePlan()
     target, edit_steps = _edit_target(target, edits, init)
     extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
     options = replace(options, extracted=extracted) if extracted else options
@@ -632,8 +600,166 @@ def read_plan(path: str | Path) -> dict[str, str]:
     return mapping
 
 
-# -- requests from flags or a recipe file -------------------------------------------
-def edits_from_fields(fields: dict[str, Any]) -> list[Edit]:
+# -- the request: flags, a recipe file's fields, or a library call ----------------
+@dataclass(frozen=True)
+class PortRequest:
+    """Everything `surgery port` does, as one value. The CLI builds it from its flags,
+    a recipe file from its fields (the same names), a script by calling it; then
+    `port_file(request)` runs it.
+
+    Example:
+        >>> PortRequest("ckpt.pth", "torchvision:resnet18", out="ready.safetensors",
+        ...             keys=KeyRules.parse(strip_prefix="module."), strict=False)
+    """
+
+    source: str
+    to: str
+    out: str | None = None
+    args: tuple[str, ...] = ()  # the target's keyword arguments, NAME=VALUE
+    keys: keys.KeyRules = keys.KeyRules()
+    match: str = "exact"
+    strict: bool = True
+    reshape: bool = False
+    edits: tuple[Edit, ...] = ()
+    init: str | None = None
+    finetune: FinetunePlan = FinetunePlan()
+    verify: bool = False
+    plan: str | None = None  # a reviewed plan file, applied instead of matching
+    plan_out: str | None = None
+    dry_run: bool = False
+    force: bool = False
+    trust: bool = False
+    target_named_by: str | None = None  # the recipe file `to` was read from: it imports code only with trust
+
+    # What a recipe file may hold, with the TOML type of each field: the flags by their
+    # long names. `plan`, `plan_out`, `dry_run`, `force` and `trust` are the caller's
+    # alone: a file never decides to trust itself.
+    FILE_FIELDS: ClassVar[dict[str, type]] = {
+        "source": str,
+        "to": str,
+        "out": str,
+        "args": dict,
+        "strict": bool,
+        "match": str,
+        "rename": list,
+        "strip_prefix": list,
+        "add_prefix": str,
+        "include": list,
+        "exclude": list,
+        "reshape": bool,
+        "key": str,
+        "edits": list,
+        "extract": str,
+        "drop": str,
+        "delete": list,
+        "replace": list,
+        "add": list,
+        "rename_module": list,
+        "num_classes": int,
+        "in_chans": int,
+        "init": str,
+        "freeze": list,
+        "unfreeze": list,
+        "freeze_bn": bool,
+        "lr": dict,
+        "base_lr": float,
+        "weight_decay": float,
+        "layer_decay": float,
+        "verify": bool,
+    }
+
+    def __post_init__(self) -> None:
+        from surgery.edit import INIT_SCHEMES
+
+        if not self.source:
+            raise BadArgument("source", "name the checkpoint to port (or `source` in the recipe)")
+        if not self.to:
+            raise BadArgument("to", "name the target (or `to` in the recipe)")
+        if self.out is None and not self.dry_run:
+            raise BadArgument("out", "say where to write the result (-o OUT), or pass --dry-run")
+        if self.match not in MODES:
+            raise BadArgument("match", f"{self.match!r} is not one of {', '.join(MODES)}")
+        if self.plan is not None and (self.keys.renames_keys or self.match != "exact"):
+            raise BadArgument(
+                "plan",
+                "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, "
+                "--include and --exclude",
+            )
+        if self.init is not None and self.init not in INIT_SCHEMES:
+            raise BadArgument("init", f"{self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
+
+    @classmethod
+    def from_fields(
+        cls, fields: Mapping[str, Any], *, target_named_by: str | Path | None = None
+    ) -> PortRequest:
+        """A request from flat fields: the flags' long names (`strip_prefix`, `num_classes`),
+        as the CLI and recipe files give them. Fields set to None are left at their defaults."""
+        given = {k: v for k, v in fields.items() if v is not None}
+        unknown = sorted(
+            set(given) - set(cls.FILE_FIELDS) - {"plan", "plan_out", "dry_run", "force", "trust"}
+        )
+        if unknown:
+            raise BadArgument(unknown[0], "not a field of surgery port")
+        args = given.get("args") or ()
+        if isinstance(args, dict):
+            args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
+        return cls(
+            source=str(given.get("source") or ""),
+            to=str(given.get("to") or ""),
+            out=str(given["out"]) if given.get("out") is not None else None,
+            args=tuple(args),
+            keys=keys.KeyRules.parse(**{k: given[k] for k in keys.KeyRules.FIELDS if k in given}),
+            match=given.get("match") or "exact",
+            strict=bool(given.get("strict", True)),
+            reshape=bool(given.get("reshape")),
+            edits=tuple(edits_from_fields(given)),
+            init=given.get("init"),
+            finetune=finetune_from_fields(given),
+            verify=bool(given.get("verify")),
+            plan=str(given["plan"]) if given.get("plan") is not None else None,
+            plan_out=str(given["plan_out"]) if given.get("plan_out") is not None else None,
+            dry_run=bool(given.get("dry_run")),
+            force=bool(given.get("force")),
+            trust=bool(given.get("trust")),
+            target_named_by=str(target_named_by) if target_named_by is not None else None,
+        )
+
+    @classmethod
+    def from_file(cls, path: str | Path, **overrides: Any) -> PortRequest:
+        """A recipe file's request; `overrides` (the flags given, None for unset) win.
+        A target read from the file is built only with `trust` when it imports code."""
+        doc = read_fields(path, cls.FILE_FIELDS)
+        for edit in doc.get("edits", []):
+            if not isinstance(edit, dict) or "op" not in edit or set(edit) - EDIT_FIELDS:
+                raise UsageError(path, f"each edit is a table with op and path, spec or value; got {edit!r}")
+        named_by = path if "to" in doc and overrides.get("to") is None else None
+        return cls.from_fields(
+            {**doc, **{k: v for k, v in overrides.items() if v is not None}}, target_named_by=named_by
+        )
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "source": self.source,
+            "to": self.to,
+            "out": self.out,
+            "args": list(self.args),
+            **self.keys.to_json(),
+            "match": self.match,
+            "strict": self.strict,
+            "reshape": self.reshape,
+            "edits": [e.to_json() for e in self.edits],
+            "init": self.init,
+            "finetune": self.finetune.to_json(),
+            "verify": self.verify,
+            "plan": self.plan,
+            "dry_run": self.dry_run,
+        }
+
+
+EDIT_FIELDS = {"op", "path", "spec", "value"}
+
+
+def edits_from_fields(fields: Mapping[str, Any]) -> list[Edit]:
     """Edits in the order they apply: a recipe's `edits` table as written, then the
     flags' edits by kind (extract, drop, delete, replace, add, rename), then the head
     (`num_classes`) and the input (`in_chans`)."""
@@ -642,16 +768,13 @@ def edits_from_fields(fields: dict[str, Any]) -> list[Edit]:
         edits.append(Edit("extract", spec=fields["extract"]))
     if fields.get("drop"):
         edits.append(Edit("without", spec=fields["drop"]))
-    edits += [Edit("delete", path) for path in fields.get("delete", [])]
-    for op, flag, form in (
-        ("replace", "--replace", "PATH=SPEC"),
-        ("add", "--add", "PATH=SPEC"),
-        ("rename", "--rename-module", "PATH=NAME"),
-    ):
-        for text in fields.get(op if op != "rename" else "rename_module", []):
+    edits += [Edit("delete", path) for path in fields.get("delete") or []]
+    for op, param, form in (("replace", "replace", "PATH=SPEC"), ("add", "add", "PATH=SPEC"),
+                            ("rename", "rename_module", "PATH=NAME")):  # fmt: skip
+        for text in fields.get(param) or []:
             path, sep, spec = text.partition("=")
             if not sep or not path or not spec:
-                raise UsageError(flag, f"{text!r} is not {form}")
+                raise BadArgument(param, f"{text!r} is not {form}")
             edits.append(Edit(op, path.strip(), spec.strip()))
     if fields.get("num_classes") is not None:
         edits.append(Edit("num_classes", value=int(fields["num_classes"])))
@@ -660,7 +783,7 @@ def edits_from_fields(fields: dict[str, Any]) -> list[Edit]:
     return edits
 
 
-def finetune_from_fields(fields: dict[str, Any]) -> FinetunePlan:
+def finetune_from_fields(fields: Mapping[str, Any]) -> FinetunePlan:
     """Freeze rules first, then unfreeze rules (each in the order given); `lr` rules in order."""
     from surgery.finetune import LrRule
 
@@ -674,73 +797,4 @@ def finetune_from_fields(fields: dict[str, Any]) -> FinetunePlan:
         fields.get("base_lr"),
         fields.get("weight_decay"),
         fields.get("layer_decay"),
-    )
-
-
-def port_from_fields(
-    fields: dict[str, Any],
-    *,
-    dry_run: bool = False,
-    force: bool = False,
-    trust: bool = False,
-    plan: str | Path | None = None,
-    plan_out: str | Path | None = None,
-    target_named_by: str | Path | None = None,
-) -> PortReport:
-    """`surgery port` from its flags, or from a recipe file's fields (the same names).
-
-    Args:
-        target_named_by: the recipe file the target was read from, if it was: a target
-            that imports code is then built only with `trust`.
-    """
-    from surgery.edit import INIT_SCHEMES
-    from surgery.trust import require_trust
-
-    if not fields.get("source"):
-        raise UsageError("SRC", "name the checkpoint to port (or `source` in the recipe)")
-    if not fields.get("to"):
-        raise UsageError("--to", "name the target (or `to` in the recipe)")
-    if fields.get("out") is None and not dry_run:
-        raise UsageError("--out", "say where to write the result (-o OUT), or pass --dry-run")
-    matching = ("rename", "strip_prefix", "add_prefix", "include", "exclude")
-    if plan is not None and (any(fields.get(f) for f in matching) or fields.get("match", "exact") != "exact"):
-        raise UsageError(
-            "--plan",
-            "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, --include and --exclude",
-        )
-    if target_named_by is not None:
-        require_trust(fields["to"], target_named_by, trust=trust, named_by="the recipe file")
-    init = fields.get("init")
-    if init is not None and init not in INIT_SCHEMES:
-        raise UsageError("--init", f"{init!r} is not one of {', '.join(INIT_SCHEMES)}")
-    args = fields.get("args") or []
-    if isinstance(args, dict):
-        args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
-    options = make_options(
-        fields.get("match") or "exact",
-        fields.get("rename") or [],
-        fields.get("strip_prefix") or [],
-        fields.get("add_prefix"),
-        fields.get("include") or [],
-        fields.get("exclude") or [],
-        bool(fields.get("reshape")),
-        fields.get("key"),
-        read_plan(plan) if plan is not None else None,
-    )
-    strict = fields.get("strict")
-    return port_checkpoint(
-        fields["source"],
-        fields["to"],
-        fields.get("out"),
-        options,
-        args=args,
-        strict=True if strict is None else bool(strict),
-        dry_run=dry_run,
-        force=force,
-        verify=bool(fields.get("verify")),
-        trust=trust,
-        plan_out=plan_out,
-        edits=edits_from_fields(fields),
-        init=init,
-        finetune=finetune_from_fields(fields),
     )

@@ -4,8 +4,8 @@
 initialisation, key mapping, freeze and learning-rate rules) in the file's
 metadata. `load_ready(path)` replays it: builds the target, replays the edits,
 loads the weights strictly, applies the freeze plan and builds the parameter
-groups, with no pickled code anywhere. `read_recipe_file` reads the same fields
-from a TOML file for `surgery port --recipe`.
+groups, with no pickled code anywhere. (A recipe *file* for `surgery port
+--recipe` is a `PortRequest` written as TOML: see `PortRequest.from_file`.)
 """
 
 from __future__ import annotations
@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.edit import Edit
-from surgery.errors import SurgeryError, UsageError
+from surgery.errors import SurgeryError
 from surgery.finetune import FinetunePlan, FinetuneSummary
 from surgery.trust import RECIPE_KEY, require_trust
 
@@ -118,68 +118,3 @@ def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
     warnings = apply_freeze(model, recipe.finetune)
     groups, more = param_groups(model, recipe.finetune)
     return Ready(model, groups, recipe, summarize(model, groups, warnings + more, recipe.finetune))
-
-
-# -- recipe files -----------------------------------------------------------------
-# The fields a recipe file may hold: the flags of `surgery port`, by their long names.
-FIELDS = {
-    "source": str,
-    "to": str,
-    "out": str,
-    "args": dict,
-    "strict": bool,
-    "match": str,
-    "rename": list,
-    "strip_prefix": list,
-    "add_prefix": str,
-    "include": list,
-    "exclude": list,
-    "reshape": bool,
-    "key": str,
-    "edits": list,
-    "num_classes": int,
-    "in_chans": int,
-    "init": str,
-    "freeze": list,
-    "unfreeze": list,
-    "freeze_bn": bool,
-    "lr": dict,
-    "base_lr": float,
-    "weight_decay": float,
-    "layer_decay": float,
-    "verify": bool,
-}
-EDIT_FIELDS = {"op", "path", "spec", "value"}
-
-
-def read_recipe_file(path: str | Path) -> dict[str, Any]:
-    """The fields of a TOML recipe, checked: unknown fields and wrong types are errors."""
-    import tomllib
-
-    path = Path(path)
-    try:
-        doc = tomllib.loads(path.read_text(encoding="utf-8"))
-    except FileNotFoundError:
-        raise UsageError(path, "no such recipe file") from None
-    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as exc:
-        raise UsageError(path, f"not a TOML file ({exc})") from None
-    unknown = sorted(set(doc) - set(FIELDS))
-    if unknown:
-        raise UsageError(
-            path,
-            f"unknown field{'s' if len(unknown) > 1 else ''} {', '.join(unknown)}",
-            hint=f"fields: {', '.join(FIELDS)}",
-        )
-    for name, value in doc.items():
-        expected = FIELDS[name]
-        ok = isinstance(value, expected) or (
-            expected is float and isinstance(value, int) and not isinstance(value, bool)
-        )
-        if not ok or (expected is int and isinstance(value, bool)):
-            raise UsageError(
-                path, f"field {name!r} should be {expected.__name__}, not {type(value).__name__}"
-            )
-    for edit in doc.get("edits", []):
-        if not isinstance(edit, dict) or "op" not in edit or set(edit) - EDIT_FIELDS:
-            raise UsageError(path, f"each edit is a table with op and path, spec or value; got {edit!r}")
-    return doc

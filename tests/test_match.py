@@ -481,25 +481,36 @@ def test_select_include_and_exclude_globs_on_current_names():
 
 def test_plan_port_refuses_a_rename_that_collides():
     from surgery.errors import UsageError
-    from surgery.porting import make_options, plan_port
+    from surgery.keys import KeyRules
+    from surgery.porting import PortOptions, plan_port
 
     src = entries(("a.weight", (2,)), ("b.weight", (2,)))
-    options = make_options(match="exact", rename=[r"^[ab]\.=x."])
+    options = PortOptions(KeyRules.parse(rename=[r"^[ab]\.=x."]), match="exact")
     with pytest.raises(UsageError) as info:
         plan_port(src, entries(("x.weight", (2,))), options)
-    assert info.value.where == "--rename"
+    assert info.value.param == "rename"
     assert "'a.weight'" in info.value.message and "'b.weight'" in info.value.message
     assert "'x.weight'" in info.value.message
 
 
+def test_a_collision_blames_the_rule_that_made_it():
+    """Stripping two prefixes that leave one name is the strip's fault, not a rename's."""
+    from surgery.errors import BadArgument
+    from surgery.keys import KeyRules
+
+    with pytest.raises(BadArgument) as info:
+        KeyRules.parse(strip_prefix=["a.", "b."]).apply(["a.x", "b.x"])
+    assert info.value.param == "strip_prefix"
+
+
 def test_plan_port_records_each_step_in_order():
-    from surgery.porting import make_options, plan_port
+    from surgery.keys import KeyRules
+    from surgery.porting import PortOptions, plan_port
 
     src = entries(("module.lin0.w", (2,)), ("module.lin1.w", (3,)), ("module.aux.w", (4,)))
     tgt = entries(("heads.0.w", (2,)), ("heads.1.w", (3,)))
-    options = make_options(
-        match="exact", strip_prefix=["module."], rename=[r"lin(\d)\.=heads.\1."], exclude=["aux"]
-    )
+    rules = KeyRules.parse(strip_prefix=["module."], rename=[r"lin(\d)\.=heads.\1."], exclude=["aux"])
+    options = PortOptions(rules, match="exact")
     plan = plan_port(src, tgt, options)
     assert plan.steps == (
         "stripped prefix 'module.' from 3 keys",

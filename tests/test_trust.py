@@ -293,3 +293,28 @@ def test_a_detection_builder_builds_offline_without_its_default_backbone_weights
     """fasterrcnn's builder defaults to ImageNet backbone weights: surgery turns them off."""
     target = build_target("torchvision:fasterrcnn_mobilenet_v3_large_320_fpn?num_classes=3")
     assert target.module is not None and any(e.name.startswith("backbone.") for e in target.entries)
+
+
+def test_a_recipe_file_cannot_trust_itself(in_tmp):
+    """`trust` (like `force` and `dry_run`) is the caller's alone: a file naming it is refused."""
+    src = in_tmp / "src.pt"
+    torch.save(tiny_weights(), src)
+    toml = in_tmp / "recipe.toml"
+    toml.write_text(f'source = "{src}"\nto = "{RUN_TARGET}"\ntrust = true\n')
+    assert_clean_error(
+        run_cli("port", "--recipe", toml, "--dry-run"), toml, contains="unknown field trust", code=2
+    )
+    with pytest.raises(UsageError):
+        surgery.PortRequest.from_file(toml, dry_run=True)
+    no_canary(in_tmp)
+
+
+def test_port_file_runs_a_request_from_a_recipe_file(in_tmp):
+    """The library reaches what the CLI does: a recipe file's request, run by port_file."""
+    src = in_tmp / "src.pt"
+    torch.save(tiny_weights(), src)
+    toml = in_tmp / "recipe.toml"
+    toml.write_text(f'source = "{src}"\nto = "{src}"\nout = "out.safetensors"\n')
+    report = surgery.port_file(surgery.PortRequest.from_file(toml))
+    assert report.written and report.coverage == 1.0
+    assert (in_tmp / "out.safetensors").exists()

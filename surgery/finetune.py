@@ -95,20 +95,6 @@ class FinetunePlan:
             raise UsageError("--layer-decay", f"{self.layer_decay!r} must be a finite number above 0")
 
 
-def trainable(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> tuple[dict[str, bool], list[str]]:
-    """Which parameter names train after the freeze/unfreeze rules, in order; and a
-    warning for each rule that matches nothing (a typo must not pass in silence)."""
-    state = dict.fromkeys(names, True)
-    warnings = []
-    for action, glob in rules:
-        hit = [n for n in names if keys.matches(n, [glob])]
-        if not hit:
-            warnings.append(f"--{action} {glob!r} matches no parameter")
-        for n in hit:
-            state[n] = action == "unfreeze"
-    return state, warnings
-
-
 def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
     """Each parameter once, by identity, with every name it has (a tied weight has two)."""
     out: dict[int, tuple[Any, list[str]]] = {}

@@ -27,7 +27,6 @@ from surgery.finetune import (
     param_groups,
     set_lr,
     summarize,
-    trainable,
 )
 from surgery.porting import finetune_from_fields
 
@@ -55,48 +54,59 @@ def named_groups(model: nn.Module, groups: list[dict]) -> dict[str, list[str]]:
     return {g["name"]: [name_of[id(p)] for p in g["params"]] for g in groups}
 
 
-NAMES = ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.weight", "fc.weight", "fc.bias"]
+NAMES = [  # tiny()'s parameters
+    "conv1.weight",
+    "bn1.weight",
+    "bn1.bias",
+    "layer1.0.weight",
+    "layer1.1.weight",
+    "layer1.1.bias",
+    "fc.weight",
+    "fc.bias",
+]
 
 
-# == trainable ==========================================================================
-def test_trainable_without_rules_everything_trains():
-    state, warnings = trainable(NAMES, [])
-    assert state == dict.fromkeys(NAMES, True) and list(state) == NAMES
-    assert warnings == []
+def training(rules) -> tuple[list[str], list[str]]:
+    """apply_freeze on a fresh tiny(): the names that train, in order, and the warnings."""
+    model = tiny()
+    warnings = apply_freeze(model, rules if isinstance(rules, FinetunePlan) else plan(freeze=rules))
+    return [n for n, p in model.named_parameters() if p.requires_grad], warnings
 
 
-def test_trainable_freeze_then_unfreeze():
-    state, warnings = trainable(NAMES, [("freeze", "*"), ("unfreeze", "fc.*")])
-    assert [n for n, on in state.items() if on] == ["fc.weight", "fc.bias"]
-    assert warnings == []
+# == which parameters train =============================================================
+def test_without_rules_everything_trains():
+    assert training([]) == (NAMES, [])
 
 
-def test_trainable_rules_apply_in_the_order_given():
-    state, _ = trainable(NAMES, [("unfreeze", "fc.*"), ("freeze", "*")])
-    assert not any(state.values())
-    state, _ = trainable(NAMES, [("freeze", "*"), ("unfreeze", "fc"), ("freeze", "fc.bias")])
-    assert [n for n, on in state.items() if on] == ["fc.weight"]  # `fc` names the module
+def test_freeze_then_unfreeze():
+    assert training([("freeze", "*"), ("unfreeze", "fc.*")]) == (["fc.weight", "fc.bias"], [])
 
 
-def test_trainable_module_globs_and_wildcards():
-    state, _ = trainable(NAMES, [("freeze", "bn1"), ("freeze", "layer1")])
-    assert [n for n, on in state.items() if not on] == ["bn1.weight", "bn1.bias", "layer1.0.weight"]
-    state, _ = trainable(NAMES, [("freeze", "*.bias")])
-    assert [n for n, on in state.items() if not on] == ["bn1.bias", "fc.bias"]
-    state, _ = trainable(NAMES, [("freeze", "fc")])
-    assert not state["fc.weight"] and state["conv1.weight"]  # not fc.* prefixes of other names
+def test_freeze_rules_apply_in_the_order_given():
+    assert training([("unfreeze", "fc.*"), ("freeze", "*")])[0] == []
+    on, _ = training([("freeze", "*"), ("unfreeze", "fc"), ("freeze", "fc.bias")])
+    assert on == ["fc.weight"]  # `fc` names the module
 
 
-def test_trainable_warns_for_each_rule_matching_nothing():
-    state, warnings = trainable(
-        NAMES, [("freeze", "nosuch*"), ("unfreeze", "fc.*"), ("unfreeze", "head.*"), ("freeze", "FC.*")]
+def test_freeze_module_globs_and_wildcards():
+    on, _ = training([("freeze", "bn1"), ("freeze", "layer1")])
+    assert on == ["conv1.weight", "fc.weight", "fc.bias"]
+    on, _ = training([("freeze", "*.bias")])
+    assert on == ["conv1.weight", "bn1.weight", "layer1.0.weight", "layer1.1.weight", "fc.weight"]
+    on, _ = training([("freeze", "fc")])
+    assert "fc.weight" not in on and "conv1.weight" in on  # not fc.* prefixes of other names
+
+
+def test_freeze_warns_for_each_rule_matching_nothing():
+    on, warnings = training(
+        [("freeze", "nosuch*"), ("unfreeze", "fc.*"), ("unfreeze", "head.*"), ("freeze", "FC.*")]
     )
     assert warnings == [
         "--freeze 'nosuch*' matches no parameter",
         "--unfreeze 'head.*' matches no parameter",
         "--freeze 'FC.*' matches no parameter",  # case matters
     ]
-    assert all(state.values())
+    assert on == NAMES
 
 
 def test_fields_put_every_freeze_before_every_unfreeze():
@@ -104,26 +114,18 @@ def test_fields_put_every_freeze_before_every_unfreeze():
     fp = finetune_from_fields(fields)
     assert fp.freeze == (("freeze", "*"), ("freeze", "bn1.*"), ("unfreeze", "fc.*"))
     assert fp.lr == (LrRule("head", "fc.*", 1e-2),)
-    state, _ = trainable(NAMES, fp.freeze)
-    assert [n for n, on in state.items() if on] == ["fc.weight", "fc.bias"]
+    assert training(fp)[0] == ["fc.weight", "fc.bias"]
     # a recipe file's table form of lr rules
     fp = finetune_from_fields({"lr": {"head:fc.*": 1e-2, "layer4.*": 5e-3}})
     assert fp.lr == (LrRule("head", "fc.*", 1e-2), LrRule("layer4.*", "layer4.*", 5e-3))
 
 
 # == apply_freeze =======================================================================
-def test_apply_freeze_sets_requires_grad():
+def test_apply_freeze_resets_what_an_earlier_plan_froze():
     model = tiny()
-    warnings = apply_freeze(model, plan(freeze=[("freeze", "*"), ("unfreeze", "fc")]))
-    assert warnings == []
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-
-
-def test_apply_freeze_returns_the_warnings():
-    model = tiny()
-    warnings = apply_freeze(model, plan(freeze=[("freeze", "layer9.*")]))
-    assert warnings == ["--freeze 'layer9.*' matches no parameter"]
-    assert all(p.requires_grad for p in model.parameters())
+    apply_freeze(model, plan(freeze=[("freeze", "*")]))
+    assert apply_freeze(model, plan(freeze=[("freeze", "conv1")])) == []
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["conv1.weight"]
 
 
 def test_freeze_bn_keeps_batchnorm_in_eval_even_under_train():

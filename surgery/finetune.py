@@ -96,7 +96,15 @@ class FinetunePlan:
 
 
 def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
-    """Each parameter once, by identity, with every name it has (a tied weight has two)."""
+    """Each parameter once, by identity, with every name it has (a tied weight has two).
+
+    Raises:
+        SurgeryError: a lazy parameter not initialised yet (it cannot be frozen, and its
+            shape, which decides its weight decay, is unknown).
+    """
+    from surgery.arch import refuse_lazy
+
+    refuse_lazy(model, type(model).__name__)
     out: dict[int, tuple[Any, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         out.setdefault(id(param), (param, []))[1].append(name)

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -18,7 +19,7 @@ from torch import nn
 
 import surgery
 from surgery.edit import SPEC_FORM
-from surgery.errors import UsageError
+from surgery.errors import SurgeryError, UsageError
 from surgery.finetune import (
     BASE_GROUP,
     FinetunePlan,
@@ -366,6 +367,76 @@ def test_summarize_counts_per_module_and_group():
     (group,) = summary.groups
     assert (group.name, group.lr, group.tensors, group.params) == ("head", 1e-2, 2, 170)
     assert json.loads(json.dumps(summary.to_json()))["groups"][0]["name"] == "head"
+
+
+# == lazy modules ======================================================================
+LAZY_NET = '''
+"""A net whose head is an nn.LazyLinear: its weight has no shape until the first forward pass."""
+from collections import OrderedDict
+
+from torch import nn
+
+
+def build(num_classes=2):
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), flatten=nn.Flatten(), fc=nn.LazyLinear(num_classes)))
+'''
+LAZY_FIX = "run one forward pass first to initialise the lazy modules"
+
+
+@pytest.fixture
+def lazy_source(tmp_path, monkeypatch):
+    """cwd = a folder holding the factory `lazynet:build`; and a checkpoint of that net after a
+    forward pass, written by torch.save."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "lazynet.py").write_text(LAZY_NET)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    import lazynet
+
+    torch.manual_seed(0)
+    trained = lazynet.build()
+    trained(torch.zeros(1, 3, 6, 6))
+    path = tmp_path / "lazynet.pt"
+    torch.save(trained.state_dict(), path)
+    yield path, trained, lazynet.build
+    sys.modules.pop("lazynet", None)
+
+
+def test_port_into_a_lazy_module_names_the_parameters_and_the_fix(lazy_source):
+    path, trained, build = lazy_source
+    model = build()
+    with pytest.raises(SurgeryError) as info:
+        surgery.port(path, into=model)
+    assert (
+        str(info.value) == f"Sequential: fc.weight, fc.bias are not initialised yet (LazyLinear): {LAZY_FIX}"
+    )
+    assert info.value.exit_code == 1
+    model(torch.zeros(1, 3, 6, 6))  # the fix
+    report = surgery.port(path, into=model, strict=True)
+    assert report.plan.complete and torch.equal(model.fc.weight, trained.fc.weight)
+
+
+def test_fine_tune_plan_of_a_lazy_module_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    for call in (apply_freeze, param_groups):
+        with pytest.raises(SurgeryError) as info:
+            call(model, plan(freeze=[("freeze", "0")], base_lr=1e-3, weight_decay=1e-4))
+        assert (
+            str(info.value)
+            == f"Sequential: 1.weight, 1.bias are not initialised yet (LazyLinear): {LAZY_FIX}"
+        )
+
+
+def test_cli_port_to_a_lazy_factory_target(lazy_source, tmp_path):
+    path, _, _ = lazy_source
+    out = tmp_path / "out.safetensors"
+    for extra in ([], ["--freeze", "conv", "--layer-decay", "0.5"]):
+        run = run_cli("port", path, "--to", "lazynet:build", *extra, "-o", out)
+        line = assert_clean_error(run, "lazynet:build", contains=LAZY_FIX, code=1)
+        assert "fc.weight, fc.bias are not initialised yet (LazyLinear)" in line
+        assert "hint: e.g. model(torch.zeros(1, 3, 224, 224))" in run.stderr
+        assert not out.exists()
 
 
 # == set_lr =============================================================================

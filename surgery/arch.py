@@ -114,12 +114,40 @@ def build_target(spec: str, args: Sequence[str] = ()) -> Target:
 def target_of_module(
     module: nn.Module, spec: str | None = None, kwargs: dict[str, Any] | None = None
 ) -> Target:
-    """A live module as the target: its state_dict's keys, shapes and dtypes."""
+    """A live module as the target: its state_dict's keys, shapes and dtypes.
+
+    Raises:
+        SurgeryError: the module has lazy parameters not initialised yet (no shape to match).
+    """
+    refuse_lazy(module, spec or type(module).__name__)
     entries = [
         Entry(name, tuple(t.shape), str(t.dtype).removeprefix("torch."))
         for name, t in module.state_dict(keep_vars=True).items()
     ]
     return Target(spec or type(module).__name__, entries, module=module, kwargs=kwargs or {})
+
+
+def refuse_lazy(module: nn.Module, where: object) -> None:
+    """Refuse a module whose lazy layers (`nn.LazyLinear`, ...) have not run yet: their tensors
+    have no shape, so nothing can be matched, loaded, frozen or grouped for them, and torch
+    would fail deep inside with a RuntimeError that names no parameter.
+
+    Raises:
+        SurgeryError: naming the uninitialised tensors, their modules and the fix.
+    """
+    from torch.nn.parameter import is_lazy
+
+    lazy = [name for name, t in module.state_dict(keep_vars=True).items() if is_lazy(t)]
+    if not lazy:
+        return
+    kinds = sorted({type(module.get_submodule(n.rpartition(".")[0])).__name__ for n in lazy})
+    shown = ", ".join(lazy[:4]) + (f" and {len(lazy) - 4} more" if len(lazy) > 4 else "")
+    raise SurgeryError(
+        where,
+        f"{shown} {'is' if len(lazy) == 1 else 'are'} not initialised yet ({', '.join(kinds)}): "
+        "run one forward pass first to initialise the lazy modules",
+        hint="e.g. model(torch.zeros(1, 3, 224, 224)), with your input's shape; a factory can do it",
+    )
 
 
 def _from_template(spec: str, path: Path) -> Target:

@@ -95,22 +95,16 @@ class FinetunePlan:
             raise UsageError("--layer-decay", f"{self.layer_decay!r} must be a finite number above 0")
 
 
-def trainable(names: Sequence[str], rules: Sequence[tuple[str, str]]) -> tuple[dict[str, bool], list[str]]:
-    """Which parameter names train after the freeze/unfreeze rules, in order; and a
-    warning for each rule that matches nothing (a typo must not pass in silence)."""
-    state = dict.fromkeys(names, True)
-    warnings = []
-    for action, glob in rules:
-        hit = [n for n in names if keys.matches(n, [glob])]
-        if not hit:
-            warnings.append(f"--{action} {glob!r} matches no parameter")
-        for n in hit:
-            state[n] = action == "unfreeze"
-    return state, warnings
-
-
 def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
-    """Each parameter once, by identity, with every name it has (a tied weight has two)."""
+    """Each parameter once, by identity, with every name it has (a tied weight has two).
+
+    Raises:
+        SurgeryError: a lazy parameter not initialised yet (it cannot be frozen, and its
+            shape, which decides its weight decay, is unknown).
+    """
+    from surgery.arch import refuse_lazy
+
+    refuse_lazy(model, type(model).__name__)
     out: dict[int, tuple[Any, list[str]]] = {}
     for name, param in model.named_parameters(remove_duplicate=False):
         out.setdefault(id(param), (param, []))[1].append(name)
@@ -154,6 +148,9 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
         objects), `lr` (when known) and `weight_decay` (when set), ready for
         `torch.optim.SGD(groups, momentum=0.9)`.
 
+    With `layer_decay` each group is split by layer (`NAME/layerN`, see `layer_ids`) and
+    its rate scaled by layer_decay ** (top layer - N), as timm's `param_groups_layer_decay`.
+
     Raises:
         UsageError: an --lr rule that reaches only frozen parameters.
     """
@@ -169,7 +166,7 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
             )
         if not hit:
             warnings.append(f"--lr {rule} matches no parameter")
-    layers = _layer_ids(model) if plan.layer_decay is not None else {}
+    layers = layer_ids(model) if plan.layer_decay is not None else {}
     depth = max(layers.values(), default=0)
     groups: dict[tuple[str, float | None, bool], dict[str, Any]] = {}
     for param, names in params:
@@ -179,7 +176,7 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
         group, lr = (rule.name, rule.lr) if rule else (BASE_GROUP, plan.base_lr)
         scale = 1.0
         if plan.layer_decay is not None:
-            layer = layers.get(names[0].split(".")[0], depth)
+            layer = layers.get(names[0], depth)
             scale = plan.layer_decay ** (depth - layer)
             group = f"{group}/layer{layer}"
         lr = lr * scale if lr is not None else None
@@ -195,13 +192,128 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
             if plan.weight_decay is not None:
                 entry["weight_decay"] = plan.weight_decay if decay else 0.0
         entry["params"].append(param)
+    if plan.layer_decay is not None and groups:
+        warnings += _layer_decay_warnings(model, plan, list(groups.values()), depth)
     return list(groups.values()), warnings
 
 
-def _layer_ids(model: nn.Module) -> dict[str, int]:
-    """Top-level children that hold parameters, in order: the last (the head) is the deepest."""
-    with_params = [name for name, child in model.named_children() if any(True for _ in child.parameters())]
-    return {name: i for i, name in enumerate(with_params)}
+def _layer_decay_warnings(
+    model: nn.Module, plan: FinetunePlan, groups: list[dict[str, Any]], depth: int
+) -> list[str]:
+    """A --layer-decay that scales no rate must not pass in silence."""
+    flag = f"--layer-decay {plan.layer_decay:g}"
+    if len({g.get("lr_scale", 1.0) for g in groups}) == 1:
+        if depth == 0:
+            why = (
+                f"{type(model).__name__} is one layer (no timm group_matcher, no repeated blocks "
+                "such as blocks.0, blocks.1 or layer1, layer2)"
+            )
+        elif plan.layer_decay == 1:
+            why = "a factor of 1 keeps every rate"
+        else:
+            why = "every trainable parameter is in one layer"
+        return [f"{flag} changes nothing: {why}"]
+    if any("lr" not in g and "lr_scale" in g for g in groups):
+        return [
+            f"{flag} without --base-lr: the base groups take the optimizer's own lr, unscaled "
+            "(torch optimizers ignore lr_scale; surgery.set_lr applies it)"
+        ]
+    return []
+
+
+def layer_ids(model: nn.Module) -> dict[str, int]:
+    """Each parameter's layer for layer-wise decay, by its first name: 0 the input side, the
+    highest the head. A timm model's own `group_matcher(coarse=False)` decides, exactly as
+    timm's `param_groups_layer_decay` does; any other model is numbered by its structure
+    (`layers_by_structure`).
+    """
+    matcher = getattr(model, "group_matcher", None)
+    if callable(matcher):
+        try:
+            from timm.models import group_parameters
+        except ImportError:
+            pass
+        else:
+            return group_parameters(model, matcher(coarse=False), reverse=True)
+    return layers_by_structure([names[0] for _, names in _names_by_param(model)])
+
+
+_INDEXED = re.compile(r"(.*?)(\d+)")
+
+
+def _indexed(part: str) -> tuple[str, int] | None:
+    """`12` -> ("", 12), `layer3` -> ("layer", 3), `encoder_layer_0` -> ("encoder_layer_", 0)."""
+    found = _INDEXED.fullmatch(part)
+    return (found[1], int(found[2])) if found else None
+
+
+def layers_by_structure(names: Sequence[str]) -> dict[str, int]:
+    """Layer of each parameter name (in model order) for a model without a timm group_matcher.
+
+    The repeated blocks are the sibling modules `STEM<i>` (two or more different i under
+    one parent: `blocks.0`, `layers.3`, `layer2`, `encoder_layer_5`, `features.7`) that
+    hold the most parameters. They are layers 1..n in order, numbered inside where a
+    block is a row of indexed blocks itself (resnet's `layer1.0`, `layer1.1`; not a
+    Sequential of conv and norm); what comes before the first block (stem, patch
+    embedding, cls token, position embedding) is layer 0; what lies between blocks goes
+    with the block before it; what follows the last (final norm, head) is layer n + 1.
+    Without repeated blocks every name is in layer 0.
+
+    Example:
+        >>> layers_by_structure(["conv1.weight", "layer1.0.conv.weight", "layer1.1.conv.weight", "fc.weight"])
+        {'conv1.weight': 0, 'layer1.0.conv.weight': 1, 'layer1.1.conv.weight': 2, 'fc.weight': 3}
+    """
+    split = [tuple(name.split(".")) for name in names]
+    children: dict[tuple[str, ...], set[str]] = {}
+    composite = set()  # modules holding modules that hold tensors
+    sizes: dict[tuple[tuple[str, ...], str], list[int]] = {}  # (parent, stem) -> indices, one per tensor
+    for parts in split:
+        for depth, part in enumerate(parts):
+            children.setdefault(parts[:depth], set()).add(part)
+            if depth < len(parts) - 2:
+                composite.add(parts[: depth + 1])
+            indexed = _indexed(part) if depth < len(parts) - 1 else None  # modules, not tensors
+            if indexed:
+                sizes.setdefault((parts[:depth], indexed[0]), []).append(indexed[1])
+    repeated = [run for run, indices in sizes.items() if len(set(indices)) > 1]
+    if not repeated:
+        return dict.fromkeys(names, 0)
+    parent, stem = max(repeated, key=lambda run: len(sizes[run]))  # the first of equals, in model order
+    rows = {node for node, kids in children.items() if _is_row(node, kids, composite)}
+    blocks = [_block(parts, parent, stem, rows) for parts in split]
+    ids = {block: i for i, block in enumerate(dict.fromkeys(b for b in blocks if b is not None), start=1)}
+    last = max(i for i, block in enumerate(blocks) if block is not None)
+    out, current = {}, 0
+    for i, (name, block) in enumerate(zip(names, blocks, strict=True)):
+        current = ids[block] if block is not None else current
+        out[name] = len(ids) + 1 if i > last else current
+    return out
+
+
+def _is_row(node: tuple[str, ...], kids: set[str], composite: set[tuple[str, ...]]) -> bool:
+    """A module whose children are all blocks `STEM<i>` of one stem (resnet's `layer1`)."""
+    indexed = [_indexed(kid) for kid in kids]
+    return (
+        all(indexed)
+        and len({i[0] for i in indexed if i}) == 1
+        and all(node + (k,) in composite for k in kids)
+    )
+
+
+def _block(
+    parts: tuple[str, ...], parent: tuple[str, ...], stem: str, rows: set[tuple[str, ...]]
+) -> tuple[int, ...] | None:
+    """The indices of the block a name lies in (`layer2.1.conv1.weight` -> (2, 1)), or None."""
+    depth = len(parent)
+    if len(parts) < depth + 2 or parts[:depth] != parent:
+        return None
+    indexed = _indexed(parts[depth])
+    if indexed is None or indexed[0] != stem:
+        return None
+    block = [indexed[1]]
+    while parts[: depth + len(block)] in rows:  # a row: every child is indexed
+        block.append(_indexed(parts[depth + len(block)])[1])  # type: ignore[index]
+    return tuple(block)
 
 
 def set_lr(optimizer: torch.optim.Optimizer, name: str, lr: float) -> int:

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import importlib.util
 import json
+import sys
 
 import pytest
 import torch
@@ -18,16 +19,17 @@ from torch import nn
 
 import surgery
 from surgery.edit import SPEC_FORM
-from surgery.errors import UsageError
+from surgery.errors import SurgeryError, UsageError
 from surgery.finetune import (
     BASE_GROUP,
     FinetunePlan,
     LrRule,
     apply_freeze,
+    layer_ids,
+    layers_by_structure,
     param_groups,
     set_lr,
     summarize,
-    trainable,
 )
 from surgery.porting import finetune_from_fields
 
@@ -55,48 +57,59 @@ def named_groups(model: nn.Module, groups: list[dict]) -> dict[str, list[str]]:
     return {g["name"]: [name_of[id(p)] for p in g["params"]] for g in groups}
 
 
-NAMES = ["conv1.weight", "bn1.weight", "bn1.bias", "layer1.0.weight", "fc.weight", "fc.bias"]
+NAMES = [  # tiny()'s parameters
+    "conv1.weight",
+    "bn1.weight",
+    "bn1.bias",
+    "layer1.0.weight",
+    "layer1.1.weight",
+    "layer1.1.bias",
+    "fc.weight",
+    "fc.bias",
+]
 
 
-# == trainable ==========================================================================
-def test_trainable_without_rules_everything_trains():
-    state, warnings = trainable(NAMES, [])
-    assert state == dict.fromkeys(NAMES, True) and list(state) == NAMES
-    assert warnings == []
+def training(rules) -> tuple[list[str], list[str]]:
+    """apply_freeze on a fresh tiny(): the names that train, in order, and the warnings."""
+    model = tiny()
+    warnings = apply_freeze(model, rules if isinstance(rules, FinetunePlan) else plan(freeze=rules))
+    return [n for n, p in model.named_parameters() if p.requires_grad], warnings
 
 
-def test_trainable_freeze_then_unfreeze():
-    state, warnings = trainable(NAMES, [("freeze", "*"), ("unfreeze", "fc.*")])
-    assert [n for n, on in state.items() if on] == ["fc.weight", "fc.bias"]
-    assert warnings == []
+# == which parameters train =============================================================
+def test_without_rules_everything_trains():
+    assert training([]) == (NAMES, [])
 
 
-def test_trainable_rules_apply_in_the_order_given():
-    state, _ = trainable(NAMES, [("unfreeze", "fc.*"), ("freeze", "*")])
-    assert not any(state.values())
-    state, _ = trainable(NAMES, [("freeze", "*"), ("unfreeze", "fc"), ("freeze", "fc.bias")])
-    assert [n for n, on in state.items() if on] == ["fc.weight"]  # `fc` names the module
+def test_freeze_then_unfreeze():
+    assert training([("freeze", "*"), ("unfreeze", "fc.*")]) == (["fc.weight", "fc.bias"], [])
 
 
-def test_trainable_module_globs_and_wildcards():
-    state, _ = trainable(NAMES, [("freeze", "bn1"), ("freeze", "layer1")])
-    assert [n for n, on in state.items() if not on] == ["bn1.weight", "bn1.bias", "layer1.0.weight"]
-    state, _ = trainable(NAMES, [("freeze", "*.bias")])
-    assert [n for n, on in state.items() if not on] == ["bn1.bias", "fc.bias"]
-    state, _ = trainable(NAMES, [("freeze", "fc")])
-    assert not state["fc.weight"] and state["conv1.weight"]  # not fc.* prefixes of other names
+def test_freeze_rules_apply_in_the_order_given():
+    assert training([("unfreeze", "fc.*"), ("freeze", "*")])[0] == []
+    on, _ = training([("freeze", "*"), ("unfreeze", "fc"), ("freeze", "fc.bias")])
+    assert on == ["fc.weight"]  # `fc` names the module
 
 
-def test_trainable_warns_for_each_rule_matching_nothing():
-    state, warnings = trainable(
-        NAMES, [("freeze", "nosuch*"), ("unfreeze", "fc.*"), ("unfreeze", "head.*"), ("freeze", "FC.*")]
+def test_freeze_module_globs_and_wildcards():
+    on, _ = training([("freeze", "bn1"), ("freeze", "layer1")])
+    assert on == ["conv1.weight", "fc.weight", "fc.bias"]
+    on, _ = training([("freeze", "*.bias")])
+    assert on == ["conv1.weight", "bn1.weight", "layer1.0.weight", "layer1.1.weight", "fc.weight"]
+    on, _ = training([("freeze", "fc")])
+    assert "fc.weight" not in on and "conv1.weight" in on  # not fc.* prefixes of other names
+
+
+def test_freeze_warns_for_each_rule_matching_nothing():
+    on, warnings = training(
+        [("freeze", "nosuch*"), ("unfreeze", "fc.*"), ("unfreeze", "head.*"), ("freeze", "FC.*")]
     )
     assert warnings == [
         "--freeze 'nosuch*' matches no parameter",
         "--unfreeze 'head.*' matches no parameter",
         "--freeze 'FC.*' matches no parameter",  # case matters
     ]
-    assert all(state.values())
+    assert on == NAMES
 
 
 def test_fields_put_every_freeze_before_every_unfreeze():
@@ -104,26 +117,18 @@ def test_fields_put_every_freeze_before_every_unfreeze():
     fp = finetune_from_fields(fields)
     assert fp.freeze == (("freeze", "*"), ("freeze", "bn1.*"), ("unfreeze", "fc.*"))
     assert fp.lr == (LrRule("head", "fc.*", 1e-2),)
-    state, _ = trainable(NAMES, fp.freeze)
-    assert [n for n, on in state.items() if on] == ["fc.weight", "fc.bias"]
+    assert training(fp)[0] == ["fc.weight", "fc.bias"]
     # a recipe file's table form of lr rules
     fp = finetune_from_fields({"lr": {"head:fc.*": 1e-2, "layer4.*": 5e-3}})
     assert fp.lr == (LrRule("head", "fc.*", 1e-2), LrRule("layer4.*", "layer4.*", 5e-3))
 
 
 # == apply_freeze =======================================================================
-def test_apply_freeze_sets_requires_grad():
+def test_apply_freeze_resets_what_an_earlier_plan_froze():
     model = tiny()
-    warnings = apply_freeze(model, plan(freeze=[("freeze", "*"), ("unfreeze", "fc")]))
-    assert warnings == []
-    assert [n for n, p in model.named_parameters() if p.requires_grad] == ["fc.weight", "fc.bias"]
-
-
-def test_apply_freeze_returns_the_warnings():
-    model = tiny()
-    warnings = apply_freeze(model, plan(freeze=[("freeze", "layer9.*")]))
-    assert warnings == ["--freeze 'layer9.*' matches no parameter"]
-    assert all(p.requires_grad for p in model.parameters())
+    apply_freeze(model, plan(freeze=[("freeze", "*")]))
+    assert apply_freeze(model, plan(freeze=[("freeze", "conv1")])) == []
+    assert [n for n, p in model.named_parameters() if not p.requires_grad] == ["conv1.weight"]
 
 
 def test_freeze_bn_keeps_batchnorm_in_eval_even_under_train():
@@ -296,19 +301,25 @@ def test_param_groups_skip_frozen_parameters():
     assert id(model.conv1.weight) not in every
 
 
+def lrs_by_name(model: nn.Module, groups: list[dict]) -> dict[str, float]:
+    return {n: g["lr"] for g in groups for n in named_groups(model, [g])[g["name"]]}
+
+
 def test_layer_decay_scales_from_the_head_down():
-    model = tiny()  # children: conv1 0, bn1 1, relu 2, layer1 3, pool 4, flatten 5, fc 6
-    groups, _ = param_groups(model, plan(base_lr=1.0, layer_decay=0.5))
-    lrs = {n: g["lr"] for g in groups for n in named_groups(model, [g])[g["name"]]}
-    assert lrs["fc.weight"] == lrs["fc.bias"] == 1.0  # the head at the full rate
-    assert lrs["layer1.0.weight"] < lrs["fc.weight"]
-    assert lrs["bn1.weight"] < lrs["layer1.0.weight"]
-    assert lrs["conv1.weight"] < lrs["bn1.weight"]
-    for n, lr in lrs.items():
-        k = -torch.log2(torch.tensor(lr)).item()
-        assert k == round(k), n  # a whole power of the decay factor
-    names = [g["name"] for g in groups]
-    assert names[-1].startswith("base/layer") and len(set(names)) == len(names)
+    model = tiny()  # conv1, bn1 (the stem), layer1 = Sequential(conv 0, BN 1, ReLU), fc
+    groups, warnings = param_groups(model, plan(base_lr=1.0, layer_decay=0.5))
+    assert warnings == []
+    assert lrs_by_name(model, groups) == {
+        "conv1.weight": 0.125,  # before the first block: layer 0
+        "bn1.weight": 0.125,
+        "bn1.bias": 0.125,
+        "layer1.0.weight": 0.25,  # the repeated blocks layer1.0, layer1.1: layers 1 and 2
+        "layer1.1.weight": 0.5,
+        "layer1.1.bias": 0.5,
+        "fc.weight": 1.0,  # after the last block: the head at the full rate
+        "fc.bias": 1.0,
+    }
+    assert [g["name"] for g in groups] == ["base/layer0", "base/layer1", "base/layer2", "base/layer3"]
 
 
 def test_layer_decay_with_rules_and_weight_decay_names_every_part():
@@ -316,13 +327,198 @@ def test_layer_decay_with_rules_and_weight_decay_names_every_part():
     groups, _ = param_groups(
         model, plan(lr=["head:fc.*=1e-2"], base_lr=1e-3, weight_decay=1e-4, layer_decay=0.9)
     )
-    names = [g["name"] for g in groups]
-    # layers are the top-level modules that hold parameters: conv1, bn1, layer1, fc
-    assert names[-2:] == ["head/layer3", "head/layer3/no_decay"]
-    assert "base/layer0" in names and "base/layer1/no_decay" in names
+    assert [g["name"] for g in groups] == [
+        "base/layer0",
+        "base/layer0/no_decay",
+        "base/layer1",
+        "base/layer2/no_decay",
+        "head/layer3",
+        "head/layer3/no_decay",
+    ]
     head = {g["name"]: g["lr"] for g in groups}
     assert head["head/layer3"] == 1e-2
     assert head["base/layer0"] == pytest.approx(1e-3 * 0.9**3)
+
+
+def per_parameter(model: nn.Module, groups: list[dict], lr: str = "lr") -> dict[str, tuple[float, float]]:
+    """name -> (rate or scale, weight decay), from surgery's groups or timm's."""
+    name_of = {id(p): n for n, p in model.named_parameters()}
+    return {name_of[id(p)]: (g[lr], g["weight_decay"]) for g in groups for p in g["params"]}
+
+
+def test_layer_decay_on_a_timm_vit_is_timms_own():
+    """timm's group_matcher decides: cls_token and pos_embed at the bottom, each block its own layer."""
+    import timm
+    from timm.optim import param_groups_layer_decay
+
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False)
+    groups, warnings = param_groups(model, plan(base_lr=1.0, weight_decay=0.05, layer_decay=0.75))
+    ours = per_parameter(model, groups)
+    theirs = per_parameter(
+        model, param_groups_layer_decay(model, weight_decay=0.05, layer_decay=0.75), lr="lr_scale"
+    )
+    assert ours == theirs and len(ours) == len(list(model.parameters()))
+    assert warnings == []
+    rates = {name: lr for name, (lr, _) in ours.items()}
+    assert len({rates[f"blocks.{i}.attn.qkv.weight"] for i in range(12)}) == 12
+    assert rates["cls_token"] == rates["pos_embed"] == rates["patch_embed.proj.weight"] == 0.75**13
+    assert rates["head.weight"] == 1.0
+
+
+def test_layer_decay_on_torchvision_resnet18_numbers_its_blocks():
+    """No group_matcher: layer1.0 ... layer4.1 are the blocks, as timm numbers its own resnet18."""
+    import timm
+    import torchvision
+    from timm.optim import param_groups_layer_decay
+
+    model = torchvision.models.resnet18(weights=None)
+    groups, warnings = param_groups(model, plan(base_lr=1.0, weight_decay=1e-4, layer_decay=0.5))
+    assert warnings == []
+    rates = lrs_by_name(model, groups)
+    blocks = [f"layer{i}.{j}" for i in range(1, 5) for j in range(2)]
+    per_block = [{lr for n, lr in rates.items() if n.startswith(f"{b}.")} for b in blocks]
+    assert all(len(r) == 1 for r in per_block)
+    ladder = [r.pop() for r in per_block]
+    assert ladder == sorted(ladder) and len(set(ladder)) == 8  # each block its own rate, rising
+    assert (
+        rates["conv1.weight"] == rates["bn1.weight"] == rates["bn1.bias"] == min(rates.values()) < ladder[0]
+    )
+    assert rates["fc.weight"] == rates["fc.bias"] == 1.0 > ladder[-1]
+    # timm's resnet18 has the same parameter names and a group_matcher: the same scales
+    theirs = timm.create_model("resnet18", pretrained=False)
+    expected = per_parameter(
+        theirs, param_groups_layer_decay(theirs, weight_decay=1e-4, layer_decay=0.5), "lr_scale"
+    )
+    assert per_parameter(model, groups) == expected
+
+
+def test_layer_decay_that_changes_nothing_warns():
+    class Net(nn.Module):  # no repeated blocks: one layer
+        def __init__(self):
+            super().__init__()
+            self.stem = nn.Conv2d(3, 4, 3)
+            self.norm = nn.BatchNorm2d(4)
+            self.head = nn.Linear(4, 2)
+
+    model = Net()
+    groups, warnings = param_groups(model, plan(base_lr=1e-3, layer_decay=0.5))
+    assert warnings == [
+        "--layer-decay 0.5 changes nothing: Net is one layer "
+        "(no timm group_matcher, no repeated blocks such as blocks.0, blocks.1 or layer1, layer2)"
+    ]
+    assert [(g["name"], g["lr"]) for g in groups] == [("base/layer0", 1e-3)]
+    model = tiny()
+    apply_freeze(model, plan(freeze=[("freeze", "*"), ("unfreeze", "fc")]))
+    _, warnings = param_groups(model, plan(base_lr=1e-3, layer_decay=0.5))
+    assert warnings == ["--layer-decay 0.5 changes nothing: every trainable parameter is in one layer"]
+    _, warnings = param_groups(tiny(), plan(base_lr=1e-3, layer_decay=1.0))
+    assert warnings == ["--layer-decay 1 changes nothing: a factor of 1 keeps every rate"]
+
+
+def test_layer_decay_without_a_base_rate_warns_that_the_optimizer_rate_is_unscaled():
+    model = tiny()
+    groups, warnings = param_groups(model, plan(lr=["head:fc.*=1e-2"], layer_decay=0.5))
+    assert warnings == [
+        "--layer-decay 0.5 without --base-lr: the base groups take the optimizer's own lr, unscaled "
+        "(torch optimizers ignore lr_scale; surgery.set_lr applies it)"
+    ]
+    optimizer = torch.optim.SGD(groups, lr=0.1)
+    assert {g["lr"] for g in optimizer.param_groups if g["name"].startswith("base/")} == {0.1}
+    set_lr(optimizer, "base", 0.1)
+    assert lrs(optimizer)["base/layer0"] == pytest.approx(0.1 * 0.5**3)
+
+
+@pytest.mark.parametrize(
+    "names, layers",
+    [
+        (  # torchvision's VisionTransformer: the embeddings below, encoder.ln with the head
+            [
+                "class_token",
+                "conv_proj.weight",
+                "encoder.pos_embedding",
+                "encoder.layers.encoder_layer_0.ln_1.weight",
+                "encoder.layers.encoder_layer_0.mlp.0.weight",
+                "encoder.layers.encoder_layer_0.mlp.3.weight",
+                "encoder.layers.encoder_layer_1.ln_1.weight",
+                "encoder.layers.encoder_layer_1.mlp.0.weight",
+                "encoder.ln.weight",
+                "heads.head.weight",
+            ],
+            [0, 0, 0, 1, 1, 1, 2, 2, 3, 3],
+        ),
+        (  # VGG: features.N are the blocks (more than classifier.N), each conv and BN its own
+            [
+                "features.0.weight",
+                "features.1.weight",
+                "features.4.weight",
+                "classifier.0.weight",
+                "classifier.3.weight",
+            ],
+            [1, 2, 3, 4, 4],
+        ),
+        (  # a Sequential of conv and BN inside a block is one block, not two
+            [
+                "features.0.0.weight",
+                "features.0.1.weight",
+                "features.1.0.block.0.weight",
+                "features.1.1.block.0.weight",
+                "head.weight",
+            ],
+            [1, 1, 2, 3, 4],
+        ),
+        (  # DenseNet: a transition between blocks goes with the block before it
+            [
+                "features.conv0.weight",
+                "features.denseblock1.denselayer1.conv1.weight",
+                "features.denseblock1.denselayer2.conv1.weight",
+                "features.transition1.conv.weight",
+                "features.denseblock2.denselayer1.conv1.weight",
+                "features.denseblock2.denselayer2.conv1.weight",
+                "features.norm5.weight",
+                "classifier.weight",
+            ],
+            [0, 1, 2, 2, 3, 4, 5, 5],
+        ),
+        (  # the run that holds the most parameters, not the first: two heads, twelve blocks
+            [
+                "stem.0.weight",
+                "stem.1.weight",
+                *(f"blocks.{i}.fc.weight" for i in range(12)),
+                "heads.0.weight",
+                "heads.1.weight",
+            ],
+            [0, 0, *range(1, 13), 13, 13],
+        ),
+        (["fc1.weight", "fc1.bias", "fc2.weight"], [1, 1, 2]),
+        (["weight", "bias", "conv.weight"], [0, 0, 0]),
+    ],
+    ids=["torchvision-vit", "vgg", "conv-bn-stem", "densenet", "most-parameters", "mlp", "one-layer"],
+)
+def test_layers_by_structure(names, layers):
+    assert layers_by_structure(names) == dict(zip(names, layers, strict=True))
+
+
+def test_layers_by_structure_of_a_real_torchvision_vit():
+    import torchvision
+
+    model = torchvision.models.VisionTransformer(
+        image_size=32, patch_size=16, num_layers=3, num_heads=2, hidden_dim=8, mlp_dim=16, num_classes=2
+    )
+    layers = layer_ids(model)
+    assert {n for n, i in layers.items() if i == 0} == {
+        "class_token",
+        "conv_proj.weight",
+        "conv_proj.bias",
+        "encoder.pos_embedding",
+    }
+    for i in range(3):
+        assert {layers[n] for n in layers if f"encoder_layer_{i}." in n} == {i + 1}
+    assert {n for n, i in layers.items() if i == 4} == {
+        "encoder.ln.weight",
+        "encoder.ln.bias",
+        "heads.head.weight",
+        "heads.head.bias",
+    }
 
 
 def test_lr_rule_reaching_only_frozen_parameters_is_a_usage_error():
@@ -364,6 +560,76 @@ def test_summarize_counts_per_module_and_group():
     (group,) = summary.groups
     assert (group.name, group.lr, group.tensors, group.params) == ("head", 1e-2, 2, 170)
     assert json.loads(json.dumps(summary.to_json()))["groups"][0]["name"] == "head"
+
+
+# == lazy modules ======================================================================
+LAZY_NET = '''
+"""A net whose head is an nn.LazyLinear: its weight has no shape until the first forward pass."""
+from collections import OrderedDict
+
+from torch import nn
+
+
+def build(num_classes=2):
+    return nn.Sequential(OrderedDict(conv=nn.Conv2d(3, 4, 3), flatten=nn.Flatten(), fc=nn.LazyLinear(num_classes)))
+'''
+LAZY_FIX = "run one forward pass first to initialise the lazy modules"
+
+
+@pytest.fixture
+def lazy_source(tmp_path, monkeypatch):
+    """cwd = a folder holding the factory `lazynet:build`; and a checkpoint of that net after a
+    forward pass, written by torch.save."""
+    folder = tmp_path / "code"
+    folder.mkdir()
+    (folder / "lazynet.py").write_text(LAZY_NET)
+    monkeypatch.chdir(folder)
+    monkeypatch.syspath_prepend(str(folder))
+    import lazynet
+
+    torch.manual_seed(0)
+    trained = lazynet.build()
+    trained(torch.zeros(1, 3, 6, 6))
+    path = tmp_path / "lazynet.pt"
+    torch.save(trained.state_dict(), path)
+    yield path, trained, lazynet.build
+    sys.modules.pop("lazynet", None)
+
+
+def test_port_into_a_lazy_module_names_the_parameters_and_the_fix(lazy_source):
+    path, trained, build = lazy_source
+    model = build()
+    with pytest.raises(SurgeryError) as info:
+        surgery.port(path, into=model)
+    assert (
+        str(info.value) == f"Sequential: fc.weight, fc.bias are not initialised yet (LazyLinear): {LAZY_FIX}"
+    )
+    assert info.value.exit_code == 1
+    model(torch.zeros(1, 3, 6, 6))  # the fix
+    report = surgery.port(path, into=model, strict=True)
+    assert report.plan.complete and torch.equal(model.fc.weight, trained.fc.weight)
+
+
+def test_fine_tune_plan_of_a_lazy_module_is_refused():
+    model = nn.Sequential(nn.Linear(3, 4), nn.LazyLinear(2))
+    for call in (apply_freeze, param_groups):
+        with pytest.raises(SurgeryError) as info:
+            call(model, plan(freeze=[("freeze", "0")], base_lr=1e-3, weight_decay=1e-4))
+        assert (
+            str(info.value)
+            == f"Sequential: 1.weight, 1.bias are not initialised yet (LazyLinear): {LAZY_FIX}"
+        )
+
+
+def test_cli_port_to_a_lazy_factory_target(lazy_source, tmp_path):
+    path, _, _ = lazy_source
+    out = tmp_path / "out.safetensors"
+    for extra in ([], ["--freeze", "conv", "--layer-decay", "0.5"]):
+        run = run_cli("port", path, "--to", "lazynet:build", *extra, "-o", out)
+        line = assert_clean_error(run, "lazynet:build", contains=LAZY_FIX, code=1)
+        assert "fc.weight, fc.bias are not initialised yet (LazyLinear)" in line
+        assert "hint: e.g. model(torch.zeros(1, 3, 224, 224))" in run.stderr
+        assert not out.exists()
 
 
 # == set_lr =============================================================================

@@ -1,13 +1,15 @@
 """Judging what a pickle would do if someone loaded it the ordinary way.
 
-The pickle machine records every global outside torch's allowlist and every
-call it would make. Here each becomes a `Finding` with a severity:
+The pickle machine records every global outside torch's allowlist (the table
+in `surgery.formats.torch_pickle`, kept equal to the installed torch's by a
+test) and every call it would make. Here each becomes a `Finding` with a severity:
 
 - danger: a global known to run commands or code, read or write files, or open
   a nested unrestricted unpickle (`os.system`, `builtins.eval`,
   `torch.storage._load_from_bytes`, ...);
 - unsafe: any other global outside the allowlist: `pickle.load` would import
-  its module and call it, and `torch.load(weights_only=True)` refuses it;
+  its module and call it, and `torch.load(weights_only=True)` refuses it unless
+  the loading program allowlists it (`torch.serialization.add_safe_globals`);
 - corrupt: the file is inconsistent (a storage that is missing or too short,
   readers that would disagree on its contents);
 - notice: an oddity torch tolerates (CRCs, unreferenced members, trailing bytes).
@@ -135,7 +137,11 @@ def classify(module: str, name: str) -> tuple[str, str]:
         return "unsafe", "a pickled nn.Module (torch.save(model)); weights_only loading refuses it"
     if parts[0] in _BUILTINS:
         return "unsafe", f"builtin `{name}`: plain data, but outside torch's allowlist"
-    return "unsafe", f"pickle would import `{module}` and call into it"
+    return (
+        "unsafe",
+        f"pickle would import `{module}` and call into it; torch.load(weights_only=True) "
+        "refuses it unless the program allowlists it (torch.serialization.add_safe_globals)",
+    )
 
 
 def findings_for(

@@ -26,6 +26,7 @@ from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, mapped
+from surgery.formats.legacy import MAGIC_NUMBER, scan_legacy
 from surgery.formats.pickle_vm import Known
 from surgery.formats.torch_pickle import (
     KNOWN,
@@ -42,7 +43,6 @@ from surgery.safety import Finding, findings_for
 METADATA_NAME = ".metadata"
 MAX_METADATA_BYTES = 1 << 30
 MAX_PATH_ITEMS = 64  # nesting of the saved dict; real ones stay under 5
-SMALL_BYTES = 1 << 16  # raw bytes items up to this are looked at
 MAX_CHUNKS_CHECKED = 4096  # chunks of one tensor checked pairwise for overlaps
 
 _DCP = "torch.distributed.checkpoint"
@@ -530,7 +530,12 @@ def _embedded(reading: _Reading, fqn: str, item: _Item) -> Scan | None:
 
 
 def _bytes_value(reading: _Reading, fqn: str, pieces: list[_Item]) -> Any:
-    """A non-tensor value: what `torch.load` would rebuild, as stand-ins, never run."""
+    """A non-tensor value: what `torch.load` would rebuild, as stand-ins, never run.
+
+    DCP loads every bytes item with `torch.load(weights_only=False)`: a zip as the
+    torch.save archive `dcp.save` writes, anything else as a pickle from its first
+    byte, whatever its protocol. So every item is read by one of the two here.
+    """
     where = str(reading.meta_path)
     if len(pieces) != 1:
         reading.findings.append(
@@ -540,28 +545,64 @@ def _bytes_value(reading: _Reading, fqn: str, pieces: list[_Item]) -> Any:
             return Opaque("bytes", "not stored")
     item = pieces[0]
     reading.used.add(id(item))
+    if item.transforms:
+        reading.findings.append(
+            Finding(
+                "unsafe",
+                f"bytes item {fqn!r} is stored through {', '.join(item.transforms)}: torch.load"
+                "(weights_only=False) unpickles what that decodes to, which surgery cannot decode to check",
+                _label(reading, item),
+            )
+        )
+        return Opaque("bytes", f"{item.length} bytes through {', '.join(item.transforms)}, not read")
     data = _slice(reading, item)
     if data is None:
         return Opaque("bytes", f"{item.length} bytes, not read")
-    head = bytes(data[:4])
-    if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
+    if bytes(data[:4]) == b"PK\x03\x04":  # what torch.load takes for a zip (`_is_zipfile`)
         sub = _embedded(reading, fqn, item)
         if sub is None:
             return Opaque("bytes", f"{item.length} bytes, a damaged torch.save archive")
         return sub.root
-    if head[:1] == b"\x80":  # a pickle: torch.load would run it
-        label = _label(reading, item)
-        try:
-            result = pickle_vm.run(data, known=KNOWN, persistent_load=StorageTable())
-        except pickle_vm.PickleError as exc:
-            reading.findings.extend(findings_for(exc.partial, label, known=KNOWN))  # type: ignore[attr-defined]
-            reading.findings.append(Finding("corrupt", f"item {fqn!r} is a broken pickle: {exc}", label))
-            return Opaque("bytes", f"{item.length} bytes, a broken pickle")
-        reading.findings.extend(findings_for(result, label, known=KNOWN))
-        return result.value
-    if item.length <= SMALL_BYTES:
-        return bytes(data)
-    return Opaque("bytes", f"{item.length} raw bytes")
+    return _pickled_bytes(reading, fqn, item, data)
+
+
+def _pickled_bytes(reading: _Reading, fqn: str, item: _Item, data: memoryview) -> Opaque:
+    """A bytes item that is not a zip: torch.load's legacy reader unpickles it from
+    its first byte, and goes on to the rest of a legacy (pre-1.6) stream when that
+    first pickle is the magic number. Every pickle torch would run is scanned."""
+    label = _label(reading, item)
+    try:
+        first = pickle_vm.run(data, known=KNOWN, persistent_load=StorageTable())
+    except pickle_vm.PickleError as exc:
+        reading.findings.extend(findings_for(exc.partial, label, known=KNOWN))  # type: ignore[attr-defined]
+        reading.findings.append(
+            Finding(
+                "corrupt",
+                f"bytes item {fqn!r} is neither a torch.save archive nor a valid pickle "
+                f"(torch.load unpickles it up to the error): {exc}",
+                label,
+            )
+        )
+        return Opaque("bytes", f"{item.length} bytes, a broken pickle")
+    if type(first.value) is not int or first.value != MAGIC_NUMBER:
+        reading.findings.extend(findings_for(first, label, known=KNOWN))
+        reading.findings.append(
+            Finding(
+                "corrupt",
+                f"bytes item {fqn!r} is a pickle, not a torch.save archive: "
+                "torch.load(weights_only=False) runs it, then fails",
+                label,
+            )
+        )
+        return Opaque("bytes", f"{item.length} bytes, a pickle")
+    try:
+        legacy = scan_legacy(Path(label), data)
+    except SurgeryError as exc:
+        reading.findings.extend(f for f in exc.findings if f not in reading.findings)
+        reading.findings.append(Finding("corrupt", f"bytes item {fqn!r}: {exc.message}", label))
+        return Opaque("bytes", f"{item.length} bytes, a damaged legacy torch.save stream")
+    reading.findings.extend(legacy.findings)  # the magic number's pickle among them
+    return Opaque("bytes", f"{item.length} bytes, a legacy torch.save stream (not read)")
 
 
 # -- nesting ------------------------------------------------------------------------------------

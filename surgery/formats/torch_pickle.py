@@ -1,19 +1,24 @@
 """What torch's pickles mean, modelled without torch.
 
-The known table maps the globals torch's own `weights_only` loader allows
-(rebuild functions, storage types, dtypes, a few containers) to stand-ins that
-record a tensor's storage, offset, shape, stride and dtype. Everything else a
-pickle names stays an unknown `Global` for `surgery.safety` to judge.
+The known table maps every global torch's own `weights_only` loader allows
+(rebuild functions, storage and tensor classes, dtypes, a few containers and
+plain-data classes) to stand-ins that record a tensor's storage, offset, shape,
+stride and dtype, or an object's arguments and state. Nothing named is ever
+imported. Everything else a pickle names stays an unknown `Global` for
+`surgery.safety` to judge. `DIFFERENCES_FROM_TORCH` lists, with the reason, each
+name where this table and torch's differ; tests/test_allowlist.py keeps it exact.
 """
 
 from __future__ import annotations
 
+import builtins
 import math
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
-from surgery.dtypes import BY_NAME, BY_STORAGE, DType
-from surgery.formats.pickle_vm import Global, Known
+from surgery.dtypes import BY_NAME, BY_STORAGE, BY_TENSOR_CLASS, QUANTIZED, DType
+from surgery.formats.pickle_vm import Call, Global, Known
 
 UINT8 = BY_NAME["uint8"]
 
@@ -90,7 +95,30 @@ class TensorRef:
         return (last + 1) * self.dtype.itemsize
 
     def build(self, state: Any) -> None:
-        """BUILD on a tensor (Parameter state, legacy set_): nothing to record."""
+        """BUILD on a tensor, read as `Tensor.__setstate__` does: a 4-tuple is a
+        legacy `set_(storage, offset, size, stride)` (torch before 0.4 pickled a
+        tensor as `torch.FloatTensor()` and this), a 5-tuple a legacy Variable
+        `(data, _, _, requires_grad, hooks)`, a 3-tuple `(requires_grad, _, hooks)`.
+        Other states (a Parameter's attributes) change nothing surgery reads."""
+        if not isinstance(state, tuple):
+            return
+        if len(state) == 4:
+            view = _tensor(*state, dtype=self.dtype)
+            storage = view.storage
+            if storage is not None and storage.dtype not in (None, self.dtype):
+                raise ValueError(f"set_ of a {self.dtype.name} tensor to a {storage.dtype.name} storage")
+            self._become(view)
+        elif len(state) == 5 and isinstance(state[0], TensorRef):
+            self._become(state[0])
+            self.requires_grad = bool(state[3])
+        elif len(state) == 3:
+            self.requires_grad = bool(state[0])
+
+    def _become(self, view: TensorRef) -> None:
+        """Take `view`'s data; requires_grad and parameter stay as BUILD found them."""
+        self.storage, self.offset, self.dtype = view.storage, view.offset, view.dtype
+        self.shape, self.stride = view.shape, view.stride
+        self.unusual, self.bits = view.unusual, view.bits
 
 
 @dataclass(frozen=True)
@@ -228,11 +256,51 @@ def _rebuild_from_type_v2(func, new_type, args, state) -> Any:
             result = replace(result, parameter=True)
         elif not isinstance(new_type, Known):
             result.unusual = f"tensor subclass {getattr(new_type, 'qualname', new_type)}"
+    elif isinstance(result, Unsupported) and isinstance(new_type, Known) and new_type is not PARAMETER_CLASS:
+        result = Unsupported(new_type.name.rsplit(".", 1)[1])  # `DTensor` says more than `wrapper_subclass`
     return result
 
 
-def _unsupported(kind: str) -> Known:
-    return Known(f"torch._utils._rebuild_{kind}", lambda *a, **k: Unsupported(kind))
+def _rebuild_device_tensor_from_cpu_tensor(data, dtype, device, requires_grad) -> Any:
+    """A tensor of a device that saves through a CPU copy (XLA, MTIA): that copy, read
+    on the CPU as `map_location="cpu"` would; a change of dtype is not rebuilt."""
+    if not isinstance(data, TensorRef) or data.dtype is not dtype:
+        return Unsupported("device_tensor_from_cpu_tensor")
+    return replace(data, requires_grad=bool(requires_grad))
+
+
+EMPTY_LEGACY_TENSOR = "an empty legacy tensor (torch.FloatTensor() style, never given a storage)"
+
+
+def _legacy_tensor(dtype: DType) -> Callable[..., Any]:
+    """`torch.FloatTensor(...)` and its kin. Torch before 0.4 pickled a tensor as
+    `FloatTensor()` followed by BUILD with its view (see `TensorRef.build`); one
+    storage argument views that whole storage. Other forms build a tensor from
+    numbers in the pickle or allocate one: listed as unsupported, not rebuilt."""
+
+    def build(*args: Any) -> Any:
+        if not args:
+            return TensorRef(None, 0, (0,), (1,), dtype, unusual=EMPTY_LEGACY_TENSOR)
+        if len(args) == 1 and isinstance(args[0], StorageRef):
+            storage = args[0]
+            if storage.dtype not in (None, dtype):
+                raise ValueError(f"a {dtype.name} tensor of a {storage.dtype.name} storage")
+            return TensorRef(storage, 0, (storage.nbytes // dtype.itemsize,), (1,), dtype)
+        return Unsupported("legacy tensor constructor")
+
+    return build
+
+
+def _record(qualname: str) -> Known:
+    """A plain-data class torch allowlists (an exception, a DTensor's placement): kept
+    as the record of its arguments and state that any object is, with no finding."""
+    module, name = qualname.rsplit(".", 1)
+    func = Global(module, name)
+    return Known(qualname, lambda *args, **kwargs: Call(func, args, kwargs or None, 0))
+
+
+def _unsupported(qualname: str, kind: str) -> Known:
+    return Known(qualname, lambda *a, **k: Unsupported(kind))
 
 
 def _bytes_like(kind: type) -> Any:
@@ -297,45 +365,110 @@ PARAMETER_CLASS = Known("torch.nn.parameter.Parameter", _parameter)
 
 
 def _known_table() -> dict[str, Any]:
+    """Every global torch's `weights_only` loader accepts, each as a stand-in.
+
+    The groups follow torch's `_weights_only_unpickler._get_allowed_globals`, then
+    the classes torch allowlists with `add_safe_globals` when its own modules are
+    imported (`torch.distributed`, `torch.nested`, `torch._dynamo`).
+    """
     table: dict[str, Any] = {}
-    for name, fn in {
-        "torch._utils._rebuild_tensor": _rebuild_tensor,
-        "torch._utils._rebuild_tensor_v2": _rebuild_tensor_v2,
-        "torch._utils._rebuild_tensor_v3": _rebuild_tensor_v3,
-        "torch._utils._rebuild_parameter": _rebuild_parameter,
-        "torch._utils._rebuild_parameter_with_state": _rebuild_parameter,
-        "torch._utils._rebuild_qtensor": _rebuild_qtensor,
-        "torch._utils._rebuild_meta_tensor_no_storage": _rebuild_meta,
-        "torch._tensor._rebuild_from_type_v2": _rebuild_from_type_v2,
-        "collections.OrderedDict": _ordered_dict,
-        "collections.Counter": _ordered_dict,
-        "torch.Size": lambda dims=(): _ints(dims, "torch.Size"),
-        "torch.device": lambda *a: ":".join(str(x) for x in a),
-        "torch.serialization._get_layout": _layout,
-        "_codecs.encode": _encode,
-        "builtins.bytearray": _bytes_like(bytearray),
-        "builtins.bytes": _bytes_like(bytes),  # empty bytes at protocols 0-2
-        "builtins.set": _set,
-        "builtins.complex": _complex,
-    }.items():
+
+    def add(name: str, fn: Callable[..., Any]) -> None:
         table[name] = Known(name, fn)
-    for kind in ("sparse_tensor", "nested_tensor", "wrapper_subclass",
-                 "device_tensor_from_numpy", "device_tensor_from_cpu_tensor"):  # fmt: skip
-        known = _unsupported(kind)
-        table[known.name] = known
+
+    # Tensor rebuild functions (torch._utils), and the one for subclasses.
+    add("torch._utils._rebuild_tensor", _rebuild_tensor)
+    add("torch._utils._rebuild_tensor_v2", _rebuild_tensor_v2)
+    add("torch._utils._rebuild_tensor_v3", _rebuild_tensor_v3)
+    add("torch._utils._rebuild_parameter", _rebuild_parameter)
+    add("torch._utils._rebuild_parameter_with_state", _rebuild_parameter)
+    add("torch._utils._rebuild_qtensor", _rebuild_qtensor)
+    add("torch._utils._rebuild_meta_tensor_no_storage", _rebuild_meta)
+    add("torch._utils._rebuild_device_tensor_from_cpu_tensor", _rebuild_device_tensor_from_cpu_tensor)
+    add("torch._tensor._rebuild_from_type_v2", _rebuild_from_type_v2)
+    for kind in ("sparse_tensor", "nested_tensor", "wrapper_subclass", "device_tensor_from_numpy"):
+        table[f"torch._utils._rebuild_{kind}"] = _unsupported(f"torch._utils._rebuild_{kind}", kind)
+    # Python values.
+    add("collections.OrderedDict", _ordered_dict)
+    add("collections.Counter", _ordered_dict)
+    add("_codecs.encode", _encode)
+    add("builtins.bytearray", _bytes_like(bytearray))
+    add("builtins.bytes", _bytes_like(bytes))  # see DIFFERENCES_FROM_TORCH
+    add("builtins.set", _set)
+    add("builtins.complex", _complex)
+    # torch values.
+    add("torch.Size", lambda dims=(): _ints(dims, "torch.Size"))
+    add("torch.device", lambda *a: ":".join(str(x) for x in a))
+    add("torch.serialization._get_layout", _layout)
+    table["torch.Tensor"] = TENSOR_CLASS
     table[PARAMETER_CLASS.name] = PARAMETER_CLASS
+    for qscheme in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
+                    "per_channel_symmetric", "per_channel_affine_float_qparams"):  # fmt: skip
+        table[f"torch.{qscheme}"] = Constant(f"torch.{qscheme}")
+    # dtypes, storage classes (legacy typed ones also under torch.cuda, except
+    # the quantized ones, which torch has no CUDA classes for) and tensor classes.
     for dtype in BY_NAME.values():
         table[f"torch.{dtype.name}"] = dtype
     for storage, dtype in BY_STORAGE.items():
         table[f"torch.{storage}"] = StorageType(dtype)
-        table[f"torch.cuda.{storage}"] = StorageType(dtype)
+        if dtype.name not in QUANTIZED:
+            table[f"torch.cuda.{storage}"] = StorageType(dtype)
     table["torch.storage.UntypedStorage"] = StorageType(None)
-    table["torch.UntypedStorage"] = StorageType(None)
-    table["torch.Tensor"] = TENSOR_CLASS
-    for qscheme in ("per_tensor_affine", "per_tensor_symmetric", "per_channel_affine",
-                    "per_channel_symmetric", "per_channel_affine_float_qparams"):  # fmt: skip
-        table[f"torch.{qscheme}"] = Constant(f"torch.{qscheme}")
+    # TypedStorage names no dtype: torch cannot load a storage of that type either.
+    add("torch.storage.TypedStorage", lambda *a, **k: Unsupported("storage built by the pickle"))
+    for cls, dtype in BY_TENSOR_CLASS.items():
+        add(f"torch.{cls}", _legacy_tensor(dtype))
+        add(f"torch.cuda.{cls}", _legacy_tensor(dtype))
+        if dtype.name != "bool":  # torch has no sparse bool tensor class
+            table[f"torch.sparse.{cls}"] = _unsupported(f"torch.sparse.{cls}", "sparse_tensor")
+            table[f"torch.cuda.sparse.{cls}"] = _unsupported(f"torch.cuda.sparse.{cls}", "sparse_tensor")
+    # Allowlisted by torch itself on import (add_safe_globals): exceptions and
+    # stack summaries (torch.distributed sends them between ranks), DTensors and
+    # their specs, jagged nested tensors, a dynamo shape range.
+    exceptions = sorted(
+        {t.__name__ for t in vars(builtins).values() if isinstance(t, type) and issubclass(t, BaseException)}
+    )
+    for name in [f"builtins.{n}" for n in exceptions] + _TORCH_RECORDS:
+        table[name] = _record(name)
+    for name, kind in _TORCH_TENSOR_SUBCLASSES.items():
+        table[name] = _unsupported(name, kind)
     return table
+
+
+_TORCH_RECORDS = [
+    "traceback.StackSummary",
+    "traceback.FrameSummary",
+    "torch.distributed._mesh_layout._MeshLayout",
+    "torch.distributed._mesh_layout._FlatLayout",
+    "torch.distributed._serialization._Entry",
+    "torch.distributed.device_mesh.DeviceMesh",
+    "torch.distributed.tensor._dtensor_spec.DTensorSpec",
+    "torch.distributed.tensor._dtensor_spec.ShardOrderEntry",
+    "torch.distributed.tensor._dtensor_spec.TensorMeta",
+    "torch.distributed.tensor.placement_types.Partial",
+    "torch.distributed.tensor.placement_types.Replicate",
+    "torch.distributed.tensor.placement_types.Shard",
+    "torch.distributed.tensor.placement_types._StridedShard",
+    "torch._dynamo.decorators._DimRange",
+]
+_TORCH_TENSOR_SUBCLASSES = {
+    "torch.distributed.tensor.DTensor": "DTensor",
+    "torch.nested._internal.nested_tensor.NestedTensor": "nested_tensor",
+    "torch.nested._internal.nested_tensor._rebuild_njt": "nested_tensor",
+}
+
+# Each name where surgery's table and the installed torch's weights_only allowlist
+# (`_get_allowed_globals()` and what torch registers with `add_safe_globals` when
+# its modules are imported) differ, and why. tests/test_allowlist.py fails on any
+# difference not listed here, and on any entry here that is no longer a difference.
+# Globals a loading program adds with `add_safe_globals` cannot be known from a
+# file: surgery reports them unsafe, as torch.load(weights_only=True) without them.
+DIFFERENCES_FROM_TORCH: dict[str, str] = {
+    "builtins.bytes": (
+        "surgery accepts: pickle protocols 0-2 write b'' as a call of `bytes()`, which builds "
+        "nothing but bytes; torch refuses such files"
+    ),
+}
 
 
 KNOWN: dict[str, Any] = _known_table()

@@ -102,8 +102,8 @@ def carrying(findings: list[Finding]) -> Iterator[None]:
 def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
     """`folder / name`, the file an index or `.metadata` names, checked before anything opens it.
 
-    The name must be a plain relative path inside `folder`: no NUL byte (the OS
-    cannot take it), no absolute path, `..` or backslash (a Windows path that
+    The name must be a plain relative path inside `folder`: no NUL byte or lone
+    surrogate (the OS cannot take them), no absolute path, `..` or backslash (a Windows path that
     climbs out). Links are followed but must stay in the folder, or in the
     Hugging Face cache that holds it: its snapshot files link into `../../blobs`.
     The target must be a regular file (see `refuse_not_regular`).
@@ -121,6 +121,8 @@ def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
     pure = PurePosixPath(name)
     if "\0" in name:
         problem = "holds a NUL byte: no file can have that name"
+    elif not _encodable(name):
+        problem = "holds a lone surrogate: no file here can have that name"
     elif not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
         problem = "lies outside the folder"
     else:
@@ -139,6 +141,15 @@ def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
                 return path
             problem = f"is {problem}, not a regular file"
     raise CorruptCheckpoint(named_by, f"{says} {name!r}, which {problem}")
+
+
+def _encodable(name: str) -> bool:
+    """Whether the OS can take `name` (a lone surrogate outside surrogateescape's range cannot)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
 
 
 def link_root(folder: Path) -> Path:

@@ -27,7 +27,7 @@ import torch
 from conftest import assert_clean_error, run_cli, run_subprocess, torch_save_bytes
 from safetensors.torch import save_file
 
-from surgery import SurgeryError, open_checkpoint
+from surgery import SurgeryError, open_checkpoint, report
 
 WATCHDOG_SECONDS = 20
 
@@ -89,9 +89,16 @@ def plain_file(tmp_path, small) -> Path:
 
 
 # -- NUL bytes in names a file gives ---------------------------------------------------------
-def test_nul_byte_in_a_shard_name_is_a_clean_error_in_every_command(tmp_path, small, plain_file):
-    index = sharded(tmp_path / "nul", {"a": "model\x00.safetensors"}, {"model.safetensors": small})
-    said = "the index names shard 'model\\x00.safetensors', which holds a NUL byte"
+@pytest.mark.parametrize(
+    "char, says",
+    [("\x00", "holds a NUL byte"), ("\ud800", "holds a lone surrogate")],
+    ids=["nul", "surrogate"],
+)
+def test_a_shard_name_no_file_can_have_is_a_clean_error_in_every_command(
+    tmp_path, small, plain_file, char, says
+):
+    index = sharded(tmp_path / "nul", {"a": f"model{char}.safetensors"}, {"model.safetensors": small})
+    said = f"the index names shard {f'model{char}.safetensors'!r}, which {says}"
     for args in [
         ("inspect", index.parent),
         ("inspect", index),
@@ -101,7 +108,7 @@ def test_nul_byte_in_a_shard_name_is_a_clean_error_in_every_command(tmp_path, sm
     ]:
         assert_clean_error(run_cli(*args), index, contains=said, code=1)
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "ported.safetensors").exists()
-    assert_clean_error(run_subprocess("inspect", index), index, contains=said, code=1)
+    assert_clean_error(run_subprocess("inspect", index), index, contains=report.printable(said), code=1)
 
 
 def test_nul_byte_in_a_dcp_relative_path_is_a_clean_error(tmp_path, small, plain_file):

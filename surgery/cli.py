@@ -57,13 +57,20 @@ def flag_of(param: str) -> str:
     return FLAG_OF.get(param, "--" + param.replace("_", "-"))
 
 
+def _say(line: str) -> None:
+    """One line on stderr, names from files escaped (`report.printable`)."""
+    from surgery.report import printable
+
+    typer.echo(printable(line), err=True)
+
+
 def _fail(error: SurgeryError) -> typer.Exit:
     for finding in error.findings:
-        typer.echo(f"  {finding}", err=True)
+        _say(f"  {finding}")
     where = flag_of(error.param) if isinstance(error, BadArgument) else error.where
-    typer.echo(f"error: {where}: {error.message}", err=True)
+    _say(f"error: {where}: {error.message}")
     if error.hint:
-        typer.echo(f"hint: {error.hint}", err=True)
+        _say(f"hint: {error.hint}")
     return typer.Exit(error.exit_code)
 
 
@@ -83,9 +90,9 @@ def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
         except Exception as error:  # a bug: still no traceback unless asked
             if kwargs.get("debug"):
                 raise
-            where = kwargs.get("path") or kwargs.get("source") or "surgery"
-            typer.echo(f"error: {where}: internal error: {type(error).__name__}: {error}", err=True)
-            typer.echo("hint: rerun with --debug for the traceback, and report it", err=True)
+            named = [str(kwargs[k]) for k in ("path", "source", "a", "b") if kwargs.get(k)]
+            _say(f"error: {', '.join(named) or 'surgery'}: internal error: {type(error).__name__}: {error}")
+            _say("hint: rerun with --debug for the traceback, and report it")
             raise typer.Exit(3) from None
 
     return wrapper
@@ -150,9 +157,7 @@ def inspect(
         sys.stdout.flush()  # the report first, then the verdict, in pipes too
         blocking = [f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt")]
         more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
-        typer.echo(
-            f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}", err=True
-        )
+        _say(f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}")
         raise typer.Exit(1)
 
 
@@ -377,7 +382,7 @@ def port(
         raise
     _show_port(result, json_out, render)
     for warning in result.finetune.warnings if result.finetune else ():
-        typer.echo(f"warning: {warning}", err=True)
+        _say(f"warning: {warning}")
 
 
 def _show_port(result, json_out: bool, render) -> None:

@@ -27,6 +27,21 @@ if TYPE_CHECKING:
 JSON_VERSION = 1
 
 
+def printable(text: str) -> str:
+    """`text` as it may reach a terminal or a log: characters with no glyph written as escapes.
+
+    Names come from the file: an escape code in one would clear the screen or
+    forge a line, a bidi override would reorder what is read, a lone surrogate
+    cannot be encoded at all. Control characters, surrogates, format and
+    private-use characters and separators other than the space become Python
+    escapes (`\\x1b`, `\\n`, `\\ud800`, `\\u202e`); every printable character,
+    CJK included, stays as it is. Every renderer and error line goes through here.
+    """
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
+
+
 def human_count(n: int) -> str:
     """11689512 -> '11.7M'."""
     for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
@@ -231,14 +246,14 @@ def safety_line(ckpt: Checkpoint) -> str:
 
 # -- plain text ---------------------------------------------------------------
 def render_plain(view: InspectView, safety: str) -> str:
-    lines = [view.title]
+    lines = [printable(view.title)]
     width = max(len(label) for label, _ in view.rows)
     for label, values in view.rows:
         for i, value in enumerate(values):
-            lines.append(f"  {(label if i == 0 else ''):<{width}}  {value}")
+            lines.append(f"  {(label if i == 0 else ''):<{width}}  {printable(value)}")
     lines.append(f"  {'safety':<{width}}  {safety}")
     for severity, text in view.findings:
-        lines.append(f"    {severity}: {text}")
+        lines.append(f"    {severity}: {printable(text)}")
     lines.append("")
     lines.extend(_plain_tree(view))
     return "\n".join(lines) + "\n"
@@ -251,7 +266,9 @@ def _tree_rows(view: InspectView) -> list[tuple[int, str, str, str]]:
     while stack:
         node, depth = stack.pop()
         if node is not view.tree:
-            rows.append((depth - 1, node.label, human_count(node.numel), plural(node.count, "tensor")))
+            rows.append(
+                (depth - 1, printable(node.label), human_count(node.numel), plural(node.count, "tensor"))
+            )
             if view.depth is not None and depth >= view.depth:
                 continue
         for name in node.leaves:
@@ -259,7 +276,7 @@ def _tree_rows(view: InspectView) -> list[tuple[int, str, str, str]]:
             leaf = name[len(node.name) + 1 :] if node.name else name
             extra = f" {info.device}" if info.device != "cpu" else ""
             extra += f" ({info.note})" if info.note else ""
-            rows.append((depth, leaf, str(list(info.shape)), info.dtype + extra))
+            rows.append((depth, printable(leaf), str(list(info.shape)), printable(info.dtype + extra)))
         for child in reversed(list(node.children.values())):
             stack.append((child, depth + 1))
     return rows
@@ -290,12 +307,12 @@ def render_rich(view: InspectView, safety: str, console: Console) -> None:
     header.add_column(style="bold cyan", no_wrap=True)
     header.add_column()
     for label, values in view.rows:
-        header.add_row(label, "\n".join(values))
+        header.add_row(label, Text("\n".join(map(printable, values))))  # Text: never read as markup
     safe_style = "green" if safety.startswith("ok") else "bold red"
     header.add_row("safety", Text(safety, style=safe_style))
     for severity, text in view.findings:
-        header.add_row("", Text.assemble((f"{severity}: ", _SEVERITY_STYLE[severity]), text))
-    console.print(Text(view.title, style="bold"))
+        header.add_row("", Text.assemble((f"{severity}: ", _SEVERITY_STYLE[severity]), printable(text)))
+    console.print(Text(printable(view.title), style="bold"))
     console.print(header)
     if view.depth == 0 or not view.infos:
         return
@@ -312,17 +329,21 @@ def render_rich(view: InspectView, safety: str, console: Console) -> None:
             info = view.infos[name]
             leaf = name[len(node.name) + 1 :] if node.name else name
             label = Text.assemble(
-                (leaf, "green"), "  ", (str(list(info.shape)), "cyan"), "  ", (info.dtype, "magenta")
+                (printable(leaf), "green"),
+                "  ",
+                (str(list(info.shape)), "cyan"),
+                "  ",
+                (info.dtype, "magenta"),
             )
             if info.device != "cpu":
-                label.append(f"  {info.device}", style="yellow")
+                label.append(f"  {printable(info.device)}", style="yellow")
             if info.note:
-                label.append(f"  ({info.note})", style="red")
+                label.append(f"  ({printable(info.note)})", style="red")
             branch.add(label)
         for child in node.children.values():
             sub = branch.add(
                 Text.assemble(
-                    (child.label, "bold"),
+                    (printable(child.label), "bold"),
                     "  ",
                     (human_count(child.numel), "yellow"),
                     ("  " + plural(child.count, "tensor"), "dim"),
@@ -436,7 +457,7 @@ def render_rows_plain(rows: list[tuple[str, list[str]]]) -> str:
     out = []
     for label, values in rows:
         for i, value in enumerate(values):
-            out.append(f"  {(label if i == 0 else ''):<{width}}  {value}")
+            out.append(f"  {(label if i == 0 else ''):<{width}}  {printable(value)}")
     return "\n".join(out) + "\n"
 
 
@@ -460,7 +481,7 @@ def render_rows_rich(rows: list[tuple[str, list[str]]], console: Console) -> Non
             if label == "summary"
             else ("yellow" if label in WARNING_LABELS and values != ["none"] else "")
         )
-        grid.add_row(label, Text("\n".join(values), style=style))
+        grid.add_row(label, Text("\n".join(map(printable, values)), style=style))
     console.print(grid)
 
 

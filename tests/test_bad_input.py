@@ -72,7 +72,7 @@ def make_shard_outside(tmp_path):
     (tmp_path / "secret.safetensors").write_bytes((FIXTURES / "tiny.safetensors").read_bytes())
     index = folder / "model.safetensors.index.json"
     index.write_text(json.dumps({"weight_map": {"fc.weight": "../secret.safetensors"}}))
-    return index, "lies outside the folder of the index"
+    return index, "which lies outside the folder"
 
 
 def make_lfs_pointer(tmp_path):

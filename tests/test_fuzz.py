@@ -9,11 +9,15 @@ Valid checkpoints are mutated, truncated and spliced four ways:
     with absurd numbers, in zip and legacy files;
 (c) only the JSON header of safetensors files (length fixed up), as text and as
     structure, plus headers generated from scratch;
-(d) only the pickles of legacy files, the storage section left as it was.
+(d) only the pickles of legacy files, the storage section left as it was;
+(e) names: hostile tensor names (NUL, escape codes, newlines, lone surrogates,
+    bidi overrides) in torch and safetensors files, and hostile shard names in
+    indexes and DCP metadata: NUL bytes, paths out of the folder, links out of
+    it or in a loop, FIFOs, an index naming itself or another index.
 
 When `open_checkpoint` returns, everything a caller does next must work too:
-the listing, the findings, the JSON and text reports, and `state_dict()`
-(a result or a `SurgeryError`). A watchdog turns a hang into a failure, and
+the listing, the findings, the JSON and text reports (every name printed
+escaped, the JSON ASCII), and `state_dict()` (a result or a `SurgeryError`). A watchdog turns a hang into a failure, and
 the fixtures must be byte-identical after all of it.
 """
 
@@ -23,6 +27,7 @@ import hashlib
 import io
 import json
 import math
+import os
 import pickle
 import pickletools
 import shutil
@@ -189,8 +194,9 @@ def exercise(path: Path) -> surgery.Checkpoint | surgery.SurgeryError:
         assert isinstance(exc.message, str) and str(exc)
         return exc
     doc = report.inspect_json(ckpt)
-    json.dumps(doc)
-    report.render_plain(report.inspect_view(ckpt), report.safety_line(ckpt))
+    assert report.dumps(doc).isascii()
+    text = report.render_plain(report.inspect_view(ckpt), report.safety_line(ckpt))
+    assert all(c.isprintable() or c == "\n" for c in text), "a name reaches the terminal unescaped"
     repr(ckpt)
     assert isinstance(ckpt.safe, bool)
     assert ckpt.num_params >= 0 and ckpt.nbytes >= 0
@@ -386,6 +392,10 @@ STRINGS = [
     "weight",
     "",
     "\udc80",
+    "\x00",
+    "w\x1b[2J\x1b[H",
+    "a\nb",
+    "\u202eweight",
 ]
 SINGLE_OPCODES = [
     bytes([code]) for code in b"(.012NQR]}ablsutehq\x85\x86\x87\x88\x89\x8f\x90\x91\x93\x94\x95\x97\x98"
@@ -909,6 +919,110 @@ def test_legacy_seeds_split_and_rejoin():
         assert b"".join(pickles) + storages == seeds()[name]
         ckpt = check_file(seeds()[name], name)
         assert isinstance(ckpt, surgery.Checkpoint) and ckpt.format == "torch-legacy" and ckpt.tensors, name
+
+
+# -- (e) hostile names ---------------------------------------------------------------------------
+HOSTILE_PARTS = ["\x00", "\x1b[2J", "\x1b]8;;x\x07", "\n", "\r", "\x7f", "\x9b", "\ud800", "\udfff"]
+HOSTILE_PARTS += ["\u202e", "\u200b", "\ufeff", "/", "..", "\\", ".", "编码"]
+hostile_names = st.lists(st.sampled_from(HOSTILE_PARTS) | st.text(max_size=3), min_size=1, max_size=4).map(
+    "".join
+)
+
+
+@FUZZ
+@given(names=st.lists(hostile_names, min_size=1, max_size=4, unique=True), zip_format=st.booleans())
+def test_hostile_tensor_names(names, zip_format):
+    state = {name: torch.full((2,), float(i)) for i, name in enumerate(names)}
+    if zip_format:
+        check_file(torch_save_bytes(state), "names.pth")
+        return
+    specs = {
+        name: {"dtype": "F32", "shape": [2], "data_offsets": [8 * i, 8 * i + 8]}
+        for i, name in enumerate(names)
+    }
+    body = b"".join(storage_bytes(t) for t in state.values())
+    check_file(safetensors_file(json.dumps(specs).encode(), body), "names.safetensors")
+
+
+SHARD = FIXTURES / "sharded_safetensors" / "model-00002-of-00002.safetensors"
+INDEX = "model.safetensors.index.json"
+OTHER_INDEX = "other.index.json"
+shard_names = (
+    st.sampled_from(
+        [
+            SHARD.name,
+            INDEX,  # the index itself
+            OTHER_INDEX,  # an index naming the first
+            "pipe.safetensors",  # a FIFO
+            "out.safetensors",  # a link out of the folder
+            "loop.safetensors",  # a link to itself
+            "self.safetensors",  # a link to the index
+            "sub",  # a folder
+            ".",
+            "",
+            "../outside.safetensors",
+            "sub/../" + SHARD.name,
+            "/etc/passwd",
+            "/dev/zero",
+        ]
+    )
+    | hostile_names
+)
+
+
+def hostile_folder(folder: Path, weight_map: dict[str, str] | None) -> Path:
+    """A folder with one real shard, an index with `weight_map` (None: no index), and every
+    trap a name may point at."""
+    folder.mkdir()
+    shutil.copyfile(SHARD, folder / SHARD.name)
+    (folder.parent / "outside.safetensors").write_bytes(SHARD.read_bytes())
+    if weight_map is not None:
+        (folder / INDEX).write_text(json.dumps({"metadata": {}, "weight_map": weight_map}))
+        (folder / OTHER_INDEX).write_text(json.dumps({"weight_map": {"x": INDEX}}))
+    os.mkfifo(folder / "pipe.safetensors")
+    (folder / "out.safetensors").symlink_to("../outside.safetensors")
+    (folder / "loop.safetensors").symlink_to("loop.safetensors")
+    (folder / "self.safetensors").symlink_to(INDEX)
+    (folder / "sub").mkdir()
+    return folder / INDEX
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
+@given(
+    weight_map=st.dictionaries(
+        st.sampled_from(["fc.weight", "fc.bias", "x", "\x1b[2J"]), shard_names, min_size=1
+    ),
+    open_index=st.booleans(),
+)
+def test_hostile_shard_names(weight_map, open_index):
+    with scratch() as tmp:
+        index = hostile_folder(tmp / "sharded", weight_map)
+        before = sorted(p.name for p in tmp.rglob("*"))
+        with watchdog():
+            exercise(index if open_index else index.parent)
+        assert sorted(p.name for p in tmp.rglob("*")) == before, "surgery wrote beside its input"
+
+
+@cache
+def dcp_metadata():
+    return pickle.loads((FIXTURES / "dcp_sharded" / ".metadata").read_bytes())
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
+@given(file_names=st.lists(shard_names, min_size=1, max_size=3))
+def test_hostile_dcp_file_names(file_names):
+    import copy
+
+    metadata = copy.deepcopy(dcp_metadata())
+    for i, info in enumerate(metadata.storage_data.values()):
+        info.relative_path = file_names[i % len(file_names)]
+    with scratch() as tmp:
+        folder = hostile_folder(tmp / "dcp", None).parent
+        for distcp in (FIXTURES / "dcp_sharded").glob("*.distcp"):
+            shutil.copyfile(distcp, folder / distcp.name)
+        (folder / ".metadata").write_bytes(pickle.dumps(metadata))
+        with watchdog():
+            exercise(folder)
 
 
 # -- the seeds themselves, and the fixtures after all of it -------------------------------

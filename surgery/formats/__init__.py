@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from surgery.errors import NotACheckpoint, NotFound, SurgeryError
+from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
 from surgery.formats.base import Scan, mapped, sniff
 
 __all__ = ["Scan", "scan"]
@@ -27,15 +27,20 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
     Raises:
         SurgeryError: the path is missing, not a checkpoint, or damaged.
     """
-    path = Path(path)
+    return _scan(Path(path), verify, shard_of=None)
+
+
+def _scan(path: Path, verify: bool, *, shard_of: Path | None) -> Scan:
+    """`scan`; a shard of the index `shard_of` is one file: never a folder, DCP or another index
+    (an index naming itself, or a cycle of them, would be read forever)."""
     try:
-        if path.is_dir():
+        if path.is_dir() and shard_of is None:
             from surgery.formats.sharded import scan_folder
 
-            return scan_folder(path, lambda p: scan(p, verify=verify), verify=verify)
+            return scan_folder(path, lambda p, index: _scan(p, verify, shard_of=index), verify=verify)
         if not path.exists():
             raise NotFound(path, "no such file or folder")
-        if path.name == DCP_METADATA and path.is_file():  # the fixed name DCP gives its metadata
+        if path.name == DCP_METADATA and path.is_file() and shard_of is None:  # the name DCP gives it
             from surgery.formats.dcp import scan_dcp
 
             return scan_dcp(path.parent, verify=verify)
@@ -43,6 +48,11 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
             if len(data) == 0:
                 raise NotACheckpoint(path, "empty file (0 bytes)")
             kinds, what = sniff(bytes(data[:4096]), len(data))
+            if shard_of is not None and kinds == ["index"]:
+                raise CorruptCheckpoint(
+                    shard_of,
+                    f"the index names shard {path.name!r}, which is itself an index: a shard holds tensors",
+                )
             return _read_first(kinds, what, path, data, verify)
     except PermissionError as exc:
         raise NotFound(path, f"cannot read: {exc.strerror}") from None
@@ -88,7 +98,7 @@ def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
     if kind == "index":
         from surgery.formats.sharded import scan_index
 
-        return scan_index(path, lambda p: scan(p, verify=verify))
+        return scan_index(path, lambda p, index: _scan(p, verify, shard_of=index))
     from surgery.formats.legacy import scan_pickle
 
     return scan_pickle(path, data)

@@ -9,13 +9,14 @@ from __future__ import annotations
 
 import mmap
 import os
+import stat
 from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
-from pathlib import Path
+from pathlib import Path, PurePosixPath
 from typing import Any
 
-from surgery.errors import SurgeryError
+from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
 from surgery.formats.containers import flatten
 from surgery.formats.pickle_vm import PICKLE_OPCODE_BYTES
 from surgery.formats.torch_pickle import StorageRef, TensorRef
@@ -33,15 +34,51 @@ class Scan:
     files: list[Path] = field(default_factory=list)  # every file read (shards, .distcp files)
 
 
+_NOT_REGULAR = (
+    (stat.S_ISDIR, "a folder"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+    (stat.S_ISSOCK, "a socket"),
+)
+
+
+def not_regular(mode: int) -> str | None:
+    """What a `stat` mode is when it is not a regular file ("a named pipe (FIFO)"), or None."""
+    if stat.S_ISREG(mode):
+        return None
+    return next((what for test, what in _NOT_REGULAR if test(mode)), "not a regular file")
+
+
+def refuse_not_regular(path: Path, mode: int | None = None) -> None:
+    """Refuse anything but a regular file, by `stat` alone, before it is opened.
+
+    Opening a FIFO blocks until a writer comes; a device streams forever or
+    acts on being opened (a tape rewinds, a watchdog starts): neither is opened.
+    """
+    what = not_regular(os.stat(path).st_mode if mode is None else mode)
+    if what is not None:
+        raise NotACheckpoint(path, f"{what}, not a regular file: checkpoints are read from files")
+
+
 @contextmanager
 def mapped(path: Path) -> Iterator[memoryview]:
-    """The file's bytes, mapped read-only: only the pages touched are read."""
-    with open(path, "rb") as f:
-        size = os.fstat(f.fileno()).st_size
-        if size == 0:
-            yield memoryview(b"")
-            return
-        mm = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)
+    """The file's bytes, mapped read-only: only the pages touched are read.
+
+    Only a regular file is opened, and without blocking: a FIFO put in its
+    place after the check is caught by `fstat` instead of waited on.
+    """
+    refuse_not_regular(path)
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    try:
+        info = os.fstat(fd)
+        refuse_not_regular(path, info.st_mode)
+        mm = mmap.mmap(fd, 0, access=mmap.ACCESS_READ) if info.st_size else None
+    finally:
+        os.close(fd)
+    if mm is None:
+        yield memoryview(b"")
+        return
     view = memoryview(mm)
     try:
         yield view
@@ -60,6 +97,70 @@ def carrying(findings: list[Finding]) -> Iterator[None]:
     except SurgeryError as error:
         error.findings = [*findings, *(f for f in error.findings if f not in findings)]
         raise
+
+
+def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
+    """`folder / name`, the file an index or `.metadata` names, checked before anything opens it.
+
+    The name must be a plain relative path inside `folder`: no NUL byte or lone
+    surrogate (the OS cannot take them), no absolute path, `..` or backslash (a Windows path that
+    climbs out). Links are followed but must stay in the folder, or in the
+    Hugging Face cache that holds it: its snapshot files link into `../../blobs`.
+    The target must be a regular file (see `refuse_not_regular`).
+
+    Args:
+        named_by: the file naming it (the index, `.metadata`), for messages.
+        folder: where names are relative to.
+        name: the name as the file gives it.
+        says: how messages begin: "the index names shard".
+
+    Raises:
+        CorruptCheckpoint: the name leaves the folder, or is not a regular file.
+        NotFound: nothing has that name.
+    """
+    pure = PurePosixPath(name)
+    if "\0" in name:
+        problem = "holds a NUL byte: no file can have that name"
+    elif not _encodable(name):
+        problem = "holds a lone surrogate: no file here can have that name"
+    elif not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        problem = "lies outside the folder"
+    else:
+        path = folder / name
+        try:
+            target = path.resolve()
+        except (OSError, RuntimeError):  # RuntimeError: a symlink loop, before Python 3.13
+            raise CorruptCheckpoint(named_by, f"{says} {name!r}, a link that cannot be followed") from None
+        if link_root(folder) not in target.parents:
+            problem = "lies outside the folder (through a link)"
+        elif not target.exists():
+            raise NotFound(named_by, f"{says} {name!r}, which is missing")
+        else:
+            problem = not_regular(target.stat().st_mode)
+            if problem is None:
+                return path
+            problem = f"is {problem}, not a regular file"
+    raise CorruptCheckpoint(named_by, f"{says} {name!r}, which {problem}")
+
+
+def _encodable(name: str) -> bool:
+    """Whether the OS can take `name` (a lone surrogate outside surrogateescape's range cannot)."""
+    try:
+        os.fsencode(name)
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def link_root(folder: Path) -> Path:
+    """How far links from files in `folder` may lead: the folder itself, or the whole
+    Hugging Face cache of one repository (`models--org--name`, holding `blobs/` and
+    `snapshots/<revision>/`) when the folder is one of its snapshots or inside one."""
+    folder = folder.resolve()
+    for parent in folder.parents:
+        if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
+            return parent.parent
+    return folder
 
 
 def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:

@@ -19,13 +19,13 @@ from __future__ import annotations
 import math
 from contextlib import ExitStack
 from dataclasses import dataclass, field
-from pathlib import Path, PurePosixPath
+from pathlib import Path
 from typing import Any
 
 from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, carrying, mapped
+from surgery.formats.base import Scan, carrying, mapped, named_file
 from surgery.formats.legacy import MAGIC_NUMBER, scan_legacy
 from surgery.formats.pickle_vm import Known
 from surgery.formats.torch_pickle import (
@@ -316,14 +316,11 @@ def _item(key: Any, info: Any) -> _Item | None:
 def _checked_files(folder: Path, meta_path: Path, items: list[_Item]) -> list[str]:
     """The `.distcp` files the metadata names, each inside the folder and present."""
     names = list(dict.fromkeys(item.file for item in items))
-    root = folder.resolve()
     missing = []
     for name in names:
-        pure = PurePosixPath(name)
-        path = (folder / name).resolve()
-        if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name or root not in path.parents:
-            raise CorruptCheckpoint(folder, f".metadata names file {name!r}, which lies outside the folder")
-        if not path.is_file():
+        try:
+            named_file(folder, folder, name, ".metadata names file")
+        except NotFound:
             missing.append(name)
     if missing:
         shown = ", ".join(repr(n) for n in missing[:5]) + (

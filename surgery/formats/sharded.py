@@ -11,16 +11,17 @@ from collections.abc import Callable
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound
-from surgery.formats.base import Scan, carrying
+from surgery.formats.base import Scan, carrying, named_file, refuse_not_regular
 from surgery.formats.containers import flatten, locate
 from surgery.formats.torch_pickle import TensorRef
 from surgery.safety import Finding
 
 MAX_INDEX_BYTES = 100_000_000
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".pkl")
+ShardReader = Callable[[Path, Path], Scan]  # (shard, the index naming it) -> its Scan
 
 
-def scan_folder(folder: Path, scan_file: Callable[[Path], Scan], *, verify: bool = False) -> Scan:
+def scan_folder(folder: Path, scan_shard: ShardReader, *, verify: bool = False) -> Scan:
     """A folder is read through the index it holds, or as a torch.distributed.checkpoint
     folder when it holds `.metadata` and no index."""
     indexes = sorted(folder.glob("*.index.json"))
@@ -33,7 +34,7 @@ def scan_folder(folder: Path, scan_file: Callable[[Path], Scan], *, verify: bool
         hint = f"it holds {', '.join(files[:5])}: inspect one of those" if files else None
         raise NotFound(folder, "a folder with no *.index.json", hint=hint)
     preferred = [p for p in indexes if p.name.endswith(".safetensors.index.json")] or indexes
-    scan = scan_index(preferred[0], scan_file)
+    scan = scan_index(preferred[0], scan_shard)
     for other in indexes:
         if other != preferred[0]:
             scan.findings.append(
@@ -42,29 +43,29 @@ def scan_folder(folder: Path, scan_file: Callable[[Path], Scan], *, verify: bool
     return scan
 
 
-def scan_index(index: Path, scan_file: Callable[[Path], Scan]) -> Scan:
+def scan_index(index: Path, scan_shard: ShardReader) -> Scan:
+    """Read an index and its shards.
+
+    Args:
+        index: the `*.index.json` file.
+        scan_shard: reads one shard (its path, the index); it must refuse an index,
+            so that an index naming itself (or a cycle of them) ends in an error, not a recursion.
+    """
     findings: list[Finding] = []
     with carrying(findings):
-        return _scan_index(index, scan_file, findings)
+        return _scan_index(index, scan_shard, findings)
 
 
-def _scan_index(index: Path, scan_file: Callable[[Path], Scan], findings: list[Finding]) -> Scan:
+def _scan_index(index: Path, scan_shard: ShardReader, findings: list[Finding]) -> Scan:
     weight_map, meta = _read_index(index)
-    folder = index.parent.resolve()
     shards = list(dict.fromkeys(weight_map.values()))
+    paths = [named_file(index, index.parent, shard, "the index names shard") for shard in shards]
     root: dict[str, TensorRef] = {}
     owner: dict[str, str] = {}
     files = [index]
     formats = set()
-    for shard in shards:
-        path = (folder / shard).resolve()
-        if folder not in path.parents:
-            raise CorruptCheckpoint(index, f"shard {shard!r} lies outside the folder of the index")
-        if not path.is_file():
-            raise NotFound(index, f"the index names shard {shard!r}, which is missing")
-        sub = scan_file(path)
-        if sub.format == "sharded":
-            raise CorruptCheckpoint(index, f"shard {shard!r} is itself an index")
+    for shard, path in zip(shards, paths, strict=True):
+        sub = scan_shard(path, index)
         files.append(path)
         formats.add(sub.format)
         findings.extend(sub.findings)
@@ -118,6 +119,7 @@ def _qualify_storage(tensor: TensorRef, shard: str) -> None:
 
 
 def _read_index(index: Path) -> tuple[dict[str, str], dict]:
+    refuse_not_regular(index)
     if index.stat().st_size > MAX_INDEX_BYTES:
         raise CorruptCheckpoint(index, f"index file over {MAX_INDEX_BYTES} bytes")
     try:

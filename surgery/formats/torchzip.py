@@ -143,6 +143,8 @@ def _scan_zip(
     result, table = _read_data_pkl(path, data, members[folder + "data.pkl"], known, expected, findings)
     if torchscript:
         findings.extend(_torchscript_findings(path, data, folder, members, findings))
+    read = {folder + "data.pkl", folder + "constants.pkl"} if torchscript else {folder + "data.pkl"}
+    findings.extend(_other_pickles(path, data, members, read, known, expected, findings))
 
     byteswap = _byteorder(path, data, member("byteorder"), findings) != sys.byteorder
     for key, storage in table.storages.items():
@@ -263,9 +265,49 @@ def _torchscript_findings(
     return out
 
 
+def _other_pickles(
+    path: Path | str,
+    data: memoryview,
+    members: dict[str, list[Member]],
+    read: set[str],
+    known: dict,
+    expected: tuple[str, ...],
+    findings: list[Finding],
+) -> list[Finding]:
+    """Every other `.pkl` member is scanned too, named by its member: a second archive
+    folder's data.pkl, a TorchScript bytecode.pkl. Another reader may load what torch does not."""
+    out: list[Finding] = []
+    for name, copies in members.items():
+        if not name.endswith(".pkl") or name in read:
+            continue
+        for copy in copies:
+            where = f"{path}: {copy.info.filename}"
+            try:
+                body = _member_bytes(path, data, copy, findings)
+                result = pickle_vm.run(body, known=known, persistent_load=StorageTable())
+            except CorruptCheckpoint as exc:
+                out.append(Finding("notice", f"{exc.message}: not scanned", where))
+                continue
+            except pickle_vm.PickleError as exc:
+                result = exc.partial  # type: ignore[attr-defined]
+                out.append(Finding("notice", f"a .pkl member that is not a valid pickle: {exc}", where))
+            out.extend(findings_for(result, where, expected_prefixes=expected, known=known))
+    return out
+
+
 def _archive_prefix(path: Path | str, names: list[str]) -> str:
+    """The archive folder, as torch chooses it: the folder of the zip's first member.
+
+    torch's reader takes the folder from the first member and looks every
+    record up in it (without regard to case); `torch.load` then refuses an
+    archive with any member outside it (reported below). When that folder holds
+    no data.pkl, the first folder that does is described.
+    """
     pickles = [n for n in names if n.lower().endswith("/data.pkl") and n.count("/") == 1]
     if pickles:
+        first = names[0].split("/", 1)[0] if "/" in names[0] else None
+        if first is not None and f"{first}/data.pkl".lower() in {n.lower() for n in pickles}:
+            return first
         return pickles[0][: -len("/data.pkl")]
     if any(n.endswith("archive_format") for n in names) or any("/models/" in n for n in names):
         raise NotACheckpoint(path, "a torch.export archive (.pt2): load it with torch.export.load")
@@ -390,7 +432,11 @@ def _unexpected_members(prefix: str, members: dict[str, list[Member]], where: st
         rest = name[len(folder) :] if name.startswith(folder) else None
         if rest is None:
             out.append(
-                Finding("notice", f"member {shown!r} lies outside the archive folder {prefix!r}", where)
+                Finding(
+                    "corrupt",
+                    f"member {shown!r} lies outside the archive folder {prefix!r}: torch.load refuses the file",
+                    where,
+                )
             )
         elif rest not in _TORCH_MEMBERS and not rest.startswith(_TORCH_FOLDERS):
             out.append(

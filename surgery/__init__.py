@@ -21,20 +21,20 @@ from surgery.errors import (
     UnsupportedTensor,
     UsageError,
 )
-from surgery.safety import Finding
+from surgery.values import Finding
 
 _LAZY = {
-    "port": "surgery.porting",
-    "PortReport": "surgery.porting",
-    "PortFailed": "surgery.porting",
-    "PortOptions": "surgery.porting",
-    "PortRequest": "surgery.porting",
-    "port_file": "surgery.porting",
-    "KeyRules": "surgery.keys",
-    "load_ready": "surgery.recipe",
-    "Ready": "surgery.recipe",
-    "Recipe": "surgery.recipe",
-    "set_lr": "surgery.finetune",
+    "port": "surgery.commands.port",
+    "PortReport": "surgery.commands.port",
+    "PortFailed": "surgery.commands.port",
+    "PortOptions": "surgery.commands.port",
+    "PortRequest": "surgery.commands.port",
+    "port_file": "surgery.commands.port",
+    "KeyRules": "surgery.plans.keys",
+    "load_ready": "surgery.models.recipe",
+    "Ready": "surgery.models.recipe",
+    "Recipe": "surgery.models.recipe",
+    "set_lr": "surgery.models.finetune",
     "convert": "surgery.converting",
     "ConvertReport": "surgery.converting",
     "diff": "surgery.diffing",

@@ -15,7 +15,6 @@ from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery import keys
 from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
 from surgery.formats import Scan, scan
@@ -30,8 +29,10 @@ from surgery.formats.torch_pickle import (
     Unsupported,
     contiguous_strides,
 )
-from surgery.safety import Finding, blocking
+from surgery.names import common_prefix
+from surgery.safety import blocking
 from surgery.trust import recipe_findings
+from surgery.values import Finding
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -233,7 +234,7 @@ class Checkpoint:
     @cached_property
     def prefix(self) -> str:
         """The dotted prefix every key shares (`module.`), or ""."""
-        return keys.common_prefix([t.name for t in self.tensors])
+        return common_prefix([t.name for t in self.tensors])
 
     @property
     def containers(self) -> list[tuple[tuple[str, ...], int]]:

@@ -58,8 +58,8 @@ def flag_of(param: str) -> str:
 
 
 def _say(line: str) -> None:
-    """One line on stderr, names from files escaped (`report.printable`)."""
-    from surgery.report import printable
+    """One line on stderr, names from files escaped (`text.printable`)."""
+    from surgery.text import printable
 
     typer.echo(printable(line), err=True)
 
@@ -334,7 +334,7 @@ def port(
     (the report is printed, nothing is written); 2 on bad usage.
     """
     from surgery import report as render
-    from surgery.porting import PortFailed, PortRequest, port_file
+    from surgery.commands.port import PortFailed, PortRequest, port_file
 
     flags = {
         "source": str(source) if source else None,

@@ -20,11 +20,12 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery import __version__, keys
+from surgery import __version__
 from surgery.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.errors import SurgeryError, UsageError
 from surgery.formats import writer
-from surgery.match import Entry
+from surgery.plans import keys
+from surgery.values import Entry
 
 if TYPE_CHECKING:
     import torch
@@ -470,6 +471,6 @@ def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertOptions) -> dict[
 
 
 def _human(n: float) -> str:
-    from surgery.report import human_bytes
+    from surgery.text import human_bytes
 
     return human_bytes(int(n))

@@ -17,8 +17,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery import keys
 from surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
+from surgery.names import wrapper_prefixes
+from surgery.plans import keys
 
 CHUNK = 1 << 22  # elements compared at a time: 32 MiB as float64
 
@@ -199,7 +200,7 @@ def _aligned(
     sides = []
     for side, ckpt in (("A", ca), ("B", cb)):
         names = {t.name: t.name for t in ckpt.tensors}
-        rules = list(strip) or [p for p, _ in keys.wrapper_prefixes(ckpt.prefix)]
+        rules = list(strip) or [p for p, _ in wrapper_prefixes(ckpt.prefix)]
         kept, done = keys.KeyRules(
             strip_prefix=tuple(rules), include=tuple(include), exclude=tuple(exclude)
         ).apply(names)

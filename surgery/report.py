@@ -12,54 +12,20 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from surgery import keys
 from surgery.checkpoint import Checkpoint, TensorInfo
+from surgery.names import Node, build_tree, group_names, matches, short_names, wrapper_prefixes
 from surgery.safety import SEVERITIES
+from surgery.text import human_bytes, human_count, percent, plural, printable
 
 if TYPE_CHECKING:
     from rich.console import Console
 
+    from surgery.commands.port import PortReport
     from surgery.converting import ConvertReport
     from surgery.diffing import Difference, DiffReport
-    from surgery.finetune import FinetuneSummary
-    from surgery.porting import PortReport
+    from surgery.models.finetune import FinetuneSummary
 
 JSON_VERSION = 1
-
-
-def printable(text: str) -> str:
-    """`text` as it may reach a terminal or a log: characters with no glyph written as escapes.
-
-    Names come from the file: an escape code in one would clear the screen or
-    forge a line, a bidi override would reorder what is read, a lone surrogate
-    cannot be encoded at all. Control characters, surrogates, format and
-    private-use characters and separators other than the space become Python
-    escapes (`\\x1b`, `\\n`, `\\ud800`, `\\u202e`); every printable character,
-    CJK included, stays as it is. Every renderer and error line goes through here.
-    """
-    if text.isprintable():
-        return text
-    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in text)
-
-
-def human_count(n: int) -> str:
-    """11689512 -> '11.7M'."""
-    for unit, size in (("B", 10**9), ("M", 10**6), ("K", 10**3)):
-        if n >= size:
-            return f"{n / size:.1f}{unit}"
-    return str(n)
-
-
-def plural(n: int, noun: str) -> str:
-    return f"{n} {noun}{'' if n == 1 else 's'}"
-
-
-def human_bytes(n: int) -> str:
-    """46758912 -> '44.6 MiB'."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
-        if n >= size:
-            return f"{n / size:.1f} {unit}"
-    return f"{n} B"
 
 
 def dumps(doc: Any, indent: int = 0) -> str:
@@ -84,7 +50,7 @@ def _is_record(doc: Any) -> bool:
 
 
 def selected(ckpt: Checkpoint, globs: Sequence[str]) -> list[TensorInfo]:
-    return [t for t in ckpt.tensors if not globs or keys.matches(t.name, globs)]
+    return [t for t in ckpt.tensors if not globs or matches(t.name, globs)]
 
 
 def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
@@ -105,7 +71,7 @@ def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
         "dtypes": ckpt.dtypes,
         "devices": ckpt.devices,
         "prefix": ckpt.prefix,
-        "wrappers": [{"prefix": p, "added_by": who} for p, who in keys.wrapper_prefixes(ckpt.prefix)],
+        "wrappers": [{"prefix": p, "added_by": who} for p, who in wrapper_prefixes(ckpt.prefix)],
         "shared": ckpt.shared,
         "extras": {e.name: e.to_json() for e in ckpt.extras},
         "metadata": ckpt.metadata,
@@ -121,7 +87,7 @@ class InspectView:
 
     title: str
     rows: list[tuple[str, list[str]]]
-    tree: keys.Node
+    tree: Node
     infos: dict[str, TensorInfo]
     depth: int | None
     findings: list[tuple[str, str]]  # (severity, text)
@@ -154,7 +120,7 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
             )
         )
     if ckpt.prefix:
-        wrappers = keys.wrapper_prefixes(ckpt.prefix)
+        wrappers = wrapper_prefixes(ckpt.prefix)
         if len(wrappers) == 1 and wrappers[0][0] == ckpt.prefix:
             who = f"added by {wrappers[0][1]}"
         else:
@@ -179,7 +145,7 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         )
     meta = ckpt.metadata.get("metadata")
     if meta:
-        shown = [f"{k}: {v[:80]}" for k, v in list(meta.items())[:12] if k != "surgery.recipe"]
+        shown = [f"{k}: {v[:80]}" for k, v in list(meta.items())[:12] if k != "surgery.models.recipe"]
         rows.append(("metadata", shown))
         rows.extend(recipe_rows(meta))
     if ckpt.format == "sharded":
@@ -199,14 +165,14 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         rows.append(("crc", ["data.pkl checked; storages not (torch ignores CRCs): --verify reads all data"]))
     elif ckpt.metadata.get("crc_checked"):
         rows.append(("crc", ["every storage checked"]))
-    tree = keys.build_tree((t.name, t.numel) for t in tensors)
+    tree = build_tree((t.name, t.numel) for t in tensors)
     title = str(ckpt.path)
     return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings)
 
 
 def recipe_rows(meta: dict[str, str]) -> list[tuple[str, list[str]]]:
     """A fine-tune-ready file's recipe, as `surgery.load_ready` will replay it."""
-    from surgery.recipe import recipe_of
+    from surgery.models.recipe import recipe_of
 
     try:
         recipe = recipe_of({"metadata": meta})
@@ -262,7 +228,7 @@ def render_plain(view: InspectView, safety: str) -> str:
 def _tree_rows(view: InspectView) -> list[tuple[int, str, str, str]]:
     """(depth, label, shape or count, dtype or tensors) rows in display order."""
     rows: list[tuple[int, str, str, str]] = []
-    stack: list[tuple[keys.Node, int]] = [(view.tree, 0)]
+    stack: list[tuple[Node, int]] = [(view.tree, 0)]
     while stack:
         node, depth = stack.pop()
         if node is not view.tree:
@@ -320,7 +286,7 @@ def render_rich(view: InspectView, safety: str, console: Console) -> None:
         Text(f"{human_count(view.tree.numel)} parameters in {view.tree.count} tensors", style="dim"),
         guide_style="dim",
     )
-    stack: list[tuple[keys.Node, Tree, int]] = [(view.tree, root, 0)]
+    stack: list[tuple[Node, Tree, int]] = [(view.tree, root, 0)]
     while stack:
         node, branch, depth = stack.pop()
         if node is not view.tree and view.depth is not None and depth >= view.depth:
@@ -359,8 +325,6 @@ MAX_LISTED = 20
 
 def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
     """The rows of the `surgery port` report, summary first."""
-    from surgery.porting import percent
-
     plan = report.plan
     rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
     where = ".".join(report.container or ()) or "(top level)"
@@ -378,10 +342,10 @@ def port_lines(report: PortReport) -> list[tuple[str, list[str]]]:
         f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}" for m in plan.mismatched
     ]
     rows.append(("mismatched", _capped(mismatched) or ["none"]))
-    rows.append(("missing", _capped(keys.group_names(plan.missing)) or ["none"]))
-    rows.append(("unexpected", _capped(keys.group_names(plan.unexpected)) or ["none"]))
+    rows.append(("missing", _capped(group_names(plan.missing)) or ["none"]))
+    rows.append(("unexpected", _capped(group_names(plan.unexpected)) or ["none"]))
     if plan.excluded:
-        rows.append(("excluded", _capped(keys.group_names(plan.excluded))))
+        rows.append(("excluded", _capped(group_names(plan.excluded))))
     paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]
     if paired:
         rows.append(("paired", _capped(paired)))
@@ -495,7 +459,7 @@ def convert_rows(report: ConvertReport) -> list[tuple[str, list[str]]]:
         rows.append(("shards", _capped(list(report.shards))))
     rows.append(("steps", list(report.steps) or ["none"]))
     if report.left_out:
-        rows.append(("left out", _capped(keys.short_names(report.left_out))))
+        rows.append(("left out", _capped(short_names(report.left_out))))
     if report.cast:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
     if report.aliases:
@@ -518,8 +482,8 @@ def diff_rows(report: DiffReport) -> list[tuple[str, list[str]]]:
     rows.append(("B", [report.b]))
     if report.steps:
         rows.append(("steps", list(report.steps)))
-    rows.append(("only in A", _capped(keys.short_names(report.only_a)) or ["none"]))
-    rows.append(("only in B", _capped(keys.short_names(report.only_b)) or ["none"]))
+    rows.append(("only in A", _capped(short_names(report.only_a)) or ["none"]))
+    rows.append(("only in B", _capped(short_names(report.only_b)) or ["none"]))
     by_kind = {
         kind: [d for d in report.differences if d.kind == kind] for kind in ("shape", "dtype", "values")
     }

@@ -19,28 +19,14 @@ from __future__ import annotations
 
 import sys
 from collections.abc import Iterable
-from dataclasses import dataclass
 from typing import Any
 
 from surgery.formats import pickle_vm
 from surgery.formats.pickle_vm import Call, Global, PickleError
+from surgery.values import Finding
 
 SEVERITIES = ("danger", "unsafe", "corrupt", "notice")
 BLOCKING = frozenset({"danger", "unsafe", "corrupt"})
-
-
-@dataclass(frozen=True)
-class Finding:
-    severity: str
-    message: str
-    where: str = ""
-
-    def to_json(self) -> dict[str, str]:
-        return {"severity": self.severity, "message": self.message, "where": self.where}
-
-    def __str__(self) -> str:
-        where = f" ({self.where})" if self.where else ""
-        return f"{self.severity}: {self.message}{where}"
 
 
 # Standard-library modules whose globals build plain data (configs, paths, dates,

@@ -15,10 +15,10 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import SurgeryError
-from surgery.safety import Finding
+from surgery.values import Finding
 
 LIBRARY_TARGETS = ("torchvision", "timm")
-RECIPE_KEY = "surgery.recipe"
+RECIPE_KEY = "surgery.models.recipe"
 # Builder keywords that make a library load a file or download one: never taken,
 # whoever names them (surgery loads weights itself, from their bytes).
 LOADING_KWARGS = {

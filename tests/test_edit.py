@@ -18,7 +18,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from surgery.edit import (
+from surgery.errors import SurgeryError
+from surgery.models.edit import (
     SPEC_FORM,
     Edit,
     EditError,
@@ -38,7 +39,6 @@ from surgery.edit import (
     reset_head,
     without,
 )
-from surgery.errors import SurgeryError
 
 
 # -- models, each built once ----------------------------------------------------------

@@ -18,9 +18,10 @@ from conftest import FIXTURES, ROOT, assert_clean_error, run_cli
 from torch import nn
 
 import surgery
-from surgery.edit import SPEC_FORM
+from surgery.commands.port import finetune_from_fields
 from surgery.errors import SurgeryError, UsageError
-from surgery.finetune import (
+from surgery.models.edit import SPEC_FORM
+from surgery.models.finetune import (
     BASE_GROUP,
     FinetunePlan,
     LrRule,
@@ -31,7 +32,6 @@ from surgery.finetune import (
     set_lr,
     summarize,
 )
-from surgery.porting import finetune_from_fields
 
 _spec = importlib.util.spec_from_file_location("_finetune_make_fixtures", FIXTURES / "make_fixtures.py")
 mf = importlib.util.module_from_spec(_spec)

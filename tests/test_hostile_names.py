@@ -18,7 +18,7 @@ import torch
 from conftest import assert_clean_error, run_cli, run_subprocess
 from safetensors.torch import save_file
 
-from surgery import open_checkpoint, report
+from surgery import open_checkpoint, report, text
 
 ANSI = "\x1b[2J\x1b[Hconv.weight"  # clear the screen, cursor home
 SURROGATE = "w\ud800"  # torch.save writes it, torch.load reads it back
@@ -52,10 +52,10 @@ def assert_escaped(text: str) -> None:
 
 
 def test_printable_escapes_only_what_has_no_glyph():
-    assert report.printable(CJK) == CJK
-    assert report.printable("conv1.weight ünïcode Ω") == "conv1.weight ünïcode Ω"
-    assert report.printable(ANSI) == "\\x1b[2J\\x1b[Hconv.weight"
-    assert report.printable("a\x00b\tc\u200bd\xa0e\udc80") == "a\\x00b\\tc\\u200bd\\xa0e\\udc80"
+    assert text.printable(CJK) == CJK
+    assert text.printable("conv1.weight ünïcode Ω") == "conv1.weight ünïcode Ω"
+    assert text.printable(ANSI) == "\\x1b[2J\\x1b[Hconv.weight"
+    assert text.printable("a\x00b\tc\u200bd\xa0e\udc80") == "a\\x00b\\tc\\u200bd\\xa0e\\udc80"
 
 
 @pytest.mark.parametrize("run", [run_cli, run_subprocess])
@@ -97,7 +97,7 @@ def test_error_lines_print_file_names_escaped(tmp_path):
     for run in (run_cli, run_subprocess):
         result = run("inspect", path)
         assert "\x1b" not in result.stderr and "\u202e" not in result.stderr
-        assert_clean_error(result, report.printable(str(path)), code=1)
+        assert_clean_error(result, text.printable(str(path)), code=1)
 
 
 def test_rich_reports_print_names_escaped_and_never_as_markup(tmp_path):

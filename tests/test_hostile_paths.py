@@ -27,7 +27,7 @@ import torch
 from conftest import assert_clean_error, run_cli, run_subprocess, torch_save_bytes
 from safetensors.torch import save_file
 
-from surgery import SurgeryError, open_checkpoint, report
+from surgery import SurgeryError, open_checkpoint, text
 
 WATCHDOG_SECONDS = 20
 
@@ -108,7 +108,7 @@ def test_a_shard_name_no_file_can_have_is_a_clean_error_in_every_command(
     ]:
         assert_clean_error(run_cli(*args), index, contains=said, code=1)
     assert not (tmp_path / "out.safetensors").exists() and not (tmp_path / "ported.safetensors").exists()
-    assert_clean_error(run_subprocess("inspect", index), index, contains=report.printable(said), code=1)
+    assert_clean_error(run_subprocess("inspect", index), index, contains=text.printable(said), code=1)
 
 
 def test_nul_byte_in_a_dcp_relative_path_is_a_clean_error(tmp_path, small, plain_file):

@@ -1,5 +1,5 @@
 """The pure parts of `surgery port`: pairing keys (surgery/match.py) and the key pipeline
-(surgery/keys.py), on names and shapes alone. Nothing here reads a file or builds a model."""
+(surgery/plans/keys.py), on names and shapes alone. Nothing here reads a file or builds a model."""
 
 from __future__ import annotations
 
@@ -7,9 +7,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from surgery import keys
-from surgery.keys import Rename
-from surgery.match import (
+from surgery.plans import keys
+from surgery.plans.keys import Rename
+from surgery.plans.match import (
     Entry,
     Matched,
     MatchError,
@@ -480,9 +480,9 @@ def test_select_include_and_exclude_globs_on_current_names():
 
 
 def test_plan_port_refuses_a_rename_that_collides():
+    from surgery.commands.port import PortOptions, plan_port
     from surgery.errors import UsageError
-    from surgery.keys import KeyRules
-    from surgery.porting import PortOptions, plan_port
+    from surgery.plans.keys import KeyRules
 
     src = entries(("a.weight", (2,)), ("b.weight", (2,)))
     options = PortOptions(KeyRules.parse(rename=[r"^[ab]\.=x."]), match="exact")
@@ -496,7 +496,7 @@ def test_plan_port_refuses_a_rename_that_collides():
 def test_a_collision_blames_the_rule_that_made_it():
     """Stripping two prefixes that leave one name is the strip's fault, not a rename's."""
     from surgery.errors import BadArgument
-    from surgery.keys import KeyRules
+    from surgery.plans.keys import KeyRules
 
     with pytest.raises(BadArgument) as info:
         KeyRules.parse(strip_prefix=["a.", "b."]).apply(["a.x", "b.x"])
@@ -504,8 +504,8 @@ def test_a_collision_blames_the_rule_that_made_it():
 
 
 def test_plan_port_records_each_step_in_order():
-    from surgery.keys import KeyRules
-    from surgery.porting import PortOptions, plan_port
+    from surgery.commands.port import PortOptions, plan_port
+    from surgery.plans.keys import KeyRules
 
     src = entries(("module.lin0.w", (2,)), ("module.lin1.w", (3,)), ("module.aux.w", (4,)))
     tgt = entries(("heads.0.w", (2,)), ("heads.1.w", (3,)))

@@ -20,7 +20,7 @@ from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryE
 from surgery.formats.containers import flatten
 from surgery.formats.pickle_vm import PICKLE_OPCODE_BYTES
 from surgery.formats.torch_pickle import StorageRef, TensorRef
-from surgery.safety import Finding
+from surgery.values import Finding
 
 
 @dataclass

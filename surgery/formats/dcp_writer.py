@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from surgery.formats.writer import ALIGNMENT, RawBytes, Writeback, stream_torch_archive
-from surgery.match import Entry
+from surgery.values import Entry
 
 if TYPE_CHECKING:
     import torch

@@ -14,7 +14,7 @@ from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound
 from surgery.formats.base import Scan, carrying, named_file, refuse_not_regular
 from surgery.formats.containers import flatten, locate
 from surgery.formats.torch_pickle import TensorRef
-from surgery.safety import Finding
+from surgery.values import Finding
 
 MAX_INDEX_BYTES = 100_000_000
 CHECKPOINT_SUFFIXES = (".safetensors", ".bin", ".pt", ".pth", ".ckpt", ".tar", ".pkl")

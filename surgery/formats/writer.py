@@ -24,7 +24,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
 from surgery.formats.torch_pickle import contiguous_strides
-from surgery.match import Entry
+from surgery.values import Entry
 
 if TYPE_CHECKING:
     from collections.abc import Iterator

@@ -24,8 +24,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError, UsageError
-from surgery.match import Entry
 from surgery.trust import LOADING_KWARGS
+from surgery.values import Entry
 
 if TYPE_CHECKING:
     from torch import nn

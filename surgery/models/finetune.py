@@ -17,8 +17,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from surgery import keys
 from surgery.errors import UsageError
+from surgery.names import matches_any
 
 if TYPE_CHECKING:
     import torch
@@ -102,7 +102,7 @@ def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
         SurgeryError: a lazy parameter not initialised yet (it cannot be frozen, and its
             shape, which decides its weight decay, is unknown).
     """
-    from surgery.arch import refuse_lazy
+    from surgery.models.targets import refuse_lazy
 
     refuse_lazy(model, type(model).__name__)
     out: dict[int, tuple[Any, list[str]]] = {}
@@ -124,7 +124,7 @@ def apply_freeze(model: nn.Module, plan: FinetunePlan) -> list[str]:
         param.requires_grad_(True)
     warnings = []
     for action, glob in plan.freeze:
-        hit = [param for param, names in params if keys.matches_any(names, glob)]
+        hit = [param for param, names in params if matches_any(names, glob)]
         if not hit:
             warnings.append(f"--{action} {glob!r} matches no parameter")
         for param in hit:
@@ -157,7 +157,7 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
     params = _names_by_param(model)  # each shared parameter once, by identity
     warnings = []
     for rule in plan.lr:
-        hit = [(names, p) for p, names in params if keys.matches_any(names, rule.glob)]
+        hit = [(names, p) for p, names in params if matches_any(names, rule.glob)]
         if hit and not any(p.requires_grad for _, p in hit):
             first = hit[0][0][0]
             raise UsageError(
@@ -172,7 +172,7 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
     for param, names in params:
         if not param.requires_grad:
             continue
-        rule = next((r for r in plan.lr if keys.matches_any(names, r.glob)), None)
+        rule = next((r for r in plan.lr if matches_any(names, r.glob)), None)
         group, lr = (rule.name, rule.lr) if rule else (BASE_GROUP, plan.base_lr)
         scale = 1.0
         if plan.layer_decay is not None:

@@ -1,8 +1,8 @@
-"""Pure key functions: prefixes, globs, grouping."""
+"""Pure functions over names (surgery/names.py): prefixes, globs, grouping."""
 
 from __future__ import annotations
 
-from surgery.keys import build_tree, common_prefix, group_names, matches, wrapper_prefixes
+from surgery.names import build_tree, common_prefix, group_names, matches, wrapper_prefixes
 
 
 def test_common_prefix_is_dotted_and_needs_two_names():

@@ -7,37 +7,20 @@ The result is a `PortPlan` (matched, mismatched, missing, unexpected), which
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
-from surgery import keys
-from surgery.dtypes import BY_NAME
+from surgery.errors import BadArgument
+from surgery.names import WRAPPER_PREFIXES, common_prefix, wrapper_prefixes
+from surgery.plans import keys
+from surgery.values import Entry, Shape
 
-Shape = tuple[int, ...]
 MODES = ("exact", "suffix", "order", "auto")
 
 
 class MatchError(ValueError):
     """The keys cannot be paired as asked (ambiguous suffixes, a structure that does not line up)."""
-
-
-@dataclass(frozen=True)
-class Entry:
-    """A key with its shape and dtype, on either side."""
-
-    name: str
-    shape: Shape
-    dtype: str
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def nbytes(self) -> int:
-        """Bytes of its data, sub-byte dtypes packed."""
-        return (self.numel * BY_NAME[self.dtype].bits + 7) // 8
 
 
 @dataclass(frozen=True)
@@ -307,8 +290,8 @@ def auto_strip(
     for t in target:
         parts = t.split(".")
         fits.update(".".join(parts[i:]) for i in range(len(parts)))
-    common = keys.common_prefix(list(renamed.values())) if len(renamed) > 1 else ""
-    chain = [w for w, _ in keys.wrapper_prefixes(common)]
+    common = common_prefix(list(renamed.values())) if len(renamed) > 1 else ""
+    chain = [w for w, _ in wrapper_prefixes(common)]
     candidates = ["".join(chain[:depth]) for depth in range(len(chain) + 1)]
     candidates += [c + e for c in list(candidates) for e in extra]
     before = sum(n in fits for n in renamed.values())
@@ -322,9 +305,99 @@ def auto_strip(
     why, rest = [], best
     for wrapper in chain:
         if rest.startswith(wrapper):
-            why.append(keys.WRAPPER_PREFIXES[wrapper])
+            why.append(WRAPPER_PREFIXES[wrapper])
             rest = rest[len(wrapper) :]
     if rest:
         why.append("the extracted module")
     step = f"stripped prefix {best!r} ({', '.join(why)}): {best_score} of {len(renamed)} keys fit the target instead of {before}"
     return keys.strip_prefix(renamed, best), [step]
+
+
+# -- the port plan: key rules, pairing, judging ----------------------------------
+@dataclass(frozen=True)
+class PortOptions:
+    """How source keys become target keys: the key rules, then pairing and shape rules."""
+
+    keys: keys.KeyRules = keys.KeyRules()
+    match: str = "auto"
+    reshape: bool = False
+    mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
+    extracted: tuple[str, ...] = ()  # prefixes the target lost to --extract: stripped when that helps
+
+    def __post_init__(self) -> None:
+        if self.match not in MODES:
+            raise BadArgument("match", f"{self.match!r} is not one of {', '.join(MODES)}")
+
+    def to_json(self) -> dict[str, Any]:
+        rules = self.keys.to_json()
+        return {
+            "key": rules.pop("key"),
+            "match": self.match,
+            **rules,
+            "reshape": self.reshape,
+            "plan": self.mapping is not None,
+        }
+
+
+def plan_port(
+    source: Sequence[Entry],
+    target: Sequence[Entry],
+    options: PortOptions,
+    ties: dict[str, str] | None = None,
+    source_ties: dict[str, str] | None = None,
+) -> PortPlan:
+    """The key pipeline, on names and shapes alone.
+
+    Args:
+        ties, source_ties: keys sharing storage in the target and in the source.
+
+    Raises:
+        BadArgument: a key rule makes two keys collide, or a plan names unknown keys.
+        MatchError: the keys cannot be paired as `options.match` asks.
+    """
+    if options.mapping is not None:
+        return _apply_mapping(source, target, options, ties, source_ties)
+    target_names = [t.name for t in target]
+    kept, steps = options.keys.apply(
+        [e.name for e in source], auto=lambda names: auto_strip(names, target_names, options.extracted)
+    )
+    pairs = pair(source, kept, target, options.match)
+    hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
+    counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
+    steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
+    return judge(
+        pairs,
+        source,
+        target,
+        reshape=options.reshape,
+        ties=ties,
+        source_ties=source_ties,
+        kept=set(kept),
+        steps=steps,
+    )
+
+
+def _apply_mapping(
+    source: Sequence[Entry],
+    target: Sequence[Entry],
+    options: PortOptions,
+    ties: dict[str, str] | None,
+    source_ties: dict[str, str] | None,
+) -> PortPlan:
+    mapping = options.mapping or {}
+    source_names = {e.name for e in source}
+    target_names = {e.name for e in target}
+    unknown = [s for s in mapping if s not in source_names] + [
+        t for t in mapping.values() if t not in target_names
+    ]
+    if unknown:
+        raise BadArgument("plan", f"the plan names keys that are not there: {', '.join(unknown[:3])}")
+    clashes = keys.collisions(mapping)
+    if clashes:
+        new, olds = next(iter(clashes.items()))
+        raise BadArgument("plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
+    pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
+    steps = [f"applied a plan of {len(pairs)} pairs"]
+    return judge(
+        pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
+    )

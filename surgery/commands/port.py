@@ -1,11 +1,11 @@
-"""Porting a checkpoint into a target architecture: the key pipeline, then loading.
+"""`surgery port`: a checkpoint into a target architecture, with a report.
 
-The pipeline works on names and shapes only (`plan_port`): unwrap the container,
-strip or add prefixes (wrapper prefixes automatically when that makes keys match),
-rename by regex, include/exclude by glob, pair keys (exact, suffix, order, auto),
-then judge each pair by its shape. Loading copies matched tensors one at a time
-from the memory-mapped source into the target, so the source is never held in
-full; `port_checkpoint` then writes the target's complete state_dict.
+`PortRequest` says what to do (from flags, a recipe file or a script);
+`port_file(request)` builds and edits the target (models.targets, models.edit),
+plans on names and shapes (plans.match.plan_port), loads one tensor at a time
+(models.loading) and writes the target's complete state_dict (formats.writer).
+`port(source, into=model)` does the same into a live module. Every path returns
+a `PortReport`; a strict refusal raises `PortFailed` carrying it.
 """
 
 from __future__ import annotations
@@ -17,20 +17,30 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
-from surgery import __version__, keys
-from surgery.arch import Target, build_target, target_of_module
+from surgery import __version__
 from surgery.checkpoint import Checkpoint, open_checkpoint, open_trusted
-from surgery.edit import Edit, apply, first_conv, get_module, initialise
+from surgery.commands.requests import read_fields
 from surgery.errors import BadArgument, SurgeryError, UsageError
-from surgery.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
 from surgery.formats.tensors import same_bytes
-from surgery.match import MODES, Entry, MatchError, Pair, PortPlan, auto_strip, judge, pair
-from surgery.recipe import RECIPE_KEY, Recipe
-from surgery.requests import read_fields
+from surgery.models.edit import Edit, apply, first_conv, get_module, initialise
+from surgery.models.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
+from surgery.models.loading import Output, load_into
+from surgery.models.recipe import RECIPE_KEY, Recipe
+from surgery.models.targets import Target, build_target, target_of_module
+from surgery.names import group_names
+from surgery.plans import keys
+from surgery.plans.match import (
+    MODES,
+    MatchError,
+    PortOptions,
+    PortPlan,
+    plan_port,
+)
+from surgery.text import percent
 from surgery.trust import require_trust
+from surgery.values import Entry
 
 if TYPE_CHECKING:
-    import torch
     from torch import nn
 
 PLAN_VERSION = 1
@@ -44,31 +54,6 @@ class PortFailed(SurgeryError):
             where, f"strict port refused: {report.summary()}", hint="pass --strict false to load what matches"
         )
         self.report = report
-
-
-@dataclass(frozen=True)
-class PortOptions:
-    """How source keys become target keys: the key rules, then pairing and shape rules."""
-
-    keys: keys.KeyRules = keys.KeyRules()
-    match: str = "auto"
-    reshape: bool = False
-    mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
-    extracted: tuple[str, ...] = ()  # prefixes the target lost to --extract: stripped when that helps
-
-    def __post_init__(self) -> None:
-        if self.match not in MODES:
-            raise BadArgument("match", f"{self.match!r} is not one of {', '.join(MODES)}")
-
-    def to_json(self) -> dict[str, Any]:
-        rules = self.keys.to_json()
-        return {
-            "key": rules.pop("key"),
-            "match": self.match,
-            **rules,
-            "reshape": self.reshape,
-            "plan": self.mapping is not None,
-        }
 
 
 @dataclass(frozen=True)
@@ -132,7 +117,7 @@ class PortReport:
             ("unexpected", list(plan.unexpected)),
         ):
             if names or label != "mismatched":
-                grouped = keys.group_names(names)
+                grouped = group_names(names)
                 shown = ", ".join(grouped[:3]) + (", ..." if len(grouped) > 3 else "")
                 parts.append(f"{label} {len(names)}" + (f": {shown}" if names else ""))
         return "; ".join(parts)
@@ -165,78 +150,8 @@ class PortReport:
         }
 
 
-def percent(share: float) -> str:
-    """0.99991 -> '99.99%': never rounds a partial share up to 100%."""
-    text = f"{share:.1%}"
-    return f"{share:.2%}" if text == "100.0%" and share < 1 else text
-
-
 def entries_of(ckpt: Checkpoint) -> list[Entry]:
     return [Entry(t.name, t.shape, t.dtype) for t in ckpt.tensors]
-
-
-def plan_port(
-    source: Sequence[Entry],
-    target: Sequence[Entry],
-    options: PortOptions,
-    ties: dict[str, str] | None = None,
-    source_ties: dict[str, str] | None = None,
-) -> PortPlan:
-    """The key pipeline, on names and shapes alone.
-
-    Args:
-        ties, source_ties: keys sharing storage in the target and in the source.
-
-    Raises:
-        BadArgument: a key rule makes two keys collide, or a plan names unknown keys.
-        MatchError: the keys cannot be paired as `options.match` asks.
-    """
-    if options.mapping is not None:
-        return _apply_mapping(source, target, options, ties, source_ties)
-    target_names = [t.name for t in target]
-    kept, steps = options.keys.apply(
-        [e.name for e in source], auto=lambda names: auto_strip(names, target_names, options.extracted)
-    )
-    pairs = pair(source, kept, target, options.match)
-    hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
-    counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
-    steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
-    return judge(
-        pairs,
-        source,
-        target,
-        reshape=options.reshape,
-        ties=ties,
-        source_ties=source_ties,
-        kept=set(kept),
-        steps=steps,
-    )
-
-
-def _apply_mapping(
-    source: Sequence[Entry],
-    target: Sequence[Entry],
-    options: PortOptions,
-    ties: dict[str, str] | None,
-    source_ties: dict[str, str] | None,
-) -> PortPlan:
-    mapping = options.mapping or {}
-    source_names = {e.name for e in source}
-    target_names = {e.name for e in target}
-    unknown = [s for s in mapping if s not in source_names] + [
-        t for t in mapping.values() if t not in target_names
-    ]
-    if unknown:
-        raise BadArgument("plan", f"the plan names keys that are not there: {', '.join(unknown[:3])}")
-    clashes = keys.collisions(mapping)
-    if clashes:
-        new, olds = next(iter(clashes.items()))
-        raise BadArgument("plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
-    pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
-    steps = [f"applied a plan of {len(pairs)} pairs"]
-    return judge(
-        pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
-    )
 
 
 def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
@@ -266,22 +181,6 @@ def _report(
         strict=strict,
         **extra,
     )
-
-
-def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
-    """Copy every matched tensor into `module`, one at a time, casting dtype and
-    reshaping where the plan says; nothing else in `module` changes."""
-    import torch
-
-    state = module.state_dict(keep_vars=True)
-    with torch.no_grad():
-        for m in plan.matched:
-            value = ckpt.tensor(m.source)
-            if m.source_shape is not None:
-                value = value.reshape(m.shape)
-            state[m.target].copy_(value)
-            del value
-            ckpt.release(m.source)
 
 
 def port(
@@ -467,51 +366,6 @@ def _finetune_summary(target: Target, plan: FinetunePlan) -> FinetuneSummary | N
     return summarize(target.module, groups, warnings + more, plan)
 
 
-class Output:
-    """The target's complete state_dict, one tensor at a time.
-
-    A built target (already loaded) gives its own tensors. A template target gives
-    the template's tensors with matched keys taken from the source, built when
-    asked for; both files stay memory-mapped and `release` gives their pages back,
-    so memory follows the largest tensor, not the checkpoint.
-    """
-
-    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan, transformed: set[str] = frozenset()):
-        self.ckpt, self.target, self.plan = ckpt, target, plan
-        self.by_target = {m.target: m for m in plan.matched if m.target not in transformed}
-        self.dtypes = {e.name: e.dtype for e in target.entries}
-        self.state = target.module.state_dict() if target.module is not None else None
-
-    def get(self, name: str) -> torch.Tensor:
-        if self.state is not None:
-            return self.state[name].detach().cpu()
-        template = self.target.template
-        assert template is not None
-        m = self.by_target.get(name)
-        if m is None:
-            return template.tensor(name)
-        return self.source_of(name)
-
-    def source_of(self, name: str) -> torch.Tensor | None:
-        """The source tensor a target key is loaded from, shaped and cast as the target's
-        (None for keys not loaded, or changed after loading such as an adapted first conv)."""
-        m = self.by_target.get(name)
-        if m is None:
-            return None
-        import torch
-
-        value = self.ckpt.tensor(m.source).reshape(m.shape)
-        dtype = getattr(torch, self.dtypes[name])
-        return value if value.dtype == dtype else value.to(dtype)
-
-    def release(self, name: str) -> None:
-        m = self.by_target.get(name)
-        if m is not None:
-            self.ckpt.release(m.source)
-        if self.target.template is not None:
-            self.target.template.release(name)
-
-
 def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str, str]:
     """Where the output came from, as str -> str metadata."""
     return {
@@ -669,7 +523,7 @@ class PortRequest:
     }
 
     def __post_init__(self) -> None:
-        from surgery.edit import INIT_SCHEMES
+        from surgery.models.edit import INIT_SCHEMES
 
         if not self.source:
             raise BadArgument("source", "name the checkpoint to port (or `source` in the recipe)")
@@ -785,7 +639,7 @@ def edits_from_fields(fields: Mapping[str, Any]) -> list[Edit]:
 
 def finetune_from_fields(fields: Mapping[str, Any]) -> FinetunePlan:
     """Freeze rules first, then unfreeze rules (each in the order given); `lr` rules in order."""
-    from surgery.finetune import LrRule
+    from surgery.models.finetune import LrRule
 
     lr = fields.get("lr") or []
     rules = [f"{k}={v}" for k, v in lr.items()] if isinstance(lr, dict) else list(lr)

@@ -15,9 +15,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from surgery.edit import Edit
 from surgery.errors import SurgeryError
-from surgery.finetune import FinetunePlan, FinetuneSummary
+from surgery.models.edit import Edit
+from surgery.models.finetune import FinetunePlan, FinetuneSummary
 from surgery.trust import RECIPE_KEY, require_trust
 
 if TYPE_CHECKING:
@@ -93,10 +93,10 @@ def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
         >>> optimizer = torch.optim.SGD(ready.param_groups, lr=1e-3, momentum=0.9)
         >>> surgery.set_lr(optimizer, "head", 1e-4)  # later, keeping the momentum
     """
-    from surgery.arch import build_target
     from surgery.checkpoint import open_checkpoint, open_trusted
-    from surgery.edit import apply
-    from surgery.finetune import apply_freeze, param_groups, summarize
+    from surgery.models.edit import apply
+    from surgery.models.finetune import apply_freeze, param_groups, summarize
+    from surgery.models.targets import build_target
 
     ckpt = open_checkpoint(path)
     recipe = recipe_of(ckpt.metadata)

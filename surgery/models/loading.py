@@ -1,0 +1,79 @@
+"""Plans to tensors in modules: copying matched tensors into a built target, and the
+target's complete state_dict handed to a writer one tensor at a time.
+
+Both read the source through its memory map, one tensor at a time, and give the
+pages back when done, so memory follows the largest tensor, not the checkpoint.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+    from torch import nn
+
+    from surgery.checkpoint import Checkpoint
+    from surgery.models.targets import Target
+    from surgery.plans.match import PortPlan
+
+
+def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
+    """Copy every matched tensor into `module`, one at a time, casting dtype and
+    reshaping where the plan says; nothing else in `module` changes."""
+    import torch
+
+    state = module.state_dict(keep_vars=True)
+    with torch.no_grad():
+        for m in plan.matched:
+            value = ckpt.tensor(m.source)
+            if m.source_shape is not None:
+                value = value.reshape(m.shape)
+            state[m.target].copy_(value)
+            del value
+            ckpt.release(m.source)
+
+
+class Output:
+    """The target's complete state_dict, one tensor at a time.
+
+    A built target (already loaded) gives its own tensors. A template target gives
+    the template's tensors with matched keys taken from the source, built when
+    asked for; both files stay memory-mapped and `release` gives their pages back,
+    so memory follows the largest tensor, not the checkpoint.
+    """
+
+    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan, transformed: set[str] = frozenset()):
+        self.ckpt, self.target, self.plan = ckpt, target, plan
+        self.by_target = {m.target: m for m in plan.matched if m.target not in transformed}
+        self.dtypes = {e.name: e.dtype for e in target.entries}
+        self.state = target.module.state_dict() if target.module is not None else None
+
+    def get(self, name: str) -> torch.Tensor:
+        if self.state is not None:
+            return self.state[name].detach().cpu()
+        template = self.target.template
+        assert template is not None
+        m = self.by_target.get(name)
+        if m is None:
+            return template.tensor(name)
+        return self.source_of(name)
+
+    def source_of(self, name: str) -> torch.Tensor | None:
+        """The source tensor a target key is loaded from, shaped and cast as the target's
+        (None for keys not loaded, or changed after loading such as an adapted first conv)."""
+        m = self.by_target.get(name)
+        if m is None:
+            return None
+        import torch
+
+        value = self.ckpt.tensor(m.source).reshape(m.shape)
+        dtype = getattr(torch, self.dtypes[name])
+        return value if value.dtype == dtype else value.to(dtype)
+
+    def release(self, name: str) -> None:
+        m = self.by_target.get(name)
+        if m is not None:
+            self.ckpt.release(m.source)
+        if self.target.template is not None:
+            self.target.template.release(name)

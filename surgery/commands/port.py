@@ -38,7 +38,7 @@ from surgery.plans.match import (
 )
 from surgery.text import percent
 from surgery.trust import require_trust
-from surgery.values import Entry
+from surgery.values import Entry, both_ways
 
 if TYPE_CHECKING:
     from torch import nn
@@ -156,13 +156,10 @@ def entries_of(ckpt: Checkpoint) -> list[Entry]:
 
 def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
     """plan_port for a checkpoint and a target, failures as SurgeryErrors."""
-    source_ties = {}
-    for group in ckpt.shared:
-        for name in group[1:]:
-            source_ties[name] = group[0]
-            source_ties.setdefault(group[0], name)
     try:
-        return plan_port(entries_of(ckpt), target.entries, options, target.ties(), source_ties)
+        return plan_port(
+            entries_of(ckpt), target.entries, options, both_ways(target.aliases()), both_ways(ckpt.aliases)
+        )
     except MatchError as exc:
         raise SurgeryError(ckpt.path, str(exc)) from None
 
@@ -320,8 +317,7 @@ def port_file(request: PortRequest) -> PortReport:
     if edits or init or not finetune.empty:
         recipe = Recipe(target.spec, tuple(edits), init, finetune, {m.source: m.target for m in plan.matched})
         metadata[RECIPE_KEY] = json.dumps(recipe.to_json())
-    order = {e.name: i for i, e in enumerate(target.entries)}
-    tied = {a: k for a, k in target.ties().items() if a in order and k in order and order[k] < order[a]}
+    tied = target.aliases()
     write_state_dict(
         out_path,
         target.entries,

@@ -25,7 +25,7 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.errors import SurgeryError, UsageError
 from surgery.trust import LOADING_KWARGS
-from surgery.values import Entry
+from surgery.values import Entry, ties
 
 if TYPE_CHECKING:
     from torch import nn
@@ -43,20 +43,16 @@ class Target:
     template: Checkpoint | None = None  # for a checkpoint used as the target
     kwargs: dict[str, Any] = field(default_factory=dict)
 
-    def ties(self) -> dict[str, str]:
-        """Target key -> another key viewing the same memory (tied weights)."""
+    def aliases(self) -> dict[str, str]:
+        """Target keys that are the very same tensor as an earlier key (tied weights):
+        alias -> the first key (`values.ties`, the rule every side uses)."""
         if self.module is None:
             return {}
-        first: dict[tuple, str] = {}
-        out: dict[str, str] = {}
-        for name, tensor in self.module.state_dict(keep_vars=True).items():
-            where = (tensor.untyped_storage().data_ptr(), tensor.storage_offset(), tuple(tensor.shape))
-            if tensor.numel() and where in first:
-                out[name] = first[where]
-                out.setdefault(first[where], name)
-            else:
-                first[where] = name
-        return out
+        return ties(
+            (name, (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+            for name, t in self.module.state_dict(keep_vars=True).items()
+            if t.numel()
+        )
 
 
 def parse_value(text: str) -> Any:

@@ -320,3 +320,10 @@ def test_port_file_runs_a_request_from_a_recipe_file(in_tmp):
     report = surgery.port_file(surgery.PortRequest.from_file(toml))
     assert report.written and report.coverage == 1.0
     assert (in_tmp / "out.safetensors").exists()
+
+
+def test_the_library_targets_a_file_may_name_are_the_ones_surgery_builds():
+    from surgery.models.targets import LIBRARY_BUILDERS
+    from surgery.trust import LIBRARY_TARGETS
+
+    assert set(LIBRARY_BUILDERS) == set(LIBRARY_TARGETS)

@@ -34,7 +34,6 @@ SPEC_FORM = (
 HEAD_NAMES = ("fc", "classifier", "head", "heads")
 INIT_SCHEMES = ("default", "kaiming", "xavier", "normal", "zeros")
 _STAR = "__surgery_input_width__"
-OPS = ("replace", "add", "delete", "rename", "extract", "without", "num_classes", "in_chans")
 OP_ALIASES = {
     "drop": "without",
     "rename-module": "rename",
@@ -405,8 +404,8 @@ class Edit:
     def from_json(cls, doc: dict[str, Any]) -> Edit:
         """From a recipe table; the flag names work as ops too (`drop`, `rename-module`, `num-classes`)."""
         op = OP_ALIASES.get(doc["op"], doc["op"])
-        if op not in OPS:
-            raise EditError(str(doc["op"]), f"unknown edit: use one of {', '.join(OPS)}")
+        if op not in EDITS:
+            raise EditError(str(doc["op"]), f"unknown edit: use one of {', '.join(EDITS)}")
         path, spec = doc.get("path", ""), doc.get("spec", "")
         if op in ("extract", "without") and not spec:
             spec, path = path, ""
@@ -427,42 +426,75 @@ class Edit:
 def apply(model: nn.Module, edit: Edit, *, adapt_weights: bool = True) -> tuple[nn.Module, list[str], str]:
     """Apply one edit. Returns (the model, which may be a new one after extract/without,
     the paths of new or replaced modules, what was done)."""
-    op = edit.op
-    if op == "replace":
-        old = get_module(model, edit.path)
-        replace(model, edit.path, parse_spec(edit.spec, input_width(old)))
-        return model, [edit.path], f"replaced {edit.path} ({type(old).__name__}) by {edit.spec}"
-    if op == "add":
-        parent_path, _, name = edit.path.rpartition(".")
-        siblings = list(get_module(model, parent_path).children())
-        before = siblings[: int(name)] if name.isdigit() else siblings
-        width = next((w for m in reversed(before) if (w := _output_width(m)) is not None), None)
-        new = parse_spec(edit.spec, width)
-        add(model, edit.path, new)
-        return model, [edit.path], f"added {edit.path} = {edit.spec}"
-    if op == "delete":
-        return model, [], f"deleted {edit.path}: {delete(model, edit.path)}"
-    if op == "rename":
-        safe = rename_module(model, edit.path, edit.spec)
-        note = "" if safe else " (its parent's forward may still call the old name)"
-        return model, [], f"renamed {edit.path} to {edit.spec}{note}"
-    if op == "extract":
-        paths = [p.strip() for p in edit.spec.split(",") if p.strip()]
-        return extract(model, paths), [], f"extracted {', '.join(paths)}"
-    if op == "without":
-        drop = [p.strip() for p in edit.spec.split(",") if p.strip()]
-        return without(model, drop), [], f"kept the top-level modules except {', '.join(drop)}"
-    if op == "num_classes":
-        path, _ = reset_head(model, edit.value)
-        return model, [path], f"new head {path} for {edit.value} classes"
-    if op == "in_chans":
-        path = adapt_input(model, edit.value, adapt_weights=adapt_weights)
-        return (
-            model,
-            [],
-            f"first conv {path} adapted to {edit.value} input channel{'s' if edit.value != 1 else ''}",
-        )
-    raise EditError(op, "unknown edit")
+    run = EDITS.get(edit.op)
+    if run is None:
+        raise EditError(edit.op, f"unknown edit: use one of {', '.join(EDITS)}")
+    return run(model, edit, adapt_weights)
+
+
+Applied = tuple["nn.Module", list[str], str]
+
+
+def _replace(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    old = get_module(model, edit.path)
+    replace(model, edit.path, parse_spec(edit.spec, input_width(old)))
+    return model, [edit.path], f"replaced {edit.path} ({type(old).__name__}) by {edit.spec}"
+
+
+def _add(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    parent_path, _, name = edit.path.rpartition(".")
+    siblings = list(get_module(model, parent_path).children())
+    before = siblings[: int(name)] if name.isdigit() else siblings
+    width = next((w for m in reversed(before) if (w := _output_width(m)) is not None), None)
+    add(model, edit.path, parse_spec(edit.spec, width))
+    return model, [edit.path], f"added {edit.path} = {edit.spec}"
+
+
+def _delete(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    return model, [], f"deleted {edit.path}: {delete(model, edit.path)}"
+
+
+def _rename(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    safe = rename_module(model, edit.path, edit.spec)
+    note = "" if safe else " (its parent's forward may still call the old name)"
+    return model, [], f"renamed {edit.path} to {edit.spec}{note}"
+
+
+def _paths(spec: str) -> list[str]:
+    return [p.strip() for p in spec.split(",") if p.strip()]
+
+
+def _extract(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    return extract(model, _paths(edit.spec)), [], f"extracted {', '.join(_paths(edit.spec))}"
+
+
+def _without(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    drop = _paths(edit.spec)
+    return without(model, drop), [], f"kept the top-level modules except {', '.join(drop)}"
+
+
+def _num_classes(model: nn.Module, edit: Edit, _: bool) -> Applied:
+    path, _ = reset_head(model, edit.value)
+    return model, [path], f"new head {path} for {edit.value} classes"
+
+
+def _in_chans(model: nn.Module, edit: Edit, adapt_weights: bool) -> Applied:
+    path = adapt_input(model, edit.value, adapt_weights=adapt_weights)
+    channels = f"{edit.value} input channel{'s' if edit.value != 1 else ''}"
+    return model, [], f"first conv {path} adapted to {channels}"
+
+
+# Every edit a recipe or the flags can name, and what runs it.
+EDITS = {
+    "replace": _replace,
+    "add": _add,
+    "delete": _delete,
+    "rename": _rename,
+    "extract": _extract,
+    "without": _without,
+    "num_classes": _num_classes,
+    "in_chans": _in_chans,
+}
 
 
 def _output_width(module: nn.Module) -> int | None:

@@ -90,10 +90,8 @@ def build_target(spec: str, args: Sequence[str] = ()) -> Target:
             + "&".join(f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in kwargs.items())
         )
     kind, sep, name = base.partition(":")
-    if sep and kind == "torchvision":
-        return target_of_module(_torchvision(spec, name, kwargs), spec, kwargs)
-    if sep and kind == "timm":
-        return target_of_module(_timm(spec, name, kwargs), spec, kwargs)
+    if sep and kind in LIBRARY_BUILDERS:
+        return target_of_module(LIBRARY_BUILDERS[kind](spec, name, kwargs), spec, kwargs)
     if Path(base).exists():
         if kwargs:
             raise UsageError(spec, "a checkpoint used as the target takes no arguments")
@@ -231,3 +229,8 @@ def _factory(spec: str, module_name: str, attr: str, kwargs: dict[str, Any]) -> 
     if not callable(builder):
         raise UsageError(spec, f"{module_name}:{attr} is not callable")
     return _call(spec, builder, kwargs)
+
+
+# The libraries whose builders a target may name (`torchvision:resnet18`): the same
+# names trust.LIBRARY_TARGETS lets a file name without trust.
+LIBRARY_BUILDERS = {"torchvision": _torchvision, "timm": _timm}

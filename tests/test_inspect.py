@@ -5,9 +5,10 @@ from __future__ import annotations
 import io
 import json
 import re
-import shutil
 import subprocess
 import sys
+import sysconfig
+from pathlib import Path
 
 import pytest
 from conftest import FIXTURES, run_cli, run_subprocess
@@ -287,8 +288,10 @@ def test_runs_as_a_subprocess_and_as_python_dash_m():
     run = run_subprocess("inspect", FIXTURES / "legacy.pth", "--json")
     assert run.exit_code == 0 and json.loads(run.stdout)["format"] == "torch-legacy"
     assert run.stderr == ""
-    exe = shutil.which("surgery")
-    assert exe, "the console script is installed"
+    # the console script of the environment running the tests, not whichever is first on PATH
+    scripts = [Path(sysconfig.get_path("scripts")), Path(sys.executable).parent]
+    exe = next((str(d / "surgery") for d in scripts if (d / "surgery").exists()), None)
+    assert exe, f"the console script is installed in {scripts}"
     proc = subprocess.run(
         [exe, "inspect", str(FIXTURES / "tiny.safetensors")], capture_output=True, text=True
     )

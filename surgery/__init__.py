@@ -36,11 +36,14 @@ _LAZY = {
     "ConvertReport": "surgery.converting",
     "diff": "surgery.diffing",
     "DiffReport": "surgery.diffing",
+    "scan": "surgery.scanning",
+    "ScanReport": "surgery.scanning",
+    "ScanResult": "surgery.scanning",
 }
 
 
 def __getattr__(name: str):
-    """The port, convert, diff and fine-tune calls, imported on first use: `import surgery` stays light."""
+    """The port, convert, diff, scan and fine-tune calls, imported on first use: `import surgery` stays light."""
     if name in _LAZY:
         import importlib
 
@@ -57,6 +60,8 @@ __all__ = [
     "Finding",
     "PortFailed",
     "PortReport",
+    "ScanReport",
+    "ScanResult",
     "NotACheckpoint",
     "NotFound",
     "SurgeryError",
@@ -68,5 +73,6 @@ __all__ = [
     "load_ready",
     "open_checkpoint",
     "port",
+    "scan",
     "set_lr",
 ]

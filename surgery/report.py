@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from surgery.diffing import Difference, DiffReport
     from surgery.finetune import FinetuneSummary
     from surgery.porting import PortReport
+    from surgery.scanning import ScanReport
 
 JSON_VERSION = 1
 
@@ -533,3 +534,50 @@ def _dtype_lines(found: list[Difference]) -> list[str]:
                 )
         lines.append(line)
     return lines
+
+
+# -- scan ---------------------------------------------------------------------
+def shown(text: str) -> str:
+    """A name from a file or a folder, safe to print: control characters (terminal escape
+    codes), lone surrogates and other unprintable characters appear escaped."""
+    if text.isprintable():
+        return text
+    return "".join(c if c.isprintable() else c.encode("unicode_escape").decode("ascii") for c in text)
+
+
+def scan_lines(report: ScanReport) -> list[tuple[str, str]]:
+    """(verdict, line) for each checkpoint, each file named on the command line that was
+    skipped, then the summary (verdict "")."""
+    lines: list[tuple[str, str]] = []
+    for r in report.results:
+        what = f"{r.format}: " if r.format and r.verdict != "safe" else f"{r.format}, " if r.format else ""
+        lines.append((r.verdict, f"{r.verdict:<8} {shown(r.path)}  {what}{shown(r.reason)}"))
+    for s in report.skipped:
+        if s.named:
+            lines.append(("skipped", f"{'skipped':<8} {shown(s.path)}  {shown(s.reason)}"))
+    lines.append(("", report.summary()))
+    return lines
+
+
+def render_scan_plain(report: ScanReport) -> str:
+    return "\n".join(line for _, line in scan_lines(report)) + "\n"
+
+
+_VERDICT_STYLE = {
+    "danger": "bold red",
+    "unsafe": "red",
+    "corrupt": "magenta",
+    "error": "magenta",
+    "safe": "green",
+    "skipped": "dim",
+    "": "bold",
+}
+
+
+def render_scan_rich(report: ScanReport, console: Console) -> None:
+    from rich.text import Text
+
+    for verdict, line in scan_lines(report):
+        text = Text(line)
+        text.stylize(_VERDICT_STYLE[verdict], 0, len(verdict) if verdict else len(line))
+        console.print(text, soft_wrap=True)

@@ -13,6 +13,7 @@ import shutil
 import subprocess
 import sys
 import zipfile
+from collections import OrderedDict
 from pathlib import Path
 from urllib.parse import unquote
 
@@ -449,3 +450,152 @@ def test_a_zip_that_is_not_a_checkpoint_is_skipped_in_a_folder(tmp_path):
     assert [s.reason for s in report.skipped] == [
         "a zip archive but not a torch checkpoint: no data.pkl (holds readme.txt)"
     ]
+
+
+# -- torch's pre-0.4 tar format -------------------------------------------------------------------
+
+TAR_STORAGE = {torch.float32: "FloatStorage", torch.float64: "DoubleStorage", torch.int64: "LongStorage"}
+
+
+def _pickled(*items: bytes) -> bytes:
+    """A protocol 2 pickle of a tuple of already-pickled items."""
+    return b"\x80\x02(" + b"".join(items) + b"t."
+
+
+def _item(value) -> bytes:
+    return pickle.dumps(value, protocol=2)[2:-1]
+
+
+def torch03_tar(
+    path: Path, obj, tensors: dict[str, torch.Tensor], *, tensor_type_payload: bytes = b""
+) -> Path:
+    """`torch.save(obj)` as PyTorch 0.3 wrote it (the layout `torch.serialization._legacy_load`
+    reads): members sys_info, pickle, tensors, storages; tensors and storages keyed by id."""
+    import io
+    import struct
+    import tarfile
+
+    storage_keys: dict[int, int] = {}
+    storages = io.BytesIO()
+    roots = {t.untyped_storage().data_ptr(): t for t in tensors.values()}
+    pickle.dump(len(roots), storages, protocol=2)
+    for ptr, t in roots.items():
+        storage_keys[ptr] = key = 100 + len(storage_keys)
+        raw = bytes(t.untyped_storage())
+        kind = f"ctorch\n{TAR_STORAGE[t.dtype]}\n".encode()
+        storages.write(_pickled(_item(key), _item("cpu"), kind))
+        storages.write(struct.pack("<q", len(raw) // t.element_size()) + raw)
+    pickle.dump([], storages, protocol=2)
+    tensor_keys = {name: 1000 + i for i, name in enumerate(tensors)}
+    records = io.BytesIO()
+    pickle.dump(len(tensors), records, protocol=2)
+    for name, t in tensors.items():
+        kind = (
+            tensor_type_payload or f"ctorch\n{TAR_STORAGE[t.dtype].replace('Storage', 'Tensor')}\n".encode()
+        )
+        records.write(
+            _pickled(_item(tensor_keys[name]), _item(storage_keys[t.untyped_storage().data_ptr()]), kind)
+        )
+        records.write(
+            struct.pack("<ii", t.dim(), 0)
+            + struct.pack(f"<{2 * t.dim() + 1}q", *t.shape, *t.stride(), t.storage_offset())
+        )
+    by_id = {id(t): str(tensor_keys[name]) for name, t in tensors.items()}
+
+    class Saver(pickle.Pickler):
+        def persistent_id(self, o):
+            return by_id.get(id(o)) if isinstance(o, torch.Tensor) else None
+
+    body = io.BytesIO()
+    Saver(body, protocol=2).dump(obj)
+    sys_info = pickle.dumps(
+        {"protocol_version": 1001, "little_endian": True, "type_sizes": {"int": 4}}, protocol=2
+    )
+    with tarfile.open(path, "w", format=tarfile.PAX_FORMAT) as tar:
+        for name, data in (
+            ("sys_info", sys_info),
+            ("pickle", body.getvalue()),
+            ("tensors", records.getvalue()),
+            ("storages", storages.getvalue()),
+        ):
+            info = tarfile.TarInfo(name)
+            info.size = len(data)
+            tar.addfile(info, io.BytesIO(data))
+    return path
+
+
+def tar_state() -> OrderedDict:
+    base = torch.arange(12, dtype=torch.float32)
+    return OrderedDict(
+        [
+            ("fc.weight", base.view(3, 4)),
+            ("fc.bias", base[4:7]),  # a view into the same storage, at an offset
+            ("proj.weight", base.view(3, 4).t()),  # strided
+            ("steps", torch.tensor(5)),
+            ("scale", torch.tensor([0.5, 2.0], dtype=torch.float64)),
+        ]
+    )
+
+
+def test_a_pytorch_0_3_tar_lists_the_tensors_torch_loads(tmp_path):
+    state = tar_state()
+    path = torch03_tar(tmp_path / "model.pth", {"state_dict": state, "epoch": 3}, state)
+    loaded = torch.load(path, weights_only=False)["state_dict"]  # torch's own reader of the format
+    ckpt = surgery.open_checkpoint(path)
+    assert ckpt.format == "torch-tar" and ckpt.container == ("state_dict",) and ckpt.safe, ckpt.findings
+    assert [(t.name, list(t.shape), t.dtype) for t in ckpt.tensors] == [
+        (name, list(t.shape), str(t.dtype).removeprefix("torch.")) for name, t in loaded.items()
+    ]
+    assert [e.summary for e in ckpt.extras] == ["3"]
+    ours = ckpt.state_dict()
+    for name, want in loaded.items():
+        assert torch.equal(ours[name], want) and ours[name].stride() == want.stride(), name
+        assert ours[name].storage_offset() == want.storage_offset(), name
+    assert ckpt.shared == [["fc.weight", "fc.bias", "proj.weight"]]
+
+
+def test_a_payload_in_a_tar_checkpoints_pickle_is_danger_and_never_runs(tmp_path):
+    marker = tmp_path / "MARKER"
+    state = tar_state()
+    path = torch03_tar(
+        tmp_path / "model.pth", {"state_dict": state, "hook": RunsCommand(f"touch {marker}")}, state
+    )
+    prove_payload_runs(path, marker)
+    result = surgery.scan([path]).results[0]
+    assert (result.verdict, result.format) == ("danger", "torch-tar")
+    assert "posix.system" in result.reason
+    assert not marker.exists()
+
+
+def test_a_payload_in_a_tar_checkpoints_tensor_records_is_danger(tmp_path):
+    marker = tmp_path / "MARKER"
+    state = tar_state()
+    payload = b"cposix\nsystem\n" + _item(f"touch {marker}") + b"\x85R"  # as a tensor's class
+    path = torch03_tar(tmp_path / "model.pth", {"state_dict": state}, state, tensor_type_payload=payload)
+    prove_payload_runs(path, marker)
+    result = surgery.scan([path]).results[0]
+    assert result.verdict == "danger"
+    assert any(f.where.startswith(f"{path}: tensors byte") for f in result.findings if f.severity == "danger")
+    assert not marker.exists()
+
+
+def test_a_tar_that_is_not_a_torch_checkpoint_is_named_as_such(tmp_path):
+    import tarfile
+
+    (tmp_path / "readme.txt").write_text("hello")
+    with tarfile.open(tmp_path / "docs.tar", "w") as tar:
+        tar.add(tmp_path / "readme.txt", arcname="readme.txt")
+    run = run_cli("inspect", tmp_path / "docs.tar")
+    assert run.exit_code == 1
+    assert (
+        run.stderr
+        == f"error: {tmp_path}/docs.tar: a tar archive, not a torch < 0.4 checkpoint (holds readme.txt)\n"
+    )
+
+
+def test_a_truncated_tar_checkpoint_is_corrupt(tmp_path):
+    state = tar_state()
+    path = torch03_tar(tmp_path / "model.pth", {"state_dict": state}, state)
+    path.write_bytes(path.read_bytes()[:2000])
+    result = surgery.scan([path]).results[0]
+    assert result.verdict == "corrupt", result

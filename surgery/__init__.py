@@ -39,11 +39,13 @@ _LAZY = {
     "scan": "surgery.scanning",
     "ScanReport": "surgery.scanning",
     "ScanResult": "surgery.scanning",
+    "sanitize": "surgery.sanitizing",
+    "SanitizeReport": "surgery.sanitizing",
 }
 
 
 def __getattr__(name: str):
-    """The port, convert, diff, scan and fine-tune calls, imported on first use: `import surgery` stays light."""
+    """The port, convert, diff, scan, sanitize and fine-tune calls, imported on first use: `import surgery` stays light."""
     if name in _LAZY:
         import importlib
 
@@ -60,6 +62,7 @@ __all__ = [
     "Finding",
     "PortFailed",
     "PortReport",
+    "SanitizeReport",
     "ScanReport",
     "ScanResult",
     "NotACheckpoint",
@@ -73,6 +76,7 @@ __all__ = [
     "load_ready",
     "open_checkpoint",
     "port",
+    "sanitize",
     "scan",
     "set_lr",
 ]

@@ -612,6 +612,35 @@ def scan(
         raise typer.Exit(1)
 
 
+@app.command()
+@handles_errors
+def sanitize(
+    source: Annotated[
+        Path, typer.Argument(help="A torch file (zip, legacy, tar) or a plain pickle.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The torch file to write: torch.load(weights_only=True) reads it."),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; write nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite a checkpoint as tensors and plain data only, so weights_only loading accepts it.
+
+    Tensors are copied bit for bit; other objects become plain values or are dropped, each
+    reported. Nothing in the file is run.
+    """
+    from surgery import report
+    from surgery.sanitizing import sanitize as run_sanitize
+
+    result = run_sanitize(source, out, force=force, dry_run=dry_run)
+    _show(result, report.sanitize_rows, json_out)
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="surgery")

@@ -23,6 +23,7 @@ if TYPE_CHECKING:
     from surgery.diffing import Difference, DiffReport
     from surgery.finetune import FinetuneSummary
     from surgery.porting import PortReport
+    from surgery.sanitizing import SanitizeReport
     from surgery.scanning import ScanReport
 
 JSON_VERSION = 1
@@ -445,7 +446,7 @@ def render_port_rich(report: PortReport, console: Console) -> None:
     render_rows_rich(port_lines(report), console)
 
 
-WARNING_LABELS = ("mismatched", "missing", "unexpected", "only in A", "only in B", "differ")
+WARNING_LABELS = ("mismatched", "missing", "unexpected", "only in A", "only in B", "differ", "dropped")
 
 
 def render_rows_rich(rows: list[tuple[str, list[str]]], console: Console) -> None:
@@ -581,3 +582,21 @@ def render_scan_rich(report: ScanReport, console: Console) -> None:
         text = Text(line)
         text.stylize(_VERDICT_STYLE[verdict], 0, len(verdict) if verdict else len(line))
         console.print(text, soft_wrap=True)
+
+
+def sanitize_rows(report: SanitizeReport) -> list[tuple[str, list[str]]]:
+    """The rows of the `surgery sanitize` report, summary first, then each change."""
+    rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
+    rows.append(("source", [f"{shown(report.source)} ({report.source_format})"]))
+    state = "torch.load(weights_only=True) reads it" if report.written else "not written (--dry-run)"
+    rows.append(("output", [f"{shown(report.output)}: {state}"]))
+    rows.append(
+        ("kept", [f"{plural(report.tensors, 'tensor')} in {plural(report.storages, 'storage')}, bit for bit"])
+    )
+    made = [shown(f"{c.where}: {c.what} -> {c.became}") for c in report.made_plain]
+    if made:
+        rows.append(("plain", _capped(made)))
+    dropped = [shown(f"{c.where}: {c.what} -> {c.became}") for c in report.dropped]
+    if dropped:
+        rows.append(("dropped", _capped(dropped)))
+    return rows

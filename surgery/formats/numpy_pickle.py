@@ -47,6 +47,7 @@ _STRUCT = {"f2": "e", "f4": "f", "f8": "d", "i1": "b", "i2": "h", "i4": "i", "i8
            "u1": "B", "u2": "H", "u4": "I", "u8": "Q", "b1": "?", "c8": "2f", "c16": "2d"}  # fmt: skip
 NDARRAY = Constant("numpy.ndarray")
 UNPLACED = "(bytes the pickle holds re-encoded)"
+NO_DATA = "numpy array without data"  # made, never given its state
 
 
 @dataclass
@@ -103,10 +104,11 @@ class NumpyArray(TensorRef):
             self.unusual = self.unusual or f"numpy array with state {describe_value(state)}"
             return
         shape, dtype, fortran, data = state
-        _fill(self, shape, dtype, bool(fortran), data)
+        fill_array(self, shape, dtype, bool(fortran), data)
 
 
-def _fill(array: NumpyArray, shape: Any, dtype: Any, fortran: bool, data: Any) -> None:
+def fill_array(array: NumpyArray, shape: Any, dtype: Any, fortran: bool, data: Any) -> None:
+    """What `ndarray.__setstate__` would set, checked: shape, strides, dtype and the data's bytes."""
     try:
         dims = tuple(shape) if isinstance(shape, (tuple, list)) else None
         if dims is None or not all(type(d) is int and d >= 0 for d in dims):
@@ -139,6 +141,8 @@ def _fill(array: NumpyArray, shape: Any, dtype: Any, fortran: bool, data: Any) -
         return
     array.raw = raw
     array.storage = StorageRef("", torch_dtype, "cpu", numel)
+    if array.unusual == NO_DATA:
+        array.unusual = None
     array.big_endian = dtype.big_endian
 
 
@@ -191,7 +195,7 @@ class NumpyArrays:
         self.known["numpy.dtype"] = Known("numpy.dtype", _dtype)
 
     def _reconstruct(self, cls: Any, shape: Any = (0,), typecode: Any = b"b") -> NumpyArray:
-        array = NumpyArray(None, 0, (0,), (1,), BY_NAME["uint8"], unusual="numpy array without data")
+        array = NumpyArray(None, 0, (0,), (1,), BY_NAME["uint8"], unusual=NO_DATA)
         if cls != NDARRAY:
             array.unusual = f"numpy array subclass {getattr(cls, 'qualname', describe_value(cls))}"
         self.arrays.append(array)
@@ -199,8 +203,7 @@ class NumpyArrays:
 
     def _frombuffer(self, data: Any, dtype: Any, shape: Any, order: Any = "C") -> NumpyArray:
         array = self._reconstruct(NDARRAY)
-        array.unusual = None
-        _fill(array, shape, dtype, order == "F", data)
+        fill_array(array, shape, dtype, order == "F", data)
         return array
 
     def place(self, path: Path, where: str, *, search: bool = True) -> list[Finding]:
@@ -230,7 +233,6 @@ class NumpyArrays:
                 else:
                     storage.data = DataLocation(str(path), offset, len(raw), swap)
                 array.raw = None
-                array.unusual = None
         findings.append(
             Finding(
                 "notice",

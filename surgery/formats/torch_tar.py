@@ -21,6 +21,7 @@ from __future__ import annotations
 import struct
 import sys
 import tarfile
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -62,6 +63,41 @@ def scan_tar(path: Path, data: memoryview) -> Scan:
 
 
 def _scan_tar(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
+    parts = read_tar(path, data, findings)
+    obj = parts.members["pickle"].pickle(findings, parts.persistent)
+    for extra in parts.shadowed:  # an earlier copy torch skips: its payload is still reported
+        extra.pickle(findings, parts.persistent)
+    roots = {key: s for key, s in parts.storages.items() if s.root is None}
+    findings.extend(check_storages(obj.value, roots, str(path), {}))
+    metadata = {"pickle_protocol": obj.protocol, "storages": len(roots), "tensors": len(parts.tensors)}
+    description = "torch tar (torch.save of PyTorch 0.3 and earlier)"
+    return Scan(path, "torch-tar", description, obj.value, findings, metadata, [path])
+
+
+@dataclass
+class TarParts:
+    """What the object pickle refers to: every storage and tensor, located in the archive."""
+
+    members: dict[str, _Member]  # by name, the copy torch reads (the last)
+    shadowed: list[_Member]  # earlier copies of `pickle`
+    storages: dict[str, StorageRef]
+    tensors: dict[str, TensorRef]
+
+    def persistent(self, pid: Any) -> Any:
+        """The object pickle's persistent ids: tensor and storage keys, or a module's class."""
+        if isinstance(pid, tuple) and pid and pid[0] == "module" and len(pid) == 4:
+            return pid[1]  # a pickled module's class: a global, judged like any other
+        key = str(pid)
+        if key in self.tensors:
+            return self.tensors[key]
+        if key in self.storages:
+            return self.storages[key]
+        raise ValueError(f"no tensor or storage {key!r} in the archive")
+
+
+def read_tar(path: Path, data: memoryview, findings: list[Finding]) -> TarParts:
+    """The members, storages and tensors of a torch tar archive (its pickles but the object's
+    read on the way, their findings added to `findings`)."""
     where = str(path)
     try:
         with tarfile.open(fileobj=_Window(data), mode="r:") as tar:  # type: ignore[arg-type]
@@ -80,30 +116,12 @@ def _scan_tar(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
         elif name not in MEMBERS:
             findings.append(Finding("notice", f"unexpected member {name!r} ({found[0].size} bytes)", where))
     members = {name: _Member(path, data, found[-1]) for name, found in copies.items()}  # torch reads the last
-
     if "sys_info" in members:
         members["sys_info"].pickle(findings)
     storages = _storages(members["storages"], findings)
     tensors = _tensors(members["tensors"], storages, findings)
-
-    def persistent(pid: Any) -> Any:
-        if isinstance(pid, tuple) and pid and pid[0] == "module" and len(pid) == 4:
-            return pid[1]  # a pickled module's class: a global, judged like any other
-        key = str(pid)
-        if key in tensors:
-            return tensors[key]
-        if key in storages:
-            return storages[key]
-        raise ValueError(f"no tensor or storage {key!r} in the archive")
-
-    obj = members["pickle"].pickle(findings, persistent)
-    for extra in copies["pickle"][:-1]:  # an earlier copy torch skips: its payload is still reported
-        _Member(path, data, extra).pickle(findings, persistent)
-    roots = {key: s for key, s in storages.items() if s.root is None}
-    findings.extend(check_storages(obj.value, roots, where, {}))
-    metadata = {"pickle_protocol": obj.protocol, "storages": len(roots), "tensors": len(tensors)}
-    description = "torch tar (torch.save of PyTorch 0.3 and earlier)"
-    return Scan(path, "torch-tar", description, obj.value, findings, metadata, [path])
+    shadowed = [_Member(path, data, info) for info in copies["pickle"][:-1]]
+    return TarParts(members, shadowed, storages, tensors)
 
 
 class _Member:

@@ -16,6 +16,7 @@ import pathlib
 import pickle
 import re
 import shlex
+import shutil
 import sys
 import types
 from collections import OrderedDict
@@ -436,9 +437,11 @@ def readme_checkpoint(folder: pathlib.Path) -> pathlib.Path:
     return folder / "checkpoint.pth"
 
 
-def test_readme_scan_example_prints_what_it_shows():
+def test_readme_scan_example_prints_what_it_shows(tmp_path):
     (block,) = [b for b in CONSOLE if b.startswith("$ surgery scan fixtures\n")]
-    run_console_block(block, ROOT)
+    # The fixtures as committed: other tests import make_fixtures, leaving a __pycache__ beside it.
+    shutil.copytree(FIXTURES, tmp_path / "fixtures", ignore=shutil.ignore_patterns("__pycache__"))
+    run_console_block(block, tmp_path)
 
 
 def test_readme_sanitize_example_prints_what_it_shows(tmp_path, monkeypatch):

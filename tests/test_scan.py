@@ -59,12 +59,20 @@ def verdicts(report) -> dict[str, str]:
 
 
 @pytest.fixture(scope="module")
-def fixtures_report():
-    return surgery.scan([FIXTURES])
+def fixtures_copy(tmp_path_factory) -> Path:
+    """The fixtures as committed: other tests import make_fixtures, leaving a __pycache__ beside it."""
+    copy = tmp_path_factory.mktemp("scan") / "fixtures"
+    shutil.copytree(FIXTURES, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    return copy
+
+
+@pytest.fixture(scope="module")
+def fixtures_report(fixtures_copy):
+    return surgery.scan([fixtures_copy])
 
 
 def test_each_fixture_gets_its_verdict(fixtures_report):
-    found = {Path(p).relative_to(FIXTURES).as_posix(): v for p, v in verdicts(fixtures_report).items()}
+    found = {Path(p).name: v for p, v in verdicts(fixtures_report).items()}
     assert found["payload_os_system.pth"] == "danger"
     assert found["full_model.pth"] == "unsafe"
     assert found["numpy_extras.pth"] == "unsafe"
@@ -73,8 +81,8 @@ def test_each_fixture_gets_its_verdict(fixtures_report):
     assert fixtures_report.failed
 
 
-def test_sharded_and_dcp_folders_are_one_checkpoint_each(fixtures_report):
-    found = {Path(p).relative_to(FIXTURES).as_posix() for p in verdicts(fixtures_report)}
+def test_sharded_and_dcp_folders_are_one_checkpoint_each(fixtures_report, fixtures_copy):
+    found = {Path(p).relative_to(fixtures_copy).as_posix() for p in verdicts(fixtures_report)}
     assert "sharded_safetensors/model.safetensors.index.json" in found
     assert "sharded_bin/pytorch_model.bin.index.json" in found
     assert "dcp_sharded" in found
@@ -88,15 +96,17 @@ def test_files_that_are_not_checkpoints_are_skipped_and_counted(fixtures_report)
     assert "1 file skipped (not checkpoints)" in fixtures_report.summary()
 
 
-def test_the_worst_finding_is_on_the_checkpoints_line():
-    run = run_cli("scan", FIXTURES)
+def test_the_worst_finding_is_on_the_checkpoints_line(fixtures_copy):
+    run = run_cli("scan", fixtures_copy)
     assert run.exit_code == 1, run
     line = next(line for line in run.stdout.splitlines() if "payload_os_system.pth" in line)
-    assert line.startswith(f"danger   {FIXTURES}/payload_os_system.pth  torch-zip: global os.system (GLOBAL)")
+    assert line.startswith(
+        f"danger   {fixtures_copy}/payload_os_system.pth  torch-zip: global os.system (GLOBAL)"
+    )
     assert "os.system('echo surgery-fixture-payload')" in line
     unsafe = next(line for line in run.stdout.splitlines() if "full_model.pth" in line)
     assert unsafe.startswith("unsafe ") and unsafe.endswith("(and 6 more)")
-    assert f"safe     {FIXTURES}/tied.pth  torch-zip, 4 tensors" in run.stdout.splitlines()
+    assert f"safe     {fixtures_copy}/tied.pth  torch-zip, 4 tensors" in run.stdout.splitlines()
     summary = run.stdout.splitlines()[-1]
     assert summary.startswith("scanned 18 checkpoints in ")
     assert summary.endswith(": 1 danger, 2 unsafe, 15 safe; 1 file skipped (not checkpoints)")
@@ -305,8 +315,8 @@ def test_a_dcp_folder_that_cannot_be_read_is_one_error_not_its_files(tmp_path):
 # -- --json and --sarif -------------------------------------------------------------------------
 
 
-def test_json_is_one_document_with_every_verdict():
-    run = run_cli("scan", FIXTURES, "--json")
+def test_json_is_one_document_with_every_verdict(fixtures_copy):
+    run = run_cli("scan", fixtures_copy, "--json")
     assert run.exit_code == 1
     doc = json.loads(run.stdout)
     assert doc["surgery_json"] == 1

@@ -39,11 +39,16 @@ _LAZY = {
     "ConvertReport": "surgery.converting",
     "diff": "surgery.diffing",
     "DiffReport": "surgery.diffing",
+    "scan": "surgery.scanning",
+    "ScanReport": "surgery.scanning",
+    "ScanResult": "surgery.scanning",
+    "sanitize": "surgery.sanitizing",
+    "SanitizeReport": "surgery.sanitizing",
 }
 
 
 def __getattr__(name: str):
-    """The port, convert, diff and fine-tune calls, imported on first use: `import surgery` stays light."""
+    """The port, convert, diff, scan, sanitize and fine-tune calls, imported on first use: `import surgery` stays light."""
     if name in _LAZY:
         import importlib
 
@@ -62,6 +67,9 @@ __all__ = [
     "PortFailed",
     "PortReport",
     "PortRequest",
+    "SanitizeReport",
+    "ScanReport",
+    "ScanResult",
     "NotACheckpoint",
     "NotFound",
     "SurgeryError",
@@ -74,5 +82,7 @@ __all__ = [
     "open_checkpoint",
     "port",
     "port_file",
+    "sanitize",
+    "scan",
     "set_lr",
 ]

@@ -590,6 +590,76 @@ def _stderr_console():
     return Console(stderr=True)
 
 
+@app.command()
+@handles_errors
+def scan(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint files, folders (walked), *.index.json, DCP folders, the Hub cache.",
+            show_default=False,
+        ),
+    ],
+    sarif: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--sarif", help="Also write the findings as SARIF 2.1.0 (GitHub code scanning) here."),
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The safety verdict of every checkpoint under PATHS: one line each, then a summary.
+
+    Nothing is run or imported from the files, and torch is not loaded. Exit code 1
+    when any checkpoint is dangerous, unsafe, corrupt or unreadable; 0 when all are safe.
+    """
+    from surgery import report
+    from surgery.scanning import scan as run_scan
+    from surgery.scanning import write_sarif
+
+    result = run_scan(paths)
+    if sarif is not None:
+        write_sarif(result, sarif)
+    if json_out:
+        typer.echo(report.dumps(result.to_json()))
+    elif _use_rich():
+        from rich.console import Console
+
+        report.render_scan_rich(result, Console())
+    else:
+        sys.stdout.write(report.render_scan_plain(result))
+    if result.failed:
+        raise typer.Exit(1)
+
+
+@app.command()
+@handles_errors
+def sanitize(
+    source: Annotated[
+        Path, typer.Argument(help="A torch file (zip, legacy, tar) or a plain pickle.", show_default=False)
+    ],
+    out: Annotated[
+        Path,
+        typer.Option("--out", "-o", help="The torch file to write: torch.load(weights_only=True) reads it."),
+    ],
+    dry_run: Annotated[
+        bool, typer.Option("--dry-run", help="Report what would change; write nothing.")
+    ] = False,
+    force: Annotated[bool, typer.Option("--force", help="Replace an existing OUT.")] = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite a checkpoint as tensors and plain data only, so weights_only loading accepts it.
+
+    Tensors are copied bit for bit; other objects become plain values or are dropped, each
+    reported. Nothing in the file is run.
+    """
+    from surgery import report
+    from surgery.sanitizing import sanitize as run_sanitize
+
+    result = run_sanitize(source, out, force=force, dry_run=dry_run)
+    _show(result, report.sanitize_rows, json_out)
+
+
 def run() -> None:
     """Console-script entry point."""
     app(prog_name="surgery")

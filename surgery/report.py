@@ -24,6 +24,8 @@ if TYPE_CHECKING:
     from surgery.converting import ConvertReport
     from surgery.diffing import Difference, DiffReport
     from surgery.models.finetune import FinetuneSummary
+    from surgery.sanitizing import SanitizeReport
+    from surgery.scanning import ScanReport
 
 JSON_VERSION = 1
 
@@ -429,7 +431,7 @@ def render_port_rich(report: PortReport, console: Console) -> None:
     render_rows_rich(port_lines(report), console)
 
 
-WARNING_LABELS = ("mismatched", "missing", "unexpected", "only in A", "only in B", "differ")
+WARNING_LABELS = ("mismatched", "missing", "unexpected", "only in A", "only in B", "differ", "dropped")
 
 
 def render_rows_rich(rows: list[tuple[str, list[str]]], console: Console) -> None:
@@ -518,3 +520,60 @@ def _dtype_lines(found: list[Difference]) -> list[str]:
                 )
         lines.append(line)
     return lines
+
+
+# -- scan ---------------------------------------------------------------------
+def scan_lines(report: ScanReport) -> list[tuple[str, str]]:
+    """(verdict, line) for each checkpoint, each file named on the command line that was
+    skipped, then the summary (verdict "")."""
+    lines: list[tuple[str, str]] = []
+    for r in report.results:
+        what = f"{r.format}: " if r.format and r.verdict != "safe" else f"{r.format}, " if r.format else ""
+        lines.append((r.verdict, f"{r.verdict:<8} {printable(r.path)}  {what}{printable(r.reason)}"))
+    for s in report.skipped:
+        if s.named:
+            lines.append(("skipped", f"{'skipped':<8} {printable(s.path)}  {printable(s.reason)}"))
+    lines.append(("", report.summary()))
+    return lines
+
+
+def render_scan_plain(report: ScanReport) -> str:
+    return "\n".join(line for _, line in scan_lines(report)) + "\n"
+
+
+_VERDICT_STYLE = {
+    "danger": "bold red",
+    "unsafe": "red",
+    "corrupt": "magenta",
+    "error": "magenta",
+    "safe": "green",
+    "skipped": "dim",
+    "": "bold",
+}
+
+
+def render_scan_rich(report: ScanReport, console: Console) -> None:
+    from rich.text import Text
+
+    for verdict, line in scan_lines(report):
+        text = Text(line)
+        text.stylize(_VERDICT_STYLE[verdict], 0, len(verdict) if verdict else len(line))
+        console.print(text, soft_wrap=True)
+
+
+def sanitize_rows(report: SanitizeReport) -> list[tuple[str, list[str]]]:
+    """The rows of the `surgery sanitize` report, summary first, then each change."""
+    rows: list[tuple[str, list[str]]] = [("summary", [report.summary()])]
+    rows.append(("source", [f"{printable(report.source)} ({report.source_format})"]))
+    state = "torch.load(weights_only=True) reads it" if report.written else "not written (--dry-run)"
+    rows.append(("output", [f"{printable(report.output)}: {state}"]))
+    rows.append(
+        ("kept", [f"{plural(report.tensors, 'tensor')} in {plural(report.storages, 'storage')}, bit for bit"])
+    )
+    made = [printable(f"{c.where}: {c.what} -> {c.became}") for c in report.made_plain]
+    if made:
+        rows.append(("plain", _capped(made)))
+    dropped = [printable(f"{c.where}: {c.what} -> {c.became}") for c in report.dropped]
+    if dropped:
+        rows.append(("dropped", _capped(dropped)))
+    return rows

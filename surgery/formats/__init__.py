@@ -99,6 +99,14 @@ def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
         from surgery.formats.sharded import scan_index
 
         return scan_index(path, lambda p, index: _scan(p, verify, shard_of=index))
+    if kind == "tar":
+        from surgery.formats.torch_tar import scan_tar
+
+        return scan_tar(path, data)
+    if kind in ("npy", "npz"):
+        from surgery.formats.numpy_file import scan_npy, scan_npz
+
+        return scan_npy(path, data) if kind == "npy" else scan_npz(path, data)
     from surgery.formats.legacy import scan_pickle
 
     return scan_pickle(path, data)

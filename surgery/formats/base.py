@@ -174,7 +174,9 @@ def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:
         (reader kinds, what the bytes are when no reader accepts them).
     """
     if head.startswith((b"PK\x03\x04", b"PK\x05\x06")):
-        return ["zip"], None
+        return ["zip", "npz"], None
+    if head.startswith(b"\x93NUMPY"):
+        return ["npy"], None
     maybe_pickle = ["pickle"] if head[:1] and head[0] in PICKLE_OPCODE_BYTES else []
     stripped = head.lstrip()
     # A safetensors length field holds zero or other non-text bytes; a JSON index is text.
@@ -188,7 +190,7 @@ def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:
         if head.startswith(magic) or stripped.lower().startswith(magic):
             return maybe_pickle, what
     if len(head) > 262 and head[257:262] == b"ustar":
-        return maybe_pickle, "a tar archive: the torch < 0.4 checkpoint format, not supported"
+        return ["tar", *maybe_pickle], None  # torch.save of PyTorch <= 0.3, or some other archive
     return maybe_pickle, f"not a checkpoint format surgery knows (first bytes: {head[:8].hex(' ')})"
 
 
@@ -198,7 +200,6 @@ _NOT_CHECKPOINTS = (
     (b"<html", "an HTML page, not a checkpoint: probably a failed download"),
     (b"GGUF", "a GGUF file (llama.cpp), not a PyTorch checkpoint"),
     (b"\x89HDF\r\n\x1a\n", "an HDF5 file (Keras .h5), not a PyTorch checkpoint"),
-    (b"\x93NUMPY", "a NumPy .npy array, not a PyTorch checkpoint"),
     (b"\x1f\x8b", "gzip-compressed: decompress it first (gunzip)"),
     (b"\x08\x03\x12", "probably an ONNX model, not a PyTorch checkpoint"),
 )

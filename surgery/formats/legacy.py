@@ -14,6 +14,7 @@ from pathlib import Path
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
+from surgery.formats.numpy_pickle import NumpyArrays
 from surgery.formats.torch_pickle import KNOWN, DataLocation, StorageTable
 from surgery.safety import findings_for
 from surgery.values import Finding
@@ -126,8 +127,9 @@ def scan_pickle(path: Path, data: memoryview) -> Scan:
     otherwise a plain pickle read for its globals and any tensors."""
     where = str(path)
     table = StorageTable()
+    arrays = NumpyArrays()  # plain pickles (detectron2's .pkl) hold numpy arrays: read as tensors
     try:
-        result = pickle_vm.run(data, known=KNOWN, persistent_load=table)
+        result = pickle_vm.run(data, known={**KNOWN, **arrays.known}, persistent_load=table)
     except pickle_vm.PickleError as exc:
         # Failing within its first bytes before calling anything: these bytes are not a pickle.
         if exc.offset < 64 and not exc.partial.calls:  # type: ignore[attr-defined]
@@ -138,6 +140,7 @@ def scan_pickle(path: Path, data: memoryview) -> Scan:
     if result.value == MAGIC_NUMBER and not result.globals and not table.storages:
         return scan_legacy(path, data)
     findings = findings_for(result, where, known=KNOWN)
+    findings.extend(arrays.place(path, where))
     if result.end < len(data):
         findings.append(Finding("notice", f"{len(data) - result.end} bytes follow the pickle's STOP", where))
     findings.extend(check_storages(result.value, table.storages, where, {}))

@@ -19,6 +19,7 @@ from typing import TYPE_CHECKING
 
 from surgery.errors import CorruptCheckpoint, UnsupportedTensor
 from surgery.formats.base import tensor_problem
+from surgery.formats.numpy_pickle import PickledBytes
 from surgery.formats.torch_pickle import DataLocation, StorageRef, TensorRef
 
 if TYPE_CHECKING:
@@ -140,6 +141,8 @@ class TensorReader:
 
         if data.size == 0:
             return torch.empty(0, dtype=torch.uint8)
+        if isinstance(data, PickledBytes):  # held in memory: the file holds them re-encoded
+            return torch.frombuffer(bytearray(data.raw), dtype=torch.uint8)
         if data.member is not None:  # a compressed zip member: inflate it
             with zipfile.ZipFile(data.path) as zf:
                 return torch.frombuffer(bytearray(zf.read(data.member)), dtype=torch.uint8)

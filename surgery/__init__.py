@@ -12,7 +12,7 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from surgery.checkpoint import Checkpoint, Extra, TensorInfo, open_checkpoint
+from surgery.formats.checkpoint import Checkpoint, Extra, TensorInfo, open_checkpoint
 from surgery.errors import (
     CorruptCheckpoint,
     NotACheckpoint,
@@ -27,7 +27,7 @@ _LAZY = {
     "port": "surgery.commands.port",
     "PortReport": "surgery.commands.port",
     "PortFailed": "surgery.commands.port",
-    "PortOptions": "surgery.commands.port",
+    "PortOptions": "surgery.plans.match",
     "PortRequest": "surgery.commands.port",
     "port_file": "surgery.commands.port",
     "KeyRules": "surgery.plans.keys",
@@ -35,15 +35,15 @@ _LAZY = {
     "Ready": "surgery.models.recipe",
     "Recipe": "surgery.models.recipe",
     "set_lr": "surgery.models.finetune",
-    "convert": "surgery.converting",
-    "ConvertReport": "surgery.converting",
-    "diff": "surgery.diffing",
-    "DiffReport": "surgery.diffing",
-    "scan": "surgery.scanning",
-    "ScanReport": "surgery.scanning",
-    "ScanResult": "surgery.scanning",
-    "sanitize": "surgery.sanitizing",
-    "SanitizeReport": "surgery.sanitizing",
+    "convert": "surgery.commands.convert",
+    "ConvertReport": "surgery.commands.convert",
+    "diff": "surgery.commands.diff",
+    "DiffReport": "surgery.commands.diff",
+    "scan": "surgery.commands.scan",
+    "ScanReport": "surgery.commands.scan",
+    "ScanResult": "surgery.commands.scan",
+    "sanitize": "surgery.commands.sanitize",
+    "SanitizeReport": "surgery.commands.sanitize",
 }
 
 

@@ -18,7 +18,7 @@ from surgery.errors import SurgeryError
 from surgery.values import Finding
 
 LIBRARY_TARGETS = ("torchvision", "timm")
-RECIPE_KEY = "surgery.models.recipe"
+RECIPE_KEY = "surgery.recipe"
 # Builder keywords that make a library load a file or download one: never taken,
 # whoever names them (surgery loads weights itself, from their bytes).
 LOADING_KWARGS = {

@@ -680,12 +680,12 @@ def test_verify_counts_every_tensor(resnet, tmp_path):
 
 def test_verify_failure_leaves_nothing(resnet, tmp_path, monkeypatch):
     """A re-read that does not match: the output is never put in place."""
-    from surgery import converting
+    from surgery.commands import convert as converting
 
     _, paths, _, _ = resnet
     out_dir = tmp_path / "out"
     out_dir.mkdir()
-    monkeypatch.setattr("surgery.diffing.same_tensor", lambda *a, **k: False)
+    monkeypatch.setattr("surgery.commands.diff.same_tensor", lambda *a, **k: False)
     for out, extra in ((out_dir / "v.safetensors", {}), (out_dir / "sh", {"shard_size": "10MB"})):
         with pytest.raises(surgery.SurgeryError, match="verify: tensor"):
             converting.convert(paths["safetensors"], out, verify=True, **extra)
@@ -1027,7 +1027,7 @@ def test_source_truncated_after_opening(tmp_path, monkeypatch):
     """The file shrinks between the header read and the copy: an error, nothing left."""
     src = tmp_path / "s.safetensors"
     shutil.copyfile(FIXTURES / "tiny.safetensors", src)
-    from surgery import checkpoint
+    from surgery.formats import checkpoint
 
     real = checkpoint.open_trusted
 
@@ -1037,7 +1037,7 @@ def test_source_truncated_after_opening(tmp_path, monkeypatch):
             f.truncate(src.stat().st_size - 2000)
         return ckpt
 
-    monkeypatch.setattr("surgery.converting.open_trusted", shrinking)
+    monkeypatch.setattr("surgery.commands.convert.open_trusted", shrinking)
     out = tmp_path / "out" / "o.safetensors"
     out.parent.mkdir()
     with pytest.raises(surgery.SurgeryError, match="truncated|ends"):

@@ -56,7 +56,7 @@ def resnet(tmp_path_factory):
     return folder, paths, sd
 
 
-def one(report) -> surgery.diffing.Difference:
+def one(report) -> surgery.commands.diff.Difference:
     assert len(report.differences) == 1, report.differences
     return report.differences[0]
 
@@ -169,7 +169,7 @@ def test_value_difference_numbers(tmp_path):
 
 def test_value_difference_across_chunks(tmp_path):
     """A tensor over diffing.CHUNK elements: the difference sits in the second piece."""
-    from surgery.diffing import CHUNK
+    from surgery.commands.diff import CHUNK
 
     n = CHUNK + 1000
     a_t = torch.zeros(n)

@@ -48,7 +48,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 import surgery
-from surgery import report
+from surgery.commands.inspect import InspectReport
+from surgery.render import rows
+from surgery.render.json import dumps
+from surgery.render.reports import page_of
 
 WATCHDOG_SECONDS = 20
 EXAMPLES = 300
@@ -193,9 +196,9 @@ def exercise(path: Path) -> surgery.Checkpoint | surgery.SurgeryError:
     except surgery.SurgeryError as exc:
         assert isinstance(exc.message, str) and str(exc)
         return exc
-    doc = report.inspect_json(ckpt)
-    assert report.dumps(doc).isascii()
-    text = report.render_plain(report.inspect_view(ckpt), report.safety_line(ckpt))
+    inspected = InspectReport(ckpt)
+    assert dumps(inspected.to_json()).isascii()
+    text = rows.plain(page_of(inspected))
     assert all(c.isprintable() or c == "\n" for c in text), "a name reaches the terminal unescaped"
     repr(ckpt)
     assert isinstance(ckpt.safe, bool)

@@ -18,7 +18,10 @@ import torch
 from conftest import assert_clean_error, run_cli, run_subprocess
 from safetensors.torch import save_file
 
-from surgery import open_checkpoint, report, text
+from surgery import open_checkpoint, text
+from surgery.commands.inspect import InspectReport
+from surgery.render import rows
+from surgery.render.reports import page_of
 
 ANSI = "\x1b[2J\x1b[Hconv.weight"  # clear the screen, cursor home
 SURROGATE = "w\ud800"  # torch.save writes it, torch.load reads it back
@@ -109,8 +112,8 @@ def test_rich_reports_print_names_escaped_and_never_as_markup(tmp_path):
     ckpt = open_checkpoint(path)
     out = io.StringIO()
     console = Console(file=out, force_terminal=True, width=200)
-    report.render_rich(report.inspect_view(ckpt), report.safety_line(ckpt), console)
-    report.render_rows_rich([("only in A", [*HOSTILE, "[/bold]"])], console)
+    rows.rich(page_of(InspectReport(ckpt)), console)
+    rows.rich(rows.Page([("only in A", [*HOSTILE, "[/bold]"])]), console)
     text = out.getvalue()
     assert "\x1b[2J" not in text and "\ud800" not in text and "\u202e" not in text
     assert "[/bold]" in text and "[link=https://example.com]x" in text

@@ -327,12 +327,12 @@ def test_a_pkl_member_beside_data_pkl_is_scanned(tmp_path):
 
 # -- diff's internal-error line names its files --------------------------------------------------
 def test_an_internal_error_in_diff_names_both_files(tmp_path, plain_file, monkeypatch):
-    import surgery.diffing
+    import surgery.commands.diff
 
     def broken(*args: Any, **kwargs: Any) -> Any:  # a bug injected after both files are open
         raise RuntimeError("injected")
 
-    monkeypatch.setattr(surgery.diffing, "_aligned", broken)
+    monkeypatch.setattr(surgery.commands.diff, "_aligned", broken)
     other = tmp_path / "other.safetensors"
     other.write_bytes(plain_file.read_bytes())
     run = run_cli("diff", plain_file, other)

@@ -13,7 +13,10 @@ from pathlib import Path
 import pytest
 from conftest import FIXTURES, run_cli, run_subprocess
 
-from surgery import open_checkpoint, report
+from surgery import open_checkpoint
+from surgery.commands.inspect import InspectReport
+from surgery.render import rows
+from surgery.render.reports import page_of
 
 ANSI = re.compile(r"\x1b\[")
 
@@ -265,7 +268,7 @@ def test_rich_output_on_a_terminal_draws_a_coloured_tree():
     ckpt = open_checkpoint(FIXTURES / "imagenet_example.pth.tar")
     buffer = io.StringIO()
     console = Console(file=buffer, force_terminal=True, color_system="truecolor", width=100)
-    report.render_rich(report.inspect_view(ckpt), report.safety_line(ckpt), console)
+    rows.rich(page_of(InspectReport(ckpt)), console)
     out = buffer.getvalue()
     assert ANSI.search(out)
     plain = re.sub(r"\x1b\[[0-9;]*m", "", out)
@@ -278,9 +281,7 @@ def test_rich_depth_folds_like_plain_text():
 
     ckpt = open_checkpoint(FIXTURES / "tiny_state_dict.pth")
     buffer = io.StringIO()
-    report.render_rich(
-        report.inspect_view(ckpt, depth=1), report.safety_line(ckpt), Console(file=buffer, width=100)
-    )
+    rows.rich(page_of(InspectReport(ckpt, depth=1)), Console(file=buffer, width=100))
     assert "layer1" in buffer.getvalue() and "[16, 8, 3, 3]" not in buffer.getvalue()
 
 

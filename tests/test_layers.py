@@ -31,7 +31,6 @@ LAYERS = {
     "surgery.trust": 0,
     "surgery.formats": 1,
     "surgery.writers": 1,
-    "surgery.checkpoint": 1,  # the opened file: the top of the formats layer
     "surgery.plans": 2,
     "surgery.models": 3,
     "surgery.frozen_bn": 3,  # stays where pickled models name it

@@ -108,7 +108,7 @@ def test_an_object_npy_whose_pickle_runs_code_is_danger_and_never_runs(tmp_path)
     assert any(f.severity == "danger" and "system" in f.message for f in ckpt.findings)
     for run in (run_cli("scan", path), run_subprocess("scan", path)):
         assert run.exit_code == 1
-        assert run.stdout.startswith(f"danger   {path}  npy: global posix.system")
+        assert run.stdout.startswith(f"  danger   {path}  npy: global posix.system")
     assert not marker.exists()
 
 

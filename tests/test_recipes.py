@@ -220,7 +220,7 @@ def test_feature_extractor_report_and_inspect_show_the_plan(feature_extractor):
 
 def test_feature_extractor_recipe_in_the_metadata(feature_extractor):
     out, _ = feature_extractor
-    recipe = json.loads(metadata(out)["surgery.models.recipe"])
+    recipe = json.loads(metadata(out)["surgery.recipe"])
     assert recipe["target"] == "torchvision:resnet18"
     assert recipe["edits"] == [{"op": "num_classes", "value": 2}]
     assert recipe["finetune"]["freeze"] == [["freeze", "*"], ["unfreeze", "fc.*"]]
@@ -831,7 +831,7 @@ def test_recipe_file_gives_what_the_flags_give(resnet, tmp_path):
         assert torch.equal(a[k], b[k]), k  # fresh keys are zeros (--init zeros), the rest loaded
     assert not a["fc.1.weight"].any()
     meta_a, meta_b = metadata(by_flags), metadata(by_file)
-    assert meta_a["surgery.models.recipe"] == meta_b["surgery.models.recipe"]
+    assert meta_a["surgery.recipe"] == meta_b["surgery.recipe"]
     assert doc_flags["finetune"] == doc_file["finetune"]
     assert doc_flags["edits"] == doc_file["edits"]
 

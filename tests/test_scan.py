@@ -23,7 +23,7 @@ from conftest import FIXTURES, ROOT, run_cli, run_subprocess, torch_save_bytes
 from safetensors.torch import save_file
 
 import surgery
-from surgery.scanning import SARIF_RULES
+from surgery.commands.scan import SARIF_RULES
 
 STATE = {"conv.weight": torch.arange(24, dtype=torch.float32).reshape(2, 3, 2, 2), "conv.bias": torch.ones(2)}
 
@@ -101,14 +101,14 @@ def test_the_worst_finding_is_on_the_checkpoints_line(fixtures_copy):
     assert run.exit_code == 1, run
     line = next(line for line in run.stdout.splitlines() if "payload_os_system.pth" in line)
     assert line.startswith(
-        f"danger   {fixtures_copy}/payload_os_system.pth  torch-zip: global os.system (GLOBAL)"
+        f"  danger   {fixtures_copy}/payload_os_system.pth  torch-zip: global os.system (GLOBAL)"
     )
     assert "os.system('echo surgery-fixture-payload')" in line
     unsafe = next(line for line in run.stdout.splitlines() if "full_model.pth" in line)
-    assert unsafe.startswith("unsafe ") and unsafe.endswith("(and 6 more)")
-    assert f"safe     {fixtures_copy}/tied.pth  torch-zip, 4 tensors" in run.stdout.splitlines()
+    assert unsafe.startswith("  unsafe ") and unsafe.endswith("(and 6 more)")
+    assert f"  safe     {fixtures_copy}/tied.pth  torch-zip, 4 tensors" in run.stdout.splitlines()
     summary = run.stdout.splitlines()[-1]
-    assert summary.startswith("scanned 18 checkpoints in ")
+    assert summary.startswith("  summary  scanned 18 checkpoints in ")
     assert summary.endswith(": 1 danger, 2 unsafe, 15 safe; 1 file skipped (not checkpoints)")
     assert run.stderr == ""
 
@@ -120,8 +120,8 @@ def test_only_safe_checkpoints_exit_0(tmp_path):
     for run in (run_cli("scan", tmp_path), run_subprocess("scan", tmp_path)):
         assert run.exit_code == 0, run
         assert run.stdout.splitlines()[:2] == [
-            f"safe     {tmp_path}/a.pt  torch-zip, 2 tensors",
-            f"safe     {tmp_path}/b.safetensors  safetensors, 2 tensors",
+            f"  safe     {tmp_path}/a.pt  torch-zip, 2 tensors",
+            f"  safe     {tmp_path}/b.safetensors  safetensors, 2 tensors",
         ]
         assert run.stdout.splitlines()[2].endswith(": 2 safe; 1 file skipped (not checkpoints)")
 
@@ -132,7 +132,7 @@ def test_a_payload_is_danger_and_never_runs(tmp_path):
     prove_payload_runs(path, marker)
     for run in (run_cli("scan", path), run_subprocess("scan", path)):
         assert run.exit_code == 1
-        assert run.stdout.startswith(f"danger   {path}  torch-zip: global posix.system")
+        assert run.stdout.startswith(f"  danger   {path}  torch-zip: global posix.system")
     assert surgery.scan([tmp_path]).results[0].verdict == "danger"
     assert not marker.exists()
 
@@ -140,7 +140,7 @@ def test_a_payload_is_danger_and_never_runs(tmp_path):
 def test_an_empty_folder_scans_nothing_and_passes(tmp_path):
     run = run_cli("scan", tmp_path)
     assert run.exit_code == 0
-    assert run.stdout.startswith("scanned 0 checkpoints in ")
+    assert run.stdout.startswith("  summary  scanned 0 checkpoints in ")
 
 
 # -- what cannot be read is answered, never a crash ----------------------------------------------
@@ -152,8 +152,8 @@ def test_a_truncated_checkpoint_is_corrupt_and_fails(tmp_path):
     torch.save(STATE, tmp_path / "whole.pt")
     run = run_cli("scan", tmp_path)
     assert run.exit_code == 1
-    assert run.stdout.startswith(f"corrupt  {tmp_path}/cut.pt  damaged or truncated zip archive")
-    assert f"safe     {tmp_path}/whole.pt  torch-zip, 2 tensors" in run.stdout
+    assert run.stdout.startswith(f"  corrupt  {tmp_path}/cut.pt  damaged or truncated zip archive")
+    assert f"  safe     {tmp_path}/whole.pt  torch-zip, 2 tensors" in run.stdout
 
 
 def test_a_payload_before_the_damage_still_decides_the_verdict(tmp_path):
@@ -173,9 +173,9 @@ def test_a_missing_path_and_a_missing_shard_are_errors(tmp_path):
     run = run_cli("scan", tmp_path, tmp_path / "nowhere.pt")
     assert run.exit_code == 1
     lines = run.stdout.splitlines()
-    assert f"error    {tmp_path}/nowhere.pt  no such file or folder" in lines
+    assert f"  error    {tmp_path}/nowhere.pt  no such file or folder" in lines
     assert (
-        f"error    {tmp_path}/model.safetensors.index.json  the index names shard 'gone.safetensors', which is missing"
+        f"  error    {tmp_path}/model.safetensors.index.json  the index names shard 'gone.safetensors', which is missing"
         in lines
     )
 
@@ -185,7 +185,7 @@ def test_a_fifo_is_skipped_without_being_opened(tmp_path):
     torch.save(STATE, tmp_path / "a.pt")
     run = run_subprocess("scan", tmp_path, tmp_path / "pipe.pt")  # would block forever if opened
     assert run.exit_code == 0, run
-    assert f"skipped  {tmp_path}/pipe.pt  not a regular file (a FIFO)" in run.stdout.splitlines()
+    assert f"  skipped  {tmp_path}/pipe.pt  not a regular file (a FIFO)" in run.stdout.splitlines()
     assert "; 2 files skipped" in run.stdout  # the named one and the one in the folder, once each
 
 
@@ -194,7 +194,7 @@ def test_a_named_file_that_is_not_a_checkpoint_says_why(tmp_path):
     run = run_cli("scan", tmp_path / "model.bin")
     assert run.exit_code == 0
     assert run.stdout.splitlines()[0] == (
-        f"skipped  {tmp_path}/model.bin  a Git LFS pointer, not the weights: run `git lfs pull` to fetch the file"
+        f"  skipped  {tmp_path}/model.bin  a Git LFS pointer, not the weights: run `git lfs pull` to fetch the file"
     )
 
 
@@ -202,7 +202,7 @@ def test_control_characters_in_names_are_printed_escaped(tmp_path):
     torch.save(STATE, tmp_path / "evil\x1b[31m.pt")
     run = run_cli("scan", tmp_path)
     assert "\x1b" not in run.stdout
-    assert f"safe     {tmp_path}/evil\\x1b[31m.pt  torch-zip, 2 tensors" in run.stdout
+    assert f"  safe     {tmp_path}/evil\\x1b[31m.pt  torch-zip, 2 tensors" in run.stdout
 
 
 # -- symlinks and the Hugging Face Hub cache -----------------------------------------------------
@@ -365,7 +365,7 @@ def test_sarif_holds_what_github_code_scanning_requires(tmp_path, monkeypatch):
     out = tmp_path / "scan.sarif"
     run = run_cli("scan", "fixtures", "--sarif", out)
     assert run.exit_code == 1
-    assert run.stdout.splitlines()[-1].startswith("scanned 18 checkpoints")  # the lines as usual
+    assert run.stdout.splitlines()[-1].startswith("  summary  scanned 18 checkpoints")  # the lines as usual
     doc = json.loads(out.read_text())
     check_sarif_for_github(doc)
     results = doc["runs"][0]["results"]

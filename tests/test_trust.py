@@ -43,7 +43,7 @@ def tiny_weights() -> dict[str, torch.Tensor]:
 
 
 def safetensors_with_recipe(path: Path, text: str) -> Path:
-    save_file(tiny_weights(), str(path), metadata={"surgery.models.recipe": text})
+    save_file(tiny_weights(), str(path), metadata={"surgery.recipe": text})
     return path
 
 
@@ -56,7 +56,7 @@ def torch_zip_with_recipe(path: Path, text: str) -> Path:
     with zipfile.ZipFile(path, "w", zipfile.ZIP_STORED) as zf:
         for info in src.infolist():
             zf.writestr(info, src.read(info))
-        zf.writestr(f"{archive}/.data/surgery.json", json.dumps({"surgery.models.recipe": text}))
+        zf.writestr(f"{archive}/.data/surgery.json", json.dumps({"surgery.recipe": text}))
     return path
 
 
@@ -124,7 +124,7 @@ def test_the_280_byte_file_of_the_report(in_tmp):
     save_file(
         {"w": torch.zeros(1)},
         str(path),
-        metadata={"surgery.models.recipe": json.dumps({"target": RUN_TARGET})},
+        metadata={"surgery.recipe": json.dumps({"target": RUN_TARGET})},
     )
     assert path.stat().st_size < 400
     with pytest.raises(Untrusted):

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
-from surgery.checkpoint import Checkpoint, open_checkpoint, open_trusted
+from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.commands.requests import read_fields
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.tensors import same_bytes

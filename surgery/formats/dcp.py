@@ -38,7 +38,7 @@ from surgery.formats.torch_pickle import (
     describe_value,
 )
 from surgery.formats.torchzip import scan_zip
-from surgery.safety import findings_for
+from surgery.formats.safety import findings_for
 from surgery.values import Finding
 
 METADATA_NAME = ".metadata"

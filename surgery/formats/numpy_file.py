@@ -29,7 +29,7 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
 )
 from surgery.formats.torchzip import Member, _member_bytes, _read_local_header, _Window
-from surgery.safety import Finding, findings_for
+from surgery.formats.safety import Finding, findings_for
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 1 << 20  # numpy itself refuses headers over 10,000 bytes unless told otherwise

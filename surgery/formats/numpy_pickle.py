@@ -8,7 +8,7 @@ and BUILDs it with `(version, shape, dtype, fortran, data)`; protocol 5 writes
 so in a plain pickle (a detectron2 `.pkl`, an `.npy` object array) they are modelled
 here as torch's rebuild functions are: a numeric array becomes a `TensorRef` over its
 bytes, a scalar its Python value. Nothing of numpy is imported, and any other numpy
-global stays an unknown one for `surgery.safety` to judge.
+global stays an unknown one for `surgery.formats.safety` to judge.
 
 In torch files these globals remain findings: `torch.load(weights_only=True)` refuses them.
 """
@@ -34,7 +34,7 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
     describe_value,
 )
-from surgery.safety import Finding
+from surgery.formats.safety import Finding
 
 # numpy's dtype codes (kind + size) that torch has a dtype for.
 NUMPY_DTYPES: dict[str, str] = {

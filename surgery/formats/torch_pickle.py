@@ -5,7 +5,7 @@ The known table maps every global torch's own `weights_only` loader allows
 plain-data classes) to stand-ins that record a tensor's storage, offset, shape,
 stride and dtype, or an object's arguments and state. Nothing named is ever
 imported. Everything else a pickle names stays an unknown `Global` for
-`surgery.safety` to judge. `DIFFERENCES_FROM_TORCH` lists, with the reason, each
+`surgery.formats.safety` to judge. `DIFFERENCES_FROM_TORCH` lists, with the reason, each
 name where this table and torch's differ; tests/test_allowlist.py keeps it exact.
 """
 

@@ -39,7 +39,7 @@ from surgery.formats.torch_pickle import (
     checked_numel,
 )
 from surgery.formats.torchzip import _Window
-from surgery.safety import Finding, findings_for
+from surgery.formats.safety import Finding, findings_for
 
 MEMBERS = ("sys_info", "storages", "tensors", "pickle")
 MAX_COUNT = 10_000_000  # storages or tensors: far beyond any model, far below exhausting memory

@@ -13,7 +13,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
-    from surgery.checkpoint import Checkpoint
+    from surgery.formats.checkpoint import Checkpoint
     from surgery.models.targets import Target
     from surgery.plans.match import PortPlan
 

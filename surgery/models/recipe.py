@@ -93,7 +93,7 @@ def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
         >>> optimizer = torch.optim.SGD(ready.param_groups, lr=1e-3, momentum=0.9)
         >>> surgery.set_lr(optimizer, "head", 1e-4)  # later, keeping the momentum
     """
-    from surgery.checkpoint import open_checkpoint, open_trusted
+    from surgery.formats.checkpoint import open_checkpoint, open_trusted
     from surgery.models.edit import apply
     from surgery.models.finetune import apply_freeze, param_groups, summarize
     from surgery.models.targets import build_target

@@ -30,7 +30,7 @@ from surgery.values import Entry, ties
 if TYPE_CHECKING:
     from torch import nn
 
-    from surgery.checkpoint import Checkpoint
+    from surgery.formats.checkpoint import Checkpoint
 
 
 @dataclass
@@ -145,7 +145,7 @@ def refuse_lazy(module: nn.Module, where: object) -> None:
 
 
 def _from_template(spec: str, path: Path) -> Target:
-    from surgery.checkpoint import open_checkpoint
+    from surgery.formats.checkpoint import open_checkpoint
 
     template = open_checkpoint(path)
     entries = [Entry(t.name, t.shape, t.dtype) for t in template.tensors]

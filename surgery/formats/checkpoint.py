@@ -30,7 +30,7 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
 )
 from surgery.names import common_prefix
-from surgery.safety import blocking
+from surgery.formats.safety import blocking
 from surgery.trust import recipe_findings
 from surgery.values import Finding
 

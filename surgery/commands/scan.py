@@ -31,7 +31,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import NotACheckpoint, SurgeryError
-from surgery.safety import Finding
+from surgery.formats.safety import Finding
 
 VERDICTS = ("danger", "unsafe", "corrupt", "error", "safe")
 FAILING = frozenset({"danger", "unsafe", "corrupt", "error"})
@@ -373,7 +373,7 @@ def _rank(target: _Target) -> tuple[int, int, str]:
 
 def _read(target: _Target) -> ScanResult | Skipped:
     """The verdict on one target. Every failure is an answer, never an exception."""
-    from surgery.checkpoint import open_checkpoint
+    from surgery.formats.checkpoint import open_checkpoint
 
     shown = str(target.path)
     try:

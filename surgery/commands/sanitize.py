@@ -60,7 +60,7 @@ from surgery.formats.torch_pickle import (
     Unsupported,
     is_module_state,
 )
-from surgery.safety import classify
+from surgery.formats.safety import classify
 
 SOURCES = ("torch-zip", "torch-legacy", "torch-tar", "pickle")
 # Read again with OrderedDict unmodelled: it comes back as a call whose items and state
@@ -116,7 +116,7 @@ class SanitizeReport:
 
     def summary(self) -> str:
         """`wrote 14 tensors (6.4 KiB) in 0.01 s; 3 objects made plain, 1 dropped`."""
-        from surgery.report import human_bytes
+        from surgery.text import human_bytes
 
         tensors = f"{self.tensors} tensor{'' if self.tensors == 1 else 's'} ({human_bytes(self.bytes_out)})"
         text = (

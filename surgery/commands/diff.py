@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
+from surgery.formats.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.names import wrapper_prefixes
 from surgery.plans import keys
 

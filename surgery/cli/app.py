@@ -1,0 +1,111 @@
+"""The Typer app, its entry point, and the one way errors reach the terminal.
+
+Errors become one line on stderr, `error: <file>: <what is wrong>`, with the exit
+code of the error type; a library parameter at fault is shown as the flag it came
+from (`strip_prefix` -> `--strip-prefix`); a traceback only with `--debug`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from functools import wraps
+from typing import Annotated, Any, Optional
+
+import typer
+
+from surgery import __version__
+from surgery.errors import BadArgument, SurgeryError
+
+app = typer.Typer(
+    add_completion=False,
+    no_args_is_help=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,  # click's plain help: no rich import for --help (start-up)
+    help="Inspect, port and operate on PyTorch checkpoints, safely.",
+)
+
+
+def _version(value: bool) -> None:
+    if value:
+        typer.echo(f"surgery {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def main(
+    version: Annotated[
+        Optional[bool],  # noqa: UP045 - typer reads the annotation at run time
+        typer.Option("--version", callback=_version, is_eager=True, help="Print the version and exit."),
+    ] = None,
+) -> None:
+    """Inspect, port and operate on PyTorch checkpoints, safely."""
+
+
+def say(line: str) -> None:
+    """One line on stderr, names from files escaped (`text.printable`)."""
+    from surgery.text import printable
+
+    typer.echo(printable(line), err=True)
+
+
+def flag_of(param: str) -> str:
+    """The flag or argument of the running command that sets a library parameter."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    for p in ctx.command.params if ctx is not None else ():
+        if p.name == param:
+            longs = [o for o in p.opts if o.startswith("--")]
+            return longs[0] if longs else (p.human_readable_name or param).upper()
+    return "--" + param.replace("_", "-")
+
+
+def fail(error: SurgeryError) -> typer.Exit:
+    for finding in error.findings:
+        say(f"  {finding}")
+    where = flag_of(error.param) if isinstance(error, BadArgument) else error.where
+    say(f"error: {where}: {error.message}")
+    if error.hint:
+        say(f"hint: {error.hint}")
+    return typer.Exit(error.exit_code)
+
+
+def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
+    """Turn library errors into one stderr line and an exit code."""
+
+    @wraps(command)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return command(*args, **kwargs)
+        except SurgeryError as error:
+            if kwargs.get("debug"):
+                raise
+            raise fail(error) from None
+        except (typer.Exit, typer.Abort, KeyboardInterrupt):
+            raise
+        except Exception as error:  # a bug: still no traceback unless asked
+            if kwargs.get("debug"):
+                raise
+            named = [kwargs.get(k) for k in ("path", "source", "a", "b")]
+            named += list(kwargs.get("paths") or [])
+            where = ", ".join(str(v) for v in named if v) or "surgery"
+            say(f"error: {where}: internal error: {type(error).__name__}: {error}")
+            say("hint: rerun with --debug for the traceback, and report it")
+            raise typer.Exit(3) from None
+
+    return wrapper
+
+
+def command(examples: list[str]) -> Callable[[Callable[..., Any]], Callable[..., Any]]:
+    """Register a command with its error handling and 2-3 real command lines shown in --help."""
+    epilog = "\b\nExamples:\n" + "\n".join(f"  {line}" for line in examples)
+
+    def register(function: Callable[..., Any]) -> Callable[..., Any]:
+        return app.command(epilog=epilog)(handles_errors(function))
+
+    return register
+
+
+def run() -> None:
+    """Console-script entry point."""
+    app(prog_name="surgery")

@@ -1,0 +1,411 @@
+"""The commands: each parses its flags into a request, calls the library, shows the report.
+
+No logic of its own: what a command does is a library call a script can make too.
+"""
+
+from __future__ import annotations
+
+import sys
+from pathlib import Path
+from typing import Annotated, Optional
+
+import typer
+
+from surgery.cli.app import command, say
+from surgery.cli.options import (
+    AddPrefixOpt,
+    DebugOpt,
+    DryRunOpt,
+    ExcludeOpt,
+    ForceOpt,
+    IncludeOpt,
+    JsonOpt,
+    KeyOpt,
+    OutOpt,
+    RecipeOpt,
+    RenameOpt,
+    StripPrefixOpt,
+    Strs,
+    Text,
+    TrustOpt,
+    VerifyOpt,
+    fields_of,
+)
+from surgery.cli.output import progress, show
+
+Int = Optional[int]  # noqa: UP045
+Float = Optional[float]  # noqa: UP045
+
+
+@command(
+    [
+        "surgery inspect checkpoint.pth.tar",
+        "surgery inspect model.safetensors --filter 'layer4' --depth 2",
+        "surgery inspect ema.pth --key model_ema --json",
+    ]
+)
+def inspect(
+    path: Annotated[
+        Path,
+        typer.Argument(help="Checkpoint file, *.index.json, or a folder holding one.", show_default=False),
+    ],
+    filter: Annotated[
+        Strs,
+        typer.Option(
+            "--filter",
+            "-f",
+            help="Only tensors matching this glob (repeatable); `layer1` selects the module.",
+        ),
+    ] = None,
+    depth: Annotated[
+        Int, typer.Option("--depth", "-d", min=0, help="Fold modules deeper than N levels.")
+    ] = None,
+    key: KeyOpt = None,
+    verify: VerifyOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """What is inside a checkpoint: containers, tensors, sizes, safety. Reads no tensor data.
+
+    Exit code 1 when the pickle references anything beyond tensors and plain
+    containers (or the file is damaged), so scripts notice; 2 on bad usage.
+    """
+    from surgery.commands.inspect import inspect as run
+
+    report = run(path, key=key, verify=verify, filter=filter or (), depth=depth)
+    show(report, json_out)
+    ckpt = report.checkpoint
+    if not ckpt.safe:
+        blocking = [f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt")]
+        more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
+        say(f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}")
+        raise typer.Exit(1)
+
+
+STRICTNESS = {
+    "true": True,
+    "yes": True,
+    "1": True,
+    "on": True,
+    "false": False,
+    "no": False,
+    "0": False,
+    "off": False,
+}
+
+
+@command(
+    [
+        "surgery port checkpoint.pth.tar --to 'torchvision:resnet18?num_classes=2' --strict false -o ready.safetensors",
+        "surgery port ckpt.pth --to timm:vit_small_patch16_224 --strip-prefix module. --dry-run",
+        "surgery port --recipe recipe.toml --verify",
+    ]
+)
+def port(
+    source: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False),
+    ] = None,
+    to: Annotated[
+        Text,
+        typer.Option(
+            "--to",
+            help="torchvision:NAME, timm:NAME, package.module:callable (with ?k=v&...), or a checkpoint as template.",
+            show_default=False,
+        ),
+    ] = None,
+    out: OutOpt = None,
+    arg: Annotated[
+        Strs, typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
+    ] = None,
+    strict: Annotated[
+        Text,
+        typer.Option(
+            "--strict",
+            help="true (default): refuse unless every key matches, as torch; false: load what matches.",
+        ),
+    ] = None,
+    no_strict: Annotated[bool, typer.Option("--no-strict", help="The same as --strict false.")] = False,
+    match: Annotated[Text, typer.Option("--match", help="exact (default), suffix, order or auto.")] = None,
+    rename: RenameOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    reshape: Annotated[
+        bool,
+        typer.Option("--reshape", help="Load pairs of equal size but different shape (Linear <-> 1x1 conv)."),
+    ] = False,
+    key: KeyOpt = None,
+    replace: Annotated[
+        Strs,
+        typer.Option(
+            "--replace",
+            help="PATH=SPEC: put a torch.nn module spec at PATH; * is its input width (repeatable).",
+        ),
+    ] = None,
+    add: Annotated[
+        Strs,
+        typer.Option(
+            "--add", help="PATH=SPEC: add a module; an index into a Sequential inserts it there (repeatable)."
+        ),
+    ] = None,
+    delete: Annotated[Strs, typer.Option("--delete", help="PATH: remove a module (repeatable).")] = None,
+    rename_module: Annotated[
+        Strs, typer.Option("--rename-module", help="PATH=NAME: rename a submodule (repeatable).")
+    ] = None,
+    extract: Annotated[
+        Text, typer.Option("--extract", help="PATH[,PATH...]: keep only these submodules (a backbone).")
+    ] = None,
+    drop: Annotated[
+        Text,
+        typer.Option(
+            "--drop", help="NAME[,NAME...]: keep every top-level module but these (resnet: avgpool,fc)."
+        ),
+    ] = None,
+    num_classes: Annotated[
+        Int, typer.Option("--num-classes", min=1, help="Replace the classifier for N classes.")
+    ] = None,
+    in_chans: Annotated[
+        Int, typer.Option("--in-chans", min=1, help="Adapt the first conv to N input channels.")
+    ] = None,
+    init: Annotated[
+        Text, typer.Option("--init", help="default, kaiming, xavier, normal or zeros: for new modules.")
+    ] = None,
+    freeze: Annotated[
+        Strs,
+        typer.Option("--freeze", help="Freeze parameters matching GLOB (repeatable; before --unfreeze)."),
+    ] = None,
+    unfreeze: Annotated[
+        Strs, typer.Option("--unfreeze", help="Unfreeze parameters matching GLOB (repeatable).")
+    ] = None,
+    freeze_bn: Annotated[
+        bool,
+        typer.Option(
+            "--freeze-bn", help="Keep BatchNorm statistics fixed (eval mode) and its parameters frozen."
+        ),
+    ] = False,
+    lr: Annotated[
+        Strs,
+        typer.Option(
+            "--lr",
+            help="[NAME:]GLOB=VALUE: a named optimizer group's learning rate; first match wins (repeatable).",
+        ),
+    ] = None,
+    base_lr: Annotated[
+        Float, typer.Option("--base-lr", help="Learning rate of the other trainable parameters.")
+    ] = None,
+    weight_decay: Annotated[
+        Float, typer.Option("--weight-decay", help="Weight decay, none on biases and norm weights.")
+    ] = None,
+    layer_decay: Annotated[
+        Float, typer.Option("--layer-decay", help="Layer-wise learning-rate decay from the head down.")
+    ] = None,
+    recipe: RecipeOpt = None,
+    dry_run: DryRunOpt = False,
+    plan_out: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--plan-out", help="Save the final mapping as an editable JSON file."),
+    ] = None,
+    plan: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--plan", help="Apply a saved (reviewed) mapping instead of matching."),
+    ] = None,
+    verify: VerifyOpt = False,
+    force: ForceOpt = False,
+    trust: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Map, filter and match a checkpoint's keys into a (possibly edited) target; report; save.
+
+    Exit code 1 when a strict port finds anything missing, unexpected or mismatched
+    (the report is printed, nothing is written); 2 on bad usage.
+    """
+    fields = fields_of(locals())  # first: the flags alone
+    from surgery.commands.port import PortFailed, PortRequest, port_file
+    from surgery.errors import BadArgument
+
+    if strict is not None:
+        if strict.lower() not in STRICTNESS:
+            raise BadArgument("strict", f"{strict!r} is not true or false")
+        fields["strict"] = STRICTNESS[strict.lower()]
+    if no_strict:
+        fields["strict"] = False
+    request = (
+        PortRequest.from_file(recipe, **fields) if recipe is not None else PortRequest.from_fields(fields)
+    )
+    try:
+        report = port_file(request)
+    except PortFailed as failed:
+        show(failed.report, json_out)
+        raise
+    show(report, json_out)
+    for warning in report.finetune.warnings if report.finetune else ():
+        say(f"warning: {warning}")
+
+
+@command(
+    [
+        "surgery convert checkpoint.pth.tar -o model.safetensors --strip-prefix module.",
+        "surgery convert model.safetensors -o shards/ --shard-size 2GB --dtype bf16",
+        "surgery convert dcp_folder/ -o model.pt --verify",
+    ]
+)
+def convert(
+    source: Annotated[
+        str,
+        typer.Argument(
+            help="Checkpoint file, *.index.json, or a folder (sharded or DCP).", show_default=False
+        ),
+    ],
+    out: OutOpt = None,
+    format: Annotated[
+        str, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+    ] = "auto",
+    shard_size: Annotated[
+        Text,
+        typer.Option(
+            "--shard-size", help="Write a sharded folder with shards of at most this size (2GB, 500MiB)."
+        ),
+    ] = None,
+    dtype: Annotated[
+        Text,
+        typer.Option(
+            "--dtype", help="Cast floating tensors: bf16 | fp16 | fp32 (integer buffers untouched)."
+        ),
+    ] = None,
+    key: KeyOpt = None,
+    rename: RenameOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    dry_run: DryRunOpt = False,
+    verify: VerifyOpt = False,
+    force: ForceOpt = False,
+    trust: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Convert between torch, safetensors, sharded and DCP checkpoints, streaming.
+
+    One tensor at a time; bytes that need no change are copied file to file.
+    The output appears only when complete (and verified, with --verify).
+    """
+    fields = fields_of(locals())  # first: the flags alone
+    from surgery.commands.convert import convert as run
+    from surgery.errors import BadArgument
+
+    if out is None:
+        raise BadArgument("out", "say where to write the result (-o OUT)")
+    fields.pop("source")
+    fields.pop("out")
+    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
+        report = run(source, out, progress=bar, **fields)
+    show(report, json_out)
+
+
+@command(
+    [
+        "surgery diff before.pth after.safetensors",
+        "surgery diff a.pth b.pth --strip-prefix module. --exit-code",
+        "surgery diff big-a/ big-b/ --structure-only --json",
+    ]
+)
+def diff(
+    a: Annotated[str, typer.Argument(help="First checkpoint (any format).", show_default=False)],
+    b: Annotated[str, typer.Argument(help="Second checkpoint (any format).", show_default=False)],
+    structure_only: Annotated[
+        bool, typer.Option("--structure-only", help="Compare names, shapes and dtypes only; read no data.")
+    ] = False,
+    key: KeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    exit_code: Annotated[
+        bool,
+        typer.Option("--exit-code", help="Exit 1 when the checkpoints differ (like git diff --exit-code)."),
+    ] = False,
+    trust: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Keys only in A or B, shape and dtype differences, and how far the values are apart.
+
+    Tensors are compared one at a time, as raw bytes where possible.
+    """
+    fields = fields_of(locals())  # first: the flags alone
+    from surgery.commands.diff import diff as run
+
+    report = run(fields.pop("a"), fields.pop("b"), **fields)
+    show(report, json_out)
+    if exit_code and not report.same:
+        raise typer.Exit(1)
+
+
+@command(
+    [
+        "surgery scan downloads/",
+        "surgery scan ~/.cache/huggingface/hub --json",
+        "surgery scan models/ --sarif scan.sarif",
+    ]
+)
+def scan(
+    paths: Annotated[
+        list[Path],
+        typer.Argument(
+            help="Checkpoint files, folders (walked), *.index.json, DCP folders, the Hub cache.",
+            show_default=False,
+        ),
+    ],
+    sarif: Annotated[
+        Optional[Path],  # noqa: UP045
+        typer.Option("--sarif", help="Also write the findings as SARIF 2.1.0 (GitHub code scanning) here."),
+    ] = None,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """The safety verdict of every checkpoint under PATHS: one line each, then a summary.
+
+    Nothing is run or imported from the files, and torch is not loaded. Exit code 1
+    when any checkpoint is dangerous, unsafe, corrupt or unreadable; 0 when all are safe.
+    """
+    from surgery.commands.scan import scan as run
+    from surgery.commands.scan import write_sarif
+
+    report = run(paths)
+    if sarif is not None:
+        write_sarif(report, sarif)
+    show(report, json_out)
+    if report.failed:
+        raise typer.Exit(1)
+
+
+@command(
+    [
+        "surgery sanitize old_training_run.pth -o clean.pt",
+        "surgery sanitize checkpoint.pth.tar -o clean.pt --dry-run --json",
+    ]
+)
+def sanitize(
+    source: Annotated[
+        Path, typer.Argument(help="A torch file (zip, legacy, tar) or a plain pickle.", show_default=False)
+    ],
+    out: OutOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Rewrite a checkpoint as tensors and plain data only, so weights_only loading accepts it.
+
+    Tensors are copied bit for bit; other objects become plain values or are dropped, each
+    reported. Nothing in the file is run.
+    """
+    from surgery.commands.sanitize import sanitize as run
+    from surgery.errors import BadArgument
+
+    if out is None:
+        raise BadArgument("out", "say where to write the result (-o OUT)")
+    show(run(source, out, force=force, dry_run=dry_run), json_out)

@@ -1,0 +1,219 @@
+"""The rows of every command's report (port, convert, diff, scan, sanitize), and the one
+table that finds the page for a report: `page_of(report)`."""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Any
+
+from surgery.names import group_names, short_names
+from surgery.render.rows import Page, Row, capped
+from surgery.text import human_bytes, human_count, percent, plural, printable
+
+if TYPE_CHECKING:
+    from surgery.commands.convert import ConvertReport
+    from surgery.commands.diff import Difference, DiffReport
+    from surgery.commands.port import PortReport
+    from surgery.commands.sanitize import SanitizeReport
+    from surgery.commands.scan import ScanReport
+    from surgery.models.finetune import FinetuneSummary
+
+
+def port_rows(report: PortReport) -> list[Row]:
+    """The rows of the `surgery port` report, summary first."""
+    plan = report.plan
+    rows: list[Row] = [("summary", [report.summary()])]
+    where = ".".join(report.container or ()) or "(top level)"
+    rows.append(("source", [f"{report.source}: {where} ({report.source_format})"]))
+    rows.append(("target", [report.target]))
+    if report.edits:
+        rows.append(("edits", list(report.edits)))
+    rows.append(("steps", list(plan.steps) or ["none"]))
+    per_module = [
+        f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
+    ]
+    rows.append(("loaded", capped(per_module, per_line=4)))
+    rows.append(("coverage", [f"{percent(report.coverage)} of {report.target_numel:,} target parameters"]))
+    mismatched = [
+        f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}" for m in plan.mismatched
+    ]
+    rows.append(("mismatched", capped(mismatched) or ["none"]))
+    rows.append(("missing", capped(group_names(plan.missing)) or ["none"]))
+    rows.append(("unexpected", capped(group_names(plan.unexpected)) or ["none"]))
+    if plan.excluded:
+        rows.append(("excluded", capped(group_names(plan.excluded))))
+    paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]
+    if paired:
+        rows.append(("paired", capped(paired)))
+    reshaped = [
+        f"{m.target}: {list(m.source_shape)} -> {list(m.shape)}" for m in plan.matched if m.source_shape
+    ]
+    if reshaped:
+        rows.append(("reshaped", capped(reshaped)))
+    casts = sorted({m.cast for m in plan.matched if m.cast})
+    if casts:
+        rows.append(
+            ("cast", [f"{a} -> {b}: {sum(m.cast == (a, b) for m in plan.matched)} tensors" for a, b in casts])
+        )
+    if plan.tied:
+        rows.append(("tied", capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
+    if report.finetune is not None:
+        rows.extend(finetune_rows(report.finetune))
+    if not report.written:
+        why = f" ({report.notes[0]})" if report.notes else ""
+        rows.append(("output", [f"{report.output or 'none'}: not written{why}"]))
+    else:
+        verified = (
+            f"; re-read, {report.verified} tensors bit-identical" if report.verified is not None else ""
+        )
+        rows.append(("output", [f"{report.output}: written{verified}"]))
+    return rows
+
+
+def finetune_rows(summary: FinetuneSummary) -> list[Row]:
+    """Trainable and frozen elements per top-level module; each optimizer group."""
+    per_module = [
+        f"{m} {human_count(t)} trainable, {human_count(f)} frozen"
+        if t and f
+        else f"{m} {'frozen' if f else 'trainable'}"
+        for m, t, f in summary.modules
+    ]
+    rows = [("trainable", capped(per_module, per_line=3))]
+    groups = []
+    for g in summary.groups:
+        lr = f"lr {g.lr:g}" if g.lr is not None else "lr: the optimizer's"
+        wd = f", weight decay {g.weight_decay:g}" if g.weight_decay is not None else ""
+        groups.append(
+            f"{g.name}: {lr}{wd}, {plural(g.tensors, 'tensor')}, {human_count(g.params)} parameters"
+        )
+    rows.append(("groups", groups or ["none: nothing trains"]))
+    if summary.frozen_bn:
+        rows.append(
+            (
+                "frozen BN",
+                [
+                    f"{summary.frozen_bn} BatchNorm layers keep their statistics (eval mode, even under train())"
+                ],
+            )
+        )
+    return rows
+
+
+def convert_rows(report: ConvertReport) -> list[Row]:
+    """The rows of the `surgery convert` report, summary first."""
+    where = ".".join(report.container or ()) or "(top level)"
+    rows: list[Row] = [("summary", [report.summary()])]
+    rows.append(("source", [f"{report.source}: {where} ({report.source_format})"]))
+    rows.append(("output", [f"{report.output} ({report.output_format})"]))
+    if report.shards:
+        rows.append(("shards", capped(list(report.shards))))
+    rows.append(("steps", list(report.steps) or ["none"]))
+    if report.left_out:
+        rows.append(("left out", capped(short_names(report.left_out))))
+    if report.cast:
+        rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.aliases:
+        tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
+        how = (
+            "stored once; the alias is in the metadata and restored on read"
+            if report.aliases_in_metadata
+            else "one storage, as saved"
+        )
+        rows.append(("tied", [*capped(tied), how]))
+    if report.verified is not None:
+        rows.append(("verified", [f"re-read, {plural(report.verified, 'tensor')} equal to their source"]))
+    return rows
+
+
+def diff_rows(report: DiffReport) -> list[Row]:
+    """The rows of the `surgery diff` report, summary first; the largest differences first."""
+    rows: list[Row] = [("summary", [report.summary()])]
+    rows.append(("A", [report.a]))
+    rows.append(("B", [report.b]))
+    if report.steps:
+        rows.append(("steps", list(report.steps)))
+    rows.append(("only in A", capped(short_names(report.only_a)) or ["none"]))
+    rows.append(("only in B", capped(short_names(report.only_b)) or ["none"]))
+    by_kind = {
+        kind: [d for d in report.differences if d.kind == kind] for kind in ("shape", "dtype", "values")
+    }
+    if by_kind["shape"]:
+        rows.append(("shape", capped([d.describe() for d in by_kind["shape"]])))
+    if by_kind["dtype"]:
+        rows.append(("dtype", _dtype_lines(by_kind["dtype"])))
+    worst = sorted(by_kind["values"], key=lambda d: -(d.max_abs or 0.0))
+    if report.structure_only:
+        rows.append(("values", ["not read (--structure-only)"]))
+    else:
+        rows.append(("values", capped([d.describe() for d in worst]) or ["none differ"]))
+        read = f"{human_bytes(report.bytes_read)} read in {report.seconds:.2f} s"
+        rows.append(("identical", [f"{report.identical} of {report.compared} tensors in both ({read})"]))
+    return rows
+
+
+def _dtype_lines(found: list[Difference]) -> list[str]:
+    """One line per dtype pair: how many, and how far the values moved."""
+    lines = []
+    for pair in dict.fromkeys((d.dtype_a, d.dtype_b) for d in found):
+        group = [d for d in found if (d.dtype_a, d.dtype_b) == pair]
+        line = f"{pair[0]} vs {pair[1]}: {plural(len(group), 'tensor')}"
+        moved = [d for d in group if d.differing or d.nan]
+        if group[0].max_abs is not None:
+            line += f"; values equal in {len(group) - len(moved)}"
+            if moved:
+                top = max(moved, key=lambda d: d.max_abs or 0.0)
+                rel = max((d.max_rel or 0.0) for d in moved)
+                line += (
+                    f", moved in {len(moved)} (max abs {top.max_abs:.3g} in {top.name}, max rel {rel:.3g})"
+                )
+        lines.append(line)
+    return lines
+
+
+def scan_rows(report: ScanReport) -> list[Row]:
+    """A row per checkpoint (its verdict, the path and the worst finding), per file named on
+    the command line that was skipped, then the summary."""
+    rows: list[Row] = []
+    for r in report.results:
+        what = f"{r.format}: " if r.format and r.verdict != "safe" else f"{r.format}, " if r.format else ""
+        rows.append((r.verdict, [f"{r.path}  {what}{r.reason}"]))
+    rows += [("skipped", [f"{s.path}  {s.reason}"]) for s in report.skipped if s.named]
+    rows.append(("summary", [report.summary()]))
+    return rows
+
+
+def sanitize_rows(report: SanitizeReport) -> list[Row]:
+    """The rows of the `surgery sanitize` report, summary first, then each change."""
+    rows: list[Row] = [("summary", [report.summary()])]
+    rows.append(("source", [f"{printable(report.source)} ({report.source_format})"]))
+    state = "torch.load(weights_only=True) reads it" if report.written else "not written (--dry-run)"
+    rows.append(("output", [f"{printable(report.output)}: {state}"]))
+    rows.append(
+        ("kept", [f"{plural(report.tensors, 'tensor')} in {plural(report.storages, 'storage')}, bit for bit"])
+    )
+    made = [printable(f"{c.where}: {c.what} -> {c.became}") for c in report.made_plain]
+    if made:
+        rows.append(("plain", capped(made)))
+    dropped = [printable(f"{c.where}: {c.what} -> {c.became}") for c in report.dropped]
+    if dropped:
+        rows.append(("dropped", capped(dropped)))
+    return rows
+
+
+# The rows of each report, by its type's name (the reports live in the commands layer,
+# imported only when a command has run).
+ROWS = {
+    "PortReport": port_rows,
+    "ConvertReport": convert_rows,
+    "DiffReport": diff_rows,
+    "ScanReport": scan_rows,
+    "SanitizeReport": sanitize_rows,
+}
+
+
+def page_of(report: Any) -> Page:
+    """The page any command's report is drawn as."""
+    if type(report).__name__ == "InspectReport":
+        from surgery.render.inspect import inspect_page
+
+        return inspect_page(report)
+    return Page(ROWS[type(report).__name__](report))

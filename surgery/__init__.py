@@ -12,7 +12,6 @@ from __future__ import annotations
 
 __version__ = "0.1.0"
 
-from surgery.formats.checkpoint import Checkpoint, Extra, TensorInfo, open_checkpoint
 from surgery.errors import (
     CorruptCheckpoint,
     NotACheckpoint,
@@ -21,6 +20,7 @@ from surgery.errors import (
     UnsupportedTensor,
     UsageError,
 )
+from surgery.formats.checkpoint import Checkpoint, Extra, TensorInfo, open_checkpoint
 from surgery.values import Finding
 
 _LAZY = {

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery import __version__
-from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.errors import SurgeryError, UsageError
 from surgery.formats import writer
+from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.plans import keys
 from surgery.values import Entry
 
@@ -432,8 +432,8 @@ def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> 
     """Re-read every tensor of the output and compare it with its source (after any cast),
     one tensor at a time, as bytes where both lie as plain data (no torch). Returns how many
     were compared; raises naming the first difference."""
-    from surgery.formats.checkpoint import open_checkpoint
     from surgery.commands.diff import same_tensor
+    from surgery.formats.checkpoint import open_checkpoint
 
     where = where or written
     reread = open_checkpoint(written)

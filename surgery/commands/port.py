@@ -18,9 +18,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
-from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.commands.requests import read_fields
 from surgery.errors import BadArgument, SurgeryError, UsageError
+from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.formats.tensors import same_bytes
 from surgery.models.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.models.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize

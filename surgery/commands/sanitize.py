@@ -48,6 +48,7 @@ from surgery.formats.numpy_pickle import (
 )
 from surgery.formats.pickle_vm import Call, Global, Known, Refused, describe
 from surgery.formats.pickle_writer import StorageOut, TensorOut, dumps
+from surgery.formats.safety import classify
 from surgery.formats.torch_pickle import (
     KNOWN,
     Constant,
@@ -60,7 +61,6 @@ from surgery.formats.torch_pickle import (
     Unsupported,
     is_module_state,
 )
-from surgery.formats.safety import classify
 
 SOURCES = ("torch-zip", "torch-legacy", "torch-tar", "pickle")
 # Read again with OrderedDict unmodelled: it comes back as a call whose items and state

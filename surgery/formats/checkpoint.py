@@ -20,6 +20,7 @@ from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
 from surgery.formats import Scan, scan
 from surgery.formats.containers import Located, TensorCounts, flatten, locate
 from surgery.formats.pickle_vm import Call, Global, Known, describe
+from surgery.formats.safety import blocking
 from surgery.formats.torch_pickle import (
     Constant,
     DataLocation,
@@ -30,7 +31,6 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
 )
 from surgery.names import common_prefix
-from surgery.formats.safety import blocking
 from surgery.trust import recipe_findings
 from surgery.values import Finding
 

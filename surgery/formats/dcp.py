@@ -28,6 +28,7 @@ from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, mapped, named_file
 from surgery.formats.legacy import MAGIC_NUMBER, scan_legacy
 from surgery.formats.pickle_vm import Known
+from surgery.formats.safety import findings_for
 from surgery.formats.torch_pickle import (
     KNOWN,
     Opaque,
@@ -38,7 +39,6 @@ from surgery.formats.torch_pickle import (
     describe_value,
 )
 from surgery.formats.torchzip import scan_zip
-from surgery.formats.safety import findings_for
 from surgery.values import Finding
 
 METADATA_NAME = ".metadata"

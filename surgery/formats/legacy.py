@@ -15,8 +15,8 @@ from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
 from surgery.formats.numpy_pickle import NumpyArrays
-from surgery.formats.torch_pickle import KNOWN, DataLocation, StorageTable
 from surgery.formats.safety import findings_for
+from surgery.formats.torch_pickle import KNOWN, DataLocation, StorageTable
 from surgery.values import Finding
 
 MAGIC_NUMBER = 0x1950A86A20F9469CFC6C

@@ -19,6 +19,7 @@ from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
 from surgery.formats.numpy_pickle import NUMPY_DTYPES, NumpyArray, NumpyArrays
+from surgery.formats.safety import Finding, findings_for
 from surgery.formats.torch_pickle import (
     KNOWN,
     DataLocation,
@@ -29,7 +30,6 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
 )
 from surgery.formats.torchzip import Member, _member_bytes, _read_local_header, _Window
-from surgery.formats.safety import Finding, findings_for
 
 MAGIC = b"\x93NUMPY"
 MAX_HEADER_BYTES = 1 << 20  # numpy itself refuses headers over 10,000 bytes unless told otherwise

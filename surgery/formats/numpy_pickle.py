@@ -24,6 +24,7 @@ from typing import Any
 
 from surgery.dtypes import BY_NAME, DType
 from surgery.formats.pickle_vm import Known
+from surgery.formats.safety import Finding
 from surgery.formats.torch_pickle import (
     Constant,
     DataLocation,
@@ -34,7 +35,6 @@ from surgery.formats.torch_pickle import (
     contiguous_strides,
     describe_value,
 )
-from surgery.formats.safety import Finding
 
 # numpy's dtype codes (kind + size) that torch has a dtype for.
 NUMPY_DTYPES: dict[str, str] = {

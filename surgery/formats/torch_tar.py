@@ -29,6 +29,7 @@ from surgery.dtypes import BY_STORAGE
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
+from surgery.formats.safety import Finding, findings_for
 from surgery.formats.torch_pickle import (
     KNOWN,
     Constant,
@@ -39,7 +40,6 @@ from surgery.formats.torch_pickle import (
     checked_numel,
 )
 from surgery.formats.torchzip import _Window
-from surgery.formats.safety import Finding, findings_for
 
 MEMBERS = ("sys_info", "storages", "tensors", "pickle")
 MAX_COUNT = 10_000_000  # storages or tensors: far beyond any model, far below exhausting memory

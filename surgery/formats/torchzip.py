@@ -21,8 +21,8 @@ from pathlib import Path
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
-from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
 from surgery.formats.safety import findings_for
+from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
 from surgery.values import Finding
 
 MAX_PICKLE_BYTES = 1 << 30  # an inflated data.pkl beyond this is refused

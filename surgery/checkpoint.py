@@ -204,6 +204,7 @@ class Checkpoint:
                 ref.shape,
                 ref.stride,
                 ref.dtype,
+                _bits(ref),  # x and x.conj() share bytes, not values
             )
             if view in first:
                 out[name] = first[view]
@@ -277,18 +278,20 @@ class Checkpoint:
         work that goes element by element (casts, comparisons) however big the tensor.
 
         Bytes that lie as plain data are read piece by piece from the file (nothing stays
-        mapped); others come from `tensor(name)`, released at the end.
+        mapped); others come from `tensor(name)`, released at the end, with conjugate and
+        negative bits applied (the values torch shows) and views never copied whole.
         """
         import torch
 
         where = self.byte_range(name)
         if where is None:
-            flat = self.tensor(name).detach().reshape(-1)
+            from surgery.formats.tensors import flat_pieces
+
+            tensor = self.tensor(name)
             try:
-                for start in range(0, flat.numel(), elements):
-                    yield flat[start : start + elements]
+                yield from flat_pieces(tensor, elements)
             finally:
-                del flat
+                del tensor
                 self.release(name)
             return
         path, offset, length = where
@@ -474,6 +477,11 @@ _SCALAR_FORMATS = {
 }
 
 
+def _bits(ref: TensorRef) -> tuple[str, ...]:
+    """The conjugate/negative bits set on a tensor (`("neg",)`): values differ from bytes."""
+    return tuple(sorted(k for k, v in (ref.bits or {}).items() if v))
+
+
 def _scalar(ref: TensorRef) -> float | int | bool | None:
     """The value of a 0-dim tensor such as `best_acc1`, read from its few bytes."""
     if ref.shape != () or ref.storage is None or ref.unusual:
@@ -492,6 +500,8 @@ def _scalar(ref: TensorRef) -> float | int | bool | None:
         value = struct.unpack("<f", b"\x00\x00" + raw)[0]
     else:
         value = struct.unpack(fmt, raw)[0]
+    if "neg" in _bits(ref):  # a negative view (`x.conj().imag`): torch shows the bytes negated
+        value = -value
     if isinstance(value, float):
         value = float(f"{value:.6g}")
         if value != value or value in (float("inf"), float("-inf")):

@@ -23,6 +23,7 @@ from typing import TYPE_CHECKING, BinaryIO
 
 from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
+from surgery.formats.tensors import flat_pieces
 from surgery.formats.torch_pickle import contiguous_strides
 from surgery.match import Entry
 
@@ -196,9 +197,8 @@ def _write_tensor(f: BinaryIO, e: Entry, tensor: torch.Tensor) -> None:
         raise SurgeryError(
             getattr(f, "name", "output"), f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced"
         )
-    data = tensor.detach().contiguous().reshape(-1)
-    if data.numel():
-        f.write(memoryview(data.view(torch.uint8).numpy()))
+    for piece in flat_pieces(tensor):  # a strided view is never copied whole
+        f.write(memoryview(piece.view(torch.uint8).numpy()))
 
 
 @dataclass(frozen=True)

@@ -183,7 +183,12 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
     if ckpt.metadata.get("crc_checked") == "data.pkl only":
         rows.append(("crc", ["data.pkl checked; storages not (torch ignores CRCs): --verify reads all data"]))
     elif ckpt.metadata.get("crc_checked"):
-        rows.append(("crc", ["every storage checked"]))
+        skipped = ckpt.metadata.get("crc_not_checked") or {}
+        rows.append(
+            ("crc", [f"every storage checked but {name} ({why})" for name, why in skipped.items()])
+            if skipped
+            else ("crc", ["every storage checked"])
+        )
     tree = keys.build_tree((t.name, t.numel) for t in tensors)
     title = str(ckpt.path)
     return InspectView(title, rows, tree, {t.name: t for t in tensors}, depth, findings)

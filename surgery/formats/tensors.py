@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import itertools
 import mmap
-import zipfile
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -141,13 +140,15 @@ class TensorReader:
 
         if data.size == 0:
             return torch.empty(0, dtype=torch.uint8)
-        if data.member is not None:  # a compressed zip member: inflate it
-            with zipfile.ZipFile(data.path) as zf:
-                return torch.frombuffer(bytearray(zf.read(data.member)), dtype=torch.uint8)
         mm = self._maps.get(data.path)
         if mm is None:
             with open(data.path, "rb") as f:
                 mm = self._maps[data.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if data.member is not None:  # a compressed zip member: inflated into its declared size
+            from surgery.formats.torchzip import inflate_storage
+
+            with memoryview(mm) as file:
+                return torch.frombuffer(inflate_storage(self.where, data, file), dtype=torch.uint8)
         return torch.frombuffer(mm, dtype=torch.uint8, count=data.size, offset=data.offset)
 
 

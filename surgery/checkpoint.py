@@ -167,6 +167,13 @@ class Checkpoint:
                 seen[id(base)] = base.data.size if base.data else base.nbytes
         return sum(seen.values())
 
+    @cached_property
+    def nbytes_out(self) -> int:
+        """Bytes a conversion writes: every tensor in full, a tied name (the very same
+        view) once. More than `nbytes` when views reuse stored bytes: two views of one
+        storage, or an expanded view (stride 0: 2**40 elements from 4 bytes)."""
+        return sum(t.nbytes for t in self.tensors if t.name not in self.aliases)
+
     @property
     def dtypes(self) -> dict[str, int]:
         return dict(Counter(t.dtype for t in self.tensors).most_common())
@@ -230,6 +237,21 @@ class Checkpoint:
             return None
         return data.path, data.offset + start, ref.nbytes
 
+    def repeated_dims(self, name: str) -> frozenset[int]:
+        """The dimensions along which a tensor repeats one value (size > 1, stride 0)."""
+        ref = self._refs[name]
+        return frozenset(
+            d for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=False)) if n > 1 and not s
+        )
+
+    def span(self, name: str) -> int:
+        """Bytes of the file from a tensor's first element to its last: all it can read.
+        Less than its `nbytes` when its view repeats or overlaps stored bytes."""
+        ref = self._refs[name]
+        if ref.chunks is not None or ref.storage is None:
+            return ref.nbytes
+        return ref.extent() - ref.offset * ref.dtype.itemsize
+
     @cached_property
     def prefix(self) -> str:
         """The dotted prefix every key shares (`module.`), or ""."""
@@ -273,9 +295,12 @@ class Checkpoint:
         if self._reader is not None and name in self._refs:
             self._reader.release(self._refs[name])
 
-    def pieces(self, name: str, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    def pieces(
+        self, name: str, elements: int = 1 << 22, *, collapse: frozenset[int] = frozenset()
+    ) -> Iterator[torch.Tensor]:
         """A tensor as flat pieces of at most `elements`, in order: bounded memory for
         work that goes element by element (casts, comparisons) however big the tensor.
+        Dimensions in `collapse` (repeated ones: see `repeated_dims`) are read at index 0 only.
 
         Bytes that lie as plain data are read piece by piece from the file (nothing stays
         mapped); others come from `tensor(name)`, released at the end, with conjugate and
@@ -284,10 +309,14 @@ class Checkpoint:
         import torch
 
         where = self.byte_range(name)
-        if where is None:
+        if where is None or collapse:
             from surgery.formats.tensors import flat_pieces
 
             tensor = self.tensor(name)
+            if collapse:
+                tensor = tensor[
+                    tuple(slice(0, 1) if d in collapse else slice(None) for d in range(tensor.dim()))
+                ]
             try:
                 yield from flat_pieces(tensor, elements)
             finally:

@@ -438,6 +438,15 @@ def convert(
             "--trust", help="Convert a source with unsafe findings (its pickle is still never run)."
         ),
     ] = False,
+    max_output_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-output-ratio",
+            help="Refuse an output more than this many times the input's size. A conversion writes"
+            " at most what the input stores (2x with a cast to fp32); views that repeat stored bytes"
+            " (stride 0) are written in full and can make a small file write terabytes.",
+        ),
+    ] = 4.0,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
@@ -467,6 +476,7 @@ def convert(
             verify=verify,
             trust=trust,
             progress=progress,
+            max_output_ratio=max_output_ratio,
         )
     _show(result, report.convert_rows, json_out)
 

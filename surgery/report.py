@@ -41,7 +41,7 @@ def plural(n: int, noun: str) -> str:
 
 def human_bytes(n: int) -> str:
     """46758912 -> '44.6 MiB'."""
-    for unit, size in (("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
+    for unit, size in (("TiB", 1 << 40), ("GiB", 1 << 30), ("MiB", 1 << 20), ("KiB", 1 << 10)):
         if n >= size:
             return f"{n / size:.1f} {unit}"
     return f"{n} B"
@@ -87,6 +87,7 @@ def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
         "num_tensors": len(tensors),
         "num_params": sum(t.numel for t in tensors),
         "bytes": ckpt.nbytes if not globs else sum(t.nbytes for t in tensors),
+        "bytes_out": ckpt.nbytes_out,
         "dtypes": ckpt.dtypes,
         "devices": ckpt.devices,
         "prefix": ckpt.prefix,
@@ -152,6 +153,16 @@ def inspect_view(ckpt: Checkpoint, globs: Sequence[str] = (), depth: int | None 
         ("parameters", [f"{ckpt.num_params:,}" + (f" ({short})" if short != f"{ckpt.num_params}" else "")])
     )
     rows.append(("bytes", [f"{ckpt.nbytes:,} ({human_bytes(ckpt.nbytes)})"]))
+    if ckpt.nbytes_out > ckpt.nbytes:
+        rows.append(
+            (
+                "converts to",
+                [
+                    f"{ckpt.nbytes_out:,} ({human_bytes(ckpt.nbytes_out)}): views reuse stored bytes,"
+                    " a conversion writes every tensor in full"
+                ],
+            )
+        )
     if ckpt.devices:
         rows.append(("saved on", [", ".join(f"{d} ({n})" for d, n in ckpt.devices.items())]))
     if ckpt.shared:

@@ -177,13 +177,21 @@ def flat_pieces(t: torch.Tensor, elements: int = 1 << 22) -> Iterator[torch.Tens
         k -= 1
         inner *= shape[k]
     if k == 0:
-        yield plain(t.reshape(-1))
+        yield _dense(t)
         return
     step = max(1, elements // inner)
     for index in itertools.product(*map(range, shape[: k - 1])):
         rows = t[index]
         for start in range(0, shape[k - 1], step):
-            yield plain(rows[start : start + step].reshape(-1))
+            yield _dense(rows[start : start + step])
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` flat, plain and with stride 1 (a copy only when its layout is otherwise)."""
+    import torch
+
+    flat = plain(t.reshape(-1))
+    return flat if flat.stride() == (1,) else flat.clone(memory_format=torch.contiguous_format)
 
 
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import errno
 import json
 import os
+import shutil
 import tempfile
 import zipfile
 from collections.abc import Callable, Iterable, Sequence
@@ -59,10 +60,35 @@ def check_destination(out: Path, sources: list[Path], *, force: bool) -> None:
         raise UsageError(out, f"the folder {str(out.parent)!r} is not writable")
 
 
+def check_space(out: Path, size: int) -> None:
+    """Refuse, before anything is written, an output larger than the free space where it goes.
+
+    Raises:
+        SurgeryError: naming the output, the bytes it needs and the bytes free.
+    """
+    try:
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if size > free:
+        raise SurgeryError(
+            out,
+            f"the output needs {size:,} bytes ({_gib(size)}), more than the {free:,} ({_gib(free)}) "
+            "free on its filesystem",
+            hint="free some space, or write the output to another disk",
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):,.1f} GiB"
+
+
 @contextmanager
-def atomic(out: Path, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+def atomic(out: Path, check: Callable[[Path], None] | None = None, *, size: int = 0) -> Iterator[BinaryIO]:
     """A temporary file beside `out`, renamed over it only when everything was written
-    (and `check`, given the temporary file's path, raised nothing)."""
+    (and `check`, given the temporary file's path, raised nothing). `size`, the bytes about
+    to be written, is checked against the free space first."""
+    check_space(out, size)
     fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
     try:
         os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
@@ -122,12 +148,13 @@ def write_state_dict(
         check: run on the finished temporary file before it replaces `out`.
         aliases: (torch files) entries that share the storage of an earlier entry: alias -> name.
     """
+    size = sum(e.nbytes for e in entries if e.name not in (aliases or {}))
     if is_safetensors(out) if safetensors is None else safetensors:
         _check_safetensors_dtypes(out, entries)
-        with atomic(out, check) as f:
+        with atomic(out, check, size=size) as f:
             _write_safetensors(f, entries, get, metadata, done)
     else:
-        with atomic(out, check) as f:
+        with atomic(out, check, size=size) as f:
             _write_torch(f, entries, get, metadata, done, aliases)
 
 
@@ -482,11 +509,11 @@ def _ints(values: Sequence[int]) -> bytes:
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, *, size: int = 0) -> Iterator[Path]:
     """A temporary folder beside `out`, put in its place only when everything was written;
-    an existing `out` (allowed by --force) is replaced only then."""
-    import shutil
-
+    an existing `out` (allowed by --force) is replaced only then. `size`, the bytes about
+    to be written, is checked against the free space first."""
+    check_space(out, size)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
     try:
         os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
@@ -577,7 +604,7 @@ def write_sharded(
     shards = shards_of(entries, shard_size)
     names = [f"{stem}-{i:05d}-of-{len(shards):05d}{ext}" for i in range(1, len(shards) + 1)]
     weight_map: dict[str, str] = {}
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, size=sum(e.nbytes for e in entries if e.name not in (aliases or {}))) as tmp:
         for name, group in zip(names, shards, strict=True):
             with open(tmp / name, "w+b") as f:
                 if torch_format:

@@ -20,6 +20,7 @@ from typing import Any
 from surgery import keys
 from surgery.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.errors import SurgeryError
+from surgery.report import human_bytes
 
 CHUNK = 1 << 22  # elements compared at a time: 32 MiB as float64
 # Views that repeat stored bytes along the same dimensions (stride 0 in both) are compared
@@ -283,17 +284,11 @@ def _repeats(ca: Checkpoint, a: str, cb: Checkpoint, b: str) -> tuple[frozenset[
         side, name = (ca, a) if ta.nbytes * cb.span(b) >= tb.nbytes * ca.span(a) else (cb, b)
         raise SurgeryError(
             side.path,
-            f"tensor {name!r} is {_human(side.tensors_by_name[name].nbytes)} viewed from "
-            f"{_human(side.span(name))} of the file: comparing it would read {_human(work)}",
+            f"tensor {name!r} is {human_bytes(side.tensors_by_name[name].nbytes)} viewed from "
+            f"{human_bytes(side.span(name))} of the file: comparing it would read {human_bytes(work)}",
             hint=f"leave it out with --exclude {name}",
         )
     return dims, weight
-
-
-def _human(n: int) -> str:
-    from surgery.report import human_bytes
-
-    return human_bytes(n)
 
 
 def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:

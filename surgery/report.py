@@ -87,7 +87,9 @@ def inspect_json(ckpt: Checkpoint, globs: Sequence[str] = ()) -> dict[str, Any]:
         "num_tensors": len(tensors),
         "num_params": sum(t.numel for t in tensors),
         "bytes": ckpt.nbytes if not globs else sum(t.nbytes for t in tensors),
-        "bytes_out": ckpt.nbytes_out,
+        "bytes_out": ckpt.nbytes_out
+        if not globs
+        else sum(t.nbytes for t in tensors if t.name not in ckpt.aliases),
         "dtypes": ckpt.dtypes,
         "devices": ckpt.devices,
         "prefix": ckpt.prefix,

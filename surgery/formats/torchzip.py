@@ -197,11 +197,7 @@ def _scan_zip(
         "pickle_protocol": result.protocol,
         "archive": prefix,
         "storages": len(table.storages),
-        "crc_checked": "data.pkl only"
-        if not verify
-        else "every storage"
-        if not unchecked
-        else "some storages",
+        "crc_checked": ("some storages" if unchecked else "every storage") if verify else "data.pkl only",
     }
     if unchecked:
         metadata["crc_not_checked"] = unchecked

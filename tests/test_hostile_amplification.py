@@ -166,6 +166,19 @@ def test_nested_data_pkl_is_a_clean_error(tmp_path):
     assert_clean_error(run, path, contains="nested deeper than 1000 levels", code=1)
 
 
+def test_payload_before_the_nesting_is_still_reported(tmp_path):
+    """Reading stops at the nesting: what was seen before it comes with the error."""
+    path = tmp_path / "deep.pt"
+    payload = b"cos\nsystem\nX\x04\x00\x00\x00echo\x85R"  # os.system('echo'): recorded, never called
+    body = b"\x80\x02}X\x04\x00\x00\x00hook" + payload + b"X\x04\x00\x00\x00deep" + NESTED["lists via MARK"]
+    with zipfile.ZipFile(path, "w") as zf:
+        zf.writestr("archive/data.pkl", body + b"s.")
+        zf.writestr("archive/byteorder", "little")
+    run = run_cli("inspect", path)
+    assert_clean_error(run, path, contains="nested deeper than 1000 levels", code=1)
+    assert "danger: " in run.stderr and "os.system" in run.stderr
+
+
 class Node:
     """An object holding another: pickled as a call and a BUILD of its state."""
 

@@ -1044,3 +1044,157 @@ def test_watchdog_turns_a_hang_into_a_failure():
 
 def test_fixtures_unchanged_after_fuzzing():
     assert _tree_digest(FIXTURES) == FIXTURES_DIGEST
+
+
+# -- (e) conjugate/negative bits, strided and expanded views, deflated members: converted ----------
+# These found crashes in convert and diff that reading alone never showed: each file is also
+# converted (safetensors and torch) and diffed, and the values compared with torch.load's.
+BIT_DTYPES = [torch.float32, torch.float64, torch.complex64, torch.complex128, torch.int64, torch.bfloat16]
+
+
+@st.composite
+def bit_tensors(draw) -> torch.Tensor:
+    """A small tensor as torch.save meets them: plain, conjugate, negative, strided, expanded."""
+    dtype = draw(st.sampled_from(BIT_DTYPES), label="dtype")
+    shape = tuple(draw(st.lists(st.integers(1, 4), min_size=1, max_size=3), label="shape"))
+    base = (torch.arange(math.prod(shape)) - 3).reshape(shape).to(dtype)
+    if dtype.is_complex:
+        base = base + 1j * base.flip(0)
+    kind = draw(st.sampled_from(["plain", "conj", "neg", "transposed", "expanded", "sliced"]), label="view")
+    if kind == "conj" and dtype.is_complex:
+        return base.conj()
+    if kind == "neg" and (dtype.is_complex or dtype.is_floating_point):
+        return base.conj().imag if dtype.is_complex else torch._neg_view(base)
+    if kind == "transposed" and len(shape) > 1:
+        return base.transpose(0, -1)
+    if kind == "expanded":
+        return base[..., :1].expand(*shape[:-1], draw(st.integers(1, 6), label="repeats"))
+    if kind == "sliced":
+        return base[..., 1:]
+    return base
+
+
+@st.composite
+def bit_checkpoints(draw) -> bytes:
+    tensors = draw(st.lists(bit_tensors(), min_size=1, max_size=4), label="tensors")
+    state = {f"t{i}": t for i, t in enumerate(tensors)}
+    if draw(st.booleans(), label="a conjugate alias of t0") and tensors[0].is_complex():
+        state["t0_conj"] = tensors[0].conj()
+    raw = torch_save_bytes(state)
+    if draw(st.booleans(), label="deflated"):
+        raw = rezip_deflated(raw, storages_only=draw(st.booleans(), label="storages only"))
+    return raw
+
+
+def rezip_deflated(raw: bytes, *, storages_only: bool) -> bytes:
+    src = zipfile.ZipFile(io.BytesIO(raw))
+    out = io.BytesIO()
+    with zipfile.ZipFile(out, "w") as zf:
+        for info in src.infolist():
+            copy = zipfile.ZipInfo(info.filename, (2020, 1, 1, 0, 0, 0))
+            deflate = "/data/" in info.filename or not storages_only
+            copy.compress_type = zipfile.ZIP_DEFLATED if deflate else zipfile.ZIP_STORED
+            zf.writestr(copy, src.read(info))
+    return out.getvalue()
+
+
+def converted_and_diffed(ckpt: surgery.Checkpoint) -> None:
+    """Convert to safetensors and torch; both load equal to torch.load's values; diff agrees."""
+    expected = torch.load(ckpt.path, weights_only=True)
+    for out in (ckpt.path.with_name("o.safetensors"), ckpt.path.with_name("o.pt")):
+        try:
+            surgery.convert(ckpt.path, out, verify=True, max_output_ratio=1e6)
+        except surgery.UsageError as exc:  # complex128 has no safetensors code
+            assert out.suffix == ".safetensors" and "cannot store" in exc.message, exc
+            continue
+        back = surgery.open_checkpoint(out)
+        for name, want in expected.items():
+            got = back.tensor(name)
+            assert got.dtype == want.dtype and torch.equal(got, want.resolve_conj().resolve_neg()), name
+        assert surgery.diff(ckpt.path, out).same
+        out.unlink()
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 3)
+@given(data=bit_checkpoints())
+def test_bits_views_and_deflated_members_convert_as_torch_loads(data):
+    check_file(data, "bits.pth", then=converted_and_diffed)
+
+
+# -- (f) deflated members, damaged: every command answers with a result or a SurgeryError ----------
+def converts_or_refuses(path: Path) -> None:
+    for out in (path.with_name("o.safetensors"), path.with_name("o.pt")):
+        try:
+            surgery.convert(path, out, trust=True)
+        except surgery.SurgeryError:
+            assert not out.exists()
+        else:
+            out.unlink()
+    try:
+        surgery.diff(path, path, trust=True)
+    except surgery.SurgeryError as exc:
+        assert exc.message
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 2)
+@given(
+    name=st.sampled_from(seeds_of("zip")),
+    storages_only=st.booleans(),
+    ops=st.lists(byte_ops, min_size=1, max_size=3),
+)
+def test_damaged_deflated_members(name, storages_only, ops):
+    data = apply_byte_ops(rezip_deflated(seeds()[name], storages_only=storages_only), ops)
+    with scratch() as folder:
+        path = folder / "deflated.pth"
+        path.write_bytes(data)
+        with watchdog():
+            exercise(path)
+            converts_or_refuses(path)
+        assert path.read_bytes() == data
+
+
+# -- (g) views repeating a few stored bytes many times (stride 0), with absurd sizes ---------------
+@st.composite
+def repeating_views(draw) -> torch.Tensor:
+    stored = draw(st.integers(1, 8), label="stored elements")
+    shape, stride, reach = [], [], 0
+    for _ in range(draw(st.integers(1, 4), label="dims")):
+        if draw(st.booleans(), label="repeated dim"):
+            shape.append(draw(st.integers(1, 2**20) | st.sampled_from([2**20, 2**30]), label="size"))
+            stride.append(0)
+        else:
+            size = draw(st.integers(1, 3), label="size")
+            step = draw(st.integers(0, 2), label="stride")
+            if reach + (size - 1) * step >= stored:
+                step = 0
+            reach += (size - 1) * step
+            shape.append(size)
+            stride.append(step)
+    while math.prod(shape) > 2**62:
+        shape[shape.index(max(shape))] = 1
+    return torch.arange(stored, dtype=torch.float32).as_strided(shape, stride)
+
+
+@settings(FUZZ, max_examples=EXAMPLES // 3)
+@given(a=repeating_views())
+def test_repeating_views_are_inspected_converted_and_diffed_in_bounded_work(a):
+    with scratch() as folder:
+        pa, pb = folder / "a.pt", folder / "b.pt"
+        torch.save({"w": a}, pa)
+        torch.save({"w": a[..., :1].expand(a.shape)}, pb)  # repeats along the last dim as well
+        with watchdog():
+            ckpt = exercise(pa)
+            assert isinstance(ckpt, surgery.Checkpoint) and ckpt.nbytes_out == a.numel() * 4
+            for out in (folder / "o.safetensors", folder / "o.pt"):
+                try:
+                    surgery.convert(pa, out)  # the default --max-output-ratio bounds what is written
+                except surgery.SurgeryError as exc:
+                    assert "--max-output-ratio" in exc.message and not out.exists()
+                else:
+                    assert torch.equal(surgery.open_checkpoint(out).tensor("w"), a)
+                    out.unlink()
+            assert surgery.diff(pa, pa).same
+            try:
+                surgery.diff(pa, pb)
+            except surgery.SurgeryError as exc:
+                assert "comparing it would read" in exc.message

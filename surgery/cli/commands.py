@@ -281,6 +281,15 @@ def convert(
     add_prefix: AddPrefixOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    max_output_ratio: Annotated[
+        float,
+        typer.Option(
+            "--max-output-ratio",
+            help="Refuse an output more than this many times the input's size. A conversion writes"
+            " at most what the input stores (2x with a cast to fp32); views that repeat stored bytes"
+            " (stride 0) are written in full and can make a small file write terabytes.",
+        ),
+    ] = 4.0,
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = False,
     force: ForceOpt = False,

@@ -34,6 +34,11 @@ FORMATS = ("auto", "safetensors", "torch", "dcp")
 CASTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
          "float16": "float16", "float32": "float32", "half": "float16", "float": "float32"}  # fmt: skip
 FLOATING = {"float16", "bfloat16", "float32", "float64"}
+# A conversion writes what the input stores, or less (optimizer state, extras and unused
+# storage left out), up to 2x with a cast to fp32 from a half-precision file. More than 4x
+# means views that repeat stored bytes (stride 0: a 1.6 KB file viewing 4 bytes as 2**40
+# floats writes 4 TiB) or a deflated archive of very compressible data: refused unless asked.
+MAX_OUTPUT_RATIO = 4.0
 UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
          "KIB": 1 << 10, "MIB": 1 << 20, "GIB": 1 << 30, "TIB": 1 << 40}  # fmt: skip
 
@@ -310,6 +315,7 @@ def convert(
     verify: bool = False,
     trust: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
+    max_output_ratio: float = MAX_OUTPUT_RATIO,
 ) -> ConvertReport:
     """Convert `source` into `out`, streaming, atomically.
 
@@ -323,10 +329,13 @@ def convert(
         trust: read the tensors of a source with unsafe findings (never executed).
         progress: called once with (tensors, bytes) to announce the work; returns
             the function told how many bytes each written tensor added.
+        max_output_ratio: refuse, before writing, an output of more than this many times
+            the bytes of the input files (views that repeat stored bytes expand when written).
 
     Raises:
         UsageError: a bad option, or an output that would lose data (an input, or existing without `force`).
-        SurgeryError: an unreadable or unsafe source, a failed write (nothing is left behind).
+        SurgeryError: an unreadable or unsafe source, an output past `max_output_ratio` or the
+            free space, a failed write (nothing is left behind).
 
     Example:
         >>> surgery.convert("ckpt.pth", "model.safetensors", strip_prefix=["module."], dtype="bf16")
@@ -342,6 +351,8 @@ def convert(
         format=format,
         shard_size=shard_size,
     )
+    if not max_output_ratio > 0:
+        raise UsageError("--max-output-ratio", f"must be more than 0, got {max_output_ratio}")
     out = Path(out)
     ckpt = open_trusted(source, key=options.key, trust=trust, purpose="convert")
     kind = output_format(out, options)
@@ -368,6 +379,7 @@ def convert(
     )
     if dry_run:
         return report
+    check_expansion(plan, output_nbytes(plan), max_output_ratio)
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
     streams = kind.endswith("safetensors") or writer.streams_torch(plan.entries)  # torch and DCP archives
@@ -415,13 +427,41 @@ def convert(
     )
 
 
+def output_nbytes(plan: _Plan) -> int:
+    """Bytes of tensor data the output holds: every entry in full, a tied name once
+    (safetensors plans hold no tied names; torch outputs store them in one storage)."""
+    return sum(e.nbytes for e in plan.entries if e.name not in plan.aliases)
+
+
+def check_expansion(plan: _Plan, nbytes: int, max_ratio: float) -> None:
+    """Refuse an output of more than `max_ratio` times the bytes of the input files.
+
+    Raises:
+        SurgeryError: naming the source, the sizes, and the tensor that grows the most.
+    """
+    ckpt = plan.ckpt
+    stored = sum(p.stat().st_size for p in ckpt.files)
+    if nbytes <= max_ratio * stored:
+        return
+    grown = max(plan.entries, key=lambda e: e.nbytes / max(ckpt.span(plan.source_of[e.name]), 1))
+    span = ckpt.span(plan.source_of[grown.name])
+    raise SurgeryError(
+        ckpt.path,
+        f"the output would be {_human(nbytes)}, {nbytes / max(stored, 1):,.0f}x the {_human(stored)} "
+        f"of the input (--max-output-ratio {max_ratio:g}): tensor {grown.name!r} alone is "
+        f"{_human(grown.nbytes)}, viewed from {_human(span)} of the file",
+        hint="views that repeat their bytes (stride 0) are written in full: leave the tensor out "
+        "with --exclude, or pass a larger --max-output-ratio if the output is wanted",
+    )
+
+
 def _write_dcp(
     out: Path, src: _Source, metadata: dict[str, str], check: Callable[[Path], None] | None
 ) -> None:
     """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
     from surgery.formats.dcp_writer import write_dcp
 
-    with writer.atomic_folder(out) as tmp:
+    with writer.atomic_folder(out, size=output_nbytes(src.plan)) as tmp:
         write_dcp(tmp, src.plan.entries, src.get, done=src.done)
         (tmp / "surgery.json").write_text(json.dumps(metadata, indent=1) + "\n")
         if check is not None:

@@ -17,11 +17,19 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from surgery.errors import SurgeryError
 from surgery.formats.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.names import wrapper_prefixes
 from surgery.plans import keys
+from surgery.text import human_bytes
 
 CHUNK = 1 << 22  # elements compared at a time: 32 MiB as float64
+# Views that repeat stored bytes along the same dimensions (stride 0 in both) are compared
+# once along them. Any other comparison reading more than this many times the bytes both
+# files hold for the tensor (plus a floor) is refused: a 1.6 KB file can view 4 bytes as
+# 2**40 floats, and comparing them one by one would take days.
+MAX_EXPANSION = 4
+EXPANSION_FREE = 256 << 20
 
 
 @dataclass(frozen=True)
@@ -171,7 +179,7 @@ def diff(
                 differences.append(Difference(name, ta.shape, tb.shape, ta.dtype, tb.dtype))
             continue
         found = _compare(ca, cb, ta, tb, name)
-        read += ta.nbytes + tb.nbytes
+        read += (ta.nbytes + tb.nbytes) // _repeats(ca, ta.name, cb, tb.name)[1]
         if found is None:
             identical += 1
         else:
@@ -254,11 +262,36 @@ def same_tensor(ca: Checkpoint, a: str, cb: Checkpoint, b: str, *, cast: str | N
         from surgery.formats.tensors import same_bytes
 
         dtype = getattr(torch, want)
-        pairs = zip(ca.pieces(a, CHUNK), cb.pieces(b, CHUNK), strict=True)
+        dims, _ = _repeats(ca, a, cb, b)
+        pairs = zip(ca.pieces(a, CHUNK, collapse=dims), cb.pieces(b, CHUNK, collapse=dims), strict=True)
         return all(same_bytes(pa.to(dtype), pb) for pa, pb in pairs)
     finally:
         ca.release(a)
         cb.release(b)
+
+
+def _repeats(ca: Checkpoint, a: str, cb: Checkpoint, b: str) -> tuple[frozenset[int], int]:
+    """The dimensions along which both tensors repeat one value, compared at index 0 only,
+    and how many times each compared element counts.
+
+    Raises:
+        SurgeryError: the comparison left would read far more than the files hold for the
+            tensors (views that repeat along different dimensions, or overlap).
+    """
+    ta, tb = ca.tensors_by_name[a], cb.tensors_by_name[b]
+    dims = ca.repeated_dims(a) & cb.repeated_dims(b)
+    weight = math.prod(ta.shape[d] for d in dims)
+    work = (ta.nbytes + tb.nbytes) // weight
+    held = ca.span(a) + cb.span(b)
+    if work > MAX_EXPANSION * held + EXPANSION_FREE:
+        side, name = (ca, a) if ta.nbytes * cb.span(b) >= tb.nbytes * ca.span(a) else (cb, b)
+        raise SurgeryError(
+            side.path,
+            f"tensor {name!r} is {human_bytes(side.tensors_by_name[name].nbytes)} viewed from "
+            f"{human_bytes(side.span(name))} of the file: comparing it would read {human_bytes(work)}",
+            hint=f"leave it out with --exclude {name}",
+        )
+    return dims, weight
 
 
 def _same_range(ra: tuple[str, int, int], rb: tuple[str, int, int]) -> bool:
@@ -296,7 +329,9 @@ def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, nam
     max_abs = max_rel = 0.0
     differing = nan = 0
     bitwise, rel_seen = True, False
-    for pa, pb in zip(ca.pieces(ta.name, CHUNK), cb.pieces(tb.name, CHUNK), strict=True):
+    dims, weight = _repeats(ca, ta.name, cb, tb.name)  # each element compared stands for `weight`
+    pieces_a = ca.pieces(ta.name, CHUNK, collapse=dims)
+    for pa, pb in zip(pieces_a, cb.pieces(tb.name, CHUNK, collapse=dims), strict=True):
         if ta.dtype == tb.dtype and same_bytes(pa, pb):
             continue
         bitwise = False
@@ -307,8 +342,8 @@ def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, nam
         both_nan = torch.isnan(x) & torch.isnan(y)
         one_nan = (torch.isnan(x) | torch.isnan(y)) & ~both_nan
         unequal &= ~both_nan
-        differing += int(unequal.sum())
-        nan += int(one_nan.sum())
+        differing += int(unequal.sum()) * weight
+        nan += int(one_nan.sum()) * weight
         delta = (x - y).abs()
         delta.masked_fill_(~unequal | one_nan, 0)
         max_abs = max(max_abs, float(delta.max()))

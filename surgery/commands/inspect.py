@@ -43,6 +43,9 @@ class InspectReport:
             "num_tensors": len(tensors),
             "num_params": sum(t.numel for t in tensors),
             "bytes": ckpt.nbytes if not self.filter else sum(t.nbytes for t in tensors),
+            "bytes_out": ckpt.nbytes_out
+            if not self.filter
+            else sum(t.nbytes for t in tensors if t.name not in ckpt.aliases),
             "dtypes": ckpt.dtypes,
             "devices": ckpt.devices,
             "prefix": ckpt.prefix,

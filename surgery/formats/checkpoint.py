@@ -169,6 +169,13 @@ class Checkpoint:
                 seen[id(base)] = base.data.size if base.data else base.nbytes
         return sum(seen.values())
 
+    @cached_property
+    def nbytes_out(self) -> int:
+        """Bytes a conversion writes: every tensor in full, a tied name (the very same
+        view) once. More than `nbytes` when views reuse stored bytes: two views of one
+        storage, or an expanded view (stride 0: 2**40 elements from 4 bytes)."""
+        return sum(t.nbytes for t in self.tensors if t.name not in self.aliases)
+
     @property
     def dtypes(self) -> dict[str, int]:
         return dict(Counter(t.dtype for t in self.tensors).most_common())
@@ -206,6 +213,7 @@ class Checkpoint:
                 ref.shape,
                 ref.stride,
                 ref.dtype,
+                _bits(ref),  # x and x.conj() share bytes, not values
             )
             if view in first:
                 out[name] = first[view]
@@ -230,6 +238,21 @@ class Checkpoint:
         if start + ref.nbytes > data.size:
             return None
         return data.path, data.offset + start, ref.nbytes
+
+    def repeated_dims(self, name: str) -> frozenset[int]:
+        """The dimensions along which a tensor repeats one value (size > 1, stride 0)."""
+        ref = self._refs[name]
+        return frozenset(
+            d for d, (n, s) in enumerate(zip(ref.shape, ref.stride, strict=False)) if n > 1 and not s
+        )
+
+    def span(self, name: str) -> int:
+        """Bytes of the file from a tensor's first element to its last: all it can read.
+        Less than its `nbytes` when its view repeats or overlaps stored bytes."""
+        ref = self._refs[name]
+        if ref.chunks is not None or ref.storage is None:
+            return ref.nbytes
+        return ref.extent() - ref.offset * ref.dtype.itemsize
 
     @cached_property
     def prefix(self) -> str:
@@ -274,23 +297,32 @@ class Checkpoint:
         if self._reader is not None and name in self._refs:
             self._reader.release(self._refs[name])
 
-    def pieces(self, name: str, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    def pieces(
+        self, name: str, elements: int = 1 << 22, *, collapse: frozenset[int] = frozenset()
+    ) -> Iterator[torch.Tensor]:
         """A tensor as flat pieces of at most `elements`, in order: bounded memory for
         work that goes element by element (casts, comparisons) however big the tensor.
+        Dimensions in `collapse` (repeated ones: see `repeated_dims`) are read at index 0 only.
 
         Bytes that lie as plain data are read piece by piece from the file (nothing stays
-        mapped); others come from `tensor(name)`, released at the end.
+        mapped); others come from `tensor(name)`, released at the end, with conjugate and
+        negative bits applied (the values torch shows) and views never copied whole.
         """
         import torch
 
         where = self.byte_range(name)
-        if where is None:
-            flat = self.tensor(name).detach().reshape(-1)
+        if where is None or collapse:
+            from surgery.formats.tensors import flat_pieces
+
+            tensor = self.tensor(name)
+            if collapse:
+                tensor = tensor[
+                    tuple(slice(0, 1) if d in collapse else slice(None) for d in range(tensor.dim()))
+                ]
             try:
-                for start in range(0, flat.numel(), elements):
-                    yield flat[start : start + elements]
+                yield from flat_pieces(tensor, elements)
             finally:
-                del flat
+                del tensor
                 self.release(name)
             return
         path, offset, length = where
@@ -476,6 +508,11 @@ _SCALAR_FORMATS = {
 }
 
 
+def _bits(ref: TensorRef) -> tuple[str, ...]:
+    """The conjugate/negative bits set on a tensor (`("neg",)`): values differ from bytes."""
+    return tuple(sorted(k for k, v in (ref.bits or {}).items() if v))
+
+
 def _scalar(ref: TensorRef) -> float | int | bool | None:
     """The value of a 0-dim tensor such as `best_acc1`, read from its few bytes."""
     if ref.shape != () or ref.storage is None or ref.unusual:
@@ -494,6 +531,8 @@ def _scalar(ref: TensorRef) -> float | int | bool | None:
         value = struct.unpack("<f", b"\x00\x00" + raw)[0]
     else:
         value = struct.unpack(fmt, raw)[0]
+    if "neg" in _bits(ref):  # a negative view (`x.conj().imag`): torch shows the bytes negated
+        value = -value
     if isinstance(value, float):
         value = float(f"{value:.6g}")
         if value != value or value in (float("inf"), float("-inf")):

@@ -12,9 +12,9 @@ never reach the file.
 
 from __future__ import annotations
 
+import itertools
 import mmap
-import zipfile
-from collections.abc import Iterable
+from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
 from surgery.errors import CorruptCheckpoint, UnsupportedTensor
@@ -143,23 +143,69 @@ class TensorReader:
             return torch.empty(0, dtype=torch.uint8)
         if isinstance(data, PickledBytes):  # held in memory: the file holds them re-encoded
             return torch.frombuffer(bytearray(data.raw), dtype=torch.uint8)
-        if data.member is not None:  # a compressed zip member: inflate it
-            with zipfile.ZipFile(data.path) as zf:
-                return torch.frombuffer(bytearray(zf.read(data.member)), dtype=torch.uint8)
         mm = self._maps.get(data.path)
         if mm is None:
             with open(data.path, "rb") as f:
                 mm = self._maps[data.path] = mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_COPY)
+        if data.member is not None:  # a compressed zip member: inflated into its declared size
+            from surgery.formats.torchzip import inflate_storage
+
+            with memoryview(mm) as file:
+                return torch.frombuffer(inflate_storage(self.where, data, file), dtype=torch.uint8)
         return torch.frombuffer(mm, dtype=torch.uint8, count=data.size, offset=data.offset)
 
 
+def plain(t: torch.Tensor) -> torch.Tensor:
+    """`t` with its conjugate and negative bits applied: the values torch shows, laid out
+    as a tensor saved without the bits would hold them. Byte-level work needs this (torch
+    refuses to view a conjugate tensor as bytes, and a negative view's bytes are not its
+    values); a tensor without bits comes back as it is, uncopied."""
+    return t.resolve_conj().resolve_neg()
+
+
+def flat_pieces(t: torch.Tensor, elements: int = 1 << 22) -> Iterator[torch.Tensor]:
+    """The values of `t` in C order as flat, contiguous, plain pieces of at most `elements`.
+
+    Memory follows the piece whatever the tensor's layout: a strided or expanded view
+    (stride 0: 2**40 elements from 4 bytes) is never copied whole, as `reshape(-1)` would.
+    """
+    t = t.detach()
+    shape = tuple(t.shape)
+    if t.numel() == 0:
+        return
+    # The trailing dims [k:] hold `inner` elements, as many as fit in one piece;
+    # dim k-1 is cut into runs of `step` of them, for every index of the dims before it.
+    k, inner = len(shape), 1
+    while k > 0 and inner * shape[k - 1] <= elements:
+        k -= 1
+        inner *= shape[k]
+    if k == 0:
+        yield _dense(t)
+        return
+    step = max(1, elements // inner)
+    for index in itertools.product(*map(range, shape[: k - 1])):
+        rows = t[index]
+        for start in range(0, shape[k - 1], step):
+            yield _dense(rows[start : start + step])
+
+
+def _dense(t: torch.Tensor) -> torch.Tensor:
+    """`t` flat, plain and with stride 1 (a copy only when its layout is otherwise)."""
+    import torch
+
+    flat = plain(t.reshape(-1))
+    return flat if flat.stride() == (1,) else flat.clone(memory_format=torch.contiguous_format)
+
+
 def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
-    """Same shape, dtype and bytes (NaNs included, -0.0 is not 0.0): what a copy must give."""
+    """Same shape, dtype and bytes (NaNs included, -0.0 is not 0.0): what a copy must give.
+    Conjugate and negative bits are applied first: values are compared as torch shows them."""
     import torch
 
     if a.shape != b.shape or a.dtype != b.dtype:
         return False
-    flat_a, flat_b = a.detach().contiguous().reshape(-1), b.detach().contiguous().reshape(-1)
+    flat_a = plain(a.detach()).contiguous().reshape(-1)
+    flat_b = plain(b.detach()).contiguous().reshape(-1)
     if a.dtype == torch.bool:
         flat_a, flat_b = flat_a.to(torch.uint8), flat_b.to(torch.uint8)
     return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))

@@ -60,6 +60,8 @@ class DataLocation:
     size: int  # bytes there
     byteswap: bool = False  # written on a machine of the other byte order
     member: str | None = None  # a compressed zip member to inflate instead of slicing
+    compressed: int = 0  # a compressed member's bytes in the file, from `offset`
+    crc: int | None = None  # a compressed member's CRC-32, checked when it is inflated
 
 
 @dataclass(eq=False)

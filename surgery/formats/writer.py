@@ -2,7 +2,8 @@
 
 The file is written to a temporary name in the destination folder, flushed,
 fsynced and renamed over the destination, so a failed or interrupted write
-leaves nothing behind and never a half-written checkpoint. safetensors is
+(an exception, Ctrl-C, SIGTERM) leaves nothing behind and never a half-written
+checkpoint; what a killed run leaves is removed by the next write there. safetensors is
 written here, one tensor at a time (memory follows the largest tensor);
 provenance goes into its `__metadata__`, or into a `.data/surgery.json`
 member of a torch zip archive, which torch ignores.
@@ -13,16 +14,22 @@ from __future__ import annotations
 import errno
 import json
 import os
-import tempfile
+import re
+import shutil
+import signal
+import socket
+import threading
 import zipfile
+import zlib
 from collections.abc import Callable, Iterable, Sequence
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
 from surgery.dtypes import BY_NAME
 from surgery.errors import SurgeryError, UsageError
+from surgery.formats.tensors import flat_pieces
 from surgery.formats.torch_pickle import contiguous_strides
 from surgery.values import Entry
 
@@ -58,32 +65,147 @@ def check_destination(out: Path, sources: list[Path], *, force: bool) -> None:
         raise UsageError(out, f"the folder {str(out.parent)!r} is not writable")
 
 
-@contextmanager
-def atomic(out: Path, check: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
-    """A temporary file beside `out`, renamed over it only when everything was written
-    (and `check`, given the temporary file's path, raised nothing)."""
-    fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+def check_space(out: Path, size: int) -> None:
+    """Refuse, before anything is written, an output larger than the free space where it goes.
+
+    Raises:
+        SurgeryError: naming the output, the bytes it needs and the bytes free.
+    """
     try:
-        os.chmod(tmp, 0o666 & ~_umask())  # mkstemp makes it private; the output is an ordinary file
-        with os.fdopen(fd, "w+b") as f:
-            yield f
-            f.flush()
-            os.fsync(f.fileno())
-        if check is not None:
-            check(Path(tmp))
-        os.replace(tmp, out)
-        _fsync_folder(out.parent)
-    except OSError as exc:
-        raise SurgeryError(out, f"cannot write: {exc.strerror or exc}") from None
+        free = shutil.disk_usage(out.parent).free
+    except OSError:
+        return  # the write itself will say what is wrong
+    if size > free:
+        raise SurgeryError(
+            out,
+            f"the output needs {size:,} bytes ({_gib(size)}), more than the {free:,} ({_gib(free)}) "
+            "free on its filesystem",
+            hint="free some space, or write the output to another disk",
+        )
+
+
+def _gib(n: int) -> str:
+    return f"{n / (1 << 30):,.1f} GiB"
+
+
+@contextmanager
+def atomic(out: Path, check: Callable[[Path], None] | None = None, *, size: int = 0) -> Iterator[BinaryIO]:
+    """A temporary file beside `out`, renamed over it only when everything was written
+    (and `check`, given the temporary file's path, raised nothing). `size`, the bytes about
+    to be written, is checked against the free space first. The temporary file goes on
+    an exception, Ctrl-C or SIGTERM; one left by a killed run is removed by the next."""
+    check_space(out, size)
+    remove_stale_temps(out.parent)
+    tmp = _temp_path(out, ".tmp")
+    made: list[Path] = []  # what this write created and must remove unless put in place
+
+    def remove() -> None:
+        for path in made:
+            with suppress(FileNotFoundError):
+                os.unlink(path)
+
+    with _on_sigterm(remove):
+        try:
+            made.append(tmp)  # first: a signal landing right after the open must find it listed
+            fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # an ordinary file, by umask
+            with os.fdopen(fd, "w+b") as f:
+                yield f
+                f.flush()
+                os.fsync(f.fileno())
+            if check is not None:
+                check(tmp)
+            os.replace(tmp, out)
+            _fsync_folder(out.parent)
+        except OSError as exc:
+            raise SurgeryError(out, f"cannot write: {exc.strerror or exc}") from None
+        finally:
+            remove()
+
+
+# Temporary outputs are named `.<output>.surgery-<host>-<pid>-<random>.tmp`: a later write
+# into the same folder removes those of this machine whose process is gone (SIGKILL, power
+# loss) and nothing else. The host tag keeps a process on another machine sharing the folder
+# (NFS) from looking dead here.
+_HOST = f"{zlib.crc32(socket.gethostname().encode()):08x}"
+_TEMP_NAME = re.compile(r"\..+\.surgery-([0-9a-f]{8})-([0-9]+)-[a-z0-9_]{8}\.tmp")
+
+
+def _temp_path(out: Path, suffix: str) -> Path:
+    """A new name beside `out` in surgery's temporary naming (the file is not made here)."""
+    return out.parent / f".{out.name}.surgery-{_HOST}-{os.getpid()}-{os.urandom(4).hex()}{suffix}"
+
+
+def remove_stale_temps(folder: Path) -> list[Path]:
+    """Remove the temporary files and folders that surgery runs on this machine left in
+    `folder` when they were killed: surgery's own naming, this host's tag, and the pid of
+    a process that no longer exists. Returns what was removed."""
+    removed: list[Path] = []
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:
+        return removed
+    for entry in entries:
+        match = _TEMP_NAME.fullmatch(entry.name)
+        if match is None or match[1] != _HOST or _running(int(match[2])):
+            continue
+        try:
+            if entry.is_dir(follow_symlinks=False):
+                shutil.rmtree(entry.path)
+            else:
+                os.unlink(entry.path)
+        except OSError:
+            continue  # another run removed it first, or it is not ours to remove
+        removed.append(Path(entry.path))
+    return removed
+
+
+def _running(pid: int) -> bool:
+    """Whether a process with this pid exists (in doubt: yes)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except (OSError, OverflowError):
+        return True  # another user's process (EPERM), or a pid this system cannot have
+    return True
+
+
+class Terminated(BaseException):
+    """SIGTERM arrived during a write and the program's own handler returned: the write
+    is abandoned all the same (its temporary output is already gone)."""
+
+
+@contextmanager
+def _on_sigterm(cleanup: Callable[[], None]) -> Iterator[None]:
+    """While an output is written, SIGTERM first runs `cleanup` (the temporary output goes,
+    as on Ctrl-C), then takes its usual course with the handler in place before, restored:
+    by default the process ends as killed by SIGTERM (exit status 143 in a shell); a
+    program's own handler runs. The cleanup is done in the handler itself, so it does not
+    depend on where the signal lands. Nothing changes where SIGTERM is ignored, or outside
+    the main thread (Python runs signal handlers there only)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = signal.getsignal(signal.SIGTERM)
+    if previous is signal.SIG_IGN or previous is None:  # None: a handler not set from Python
+        yield
+        return
+
+    def on_sigterm(signum: int, frame: object) -> None:
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
+        with suppress(OSError):
+            cleanup()
+        signal.signal(signal.SIGTERM, previous)
+        if callable(previous):
+            previous(signum, frame)
+            raise Terminated(f"signal {signum} during a write")
+        signal.raise_signal(signum)  # the default action: the process ends here
+
+    signal.signal(signal.SIGTERM, on_sigterm)
+    try:
+        yield
     finally:
-        if os.path.exists(tmp):
-            os.unlink(tmp)
-
-
-def _umask() -> int:
-    mask = os.umask(0o022)
-    os.umask(mask)
-    return mask
+        signal.signal(signal.SIGTERM, previous)
 
 
 def _fsync_folder(folder: Path) -> None:
@@ -121,12 +243,13 @@ def write_state_dict(
         check: run on the finished temporary file before it replaces `out`.
         aliases: (torch files) entries that share the storage of an earlier entry: alias -> name.
     """
+    size = sum(e.nbytes for e in entries if e.name not in (aliases or {}))
     if is_safetensors(out) if safetensors is None else safetensors:
         _check_safetensors_dtypes(out, entries)
-        with atomic(out, check) as f:
+        with atomic(out, check, size=size) as f:
             _write_safetensors(f, entries, get, metadata, done)
     else:
-        with atomic(out, check) as f:
+        with atomic(out, check, size=size) as f:
             _write_torch(f, entries, get, metadata, done, aliases)
 
 
@@ -196,9 +319,8 @@ def _write_tensor(f: BinaryIO, e: Entry, tensor: torch.Tensor) -> None:
         raise SurgeryError(
             getattr(f, "name", "output"), f"tensor {e.name!r} is not the {e.dtype} {list(e.shape)} announced"
         )
-    data = tensor.detach().contiguous().reshape(-1)
-    if data.numel():
-        f.write(memoryview(data.view(torch.uint8).numpy()))
+    for piece in flat_pieces(tensor):  # a strided view is never copied whole
+        f.write(memoryview(piece.view(torch.uint8).numpy()))
 
 
 @dataclass(frozen=True)
@@ -482,31 +604,43 @@ def _ints(values: Sequence[int]) -> bytes:
 
 
 @contextmanager
-def atomic_folder(out: Path) -> Iterator[Path]:
+def atomic_folder(out: Path, *, size: int = 0) -> Iterator[Path]:
     """A temporary folder beside `out`, put in its place only when everything was written;
-    an existing `out` (allowed by --force) is replaced only then."""
-    import shutil
+    an existing `out` (allowed by --force) is replaced only then. `size`, the bytes about
+    to be written, is checked against the free space first. As for `atomic`, nothing is
+    left behind on an exception, Ctrl-C or SIGTERM."""
+    check_space(out, size)
+    remove_stale_temps(out.parent)
+    tmp, old = _temp_path(out, ".tmp"), _temp_path(out, ".old")  # old: the replaced output, meanwhile
+    made: list[Path] = []
 
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent))
-    try:
-        os.chmod(tmp, 0o777 & ~_umask())  # mkdtemp makes it private; the output is an ordinary folder
-        yield tmp
-        for path in tmp.iterdir():
-            with open(path, "rb+") as f:
-                os.fsync(f.fileno())
-        old = None
-        if out.exists():
-            old = Path(tempfile.mkdtemp(prefix=f".{out.name}.", suffix=".old", dir=out.parent))
-            os.replace(out, old / out.name)
-        os.replace(tmp, out)
-        if old is not None:
+    def undo() -> None:
+        """The temporary folder goes; a replaced output comes back if the new one is not in place."""
+        if old in made:
+            if not out.exists() and (old / out.name).exists():
+                os.replace(old / out.name, out)
             shutil.rmtree(old, ignore_errors=True)
-        _fsync_folder(out.parent)
-    except OSError as exc:
-        raise SurgeryError(out, f"cannot write: {exc.strerror or exc}") from None
-    finally:
-        if tmp.exists():
+        if tmp in made:
             shutil.rmtree(tmp, ignore_errors=True)
+
+    with _on_sigterm(undo):
+        try:
+            made.append(tmp)  # first, as in `atomic`
+            os.mkdir(tmp, 0o777)  # an ordinary folder, by umask
+            yield tmp
+            for path in tmp.iterdir():
+                with open(path, "rb+") as f:
+                    os.fsync(f.fileno())
+            if out.exists():
+                made.append(old)
+                os.mkdir(old, 0o700)
+                os.replace(out, old / out.name)
+            os.replace(tmp, out)
+            _fsync_folder(out.parent)
+        except OSError as exc:
+            raise SurgeryError(out, f"cannot write: {exc.strerror or exc}") from None
+        finally:
+            undo()
 
 
 def check_folder_destination(out: Path, sources: list[Path], *, force: bool) -> None:
@@ -577,7 +711,7 @@ def write_sharded(
     shards = shards_of(entries, shard_size)
     names = [f"{stem}-{i:05d}-of-{len(shards):05d}{ext}" for i in range(1, len(shards) + 1)]
     weight_map: dict[str, str] = {}
-    with atomic_folder(out) as tmp:
+    with atomic_folder(out, size=sum(e.nbytes for e in entries if e.name not in (aliases or {}))) as tmp:
         for name, group in zip(names, shards, strict=True):
             with open(tmp / name, "w+b") as f:
                 if torch_format:

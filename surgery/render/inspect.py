@@ -62,6 +62,16 @@ def inspect_page(report: InspectReport) -> Page:
         ("parameters", [f"{ckpt.num_params:,}" + (f" ({short})" if short != f"{ckpt.num_params}" else "")])
     )
     rows.append(("bytes", [f"{ckpt.nbytes:,} ({human_bytes(ckpt.nbytes)})"]))
+    if ckpt.nbytes_out > ckpt.nbytes:
+        rows.append(
+            (
+                "converts to",
+                [
+                    f"{ckpt.nbytes_out:,} ({human_bytes(ckpt.nbytes_out)}): views reuse stored bytes,"
+                    " a conversion writes every tensor in full"
+                ],
+            )
+        )
     if ckpt.devices:
         rows.append(("saved on", [", ".join(f"{d} ({n})" for d, n in ckpt.devices.items())]))
     if ckpt.shared:
@@ -92,7 +102,12 @@ def inspect_page(report: InspectReport) -> Page:
     if ckpt.metadata.get("crc_checked") == "data.pkl only":
         rows.append(("crc", ["data.pkl checked; storages not (torch ignores CRCs): --verify reads all data"]))
     elif ckpt.metadata.get("crc_checked"):
-        rows.append(("crc", ["every storage checked"]))
+        skipped = ckpt.metadata.get("crc_not_checked") or {}
+        rows.append(
+            ("crc", [f"every storage checked but {name} ({why})" for name, why in skipped.items()])
+            if skipped
+            else ("crc", ["every storage checked"])
+        )
     rows.append(("safety", [safety_line(ckpt)]))
     findings = [f"{f.severity}: {f.message}" + (f"  [{f.where}]" if f.where else "") for f in ckpt.findings]
     if findings:

@@ -1220,7 +1220,7 @@ def test_write_failure_in_process(two_mib, tmp_path, monkeypatch, fail):
 
 def test_interrupted_write_leaves_nothing(two_mib, tmp_path, monkeypatch):
     """Any exception mid-write (here a KeyboardInterrupt after the first tensor): no temp file."""
-    from surgery.formats import writer
+    from surgery.writers import copy as writer
 
     out_dir = tmp_path / "out"
     out_dir.mkdir()

@@ -22,10 +22,14 @@ from typing import TYPE_CHECKING, Any
 
 from surgery import __version__
 from surgery.errors import SurgeryError, UsageError
-from surgery.formats import writer
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.plans import keys
 from surgery.values import Entry
+from surgery.writers import write_state_dict
+from surgery.writers.atomic import atomic_folder, check_destination, check_folder_destination
+from surgery.writers.copy import Pieces, RawBytes
+from surgery.writers.sharded import write_sharded
+from surgery.writers.torch_archive import streams_torch
 
 if TYPE_CHECKING:
     import torch
@@ -264,7 +268,7 @@ class _Source:
         self.nbytes = {e.name: e.nbytes for e in plan.entries}
         self.raw = 0
 
-    def get(self, name: str) -> torch.Tensor | writer.RawBytes | writer.Pieces:
+    def get(self, name: str) -> torch.Tensor | RawBytes | Pieces:
         source = self.plan.source_of[name]
         info = self.plan.ckpt.tensors_by_name[source]
         if not self.streams:
@@ -273,8 +277,8 @@ class _Source:
             where = self.plan.ckpt.byte_range(source)
             if where is not None:
                 self.raw += 1
-                return writer.RawBytes(*where)
-        return writer.Pieces(self._cast(source, self.dtypes[name]))
+                return RawBytes(*where)
+        return Pieces(self._cast(source, self.dtypes[name]))
 
     def _cast(self, source: str, dtype_name: str) -> Iterator[memoryview]:
         """The source tensor cast piece by piece: memory follows the piece, not the tensor."""
@@ -358,9 +362,9 @@ def convert(
     kind = output_format(out, options)
     folder = kind.startswith("sharded") or kind == "dcp"
     if folder:
-        writer.check_folder_destination(out, list(ckpt.files), force=force)
+        check_folder_destination(out, list(ckpt.files), force=force)
     else:
-        writer.check_destination(out, list(ckpt.files), force=force)
+        check_destination(out, list(ckpt.files), force=force)
     plan = plan_convert(ckpt, options, kind)
     report = ConvertReport(
         str(ckpt.path),
@@ -382,7 +386,7 @@ def convert(
     check_expansion(plan, output_nbytes(plan), max_output_ratio)
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
-    streams = kind.endswith("safetensors") or writer.streams_torch(plan.entries)  # torch and DCP archives
+    streams = kind.endswith("safetensors") or streams_torch(plan.entries)  # torch and DCP archives
     src = _Source(plan, streams=streams, progress=tick)
     metadata = _provenance(ckpt, plan, options)
     checked: list[int] = []
@@ -393,7 +397,7 @@ def convert(
     shards: list[str] = []
     ties = plan.aliases if kind in ("torch", "sharded-torch") else {}
     if kind in ("safetensors", "torch"):
-        writer.write_state_dict(
+        write_state_dict(
             out,
             plan.entries,
             src.get,
@@ -404,7 +408,7 @@ def convert(
             safetensors=kind == "safetensors",
         )
     elif kind.startswith("sharded"):
-        shards = writer.write_sharded(
+        shards = write_sharded(
             out,
             plan.entries,
             src.get,
@@ -459,9 +463,9 @@ def _write_dcp(
     out: Path, src: _Source, metadata: dict[str, str], check: Callable[[Path], None] | None
 ) -> None:
     """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
-    from surgery.formats.dcp_writer import write_dcp
+    from surgery.writers.dcp import write_dcp
 
-    with writer.atomic_folder(out, size=output_nbytes(src.plan)) as tmp:
+    with atomic_folder(out, size=output_nbytes(src.plan)) as tmp:
         write_dcp(tmp, src.plan.entries, src.get, done=src.done)
         (tmp / "surgery.json").write_text(json.dumps(metadata, indent=1) + "\n")
         if check is not None:

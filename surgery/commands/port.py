@@ -3,7 +3,7 @@
 `PortRequest` says what to do (from flags, a recipe file or a script);
 `port_file(request)` builds and edits the target (models.targets, models.edit),
 plans on names and shapes (plans.match.plan_port), loads one tensor at a time
-(models.loading) and writes the target's complete state_dict (formats.writer).
+(models.loading) and writes the target's complete state_dict (writers).
 `port(source, into=model)` does the same into a live module. Every path returns
 a `PortReport`; a strict refusal raises `PortFailed` carrying it.
 """
@@ -258,7 +258,8 @@ def port_file(request: PortRequest) -> PortReport:
         ...                       out="ready.safetensors", strict=False)
         >>> print(surgery.port_file(request).summary())
     """
-    from surgery.formats.writer import check_destination, write_state_dict
+    from surgery.writers import write_state_dict
+    from surgery.writers.atomic import check_destination
 
     if request.target_named_by is not None:
         require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
@@ -418,7 +419,7 @@ def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
 
 def _write_plan(path: Path, report: PortReport) -> None:
     """The final mapping as an editable file: review it, then `--plan` applies it as is."""
-    from surgery.formats.writer import atomic
+    from surgery.writers.atomic import atomic
 
     doc = {
         "surgery_plan": PLAN_VERSION,

@@ -47,7 +47,6 @@ from surgery.formats.numpy_pickle import (
     scalar_value,
 )
 from surgery.formats.pickle_vm import Call, Global, Known, Refused, describe
-from surgery.formats.pickle_writer import StorageOut, TensorOut, dumps
 from surgery.formats.safety import classify
 from surgery.formats.torch_pickle import (
     KNOWN,
@@ -61,6 +60,7 @@ from surgery.formats.torch_pickle import (
     Unsupported,
     is_module_state,
 )
+from surgery.writers.pickle import StorageOut, TensorOut, dumps
 
 SOURCES = ("torch-zip", "torch-legacy", "torch-tar", "pickle")
 # Read again with OrderedDict unmodelled: it comes back as a call whose items and state
@@ -188,7 +188,7 @@ def sanitize(
             hint="name OUT .pt or .pth; surgery convert writes safetensors",
         )
     if not dry_run:
-        from surgery.formats.writer import check_destination
+        from surgery.writers.atomic import check_destination
 
         check_destination(out, [src], force=force)
     with mapped(src) as data:
@@ -643,8 +643,10 @@ def _write(
     replaces OUT: read back, it must hold nothing but tensors and plain data."""
     import json
 
-    from surgery.formats.writer import PROVENANCE_MEMBER, Pieces, RawBytes, _write_archive, atomic
     from surgery.values import Entry
+    from surgery.writers.atomic import atomic
+    from surgery.writers.copy import Pieces, RawBytes
+    from surgery.writers.torch_archive import PROVENANCE_MEMBER, _write_archive
 
     def get(key: str) -> RawBytes | Pieces:
         return _storage_bytes(sources[key], next(s for s in storages if s.key == key))
@@ -662,7 +664,7 @@ def _write(
 
 def _storage_bytes(data: DataLocation, storage: StorageOut) -> Any:
     """A storage's bytes as the writer takes them: a file range copied as it lies, else pieces."""
-    from surgery.formats.writer import Pieces, RawBytes
+    from surgery.writers.copy import Pieces, RawBytes
 
     n = storage.nbytes
     unit = (

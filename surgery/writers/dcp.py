@@ -17,8 +17,9 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, BinaryIO
 
-from surgery.formats.writer import ALIGNMENT, RawBytes, Writeback, stream_torch_archive
 from surgery.values import Entry
+from surgery.writers.copy import RawBytes, Writeback
+from surgery.writers.torch_archive import ALIGNMENT, stream_torch_archive
 
 if TYPE_CHECKING:
     import torch

@@ -1,0 +1,69 @@
+"""Sharded folders: shards of at most a size, and the index others read (HF layout)."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from surgery.values import Entry
+from surgery.writers.atomic import atomic_folder
+from surgery.writers.copy import Pieces, RawBytes
+from surgery.writers.safetensors import _check_safetensors_dtypes, _write_safetensors
+from surgery.writers.torch_archive import _write_torch
+
+if TYPE_CHECKING:
+    import torch
+
+
+def shards_of(entries: Sequence[Entry], shard_size: int) -> list[list[Entry]]:
+    """Entries split in order into shards of at most `shard_size` bytes (a bigger tensor alone)."""
+    shards: list[list[Entry]] = [[]]
+    size = 0
+    for e in entries:
+        nbytes = e.nbytes
+        if shards[-1] and size + nbytes > shard_size:
+            shards.append([])
+            size = 0
+        shards[-1].append(e)
+        size += nbytes
+    return shards
+
+
+def write_sharded(
+    out: Path,
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
+    metadata: dict[str, str],
+    *,
+    shard_size: int,
+    torch_format: bool = False,
+    done: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> list[str]:
+    """A folder of shards and the index others read (`model.safetensors.index.json`, or
+    `pytorch_model.bin.index.json` with `torch_format`), written atomically. Returns the shard names."""
+    stem, ext = ("pytorch_model", ".bin") if torch_format else ("model", ".safetensors")
+    if not torch_format:
+        _check_safetensors_dtypes(out, entries)
+    shards = shards_of(entries, shard_size)
+    names = [f"{stem}-{i:05d}-of-{len(shards):05d}{ext}" for i in range(1, len(shards) + 1)]
+    weight_map: dict[str, str] = {}
+    with atomic_folder(out, size=sum(e.nbytes for e in entries if e.name not in (aliases or {}))) as tmp:
+        for name, group in zip(names, shards, strict=True):
+            with open(tmp / name, "w+b") as f:
+                if torch_format:
+                    here = {e.name for e in group}
+                    ties = {a: k for a, k in (aliases or {}).items() if a in here and k in here}
+                    _write_torch(f, group, get, {}, done, ties)
+                else:
+                    _write_safetensors(f, group, get, {"format": "pt"}, done)
+            weight_map.update(dict.fromkeys((e.name for e in group), name))
+        total = sum(e.nbytes for e in entries)
+        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+        (tmp / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        if check is not None:
+            check(tmp)
+    return names

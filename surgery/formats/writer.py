@@ -104,7 +104,7 @@ def atomic(out: Path, check: Callable[[Path], None] | None = None, *, size: int 
             with suppress(FileNotFoundError):
                 os.unlink(path)
 
-    with _on_sigterm(remove):
+    with _on_sigterm(remove) as interrupted:
         try:
             fd = os.open(tmp, os.O_RDWR | os.O_CREAT | os.O_EXCL, 0o666)  # an ordinary file, by umask
             made.append(tmp)
@@ -114,6 +114,7 @@ def atomic(out: Path, check: Callable[[Path], None] | None = None, *, size: int 
                 os.fsync(f.fileno())
             if check is not None:
                 check(tmp)
+            interrupted()
             os.replace(tmp, out)
             _fsync_folder(out.parent)
         except OSError as exc:
@@ -171,39 +172,58 @@ def _running(pid: int) -> bool:
 
 
 class Terminated(BaseException):
-    """SIGTERM arrived during a write and the program's own handler returned: the write
-    is abandoned all the same (its temporary output is already gone)."""
+    """SIGTERM arrived during a write that a program's own SIGTERM handler governs: raised
+    to leave the write (its temporary output already gone) before that handler runs."""
+
+
+class _Sigterm:
+    """The SIGTERM handler while a write runs. It removes the temporary output itself, so
+    the cleanup does not depend on where the signal lands; then, by default, the process
+    ends with the signal's own status. Under a program's own handler it raises `Terminated`
+    instead, and `check()` raises it again before anything is put in place, should code on
+    the way have swallowed it."""
+
+    def __init__(self, cleanup: Callable[[], None], previous: Callable[..., object] | int):
+        self.cleanup, self.previous, self.received = cleanup, previous, False
+
+    def __call__(self, signum: int, frame: object) -> None:
+        if self.received:
+            return  # the first one is being handled
+        self.received = True
+        with suppress(OSError):
+            self.cleanup()
+        if not callable(self.previous):  # SIG_DFL: end as killed by SIGTERM (143 in a shell)
+            signal.signal(signum, self.previous)
+            signal.raise_signal(signum)
+        raise Terminated(f"signal {signum} during a write")
+
+    def check(self) -> None:
+        if self.received:
+            raise Terminated("SIGTERM during a write")
 
 
 @contextmanager
-def _on_sigterm(cleanup: Callable[[], None]) -> Iterator[None]:
+def _on_sigterm(cleanup: Callable[[], None]) -> Iterator[Callable[[], None]]:
     """While an output is written, SIGTERM first runs `cleanup` (the temporary output goes,
     as on Ctrl-C), then takes its usual course with the handler in place before, restored:
-    by default the process ends as killed by SIGTERM (exit status 143 in a shell); a
-    program's own handler runs. The cleanup is done in the handler itself, so it does not
-    depend on where the signal lands. Nothing changes where SIGTERM is ignored, or outside
-    the main thread (Python runs signal handlers there only)."""
-    if threading.current_thread() is not threading.main_thread():
-        yield
-        return
+    by default the process ends as killed by SIGTERM; a program's own handler runs once the
+    write is left. Yields the check to make before putting the output in place. Nothing
+    changes where SIGTERM is ignored, or outside the main thread (Python runs signal
+    handlers there only)."""
     previous = signal.getsignal(signal.SIGTERM)
-    if previous is signal.SIG_IGN or previous is None:  # None: a handler not set from Python
-        yield
+    main = threading.current_thread() is threading.main_thread()
+    if not main or previous is signal.SIG_IGN or previous is None:  # None: not set from Python
+        yield lambda: None
         return
-
-    def on_sigterm(signum: int, frame: object) -> None:
-        signal.signal(signal.SIGTERM, signal.SIG_IGN)  # a second SIGTERM must not cut the cleanup
-        with suppress(OSError):
-            cleanup()
-        signal.signal(signal.SIGTERM, previous)
-        if callable(previous):
-            previous(signum, frame)
-            raise Terminated(f"signal {signum} during a write")
-        signal.raise_signal(signum)  # the default action: the process ends here
-
-    signal.signal(signal.SIGTERM, on_sigterm)
+    handler = _Sigterm(cleanup, previous)
+    signal.signal(signal.SIGTERM, handler)
     try:
-        yield
+        yield handler.check
+    except BaseException:
+        if handler.received and callable(previous):
+            signal.signal(signal.SIGTERM, previous)
+            previous(signal.SIGTERM, None)  # the program's own handler, from a plain frame
+        raise
     finally:
         signal.signal(signal.SIGTERM, previous)
 
@@ -623,7 +643,7 @@ def atomic_folder(out: Path, *, size: int = 0) -> Iterator[Path]:
         if tmp in made:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    with _on_sigterm(undo):
+    with _on_sigterm(undo) as interrupted:
         try:
             os.mkdir(tmp, 0o777)  # an ordinary folder, by umask
             made.append(tmp)
@@ -631,6 +651,7 @@ def atomic_folder(out: Path, *, size: int = 0) -> Iterator[Path]:
             for path in tmp.iterdir():
                 with open(path, "rb+") as f:
                     os.fsync(f.fileno())
+            interrupted()
             if out.exists():
                 os.mkdir(old, 0o700)
                 made.append(old)

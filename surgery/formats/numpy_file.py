@@ -84,7 +84,7 @@ def _member_array(path: Path, where: str, data: memoryview, member: Member, find
     if header[0].lstrip("<>|=").startswith("O"):  # an object array: its whole pickle is needed
         body = _member_bytes(path, data, member, findings)
         return _array(path, where, memoryview(body), 0, len(body), None, findings, searchable=False)
-    return _array(path, where, memoryview(head), 0, info.file_size, info.filename, findings, header)
+    return _array(path, where, memoryview(head), 0, info.file_size, member, findings, header)
 
 
 def _array(
@@ -93,7 +93,7 @@ def _array(
     data: memoryview,
     start: int,
     size: int,
-    member: str | None,
+    member: Member | None,
     findings: list[Finding],
     header: tuple[str, bool, tuple[int, ...], int] | None = None,
     *,
@@ -127,7 +127,10 @@ def _array(
     else:  # deflated: the member is inflated whole when read, the array starts after its header
         if data_start % dtype.itemsize:
             return Opaque("numpy array", f"{descr} {list(shape)}: data not aligned to its elements")
-        location = DataLocation(str(path), 0, size, swap, member)
+        info = member.info
+        location = DataLocation(
+            str(path), member.offset, size, swap, info.filename, info.compress_size, info.CRC
+        )
         storage = StorageRef("0", dtype, "cpu", size // dtype.itemsize, data=location)
         tensor = TensorRef(storage, data_start // dtype.itemsize, shape, strides, dtype)
     findings.extend(check_storages(tensor, {"0": storage}, where, {}))

@@ -21,7 +21,7 @@ import torch
 from safetensors.torch import load_file
 
 import surgery
-from surgery.writers import atomic as writer
+from surgery.writers import outputs as writer
 
 TEMP = re.compile(r"\..+\.surgery-[0-9a-f]{8}-(\d+)-[a-z0-9_]{8}\.tmp")
 

@@ -26,8 +26,8 @@ from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.plans import keys
 from surgery.values import Entry
 from surgery.writers import write_state_dict
-from surgery.writers.atomic import atomic_folder, check_destination, check_folder_destination
 from surgery.writers.copy import Pieces, RawBytes
+from surgery.writers.outputs import atomic_folder, check_destination, check_folder_destination
 from surgery.writers.sharded import write_sharded
 from surgery.writers.torch_archive import streams_torch
 

@@ -259,7 +259,7 @@ def port_file(request: PortRequest) -> PortReport:
         >>> print(surgery.port_file(request).summary())
     """
     from surgery.writers import write_state_dict
-    from surgery.writers.atomic import check_destination
+    from surgery.writers.outputs import check_destination
 
     if request.target_named_by is not None:
         require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
@@ -419,7 +419,7 @@ def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
 
 def _write_plan(path: Path, report: PortReport) -> None:
     """The final mapping as an editable file: review it, then `--plan` applies it as is."""
-    from surgery.writers.atomic import atomic
+    from surgery.writers.outputs import atomic
 
     doc = {
         "surgery_plan": PLAN_VERSION,

@@ -188,7 +188,7 @@ def sanitize(
             hint="name OUT .pt or .pth; surgery convert writes safetensors",
         )
     if not dry_run:
-        from surgery.writers.atomic import check_destination
+        from surgery.writers.outputs import check_destination
 
         check_destination(out, [src], force=force)
     with mapped(src) as data:
@@ -644,8 +644,8 @@ def _write(
     import json
 
     from surgery.values import Entry
-    from surgery.writers.atomic import atomic
     from surgery.writers.copy import Pieces, RawBytes
+    from surgery.writers.outputs import atomic
     from surgery.writers.torch_archive import PROVENANCE_MEMBER, _write_archive
 
     def get(key: str) -> RawBytes | Pieces:

@@ -176,7 +176,7 @@ def write_sarif(report: ScanReport, out: Path) -> None:
     import json
 
     from surgery.errors import UsageError
-    from surgery.writers.atomic import atomic
+    from surgery.writers.outputs import atomic
 
     scanned = {_identity(Path(f)) for r in report.results for f in (r.path, *r.files)} - {None}
     if out.is_dir() or _identity(out) in scanned:

@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from surgery.values import Entry
-from surgery.writers.atomic import atomic
 from surgery.writers.copy import Pieces, RawBytes
+from surgery.writers.outputs import atomic
 from surgery.writers.safetensors import _check_safetensors_dtypes, _write_safetensors, is_safetensors
 from surgery.writers.torch_archive import _write_torch
 

@@ -254,15 +254,15 @@ def port(
 )
 def convert(
     source: Annotated[
-        str,
+        Text,
         typer.Argument(
             help="Checkpoint file, *.index.json, or a folder (sharded or DCP).", show_default=False
         ),
-    ],
+    ] = None,
     out: OutOpt = None,
     format: Annotated[
-        str, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
-    ] = "auto",
+        Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+    ] = None,
     shard_size: Annotated[
         Text,
         typer.Option(
@@ -282,14 +282,15 @@ def convert(
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
     max_output_ratio: Annotated[
-        float,
+        Float,
         typer.Option(
             "--max-output-ratio",
-            help="Refuse an output more than this many times the input's size. A conversion writes"
+            help="Refuse an output more than this many times the input's size (4). A conversion writes"
             " at most what the input stores (2x with a cast to fp32); views that repeat stored bytes"
             " (stride 0) are written in full and can make a small file write terabytes.",
         ),
-    ] = 4.0,
+    ] = None,
+    recipe: RecipeOpt = None,
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = False,
     force: ForceOpt = False,
@@ -303,15 +304,11 @@ def convert(
     The output appears only when complete (and verified, with --verify).
     """
     fields = fields_of(locals())  # first: the flags alone
-    from surgery.commands.convert import convert as run
-    from surgery.errors import BadArgument
+    from surgery.commands.convert import ConvertRequest, convert_file
 
-    if out is None:
-        raise BadArgument("out", "say where to write the result (-o OUT)")
-    fields.pop("source")
-    fields.pop("out")
+    request = ConvertRequest.from_file(recipe, **fields) if recipe else ConvertRequest.from_fields(fields)
     with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-        report = run(source, out, progress=bar, **fields)
+        report = convert_file(request, progress=bar)
     show(report, json_out)
 
 
@@ -323,15 +320,18 @@ def convert(
     ]
 )
 def diff(
-    a: Annotated[str, typer.Argument(help="First checkpoint (any format).", show_default=False)],
-    b: Annotated[str, typer.Argument(help="Second checkpoint (any format).", show_default=False)],
+    a: Annotated[Text, typer.Argument(help="First checkpoint (any format).", show_default=False)] = None,
+    b: Annotated[Text, typer.Argument(help="Second checkpoint (any format).", show_default=False)] = None,
     structure_only: Annotated[
         bool, typer.Option("--structure-only", help="Compare names, shapes and dtypes only; read no data.")
     ] = False,
     key: KeyOpt = None,
     strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
+    rename: RenameOpt = None,
     include: IncludeOpt = None,
     exclude: ExcludeOpt = None,
+    recipe: RecipeOpt = None,
     exit_code: Annotated[
         bool,
         typer.Option("--exit-code", help="Exit 1 when the checkpoints differ (like git diff --exit-code)."),
@@ -345,9 +345,10 @@ def diff(
     Tensors are compared one at a time, as raw bytes where possible.
     """
     fields = fields_of(locals())  # first: the flags alone
-    from surgery.commands.diff import diff as run
+    from surgery.commands.diff import DiffRequest, diff_files
 
-    report = run(fields.pop("a"), fields.pop("b"), **fields)
+    request = DiffRequest.from_file(recipe, **fields) if recipe else DiffRequest.from_fields(fields)
+    report = diff_files(request)
     show(report, json_out)
     if exit_code and not report.same:
         raise typer.Exit(1)

@@ -15,13 +15,14 @@ from __future__ import annotations
 import json
 import math
 import time
-from collections.abc import Callable, Iterator, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
-from surgery.errors import SurgeryError, UsageError
+from surgery.commands.requests import Request, given
+from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.plans import keys
 from surgery.values import Entry
@@ -48,27 +49,85 @@ UNITS = {"": 1, "B": 1, "KB": 10**3, "MB": 10**6, "GB": 10**9, "TB": 10**12,
 
 
 @dataclass(frozen=True)
-class ConvertOptions:
-    """What `surgery convert` does besides copying (the CLI flags, as a value)."""
+class ConvertRequest(Request):
+    """Everything `surgery convert` does, as one value (flags, a TOML file, or a script).
 
-    key: str | None = None
-    strip_prefix: tuple[str, ...] = ()
-    add_prefix: str | None = None
-    rename: tuple[keys.Rename, ...] = ()
-    include: tuple[str, ...] = ()
-    exclude: tuple[str, ...] = ()
+    Example:
+        >>> surgery.convert_file(ConvertRequest("ckpt.pth", "model.safetensors", dtype="bfloat16"))
+    """
+
+    source: str
+    out: str
+    keys: keys.KeyRules = keys.KeyRules()
     dtype: str | None = None  # bfloat16 | float16 | float32: floating tensors only
-    format: str = "auto"  # by OUT's name: .safetensors, a folder with --shard-size, else torch
+    format: str = "auto"  # by OUT's name: .safetensors, a folder with a shard size, else torch
     shard_size: int | None = None  # bytes per shard: a sharded folder
+    max_output_ratio: float = MAX_OUTPUT_RATIO
+    verify: bool = False
+    dry_run: bool = False
+    force: bool = False
+    trust: bool = False
 
-    def to_json(self) -> dict[str, Any]:
+    FILE_FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "source": str,
+        "out": str,
+        **dict.fromkeys(("key", "add_prefix"), str),
+        **dict.fromkeys(("strip_prefix", "rename", "include", "exclude"), list),
+        "dtype": str,
+        "format": str,
+        "shard_size": (str, int),
+        "max_output_ratio": float,
+        "verify": bool,
+    }
+
+    def __post_init__(self) -> None:
+        if not self.source:
+            raise BadArgument("source", "name the checkpoint to convert")
+        if not self.out:
+            raise BadArgument("out", "say where to write the result (-o OUT)")
+        if self.format not in FORMATS:
+            raise BadArgument("format", f"{self.format!r} is not one of {', '.join(FORMATS)}")
+        if self.dtype is not None and self.dtype not in FLOATING:
+            raise BadArgument("dtype", f"{self.dtype!r} is not one of bf16, fp16, fp32")
+        if self.shard_size is not None and self.shard_size <= 0:
+            raise BadArgument("shard_size", "must be more than 0 bytes")
+        if self.shard_size is not None and self.format == "dcp":
+            raise BadArgument(
+                "shard_size", "a DCP folder is written by torch's own layout: drop the shard size"
+            )
+        if not self.max_output_ratio > 0:
+            raise BadArgument("max_output_ratio", f"must be more than 0, got {self.max_output_ratio}")
+
+    @classmethod
+    def from_fields(
+        cls, fields: Mapping[str, Any], *, file: str | None = None, from_file: frozenset = frozenset()
+    ) -> ConvertRequest:
+        """A request from flat fields (the flags' long names); `dtype` may be an alias
+        (`bf16`, `half`), `shard_size` a size such as `2GB`."""
+        fields = given(fields)
+        dtype = fields.get("dtype")
+        if dtype is not None and str(dtype).lower() not in CASTS:
+            raise BadArgument("dtype", f"{dtype!r} is not one of bf16, fp16, fp32")
+        size = fields.get("shard_size")
+        return cls(
+            source=str(fields.get("source") or ""),
+            out=str(fields.get("out") or ""),
+            keys=keys.KeyRules.from_fields(fields),
+            dtype=CASTS[str(dtype).lower()] if dtype is not None else None,
+            format=fields.get("format", "auto"),
+            shard_size=parse_size(size) if isinstance(size, str) else size,
+            max_output_ratio=float(fields.get("max_output_ratio", MAX_OUTPUT_RATIO)),
+            verify=bool(fields.get("verify")),
+            dry_run=bool(fields.get("dry_run")),
+            force=bool(fields.get("force")),
+            trust=bool(fields.get("trust")),
+        )
+
+    def rules_json(self) -> dict[str, Any]:
+        """What the conversion does to names and values: the report's `options`, and the
+        provenance an output carries."""
         return {
-            "key": self.key,
-            "strip_prefix": list(self.strip_prefix),
-            "add_prefix": self.add_prefix,
-            "rename": [str(r) for r in self.rename],
-            "include": list(self.include),
-            "exclude": list(self.exclude),
+            **self.keys.to_json(),
             "dtype": self.dtype,
             "format": self.format,
             "shard_size": self.shard_size,
@@ -84,7 +143,7 @@ class ConvertReport:
     container: tuple[str, ...] | None
     output: str
     output_format: str
-    options: ConvertOptions
+    options: ConvertRequest
     tensors: int
     bytes_out: int
     steps: tuple[str, ...] = ()
@@ -120,7 +179,7 @@ class ConvertReport:
             "container": list(self.container) if self.container is not None else None,
             "output": self.output,
             "output_format": self.output_format,
-            "options": self.options.to_json(),
+            "options": self.options.rules_json(),
             "tensors": self.tensors,
             "bytes": self.bytes_out,
             "steps": list(self.steps),
@@ -135,42 +194,6 @@ class ConvertReport:
         }
 
 
-def make_convert_options(
-    *,
-    key: str | None = None,
-    strip_prefix: Sequence[str] = (),
-    add_prefix: str | None = None,
-    rename: Sequence[str | keys.Rename] = (),
-    include: Sequence[str] = (),
-    exclude: Sequence[str] = (),
-    dtype: str | None = None,
-    format: str = "auto",
-    shard_size: str | int | None = None,
-) -> ConvertOptions:
-    """Validated options. Raises UsageError naming the flag at fault."""
-    if format not in FORMATS:
-        raise UsageError("--format", f"{format!r} is not one of {', '.join(FORMATS)}")
-    if dtype is not None and dtype.lower() not in CASTS:
-        raise UsageError("--dtype", f"{dtype!r} is not one of bf16, fp16, fp32")
-    rules = keys.KeyRules.parse(rename=rename).rename
-    size = parse_size(shard_size) if isinstance(shard_size, str) else shard_size
-    if size is not None and size <= 0:
-        raise UsageError("--shard-size", "must be more than 0 bytes")
-    if size is not None and format == "dcp":
-        raise UsageError("--shard-size", "a DCP folder is written by torch's own layout: drop --shard-size")
-    return ConvertOptions(
-        key,
-        tuple(strip_prefix),
-        add_prefix,
-        rules,
-        tuple(include),
-        tuple(exclude),
-        CASTS[dtype.lower()] if dtype else None,
-        format,
-        size,
-    )
-
-
 def parse_size(text: str) -> int:
     """'2GB' -> 2_000_000_000, '500MiB' -> 524_288_000, '1e9' -> 1_000_000_000."""
     raw = text.strip().upper().replace(" ", "")
@@ -179,13 +202,13 @@ def parse_size(text: str) -> int:
     try:
         value = float(number)
     except ValueError:
-        raise UsageError("--shard-size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB") from None
+        raise BadArgument("shard_size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB") from None
     if unit not in UNITS or not math.isfinite(value):
-        raise UsageError("--shard-size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB")
+        raise BadArgument("shard_size", f"{text!r} is not a size such as 2GB, 500MB or 1GiB")
     return int(value * UNITS[unit])
 
 
-def output_format(out: Path, options: ConvertOptions) -> str:
+def output_format(out: Path, options: ConvertRequest) -> str:
     """safetensors | torch | sharded-safetensors | sharded-torch | dcp."""
     kind = options.format
     if kind == "auto":
@@ -211,18 +234,9 @@ class _Plan:
     cast: dict[str, int]
 
 
-def plan_convert(ckpt: Checkpoint, options: ConvertOptions, kind: str) -> _Plan:
+def plan_convert(ckpt: Checkpoint, options: ConvertRequest, kind: str) -> _Plan:
     """The output's keys, dtypes and aliases, from names and metadata only."""
-    names = {t.name: t.name for t in ckpt.tensors}
-    rules = keys.KeyRules(
-        options.key,
-        options.strip_prefix,
-        options.add_prefix,
-        options.rename,
-        options.include,
-        options.exclude,
-    )
-    kept, steps = rules.apply(names)
+    kept, steps = options.keys.apply(t.name for t in ckpt.tensors)
     if not kept:
         raise UsageError(ckpt.path, "no tensors left after --include/--exclude")
     unusual = [t for t in ckpt.tensors if t.name in kept and t.note]
@@ -321,7 +335,7 @@ def convert(
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     max_output_ratio: float = MAX_OUTPUT_RATIO,
 ) -> ConvertReport:
-    """Convert `source` into `out`, streaming, atomically.
+    """Convert `source` into `out`, streaming, atomically (`convert_file` with a request).
 
     Args:
         key, strip_prefix, add_prefix, rename, include, exclude: as for `surgery.port`.
@@ -337,42 +351,43 @@ def convert(
             the bytes of the input files (views that repeat stored bytes expand when written).
 
     Raises:
-        UsageError: a bad option, or an output that would lose data (an input, or existing without `force`).
+        BadArgument: a parameter that cannot work, named.
+        UsageError: an output that would lose data (an input, or existing without `force`).
         SurgeryError: an unreadable or unsafe source, an output past `max_output_ratio` or the
             free space, a failed write (nothing is left behind).
 
     Example:
         >>> surgery.convert("ckpt.pth", "model.safetensors", strip_prefix=["module."], dtype="bf16")
     """
-    options = make_convert_options(
-        key=key,
-        strip_prefix=strip_prefix,
-        add_prefix=add_prefix,
-        rename=rename,
-        include=include,
-        exclude=exclude,
-        dtype=dtype,
-        format=format,
-        shard_size=shard_size,
-    )
-    if not max_output_ratio > 0:
-        raise UsageError("--max-output-ratio", f"must be more than 0, got {max_output_ratio}")
-    out = Path(out)
-    ckpt = open_trusted(source, key=options.key, trust=trust, purpose="convert")
-    kind = output_format(out, options)
-    folder = kind.startswith("sharded") or kind == "dcp"
-    if folder:
-        check_folder_destination(out, list(ckpt.files), force=force)
+    fields = {k: v for k, v in locals().items() if k not in ("source", "out", "progress")}
+    request = ConvertRequest.from_fields({"source": str(source), "out": str(out), **fields})
+    return convert_file(request, progress=progress)
+
+
+def convert_file(
+    request: ConvertRequest, *, progress: Callable[[int, int], Callable[[int], None]] | None = None
+) -> ConvertReport:
+    """`surgery convert` as a library call: the request's source written to its output.
+
+    Args:
+        progress: called once with (tensors, bytes) to announce the work; returns the
+            function told how many bytes each written tensor added.
+    """
+    out = Path(request.out)
+    ckpt = open_trusted(request.source, key=request.keys.key, trust=request.trust, purpose="convert")
+    kind = output_format(out, request)
+    if kind in FOLDERS:
+        check_folder_destination(out, list(ckpt.files), force=request.force)
     else:
-        check_destination(out, list(ckpt.files), force=force)
-    plan = plan_convert(ckpt, options, kind)
+        check_destination(out, list(ckpt.files), force=request.force)
+    plan = plan_convert(ckpt, request, kind)
     report = ConvertReport(
         str(ckpt.path),
         ckpt.format,
         ckpt.container,
         str(out),
         kind,
-        options,
+        request,
         tensors=len(plan.entries) + (len(plan.aliases) if kind.endswith("safetensors") else 0),
         bytes_out=sum(e.nbytes for e in plan.entries),
         steps=tuple(plan.steps),
@@ -381,46 +396,20 @@ def convert(
         aliases=plan.aliases,
         aliases_in_metadata=kind in ("safetensors", "sharded-safetensors"),
     )
-    if dry_run:
+    if request.dry_run:
         return report
-    check_expansion(plan, output_nbytes(plan), max_output_ratio)
+    check_expansion(plan, output_nbytes(plan), request.max_output_ratio)
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
     streams = kind.endswith("safetensors") or streams_torch(plan.entries)  # torch and DCP archives
     src = _Source(plan, streams=streams, progress=tick)
-    metadata = _provenance(ckpt, plan, options)
     checked: list[int] = []
 
     def check(written: Path) -> None:  # before the rename: an output that fails is never put in place
         checked.append(verify_conversion(written, plan, where=out))
 
-    shards: list[str] = []
-    ties = plan.aliases if kind in ("torch", "sharded-torch") else {}
-    if kind in ("safetensors", "torch"):
-        write_state_dict(
-            out,
-            plan.entries,
-            src.get,
-            metadata,
-            done=src.done,
-            check=check if verify else None,
-            aliases=ties,
-            safetensors=kind == "safetensors",
-        )
-    elif kind.startswith("sharded"):
-        shards = write_sharded(
-            out,
-            plan.entries,
-            src.get,
-            metadata,
-            shard_size=options.shard_size or 0,
-            torch_format=kind == "sharded-torch",
-            done=src.done,
-            check=check if verify else None,
-            aliases=ties,
-        )
-    else:
-        _write_dcp(out, src, metadata, check if verify else None)
+    output = Output(out, kind, plan, src, _provenance(ckpt, plan, request), check if request.verify else None)
+    shards = WRITERS[kind](output, request)
     return replace(
         report,
         raw=src.raw,
@@ -429,6 +418,71 @@ def convert(
         written=True,
         verified=checked[0] if checked else None,
     )
+
+
+@dataclass(frozen=True)
+class Output:
+    """What a writer is handed: where, which kind, the plan, the tensors, the provenance."""
+
+    path: Path
+    kind: str
+    plan: _Plan
+    src: _Source
+    metadata: dict[str, str]
+    check: Callable[[Path], None] | None
+
+
+def _write_file(output: Output, request: ConvertRequest) -> list[str]:
+    """One safetensors or torch file; a torch file keeps tied names in one storage."""
+    write_state_dict(
+        output.path,
+        output.plan.entries,
+        output.src.get,
+        output.metadata,
+        done=output.src.done,
+        check=output.check,
+        aliases=output.plan.aliases if output.kind == "torch" else {},
+        safetensors=output.kind == "safetensors",
+    )
+    return []
+
+
+def _write_shards(output: Output, request: ConvertRequest) -> list[str]:
+    """A folder of shards of at most `shard_size` bytes and their index."""
+    return write_sharded(
+        output.path,
+        output.plan.entries,
+        output.src.get,
+        output.metadata,
+        shard_size=request.shard_size or 0,
+        torch_format=output.kind == "sharded-torch",
+        done=output.src.done,
+        check=output.check,
+        aliases=output.plan.aliases if output.kind == "sharded-torch" else {},
+    )
+
+
+def _write_dcp(output: Output, request: ConvertRequest) -> list[str]:
+    """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
+    from surgery.writers.dcp import write_dcp
+
+    with atomic_folder(output.path, size=output_nbytes(output.plan)) as tmp:
+        write_dcp(tmp, output.plan.entries, output.src.get, done=output.src.done)
+        (tmp / "surgery.json").write_text(json.dumps(output.metadata, indent=1) + "\n")
+        if output.check is not None:
+            output.check(tmp)
+    return []
+
+
+# Every kind of output convert writes, and what writes it.
+WRITERS = {
+    "safetensors": _write_file,
+    "torch": _write_file,
+    "sharded-safetensors": _write_shards,
+    "sharded-torch": _write_shards,
+    "dcp": _write_dcp,
+}
+FOLDERS = ("sharded-safetensors", "sharded-torch", "dcp")
 
 
 def output_nbytes(plan: _Plan) -> int:
@@ -459,19 +513,6 @@ def check_expansion(plan: _Plan, nbytes: int, max_ratio: float) -> None:
     )
 
 
-def _write_dcp(
-    out: Path, src: _Source, metadata: dict[str, str], check: Callable[[Path], None] | None
-) -> None:
-    """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
-    from surgery.writers.dcp import write_dcp
-
-    with atomic_folder(out, size=output_nbytes(src.plan)) as tmp:
-        write_dcp(tmp, src.plan.entries, src.get, done=src.done)
-        (tmp / "surgery.json").write_text(json.dumps(metadata, indent=1) + "\n")
-        if check is not None:
-            check(tmp)
-
-
 def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> int:
     """Re-read every tensor of the output and compare it with its source (after any cast),
     one tensor at a time, as bytes where both lie as plain data (no torch). Returns how many
@@ -496,7 +537,7 @@ def verify_conversion(written: Path, plan: _Plan, where: Path | None = None) -> 
     return len(wanted)
 
 
-def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertOptions) -> dict[str, str]:
+def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertRequest) -> dict[str, str]:
     """Where the output came from. Files are named with their sizes, not hashed: hashing
     would read the source a second time, and convert runs at disk speed."""
     meta = {
@@ -507,7 +548,7 @@ def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertOptions) -> dict[
             [{"path": str(p.resolve()), "bytes": p.stat().st_size} for p in ckpt.files]
         ),
         "surgery.container": ".".join(ckpt.container or ()) or "(top level)",
-        "surgery.rules": json.dumps(options.to_json()),
+        "surgery.rules": json.dumps(options.rules_json()),
     }
     if plan.aliases:
         meta[ALIASES_KEY] = json.dumps(plan.aliases)

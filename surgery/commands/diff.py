@@ -12,15 +12,16 @@ from __future__ import annotations
 import math
 import mmap
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
-from surgery.errors import SurgeryError
+from surgery.commands.requests import Request, given
+from surgery.errors import BadArgument, SurgeryError
 from surgery.formats.checkpoint import Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.names import wrapper_prefixes
-from surgery.plans import keys
+from surgery.plans.keys import KeyRules
 from surgery.text import human_bytes
 
 CHUNK = 1 << 22  # elements compared at a time: 32 MiB as float64
@@ -138,6 +139,44 @@ class DiffReport:
         }
 
 
+@dataclass(frozen=True)
+class DiffRequest(Request):
+    """What `surgery diff` compares, as one value (flags, a TOML file, or a script). The key
+    rules apply to both sides."""
+
+    a: str
+    b: str
+    keys: KeyRules = KeyRules()
+    structure_only: bool = False
+    trust: bool = False
+
+    FILE_FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
+        "a": str,
+        "b": str,
+        **dict.fromkeys(("key", "add_prefix"), str),
+        **dict.fromkeys(("strip_prefix", "rename", "include", "exclude"), list),
+        "structure_only": bool,
+    }
+
+    def __post_init__(self) -> None:
+        for side in ("a", "b"):
+            if not getattr(self, side):
+                raise BadArgument(side, "name both checkpoints to compare")
+
+    @classmethod
+    def from_fields(
+        cls, fields: Mapping[str, Any], *, file: str | None = None, from_file: frozenset = frozenset()
+    ) -> DiffRequest:
+        fields = given(fields)
+        return cls(
+            str(fields.get("a") or ""),
+            str(fields.get("b") or ""),
+            KeyRules.from_fields(fields),
+            bool(fields.get("structure_only")),
+            bool(fields.get("trust")),
+        )
+
+
 def diff(
     a: str | Path | Checkpoint,
     b: str | Path | Checkpoint,
@@ -145,27 +184,57 @@ def diff(
     structure_only: bool = False,
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
+    add_prefix: str | None = None,
+    rename: Sequence[str] = (),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     trust: bool = False,
 ) -> DiffReport:
-    """Compare two checkpoints of any formats.
+    """Compare two checkpoints of any formats (`diff_files` with a request; `a` and `b`
+    may also be opened checkpoints).
 
     Args:
         structure_only: compare names, shapes and dtypes from the headers; read no data.
         key: the container to compare in both (else each file's own state_dict).
-        strip_prefix: prefixes removed from the names on both sides (`module.`).
-        include, exclude: globs over the (stripped) names.
+        strip_prefix, add_prefix, rename: applied to the names on both sides (`module.`).
+        include, exclude: globs over the names after those rules.
         trust: compare the tensors of files with unsafe findings (never executed).
     """
+    rules = KeyRules.parse(
+        key=key,
+        strip_prefix=strip_prefix,
+        add_prefix=add_prefix,
+        rename=rename,
+        include=include,
+        exclude=exclude,
+    )
+    return _diff(a, b, rules, structure_only=structure_only, trust=trust)
+
+
+def diff_files(request: DiffRequest) -> DiffReport:
+    """`surgery diff` as a library call."""
+    return _diff(
+        request.a, request.b, request.keys, structure_only=request.structure_only, trust=request.trust
+    )
+
+
+def _diff(
+    a: str | Path | Checkpoint,
+    b: str | Path | Checkpoint,
+    rules: KeyRules,
+    *,
+    structure_only: bool,
+    trust: bool,
+) -> DiffReport:
     started = time.perf_counter()
+    key = rules.key
     if structure_only:  # headers only: nothing is loaded, so nothing needs trust
         ca = a if isinstance(a, Checkpoint) else open_checkpoint(a, key=key)
         cb = b if isinstance(b, Checkpoint) else open_checkpoint(b, key=key)
     else:
         ca = open_trusted(a, key=key, trust=trust, purpose="compare")
         cb = open_trusted(b, key=key, trust=trust, purpose="compare")
-    names_a, names_b, steps = _aligned(ca, cb, strip_prefix, include, exclude)
+    names_a, names_b, steps = _aligned(ca, cb, rules)
     info_a, info_b = ca.tensors_by_name, cb.tensors_by_name
     in_b = {new: old for old, new in names_b.items()}
     in_a = set(names_a.values())
@@ -200,38 +269,32 @@ def diff(
 
 
 def _aligned(
-    ca: Checkpoint, cb: Checkpoint, strip: Sequence[str], include: Sequence[str], exclude: Sequence[str]
+    ca: Checkpoint, cb: Checkpoint, rules: KeyRules
 ) -> tuple[dict[str, str], dict[str, str], list[str]]:
-    """Both sides' names after the rules; without --strip-prefix, a wrapper prefix
+    """Both sides' names after the rules; without a prefix to strip, a wrapper prefix
     (`module.`, `_orig_mod.`, `model.`) on one side only is stripped when that makes names meet."""
-    steps: list[str] = []
-    sides = []
-    for side, ckpt in (("A", ca), ("B", cb)):
-        names = {t.name: t.name for t in ckpt.tensors}
-        rules = list(strip) or [p for p, _ in wrapper_prefixes(ckpt.prefix)]
-        kept, done = keys.KeyRules(
-            strip_prefix=tuple(rules), include=tuple(include), exclude=tuple(exclude)
-        ).apply(names)
-        sides.append((names, kept, [f"{side}: {d}" for d in done]))
-    (plain_a, rules_a, done_a), (plain_b, rules_b, done_b) = sides
-    if strip:
-        return rules_a, rules_b, done_a + done_b
-    best = None
+
+    def side(ckpt: Checkpoint, label: str, strip: tuple[str, ...]) -> tuple[dict[str, str], list[str]]:
+        kept, done = replace(rules, strip_prefix=strip).apply(t.name for t in ckpt.tensors)
+        return kept, [f"{label}: {d}" for d in done]
+
+    if rules.strip_prefix:
+        (a, done_a), (b, done_b) = side(ca, "A", rules.strip_prefix), side(cb, "B", rules.strip_prefix)
+        return a, b, done_a + done_b
+    plain_a, plain_b = side(ca, "A", ())[0], side(cb, "B", ())[0]
+    (wrapped_a, done_a), (wrapped_b, done_b) = (
+        side(c, label, tuple(p for p, _ in wrapper_prefixes(c.prefix))) for c, label in ((ca, "A"), (cb, "B"))
+    )
+    best = (len(set(plain_a.values()) & set(plain_b.values())), plain_a, plain_b, [])
     for a, b, done in (
-        (rules_a, plain_b, done_a),
-        (plain_a, rules_b, done_b),
-        (rules_a, rules_b, done_a + done_b),
+        (wrapped_a, plain_b, done_a),
+        (plain_a, wrapped_b, done_b),
+        (wrapped_a, wrapped_b, done_a + done_b),
     ):
         common = len(set(a.values()) & set(b.values()))
-        if common and (best is None or common > best[0]):
+        if common > best[0]:
             best = (common, a, b, done)
-    if best is None or best[0] <= len(set(plain_a) & set(plain_b)):
-        a, b, done = plain_a, plain_b, []
-    else:
-        _, a, b, done = best
-    a, b = keys.select(a, include, exclude), keys.select(b, include, exclude)
-    steps += [d for d in done if "--include" not in d]
-    return a, b, steps
+    return best[1], best[2], [d for d in best[3] if "--include" not in d]
 
 
 def _compare(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:

@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
-from surgery.commands.requests import read_fields
+from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.formats.tensors import same_bytes
@@ -453,7 +453,7 @@ def read_plan(path: str | Path) -> dict[str, str]:
 
 # -- the request: flags, a recipe file's fields, or a library call ----------------
 @dataclass(frozen=True)
-class PortRequest:
+class PortRequest(Request):
     """Everything `surgery port` does, as one value. The CLI builds it from its flags,
     a recipe file from its fields (the same names), a script by calling it; then
     `port_file(request)` runs it.
@@ -541,52 +541,47 @@ class PortRequest:
 
     @classmethod
     def from_fields(
-        cls, fields: Mapping[str, Any], *, target_named_by: str | Path | None = None
+        cls, fields: Mapping[str, Any], *, file: str | None = None, from_file: frozenset = frozenset()
     ) -> PortRequest:
         """A request from flat fields: the flags' long names (`strip_prefix`, `num_classes`),
-        as the CLI and recipe files give them. Fields set to None are left at their defaults."""
-        given = {k: v for k, v in fields.items() if v is not None}
+        as the CLI and recipe files give them; fields set to None keep their defaults. A
+        target read from `file` (`to` in `from_file`) is built only with `trust` when it
+        imports code."""
+        fields = given(fields)
         unknown = sorted(
-            set(given) - set(cls.FILE_FIELDS) - {"plan", "plan_out", "dry_run", "force", "trust"}
+            set(fields) - set(cls.FILE_FIELDS) - {"plan", "plan_out", "dry_run", "force", "trust"}
         )
         if unknown:
             raise BadArgument(unknown[0], "not a field of surgery port")
-        args = given.get("args") or ()
+        args = fields.get("args") or ()
         if isinstance(args, dict):
             args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
         return cls(
-            source=str(given.get("source") or ""),
-            to=str(given.get("to") or ""),
-            out=str(given["out"]) if given.get("out") is not None else None,
+            source=str(fields.get("source") or ""),
+            to=str(fields.get("to") or ""),
+            out=str(fields["out"]) if fields.get("out") is not None else None,
             args=tuple(args),
-            keys=keys.KeyRules.parse(**{k: given[k] for k in keys.KeyRules.FIELDS if k in given}),
-            match=given.get("match") or "exact",
-            strict=bool(given.get("strict", True)),
-            reshape=bool(given.get("reshape")),
-            edits=tuple(edits_from_fields(given)),
-            init=given.get("init"),
-            finetune=finetune_from_fields(given),
-            verify=bool(given.get("verify")),
-            plan=str(given["plan"]) if given.get("plan") is not None else None,
-            plan_out=str(given["plan_out"]) if given.get("plan_out") is not None else None,
-            dry_run=bool(given.get("dry_run")),
-            force=bool(given.get("force")),
-            trust=bool(given.get("trust")),
-            target_named_by=str(target_named_by) if target_named_by is not None else None,
+            keys=keys.KeyRules.from_fields(fields),
+            match=fields.get("match") or "exact",
+            strict=bool(fields.get("strict", True)),
+            reshape=bool(fields.get("reshape")),
+            edits=tuple(edits_from_fields(fields)),
+            init=fields.get("init"),
+            finetune=finetune_from_fields(fields),
+            verify=bool(fields.get("verify")),
+            plan=str(fields["plan"]) if fields.get("plan") is not None else None,
+            plan_out=str(fields["plan_out"]) if fields.get("plan_out") is not None else None,
+            dry_run=bool(fields.get("dry_run")),
+            force=bool(fields.get("force")),
+            trust=bool(fields.get("trust")),
+            target_named_by=file if "to" in from_file else None,
         )
 
     @classmethod
-    def from_file(cls, path: str | Path, **overrides: Any) -> PortRequest:
-        """A recipe file's request; `overrides` (the flags given, None for unset) win.
-        A target read from the file is built only with `trust` when it imports code."""
-        doc = read_fields(path, cls.FILE_FIELDS)
+    def check_file(cls, path: Path, doc: dict[str, Any]) -> None:
         for edit in doc.get("edits", []):
             if not isinstance(edit, dict) or "op" not in edit or set(edit) - EDIT_FIELDS:
                 raise UsageError(path, f"each edit is a table with op and path, spec or value; got {edit!r}")
-        named_by = path if "to" in doc and overrides.get("to") is None else None
-        return cls.from_fields(
-            {**doc, **{k: v for k, v in overrides.items() if v is not None}}, target_named_by=named_by
-        )
 
     def to_json(self) -> dict[str, Any]:
         return {

@@ -5,7 +5,7 @@ Pure functions over key names: nothing here touches tensors or files.
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from typing import Any, ClassVar
 
@@ -141,6 +141,11 @@ class KeyRules:
             _items(include, "include"),
             _items(exclude, "exclude"),
         )
+
+    @classmethod
+    def from_fields(cls, fields: Mapping[str, Any]) -> KeyRules:
+        """The key rules among a request's flat fields (`strip_prefix`, `rename`, ...)."""
+        return cls.parse(**{k: fields[k] for k in cls.FIELDS if fields.get(k) is not None})
 
     @property
     def renames_keys(self) -> bool:

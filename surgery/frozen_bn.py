@@ -11,7 +11,7 @@ from torch import nn
 
 
 class _KeepsStatistics:
-    def train(self, mode: bool = True):  # noqa: ARG002 - eval whatever was asked
+    def train(self, mode: bool = True):
         return super().train(False)  # type: ignore[misc]
 
 

@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 from torch import nn
 
-from surgery.errors import SurgeryError
+from surgery.errors import BadArgument, SurgeryError
 from surgery.models.edit import (
     SPEC_FORM,
     Edit,
@@ -532,8 +532,9 @@ def test_adapt_input_refusals():
         adapt_input(nn.Sequential(nn.Linear(3, 3)), 1)
     with pytest.raises(EditError, match="grouped"):
         adapt_input(nn.Sequential(nn.Conv2d(3, 3, 3, groups=3)), 1)
-    with pytest.raises(EditError):
+    with pytest.raises(BadArgument) as caught:
         adapt_input(nn.Sequential(nn.Conv2d(3, 3, 3)), 0)
+    assert caught.value.param == "in_chans"
 
 
 # == specs ==============================================================================

@@ -528,7 +528,7 @@ def test_lr_rule_reaching_only_frozen_parameters_is_a_usage_error():
     with pytest.raises(UsageError) as info:
         param_groups(model, fp)
     err = info.value
-    assert err.where == "--lr" and "reaches only frozen parameters" in err.message
+    assert err.param == "lr" and "reaches only frozen parameters" in err.message
     assert "head:fc.*=0.01" in err.message and "fc.weight" in err.message
     assert err.exit_code == 2
 
@@ -740,7 +740,7 @@ def test_lr_rule_parse_errors(text):
     with pytest.raises(UsageError) as info:
         LrRule.parse(text)
     err = info.value
-    assert err.where == "--lr" and "[NAME:]GLOB=VALUE" in err.message
+    assert err.param == "lr" and "[NAME:]GLOB=VALUE" in err.message
     assert repr(text) in err.message
 
 

@@ -33,8 +33,8 @@ from surgery.cli.options import (
 )
 from surgery.cli.output import progress, show
 
-Int = Optional[int]  # noqa: UP045
-Float = Optional[float]  # noqa: UP045
+Int = Optional[int]
+Float = Optional[float]
 
 
 @command(
@@ -103,7 +103,7 @@ STRICTNESS = {
 )
 def port(
     source: Annotated[
-        Optional[Path],  # noqa: UP045
+        Optional[Path],
         typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False),
     ] = None,
     to: Annotated[
@@ -204,11 +204,11 @@ def port(
     recipe: RecipeOpt = None,
     dry_run: DryRunOpt = False,
     plan_out: Annotated[
-        Optional[Path],  # noqa: UP045
+        Optional[Path],
         typer.Option("--plan-out", help="Save the final mapping as an editable JSON file."),
     ] = None,
     plan: Annotated[
-        Optional[Path],  # noqa: UP045
+        Optional[Path],
         typer.Option("--plan", help="Apply a saved (reviewed) mapping instead of matching."),
     ] = None,
     verify: VerifyOpt = False,
@@ -370,7 +370,7 @@ def scan(
         ),
     ],
     sarif: Annotated[
-        Optional[Path],  # noqa: UP045
+        Optional[Path],
         typer.Option("--sarif", help="Also write the findings as SARIF 2.1.0 (GitHub code scanning) here."),
     ] = None,
     json_out: JsonOpt = False,

@@ -13,9 +13,9 @@ from typing import Annotated, Any, Optional
 import typer
 
 # Optional[...] and not `X | None`: typer reads these annotations at run time.
-Strs = Optional[list[str]]  # noqa: UP045
-Text = Optional[str]  # noqa: UP045
-File = Optional[Path]  # noqa: UP045
+Strs = Optional[list[str]]
+Text = Optional[str]
+File = Optional[Path]
 
 KeyOpt = Annotated[
     Text,

@@ -13,7 +13,7 @@ import math
 import mmap
 import time
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, ClassVar
 
@@ -100,7 +100,6 @@ class DiffReport:
     bytes_read: int = 0
     seconds: float = 0.0
     steps: tuple[str, ...] = ()
-    extras: dict[str, int] = field(default_factory=dict)
 
     @property
     def same(self) -> bool:

@@ -23,7 +23,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any
 
-from surgery.errors import SurgeryError, UsageError
+from surgery.errors import BadArgument, SurgeryError
 
 if TYPE_CHECKING:
     from torch import nn
@@ -238,7 +238,7 @@ def adapt_input(model: nn.Module, in_chans: int, *, adapt_weights: bool = True) 
     import torch
 
     if in_chans < 1:
-        raise EditError("--in-chans", "must be 1 or more")
+        raise BadArgument("in_chans", "must be 1 or more")
     path = first_conv(model)
     conv = get_module(model, path)
     if conv.groups != 1:
@@ -277,7 +277,7 @@ def initialise(module: nn.Module, scheme: str) -> None:
     import torch.nn as tnn
 
     if scheme not in INIT_SCHEMES:
-        raise UsageError("--init", f"{scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
+        raise BadArgument("init", f"{scheme!r} is not one of {', '.join(INIT_SCHEMES)}")
     convs = (tnn.Conv1d, tnn.Conv2d, tnn.Conv3d, tnn.ConvTranspose2d)
     norms = (tnn.BatchNorm1d, tnn.BatchNorm2d, tnn.BatchNorm3d, tnn.GroupNorm, tnn.LayerNorm)
     with torch.no_grad():

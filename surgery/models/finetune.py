@@ -17,7 +17,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Any
 
-from surgery.errors import UsageError
+from surgery.errors import BadArgument
 from surgery.names import matches_any
 
 if TYPE_CHECKING:
@@ -44,7 +44,7 @@ class LrRule:
         except ValueError:
             lr = -1.0
         if not sep or not spec or not math.isfinite(lr) or lr < 0:
-            raise UsageError("--lr", f"{text!r} is not [NAME:]GLOB=VALUE with a non-negative VALUE")
+            raise BadArgument("lr", f"{text!r} is not [NAME:]GLOB=VALUE with a non-negative VALUE")
         name, colon, glob = spec.partition(":")
         return cls(name, glob, lr) if colon and glob else cls(spec, spec, lr)
 
@@ -88,11 +88,11 @@ class FinetunePlan:
         return self == FinetunePlan()
 
     def __post_init__(self) -> None:
-        for flag, value in (("--base-lr", self.base_lr), ("--weight-decay", self.weight_decay)):
+        for param, value in (("base_lr", self.base_lr), ("weight_decay", self.weight_decay)):
             if value is not None and not (math.isfinite(value) and value >= 0):
-                raise UsageError(flag, f"{value!r} must be a finite number, 0 or more")
+                raise BadArgument(param, f"{value!r} must be a finite number, 0 or more")
         if self.layer_decay is not None and not (math.isfinite(self.layer_decay) and self.layer_decay > 0):
-            raise UsageError("--layer-decay", f"{self.layer_decay!r} must be a finite number above 0")
+            raise BadArgument("layer_decay", f"{self.layer_decay!r} must be a finite number above 0")
 
 
 def _names_by_param(model: nn.Module) -> list[tuple[Any, list[str]]]:
@@ -152,7 +152,7 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
     its rate scaled by layer_decay ** (top layer - N), as timm's `param_groups_layer_decay`.
 
     Raises:
-        UsageError: an --lr rule that reaches only frozen parameters.
+        BadArgument: an `lr` rule that reaches only frozen parameters.
     """
     params = _names_by_param(model)  # each shared parameter once, by identity
     warnings = []
@@ -160,8 +160,8 @@ def param_groups(model: nn.Module, plan: FinetunePlan) -> tuple[list[dict[str, A
         hit = [(names, p) for p, names in params if matches_any(names, rule.glob)]
         if hit and not any(p.requires_grad for _, p in hit):
             first = hit[0][0][0]
-            raise UsageError(
-                "--lr",
+            raise BadArgument(
+                "lr",
                 f"{rule} reaches only frozen parameters ({first}, ...): unfreeze them or drop the rule",
             )
         if not hit:

@@ -6,6 +6,7 @@ bytes (never its name) and returns a `Scan`.
 
 from __future__ import annotations
 
+import importlib
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
@@ -87,26 +88,23 @@ def _read_first(kinds: list[str], what: str | None, path: Path, data: memoryview
 
 
 def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
+    """The reader of one kind (`base.sniff` says which to try), imported when first used."""
+    module, function = READERS[kind]
+    reader = getattr(importlib.import_module(module), function)
+    if kind == "index":  # its shards are read as any file is, each knowing its index
+        return reader(path, lambda p, index: _scan(p, verify, shard_of=index))
     if kind == "zip":
-        from surgery.formats.torchzip import scan_zip
+        return reader(path, data, verify=verify)
+    return reader(path, data)
 
-        return scan_zip(path, data, verify=verify)
-    if kind == "safetensors":
-        from surgery.formats.safetensors_file import scan_safetensors
 
-        return scan_safetensors(path, data)
-    if kind == "index":
-        from surgery.formats.sharded import scan_index
-
-        return scan_index(path, lambda p, index: _scan(p, verify, shard_of=index))
-    if kind == "tar":
-        from surgery.formats.torch_tar import scan_tar
-
-        return scan_tar(path, data)
-    if kind in ("npy", "npz"):
-        from surgery.formats.numpy_file import scan_npy, scan_npz
-
-        return scan_npy(path, data) if kind == "npy" else scan_npz(path, data)
-    from surgery.formats.legacy import scan_pickle
-
-    return scan_pickle(path, data)
+# Every format surgery reads: the kind `base.sniff` names -> (module, reader function).
+READERS = {
+    "zip": ("surgery.formats.torchzip", "scan_zip"),
+    "safetensors": ("surgery.formats.safetensors_file", "scan_safetensors"),
+    "index": ("surgery.formats.sharded", "scan_index"),
+    "tar": ("surgery.formats.torch_tar", "scan_tar"),
+    "npy": ("surgery.formats.numpy_file", "scan_npy"),
+    "npz": ("surgery.formats.numpy_file", "scan_npz"),
+    "pickle": ("surgery.formats.legacy", "scan_pickle"),
+}

@@ -54,7 +54,9 @@ from surgery.render.json import dumps
 from surgery.render.reports import page_of
 
 WATCHDOG_SECONDS = 20
-EXAMPLES = 300
+# Examples per fuzz test (the kinds with costlier inputs run a half or a third of it).
+# A longer campaign: SURGERY_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py
+EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "300"))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -25,6 +25,7 @@ from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
 from surgery.plans import keys
+from surgery.text import human_bytes, plural
 from surgery.values import Entry
 from surgery.writers import write_state_dict
 from surgery.writers.copy import Pieces, RawBytes
@@ -158,11 +159,9 @@ class ConvertReport:
     verified: int | None = None
 
     def summary(self) -> str:
-        text = f"{self.tensors} tensors, {_human(self.bytes_out)}"
+        text = f"{plural(self.tensors, 'tensor')}, {human_bytes(self.bytes_out)}"
         if self.written:
-            text = (
-                f"wrote {text} in {self.seconds:.2f} s ({_human(self.bytes_out / max(self.seconds, 1e-9))}/s)"
-            )
+            text = f"wrote {text} in {self.seconds:.2f} s ({human_bytes(int(self.bytes_out / max(self.seconds, 1e-9)))}/s)"
         else:
             text = f"would write {text} (--dry-run)"
         if self.raw:
@@ -505,9 +504,9 @@ def check_expansion(plan: _Plan, nbytes: int, max_ratio: float) -> None:
     span = ckpt.span(plan.source_of[grown.name])
     raise SurgeryError(
         ckpt.path,
-        f"the output would be {_human(nbytes)}, {nbytes / max(stored, 1):,.0f}x the {_human(stored)} "
+        f"the output would be {human_bytes(nbytes)}, {nbytes / max(stored, 1):,.0f}x the {human_bytes(stored)} "
         f"of the input (--max-output-ratio {max_ratio:g}): tensor {grown.name!r} alone is "
-        f"{_human(grown.nbytes)}, viewed from {_human(span)} of the file",
+        f"{human_bytes(grown.nbytes)}, viewed from {human_bytes(span)} of the file",
         hint="views that repeat their bytes (stride 0) are written in full: leave the tensor out "
         "with --exclude, or pass a larger --max-output-ratio if the output is wanted",
     )
@@ -553,9 +552,3 @@ def _provenance(ckpt: Checkpoint, plan: _Plan, options: ConvertRequest) -> dict[
     if plan.aliases:
         meta[ALIASES_KEY] = json.dumps(plan.aliases)
     return meta
-
-
-def _human(n: float) -> str:
-    from surgery.text import human_bytes
-
-    return human_bytes(int(n))

@@ -24,7 +24,7 @@ from surgery import __version__
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
-from surgery.plans import keys
+from surgery.plans.keys import KeyRules, Rename
 from surgery.text import human_bytes, plural
 from surgery.values import Entry
 from surgery.writers import write_state_dict
@@ -59,7 +59,7 @@ class ConvertRequest(Request):
 
     source: str
     out: str
-    keys: keys.KeyRules = keys.KeyRules()
+    keys: KeyRules = KeyRules()
     dtype: str | None = None  # bfloat16 | float16 | float32: floating tensors only
     format: str = "auto"  # by OUT's name: .safetensors, a folder with a shard size, else torch
     shard_size: int | None = None  # bytes per shard: a sharded folder
@@ -72,8 +72,7 @@ class ConvertRequest(Request):
     FILE_FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
         "source": str,
         "out": str,
-        **dict.fromkeys(("key", "add_prefix"), str),
-        **dict.fromkeys(("strip_prefix", "rename", "include", "exclude"), list),
+        **KeyRules.FILE_FIELDS,
         "dtype": str,
         "format": str,
         "shard_size": (str, int),
@@ -113,7 +112,7 @@ class ConvertRequest(Request):
         return cls(
             source=str(fields.get("source") or ""),
             out=str(fields.get("out") or ""),
-            keys=keys.KeyRules.from_fields(fields),
+            keys=KeyRules.from_fields(fields),
             dtype=CASTS[str(dtype).lower()] if dtype is not None else None,
             format=fields.get("format", "auto"),
             shard_size=parse_size(size) if isinstance(size, str) else size,
@@ -321,7 +320,7 @@ def convert(
     key: str | None = None,
     strip_prefix: Sequence[str] = (),
     add_prefix: str | None = None,
-    rename: Sequence[str | keys.Rename] = (),
+    rename: Sequence[str | Rename] = (),
     include: Sequence[str] = (),
     exclude: Sequence[str] = (),
     dtype: str | None = None,

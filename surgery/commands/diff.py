@@ -152,8 +152,7 @@ class DiffRequest(Request):
     FILE_FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
         "a": str,
         "b": str,
-        **dict.fromkeys(("key", "add_prefix"), str),
-        **dict.fromkeys(("strip_prefix", "rename", "include", "exclude"), list),
+        **KeyRules.FILE_FIELDS,
         "structure_only": bool,
     }
 

@@ -28,7 +28,7 @@ from surgery.models.loading import Output, load_into
 from surgery.models.recipe import RECIPE_KEY, Recipe
 from surgery.models.targets import Target, build_target, target_of_module
 from surgery.names import group_names
-from surgery.plans import keys
+from surgery.plans.keys import KeyRules, Rename
 from surgery.plans.match import (
     MODES,
     MatchError,
@@ -186,7 +186,7 @@ def port(
     *,
     strict: bool = False,
     match: str = "auto",
-    rename: Sequence[str | keys.Rename] = (),
+    rename: Sequence[str | Rename] = (),
     strip_prefix: Sequence[str] = (),
     add_prefix: str | None = None,
     include: Sequence[str] = (),
@@ -217,7 +217,7 @@ def port(
         >>> print(report.summary())
         loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}; missing 0; unexpected 0
     """
-    rules = keys.KeyRules.parse(
+    rules = KeyRules.parse(
         key=key,
         strip_prefix=strip_prefix,
         add_prefix=add_prefix,
@@ -467,7 +467,7 @@ class PortRequest(Request):
     to: str
     out: str | None = None
     args: tuple[str, ...] = ()  # the target's keyword arguments, NAME=VALUE
-    keys: keys.KeyRules = keys.KeyRules()
+    keys: KeyRules = KeyRules()
     match: str = "exact"
     strict: bool = True
     reshape: bool = False
@@ -492,13 +492,8 @@ class PortRequest(Request):
         "args": dict,
         "strict": bool,
         "match": str,
-        "rename": list,
-        "strip_prefix": list,
-        "add_prefix": str,
-        "include": list,
-        "exclude": list,
+        **KeyRules.FILE_FIELDS,
         "reshape": bool,
-        "key": str,
         "edits": list,
         "extract": str,
         "drop": str,
@@ -561,7 +556,7 @@ class PortRequest(Request):
             to=str(fields.get("to") or ""),
             out=str(fields["out"]) if fields.get("out") is not None else None,
             args=tuple(args),
-            keys=keys.KeyRules.from_fields(fields),
+            keys=KeyRules.from_fields(fields),
             match=fields.get("match") or "exact",
             strict=bool(fields.get("strict", True)),
             reshape=bool(fields.get("reshape")),

@@ -103,7 +103,15 @@ class KeyRules:
     include: tuple[str, ...] = ()
     exclude: tuple[str, ...] = ()
 
-    FIELDS: ClassVar[tuple[str, ...]] = ("key", "strip_prefix", "add_prefix", "rename", "include", "exclude")
+    # The rules as fields of a request file, with their TOML types (every command that reads keys).
+    FILE_FIELDS: ClassVar[dict[str, type]] = {
+        "key": str,
+        "strip_prefix": list,
+        "add_prefix": str,
+        "rename": list,
+        "include": list,
+        "exclude": list,
+    }
 
     @classmethod
     def parse(
@@ -145,7 +153,7 @@ class KeyRules:
     @classmethod
     def from_fields(cls, fields: Mapping[str, Any]) -> KeyRules:
         """The key rules among a request's flat fields (`strip_prefix`, `rename`, ...)."""
-        return cls.parse(**{k: fields[k] for k in cls.FIELDS if fields.get(k) is not None})
+        return cls.parse(**{k: fields[k] for k in cls.FILE_FIELDS if fields.get(k) is not None})
 
     @property
     def renames_keys(self) -> bool:

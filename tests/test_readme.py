@@ -1,148 +1,166 @@
-"""The README's console examples are real: each is run and must print exactly what it shows."""
+"""The examples of README.md and of every docs/ page are real: each is run and must show what it shows.
+
+The pages are read in the site's order, as one reader following them would, in one shared
+folder (the repository's fixtures/ beside the files the pages name: the ImageNet example's
+`checkpoint.pth.tar`, a training `checkpoint.pth`, ...), so a page may use what an earlier
+one wrote. A block that several pages show is run once.
+
+- `console`: each block runs as a user's shell would (stderr into the same stream), and
+  prints exactly what it shows; timings and rates (`in 1.61 s (27.7 MiB/s)`) may differ.
+- `python`: each block runs as written; a bare expression or a `print(...)` with a comment
+  after it must show that comment (its repr, or what it prints; `...` stands for anything).
+- `toml`: the file named on its first line (`# recipe.toml`), for the console blocks after it.
+
+Commands shown only to be read (set-up, CI) go in `bash` or `yaml` blocks, which are not run.
+"""
 
 from __future__ import annotations
 
+import ast
+import contextlib
+import difflib
+import io
+import os
 import re
-import shlex
+import shutil
 import subprocess
 import sys
+import tokenize
+import traceback
+from pathlib import Path
 
 import pytest
-from conftest import ROOT, run_subprocess
-
-README = (ROOT / "README.md").read_text()
-BLOCKS = re.findall(r"```console\n(.*?)```", README, re.S)
-
-
-def _examples() -> list[tuple[str, str]]:
-    """(commands, expected output) for blocks whose files are in the repository."""
-    out = []
-    for block in BLOCKS:
-        lines = block.splitlines()
-        commands = [line[2:] for line in lines if line.startswith("$ ")]
-        expected = "\n".join(line for line in lines if not line.startswith("$ ")) + "\n"
-        paths = [
-            word for cmd in commands for word in shlex.split(cmd) if "/" in word and not word.startswith("-")
-        ]
-        if paths and all((ROOT / p).exists() for p in paths):
-            out.append(("\n".join(commands), expected))
-    return out
-
-
-EXAMPLES = _examples()
-PYTHON_BLOCKS = re.findall(r"```python\n(.*?)```", README, re.S)
-
-
-def test_the_readme_has_runnable_examples():
-    assert len(EXAMPLES) >= 5
-
-
-@pytest.mark.parametrize(
-    "commands, expected", EXAMPLES, ids=[c.splitlines()[0][:60] for c in (e[0] for e in EXAMPLES)]
+from doc_pages import (
+    PAGES,
+    ROOT,
+    download_mistakes,
+    fenced,
+    imagenet_checkpoint,
+    make_fixtures,
+    unsafe_training_checkpoint,
 )
-def test_readme_example_prints_what_it_shows(commands, expected):
-    """Run as a user's shell would, stderr into the same stream as stdout."""
-    script = "exec 2>&1\n" + commands.replace("surgery ", f"{shlex.quote(sys.executable)} -m surgery ")
-    proc = subprocess.run(
-        ["bash", "-c", script], capture_output=True, text=True, cwd=ROOT, env={"PATH": "/usr/bin:/bin"}
-    )
-    assert proc.stdout == expected
 
-
-def test_readme_python_example_runs(monkeypatch):
-    """The API example executes as written, with `your_model` the fixtures' architecture."""
-    import importlib.util
-
-    spec = importlib.util.spec_from_file_location("make_fixtures", ROOT / "fixtures" / "make_fixtures.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    (block,) = [b for b in PYTHON_BLOCKS if "open_checkpoint" in b]
-    monkeypatch.chdir(ROOT)
-    namespace = {"your_model": fixtures.tiny_net()}
-    exec(compile(block, "README.md", "exec"), namespace)
-    assert namespace["ckpt"].container == ("state_dict",)
-
-
-def test_readme_port_example_runs(tmp_path, monkeypatch, capsys):
-    """The `surgery.port` example, on the ImageNet example's checkpoint of a seeded resnet18."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    source = torchvision.models.resnet18(weights=None)
-    torch.save(
-        {
-            "epoch": 90,
-            "arch": "resnet18",
-            "state_dict": {"module." + k: v for k, v in source.state_dict().items()},
-        },
-        tmp_path / "checkpoint.pth.tar",
-    )
-    (block,) = [b for b in PYTHON_BLOCKS if "surgery.port(" in b]
-    monkeypatch.chdir(tmp_path)
-    exec(compile(block, "README.md", "exec"), {})
-    printed = capsys.readouterr().out
-    assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")
-
-
-@pytest.fixture
-def imagenet_example(tmp_path, monkeypatch):
-    """The PyTorch ImageNet example's checkpoint of a seeded resnet18, as checkpoint.pth.tar in the cwd."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    source = torchvision.models.resnet18(weights=None)
-    state = {"module." + k: v for k, v in source.state_dict().items()}
-    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state}, tmp_path / "checkpoint.pth.tar")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
-
-
-def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
-    """The fixed-feature-extractor command prints what the README shows; its Python continuation runs."""
-    block = next(b for b in BLOCKS if "--freeze-bn" in b)
-    command, *expected = block.splitlines()
-    run = run_subprocess(*shlex.split(command.removeprefix("$ surgery ")), cwd=imagenet_example)
-    assert run.exit_code == 0, run.stderr
-    assert run.stdout == "\n".join(expected) + "\n"
-    (code,) = [b for b in PYTHON_BLOCKS if "load_ready" in b]
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    assert [g["name"] for g in namespace["optimizer"].param_groups] == ["head"]
-
-
-def test_readme_recipe_file_runs(imagenet_example):
-    (toml,) = re.findall(r"```toml\n(.*?)```", README, re.S)
-    (imagenet_example / "recipe.toml").write_text(toml)
-    run = run_subprocess("port", "--recipe", "recipe.toml", "--verify", cwd=imagenet_example)
-    assert run.exit_code == 0, run.stderr
-    assert "re-read, 122 tensors bit-identical" in run.stdout
-
-
+RUN = ("console", "python", "toml")
 TIMES = re.compile(r"in \d+\.\d+ s( \([^)]*/s\))?")
 
 
-def _steady(text: str) -> str:
+def steady(text: str) -> str:
     """Timings and rates vary from run to run; everything else must be as shown."""
     return TIMES.sub("in <t> s", text)
 
 
-def test_readme_convert_and_diff_examples_print_what_they_show(imagenet_example, capsys):
-    """Run in order on the ImageNet example's checkpoint; the Python continuation after them."""
-    blocks = [b for b in BLOCKS if "$ surgery convert" in b or "$ surgery diff" in b]
-    assert len(blocks) == 2
-    for block in blocks:
+def shows(expected: str, actual: str) -> bool:
+    """`actual` is what `expected` shows, `...` standing for anything."""
+    return re.fullmatch(".*".join(map(re.escape, expected.split("..."))), actual, re.S) is not None
+
+
+class Tour:
+    """One folder the pages' examples run in, and what each distinct block gave (None: as shown)."""
+
+    def __init__(self, folder: Path):
+        self.folder = folder
+        self.results: dict[tuple[str, str], str | None] = {}
+        self.pages_done: set[Path] = set()
+
+    def through(self, page: Path) -> list[str]:
+        """Run every page up to `page` (once each); the failures of `page`'s own blocks."""
+        for earlier in PAGES[: PAGES.index(page) + 1]:
+            if earlier not in self.pages_done:
+                for block in fenced(earlier):
+                    if block[0] in RUN and block not in self.results:
+                        self.results[block] = self.run(earlier, *block)
+                self.pages_done.add(earlier)
+        return [
+            f"{page.relative_to(ROOT)}, {lang} block:\n{text}\n{self.results[(lang, text)]}"
+            for lang, text in fenced(page)
+            if lang in RUN and self.results[(lang, text)] is not None
+        ]
+
+    def run(self, page: Path, lang: str, text: str) -> str | None:
+        if lang == "console":
+            return self.console(text)
+        if lang == "toml":
+            name = re.fullmatch(r"# (\S+)", text.splitlines()[0])
+            if name is None:
+                return "a toml block names its file on its first line: # recipe.toml"
+            (self.folder / name[1]).write_text(text)
+            return None
+        return self.python(page, text)
+
+    def console(self, block: str) -> str | None:
         lines = block.splitlines()
-        starts = [i for i, line in enumerate(lines) if line.startswith("$ ")] + [len(lines)]
-        for start, end in zip(starts, starts[1:], strict=False):
-            run = run_subprocess(*shlex.split(lines[start].removeprefix("$ surgery ")), cwd=imagenet_example)
-            assert run.exit_code == 0, run.stderr
-            assert _steady(run.stdout) == _steady("\n".join(lines[start + 1 : end]) + "\n")
-    (code,) = [b for b in PYTHON_BLOCKS if "surgery.convert(" in b]
-    namespace: dict = {}
-    exec(compile(code, "README.md", "exec"), namespace)
-    printed = capsys.readouterr().out.splitlines()
-    assert printed[0].endswith("20 copied as raw bytes; 102 cast")
-    assert printed[1] == "differ: 102 other dtype, 20 identical"
-    assert namespace["worst"].max_abs > 0
+        commands = "\n".join(line[2:] for line in lines if line.startswith("$ "))
+        expected = "\n".join(line for line in lines if not line.startswith("$ ")) + "\n"
+        script = "exec 2>&1\n" + re.sub(r"^surgery ", f"{sys.executable} -m surgery ", commands, flags=re.M)
+        env = {
+            "PATH": "/usr/bin:/bin",
+            "PYTHONPATH": str(ROOT),  # this checkout's surgery, whatever the folder
+            "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ in the fixtures a later scan walks
+            "HOME": str(self.folder),
+        }
+        proc = subprocess.run(
+            ["bash", "-c", script], capture_output=True, text=True, cwd=self.folder, env=env
+        )
+        if steady(proc.stdout) == steady(expected):
+            return None
+        return "".join(
+            difflib.unified_diff(expected.splitlines(True), proc.stdout.splitlines(True), "shown", "run")
+        )
+
+    def python(self, page: Path, code: str) -> str | None:
+        comments = {
+            tok.start[0]: tok.string.removeprefix("#").strip()
+            for tok in tokenize.generate_tokens(io.StringIO(code).readline)
+            if tok.type == tokenize.COMMENT
+        }
+        namespace: dict = {"your_model": make_fixtures().tiny_net()}
+        cwd = os.getcwd()
+        os.chdir(self.folder)
+        try:
+            for statement in ast.parse(code).body:
+                shown = comments.get(statement.end_lineno) if isinstance(statement, ast.Expr) else None
+                actual = self.statement(page, statement, namespace, printing=shown is not None)
+                if shown is not None and not shows(shown, actual):
+                    return f"line {statement.end_lineno}: shows {shown!r}, gave {actual!r}"
+        except Exception:
+            return traceback.format_exc(limit=-3)
+        finally:
+            os.chdir(cwd)
+        return None
+
+    @staticmethod
+    def statement(page: Path, statement: ast.stmt, namespace: dict, *, printing: bool) -> str:
+        """Run one statement; with `printing`, what it prints, or the repr of its value."""
+        name = f"{page.relative_to(ROOT)}, python block"
+        if not printing:
+            exec(compile(ast.Module([statement], []), name, "exec"), namespace)
+            return ""
+        call = statement.value
+        if isinstance(call, ast.Call) and isinstance(call.func, ast.Name) and call.func.id == "print":
+            out = io.StringIO()
+            with contextlib.redirect_stdout(out):
+                exec(compile(ast.Module([statement], []), name, "exec"), namespace)
+            return out.getvalue().removesuffix("\n")
+        return repr(eval(compile(ast.Expression(call), name, "eval"), namespace))
+
+
+@pytest.fixture(scope="module")
+def tour(tmp_path_factory) -> Tour:
+    folder = tmp_path_factory.mktemp("tour")
+    # The fixtures as committed: other tests import make_fixtures, leaving a __pycache__ beside it.
+    shutil.copytree(ROOT / "fixtures", folder / "fixtures", ignore=shutil.ignore_patterns("__pycache__"))
+    imagenet_checkpoint(folder)
+    unsafe_training_checkpoint(folder)
+    download_mistakes(folder)
+    return Tour(folder)
+
+
+def test_the_pages_have_examples_to_run():
+    counts = {p.name: sum(lang in RUN for lang, _ in fenced(p)) for p in PAGES}
+    assert counts["README.md"] >= 7, counts
+
+
+@pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
+def test_page_examples_show_what_they_print(tour, page):
+    failures = tour.through(page)
+    assert not failures, "\n\n".join(failures)

@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import argparse
 import enum
-import importlib.util
 import json
 import os
 import pathlib
@@ -17,14 +16,13 @@ import pickle
 import re
 import shlex
 import shutil
-import sys
-import types
 from collections import OrderedDict
 
 import numpy as np
 import pytest
 import torch
-from conftest import FIXTURES, ROOT, assert_clean_error, run_cli, run_subprocess
+from conftest import FIXTURES, assert_clean_error, run_cli, run_subprocess
+from doc_pages import CONSOLE, PYTHON, unsafe_training_checkpoint
 from test_scan import torch03_tar
 
 import surgery
@@ -379,11 +377,8 @@ def test_deflated_storages_are_inflated_bit_for_bit(tmp_path):
     assert loaded["ns"] == {"a": 1}
 
 
-# -- the README's examples -----------------------------------------------------------------------
+# -- the examples of README.md and docs/ --------------------------------------------------------------------
 
-README = (ROOT / "README.md").read_text()
-CONSOLE = re.findall(r"```console\n(.*?)```", README, re.S)
-PYTHON = re.findall(r"```python\n(.*?)```", README, re.S)
 TIMES = re.compile(r"in \d+\.\d+ s")
 
 
@@ -402,41 +397,6 @@ def run_console_block(block: str, cwd: pathlib.Path) -> None:
         assert TIMES.sub("in <t> s", previous.stdout + previous.stderr) == TIMES.sub("in <t> s", expected)
 
 
-def readme_checkpoint(folder: pathlib.Path) -> pathlib.Path:
-    """The README's training checkpoint: the fixtures' seeded tiny_net beside objects of the
-    training script (module `train`), a numpy scalar and an argparse.Namespace."""
-    spec = importlib.util.spec_from_file_location("make_fixtures", FIXTURES / "make_fixtures.py")
-    fixtures = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(fixtures)
-    train = types.ModuleType("train")
-
-    class Mode(enum.Enum):
-        TRAIN = "train"
-
-    class Config:
-        def __init__(self):
-            self.data = pathlib.PosixPath("/data/imagenet")
-            self.mode = Mode.TRAIN
-            self.warmup = 5
-
-    for cls in (Mode, Config):
-        cls.__module__, cls.__qualname__ = "train", cls.__name__
-        setattr(train, cls.__name__, cls)
-    sys.modules["train"] = train
-    try:
-        checkpoint = {
-            "epoch": 90,
-            "state_dict": fixtures.seeded(0).state_dict(),
-            "best_acc1": np.float64(76.13),
-            "args": argparse.Namespace(arch="tiny_net", lr=0.1, epochs=90),
-            "config": Config(),
-        }
-        torch.save(checkpoint, folder / "checkpoint.pth")
-    finally:
-        del sys.modules["train"]
-    return folder / "checkpoint.pth"
-
-
 def test_readme_scan_example_prints_what_it_shows(tmp_path):
     (block,) = [b for b in CONSOLE if b.startswith("$ surgery scan fixtures\n")]
     # The fixtures as committed: other tests import make_fixtures, leaving a __pycache__ beside it.
@@ -445,7 +405,7 @@ def test_readme_scan_example_prints_what_it_shows(tmp_path):
 
 
 def test_readme_sanitize_example_prints_what_it_shows(tmp_path, monkeypatch):
-    readme_checkpoint(tmp_path)
+    unsafe_training_checkpoint(tmp_path)
     assert refuses_weights_only(tmp_path / "checkpoint.pth")
     (block,) = [b for b in CONSOLE if b.startswith("$ surgery sanitize checkpoint.pth")]
     run_console_block(block, tmp_path)

@@ -1,6 +1,6 @@
 """Entries to bytes: every output surgery writes, streamed and atomic.
 
-atomic.py         temporary file or folder, fsync, rename; destination and space checks
+outputs.py        temporary file or folder, fsync, rename; destination and space checks
 copy.py           one tensor's bytes: raw ranges, cast pieces, flat pieces
 safetensors.py    .safetensors
 torch_archive.py  torch zip archives (surgery's own data.pkl)

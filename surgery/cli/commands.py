@@ -3,8 +3,6 @@
 No logic of its own: what a command does is a library call a script can make too.
 """
 
-from __future__ import annotations
-
 import sys
 from pathlib import Path
 from typing import Annotated, Optional

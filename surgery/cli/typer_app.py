@@ -1,13 +1,7 @@
-"""The Typer app, its entry point, and the one way errors reach the terminal.
-
-Errors become one line on stderr, `error: <file>: <what is wrong>`, with the exit
-code of the error type; a library parameter at fault is shown as the flag it came
-from (`strip_prefix` -> `--strip-prefix`); a traceback only with `--debug`.
-"""
+"""The Typer app: the group (--version), each command with its error handling and --help examples."""
 
 # No `from __future__ import annotations` here or in commands.py: Typer reads the commands'
 # annotations at every start, and string annotations would be evaluated one by one.
-import sys
 from collections.abc import Callable
 from functools import wraps
 from typing import Annotated, Any, Optional
@@ -15,7 +9,7 @@ from typing import Annotated, Any, Optional
 import typer
 
 from surgery import __version__
-from surgery.errors import BadArgument, SurgeryError
+from surgery.cli.output import outcome
 
 SETTINGS: dict[str, Any] = {
     "add_completion": False,
@@ -41,57 +35,15 @@ def main(
     """Inspect, port and operate on PyTorch checkpoints, safely."""
 
 
-def say(line: str) -> None:
-    """One line on stderr, names from files escaped (`text.printable`)."""
-    from surgery.text import printable
-
-    typer.echo(printable(line), err=True)
-
-
-def flag_of(param: str) -> str:
-    """The flag or argument of the running command that sets a library parameter."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
-    for p in ctx.command.params if ctx is not None else ():
-        if p.name == param:
-            longs = [o for o in p.opts if o.startswith("--")]
-            return longs[0] if longs else (p.human_readable_name or param).upper()
-    return "--" + param.replace("_", "-")
-
-
-def fail(error: SurgeryError) -> typer.Exit:
-    for finding in error.findings:
-        say(f"  {finding}")
-    where = flag_of(error.param) if isinstance(error, BadArgument) else error.where
-    say(f"error: {where}: {error.message}")
-    if error.hint:
-        say(f"hint: {error.hint}")
-    return typer.Exit(error.exit_code)
-
-
-def handles_errors(command: Callable[..., Any]) -> Callable[..., Any]:
-    """Turn library errors into one stderr line and an exit code."""
+def handles_errors(command: Callable[..., int | None]) -> Callable[..., None]:
+    """Run a command as `output.outcome` does (library errors as one stderr line), its exit code
+    raised as `typer.Exit`: commands return their exit code rather than raise it."""
 
     @wraps(command)
-    def wrapper(*args: Any, **kwargs: Any) -> Any:
-        try:
-            return command(*args, **kwargs)
-        except SurgeryError as error:
-            if kwargs.get("debug"):
-                raise
-            raise fail(error) from None
-        except (typer.Exit, typer.Abort, KeyboardInterrupt):
-            raise
-        except Exception as error:  # a bug: still no traceback unless asked
-            if kwargs.get("debug"):
-                raise
-            named = [kwargs.get(k) for k in ("path", "source", "a", "b")]
-            named += list(kwargs.get("paths") or [])
-            where = ", ".join(str(v) for v in named if v) or "surgery"
-            say(f"error: {where}: internal error: {type(error).__name__}: {error}")
-            say("hint: rerun with --debug for the traceback, and report it")
-            raise typer.Exit(3) from None
+    def wrapper(**params: Any) -> None:
+        code = outcome(command, params)
+        if code:
+            raise typer.Exit(code)
 
     return wrapper
 
@@ -133,8 +85,3 @@ def app_for(args: list[str]) -> typer.Typer:
     alone = new_app()
     alone.command(epilog=epilog)(function)
     return alone
-
-
-def run() -> None:
-    """Console-script entry point."""
-    app_for(sys.argv[1:])(prog_name="surgery")

@@ -115,7 +115,7 @@ def annotated(opt: Opt) -> Any:
     if opt.value is bool:
         kind: Any = bool
     elif opt.many:
-        kind = Optional[list[opt.value]]  # type: ignore[name-defined]
+        kind = Optional[list[opt.value]]
     elif opt.flags:
         kind = Optional[opt.value]
     else:

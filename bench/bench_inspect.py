@@ -26,6 +26,21 @@ What it measures
     RSS. Page cache is not dropped (that needs root), so every command is
     measured warm: the checkpoint files are already in the page cache.
 
+Start-up
+    A second table sets surgery beside the interpreter's own start, the aims
+    being ``surgery inspect`` at most 4x and ``surgery --help`` at most 3x
+    ``python -c pass`` (the interpreter as the user starts it, site-packages
+    and their .pth files included; ``python -S -c pass`` is shown too): the
+    five commands ``python -c pass``, ``python -S -c pass``, ``surgery --help``,
+    ``surgery inspect --json BIG`` and ``surgery inspect BIG`` (plain text into
+    a pipe), BIG being the torch zip above, run interleaved (round-robin) after
+    one warm-up, ``--startup-runs`` times each (20), and each ratio is the
+    median wall time over ``python -c pass``'s median. surgery runs as
+    ``python -m surgery`` (the code of the folder the script is run from).
+    The machine's load average before and after, and the CPU time other
+    processes used meanwhile, are printed with the table: on a shared machine
+    read the ratios, which the interleaving keeps fair, more than the times.
+
 How peak RSS is measured
     ``os.wait4(pid, 0)`` on a ``subprocess.Popen`` returns the child's own
     ``ru_maxrss`` (KiB on Linux). On Linux a child's ``ru_maxrss`` also takes
@@ -48,7 +63,7 @@ Bytecode
     ``--env-as-is`` runs the commands in the caller's environment unchanged.
 
 How to run
-    python bench/bench_inspect.py                  # 1 GB, 300 tensors
+    python bench/bench_inspect.py                  # 1.2 GB, 400 tensors
     python bench/bench_inspect.py --size-gb 0.1 --tensors 50   # quick check
     python bench/bench_inspect.py --env-as-is      # no bytecode-cache fix-up
 
@@ -74,11 +89,24 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import RUNS, _layout, _mib, child_env, run_all, summarize, write_results  # noqa: E402
+from _harness import (  # noqa: E402
+    RUNS,
+    _layout,
+    _mib,
+    busy_cpu_seconds,
+    child_env,
+    code_state,
+    own_cpu_seconds,
+    run_all,
+    summarize,
+    write_results,
+)
 
 RESULTS = HERE / "results" / "inspect.json"
 SPEED_TARGET = 20.0  # surgery at least this many times faster than the plain load
 RSS_TARGET_BYTES = 60_000_000  # surgery peak RSS under 60 MB (57.2 MiB)
+STARTUP_RUNS = 20
+STARTUP_AIMS = {"help": 3.0, "inspect": 4.0}  # at most this many times `python -c pass`
 
 FORMATS = {
     "torch-zip": "model_zip.pth",
@@ -182,6 +210,57 @@ def commands(paths: dict[str, Path]) -> list[dict]:
     return rows
 
 
+def startup_commands(big: Path) -> list[dict]:
+    """The start-up rows: the interpreter's own start beside surgery's --help and inspect of BIG."""
+    py, p = sys.executable, str(big)
+    rows = [
+        ("python -c pass", "floor", [py, "-c", "pass"]),
+        ("python -S -c pass", "floor-no-site", [py, "-S", "-c", "pass"]),
+        ("surgery --help", "help", [py, "-m", "surgery", "--help"]),
+        ("surgery inspect --json BIG", "inspect", [py, "-m", "surgery", "inspect", p, "--json"]),
+        ("surgery inspect BIG", "inspect", [py, "-m", "surgery", "inspect", p]),
+    ]
+    return [{"format": "torch-zip", "command": c, "kind": k, "argv": a, "note": ""} for c, k, a in rows]
+
+
+def startup(paths: dict[str, Path], folder: Path, env: dict[str, str], runs: int) -> dict:
+    """Run the start-up rows interleaved; their medians, ratios to `python -c pass`, aims, load."""
+    rows = startup_commands(paths["torch-zip"])
+    load_before = os.getloadavg()
+    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
+    run_all(rows, folder, env, runs=runs)
+    busy1, own1 = busy_cpu_seconds(), own_cpu_seconds()
+    load = {
+        "loadavg_before": load_before,
+        "loadavg_after": os.getloadavg(),
+        "commands_cpu_s": round(own1 - own0, 2),
+    }
+    if busy0 is not None and busy1 is not None:
+        load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 2)
+    problems = summarize(rows)
+    floor = rows[0]["median_s"]
+    for r in rows:
+        r["ratio"] = r["median_s"] / floor
+        aim = STARTUP_AIMS.get(r["kind"])
+        r["aim"] = aim
+        r["aim_met"] = None if aim is None else (not r.get("failed") and r["ratio"] <= aim)
+    return {"rows": rows, "load": load, "runs": runs, "problems": problems}
+
+
+def startup_table(rows: list[dict]) -> str:
+    lines = [
+        "| command | median wall ms | x `python -c pass` | aim | peak RSS MiB |",
+        "|---|---:|---:|---|---:|",
+    ]
+    for r in rows:
+        aim = "" if r["aim"] is None else f"<= {r['aim']:.0f}x: {'met' if r['aim_met'] else 'MISSED'}"
+        wall = f"FAILED ({r['failed']})" if r.get("failed") else f"{1000 * r['median_s']:.1f}"
+        lines.append(
+            f"| `{r['command']}` | {wall} | {r['ratio']:.2f} | {aim} | {_mib(r['max_rss_kib']):.1f} |"
+        )
+    return "\n".join(lines)
+
+
 def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
     """Run surgery once with its output kept; None when it lists the right tensors, else the problem."""
     proc = subprocess.run(
@@ -219,8 +298,11 @@ def table(rows: list[dict]) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--size-gb", type=float, default=1.0, help="checkpoint size in GB (10^9 bytes)")
-    parser.add_argument("--tensors", type=int, default=300, help="number of tensors")
+    parser.add_argument("--size-gb", type=float, default=1.2, help="checkpoint size in GB (10^9 bytes)")
+    parser.add_argument("--tensors", type=int, default=400, help="number of tensors")
+    parser.add_argument(
+        "--startup-runs", type=int, default=STARTUP_RUNS, help="timed runs of each start-up command"
+    )
     parser.add_argument(
         "--env-as-is",
         action="store_true",
@@ -275,8 +357,14 @@ def main() -> int:
         env, bytecode = child_env(folder, args.env_as_is)
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         rows = commands(paths)
+        code = code_state()
         clear_refs_ok = run_all(rows, folder, env)
         problems += summarize(rows)
+        print(f"  start-up: {len(startup_commands(paths['torch-zip']))} commands interleaved ...", flush=True)
+        start = startup(paths, folder, env, args.startup_runs)
+        problems += start["problems"]
+        if code_state() != code:
+            problems.append("surgery's code changed during the run")
         surgery = {r["format"]: r for r in rows if r["kind"] == "surgery"}
         for r in rows:
             s = surgery.get(r["format"])
@@ -327,6 +415,21 @@ def main() -> int:
                 f"{'met' if t['speed_ok'] else 'MISSED'}); peak RSS {t['peak_rss_mib']:.1f} MiB "
                 f"(< 60 MB = 57.2 MiB: {'met' if t['rss_ok'] else 'MISSED'})"
             )
+        load = start["load"]
+        print()
+        print(
+            f"Start-up: median of {start['runs']} runs of each command, interleaved, after 1 warm-up; "
+            f"BIG = the torch zip above ({facts['num_tensors']} tensors). Load average "
+            f"{'/'.join(f'{x:.2f}' for x in load['loadavg_before'])} before, "
+            f"{'/'.join(f'{x:.2f}' for x in load['loadavg_after'])} after"
+            + (
+                f"; other processes used {load['other_cpu_s']} CPU-s meanwhile."
+                if "other_cpu_s" in load
+                else "."
+            )
+        )
+        print()
+        print(startup_table(start["rows"]))
         for p in problems:
             print(f"- PROBLEM: {p}")
 
@@ -376,6 +479,29 @@ def main() -> int:
                 "peak_rss_under_bytes": RSS_TARGET_BYTES,
                 "results": targets,
             },
+            "startup": {
+                "runs": start["runs"],
+                "aims": STARTUP_AIMS,
+                "load": load,
+                "rows": [
+                    {
+                        "command": r["command"],
+                        "kind": r["kind"],
+                        "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
+                        "median_wall_s": r["median_s"],
+                        "ratio_to_python_c_pass": r["ratio"],
+                        "aim": r["aim"],
+                        "aim_met": r["aim_met"],
+                        "peak_rss_kib": r["max_rss_kib"],
+                        "failed": r.get("failed"),
+                        "runs": r["runs"],
+                        "warmup": r["warmup"],
+                    }
+                    for r in start["rows"]
+                ],
+                "table_markdown": startup_table(start["rows"]),
+            },
+            "code": code,
             "problems": problems,
             "table_markdown": table(rows),
         }

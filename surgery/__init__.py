@@ -20,10 +20,14 @@ from surgery.errors import (
     UnsupportedTensor,
     UsageError,
 )
-from surgery.formats.checkpoint import Checkpoint, Extra, TensorInfo, open_checkpoint
-from surgery.values import Finding
 
+# Imported on first use, so `import surgery` (and every CLI start) stays light.
 _LAZY = {
+    "Checkpoint": "surgery.formats.checkpoint",
+    "Extra": "surgery.formats.checkpoint",
+    "TensorInfo": "surgery.formats.checkpoint",
+    "open_checkpoint": "surgery.formats.checkpoint",
+    "Finding": "surgery.values",
     "port": "surgery.commands.port",
     "PortReport": "surgery.commands.port",
     "PortFailed": "surgery.commands.port",
@@ -52,7 +56,7 @@ _LAZY = {
 
 
 def __getattr__(name: str):
-    """The port, convert, diff, scan, sanitize and fine-tune calls, imported on first use: `import surgery` stays light."""
+    """The public calls and types, each imported from its module on first use."""
     if name in _LAZY:
         import importlib
 

@@ -1,9 +1,8 @@
-"""The commands: each parses its flags into a request, calls the library, shows the report.
+"""The commands: each parses its flags into a request, calls the library, shows the report,
+and returns its exit code (None: 0).
 
 No logic of its own: what a command does is a library call a script can make too.
 """
-
-from __future__ import annotations
 
 import sys
 from pathlib import Path
@@ -11,12 +10,15 @@ from typing import Annotated, Optional
 
 import typer
 
-from surgery.cli.app import command, say
+from surgery.cli.fast import inspect_checkpoint
 from surgery.cli.options import (
     AddPrefixOpt,
+    CheckpointArg,
     DebugOpt,
+    DepthOpt,
     DryRunOpt,
     ExcludeOpt,
+    FilterOpt,
     ForceOpt,
     IncludeOpt,
     JsonOpt,
@@ -31,7 +33,8 @@ from surgery.cli.options import (
     VerifyOpt,
     fields_of,
 )
-from surgery.cli.output import progress, show
+from surgery.cli.output import progress, say, show
+from surgery.cli.typer_app import command
 
 Int = Optional[int]
 Float = Optional[float]
@@ -45,41 +48,20 @@ Float = Optional[float]
     ]
 )
 def inspect(
-    path: Annotated[
-        Path,
-        typer.Argument(help="Checkpoint file, *.index.json, or a folder holding one.", show_default=False),
-    ],
-    filter: Annotated[
-        Strs,
-        typer.Option(
-            "--filter",
-            "-f",
-            help="Only tensors matching this glob (repeatable); `layer1` selects the module.",
-        ),
-    ] = None,
-    depth: Annotated[
-        Int, typer.Option("--depth", "-d", min=0, help="Fold modules deeper than N levels.")
-    ] = None,
+    path: CheckpointArg,
+    filter: FilterOpt = None,
+    depth: DepthOpt = None,
     key: KeyOpt = None,
     verify: VerifyOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
-) -> None:
+) -> int:
     """What is inside a checkpoint: containers, tensors, sizes, safety. Reads no tensor data.
 
     Exit code 1 when the pickle references anything beyond tensors and plain
     containers (or the file is damaged), so scripts notice; 2 on bad usage.
     """
-    from surgery.commands.inspect import inspect as run
-
-    report = run(path, key=key, verify=verify, filter=filter or (), depth=depth)
-    show(report, json_out)
-    ckpt = report.checkpoint
-    if not ckpt.safe:
-        blocking = [f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt")]
-        more = f" (and {len(blocking) - 1} more)" if len(blocking) > 1 else ""
-        say(f"error: {path}: not safe to load: {blocking[0].severity}: {blocking[0].message}{more}")
-        raise typer.Exit(1)
+    return inspect_checkpoint(path, filter, depth, key, verify, json_out)
 
 
 STRICTNESS = {
@@ -339,7 +321,7 @@ def diff(
     trust: TrustOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
-) -> None:
+) -> int:
     """Keys only in A or B, shape and dtype differences, and how far the values are apart.
 
     Tensors are compared one at a time, as raw bytes where possible.
@@ -350,8 +332,7 @@ def diff(
     request = DiffRequest.from_file(recipe, **fields) if recipe else DiffRequest.from_fields(fields)
     report = diff_files(request)
     show(report, json_out)
-    if exit_code and not report.same:
-        raise typer.Exit(1)
+    return 1 if exit_code and not report.same else 0
 
 
 @command(
@@ -375,7 +356,7 @@ def scan(
     ] = None,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
-) -> None:
+) -> int:
     """The safety verdict of every checkpoint under PATHS: one line each, then a summary.
 
     Nothing is run or imported from the files, and torch is not loaded. Exit code 1
@@ -388,8 +369,7 @@ def scan(
     if sarif is not None:
         write_sarif(report, sarif)
     show(report, json_out)
-    if report.failed:
-        raise typer.Exit(1)
+    return 1 if report.failed else 0
 
 
 @command(

@@ -1,4 +1,11 @@
-"""The one way a report reaches stdout: JSON, plain text for pipes, or rich on a terminal."""
+"""The one way a report or an error reaches the terminal: JSON, plain text for pipes, or
+rich on a terminal; errors as one line on stderr and an exit code.
+
+Errors become one line on stderr, `error: <file>: <what is wrong>`, with the exit code of
+the error type; a library parameter at fault is shown as the flag it came from
+(`strip_prefix` -> `--strip-prefix`); a traceback only with `--debug`. Nothing here imports
+Typer: a plain `surgery inspect` runs without it (`cli.fast`).
+"""
 
 from __future__ import annotations
 
@@ -8,11 +15,25 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from typing import Any
 
-import typer
+from surgery.errors import BadArgument, SurgeryError
 
 
 def use_rich() -> bool:
     return sys.stdout.isatty() and os.environ.get("TERM") != "dumb"
+
+
+def echo(text: str, *, err: bool = False) -> None:
+    """One line on stdout (or stderr), flushed: what `typer.echo` writes for the text here."""
+    stream = sys.stderr if err else sys.stdout
+    stream.write(text + "\n")
+    stream.flush()
+
+
+def say(line: str) -> None:
+    """One line on stderr, names from files escaped (`text.printable`)."""
+    from surgery.text import printable
+
+    echo(printable(line), err=True)
 
 
 def show(report: Any, json_out: bool) -> None:
@@ -20,7 +41,7 @@ def show(report: Any, json_out: bool) -> None:
     if json_out:
         from surgery.render.json import dumps
 
-        typer.echo(dumps(report.to_json()))
+        echo(dumps(report.to_json()))
         return
     from surgery.render import rows
     from surgery.render.reports import page_of
@@ -33,6 +54,49 @@ def show(report: Any, json_out: bool) -> None:
     else:
         sys.stdout.write(rows.plain(page))
     sys.stdout.flush()  # the report first, then any verdict on stderr, in pipes too
+
+
+def flag_of(param: str) -> str:
+    """The flag or argument of the running command that sets a library parameter."""
+    import click
+
+    ctx = click.get_current_context(silent=True)
+    for p in ctx.command.params if ctx is not None else ():
+        if p.name == param:
+            longs = [o for o in p.opts if o.startswith("--")]
+            return longs[0] if longs else (p.human_readable_name or param).upper()
+    return "--" + param.replace("_", "-")
+
+
+def failed(error: SurgeryError) -> int:
+    """Say what went wrong (findings seen on the way, the error, a hint); its exit code."""
+    for finding in error.findings:
+        say(f"  {finding}")
+    where = flag_of(error.param) if isinstance(error, BadArgument) else error.where
+    say(f"error: {where}: {error.message}")
+    if error.hint:
+        say(f"hint: {error.hint}")
+    return error.exit_code
+
+
+def outcome(command: Callable[..., int | None], params: dict[str, Any]) -> int:
+    """Run a command with its parameters: its exit code. A library error is said in one line
+    (`failed`), anything else is a bug, said as one too (3); with `debug`, both are raised."""
+    try:
+        return command(**params) or 0
+    except SurgeryError as error:
+        if params.get("debug"):
+            raise
+        return failed(error)
+    except Exception as error:  # a bug: still no traceback unless asked
+        if params.get("debug"):
+            raise
+        named = [params.get(k) for k in ("path", "source", "a", "b")]
+        named += list(params.get("paths") or [])
+        where = ", ".join(str(v) for v in named if v) or "surgery"
+        say(f"error: {where}: internal error: {type(error).__name__}: {error}")
+        say("hint: rerun with --debug for the traceback, and report it")
+        return 3
 
 
 @contextmanager

@@ -162,7 +162,7 @@ def describe(obj: Any, depth: int = 2) -> str:
     return f"<{type(obj).__name__}>"
 
 
-_STRUCTS = {fmt: struct.Struct(fmt) for fmt in ("<i", "<I", "<H", "<Q", ">d")}
+_INT32, _UINT32, _UINT16, _UINT64, _FLOAT64 = map(struct.Struct, ("<i", "<I", "<H", "<Q", ">d"))
 
 
 class _Machine:
@@ -218,8 +218,7 @@ class _Machine:
                 return line
             end += len(chunk)
 
-    def unpack(self, fmt: str) -> Any:
-        layout = _STRUCTS[fmt]
+    def unpack(self, layout: struct.Struct) -> Any:
         start = self.pos
         if start + layout.size > len(self.data):
             self.read(layout.size)  # raises with the message
@@ -348,15 +347,14 @@ class _Machine:
 
     # -- the loop ------------------------------------------------------------
     def run(self) -> Result:
-        data = self.data
-        ops = _OPS
+        data, size, ops = self.data, len(self.data), _OPS
         while True:
-            self.op_start = self.pos
-            if self.pos >= len(data):
-                raise PickleError("pickle data was truncated: no STOP", self.pos)
-            code = data[self.pos]
-            self.pos += 1
-            op = ops.get(code)
+            pos = self.op_start = self.pos
+            if pos >= size:
+                raise PickleError("pickle data was truncated: no STOP", pos)
+            code = data[pos]
+            self.pos = pos + 1
+            op = ops[code]
             if op is None:
                 raise PickleError(f"unknown opcode 0x{code:02x}", self.op_start)
             if code == 0x2E:  # STOP
@@ -388,7 +386,7 @@ def _op_PROTO(m: _Machine) -> None:
 
 
 def _op_FRAME(m: _Machine) -> None:
-    size = m.unpack("<Q")
+    size = m.unpack(_UINT64)
     if size > len(m.data) - m.pos:
         raise PickleError(f"frame of {size} bytes runs past the end", m.op_start)
 
@@ -437,7 +435,7 @@ def _op_LONG(m: _Machine) -> None:
 
 
 def _op_BININT(m: _Machine) -> None:
-    m.stack.append(m.unpack("<i"))
+    m.stack.append(m.unpack(_INT32))
 
 
 def _op_BININT1(m: _Machine) -> None:
@@ -445,7 +443,7 @@ def _op_BININT1(m: _Machine) -> None:
 
 
 def _op_BININT2(m: _Machine) -> None:
-    m.stack.append(m.unpack("<H"))
+    m.stack.append(m.unpack(_UINT16))
 
 
 def _op_LONG1(m: _Machine) -> None:
@@ -454,12 +452,12 @@ def _op_LONG1(m: _Machine) -> None:
 
 
 def _op_LONG4(m: _Machine) -> None:
-    n = m.unpack("<i")
+    n = m.unpack(_INT32)
     m.stack.append(int.from_bytes(m.read(n), "little", signed=True))
 
 
 def _op_BINFLOAT(m: _Machine) -> None:
-    m.stack.append(m.unpack(">d"))
+    m.stack.append(m.unpack(_FLOAT64))
 
 
 def _op_STRING(m: _Machine) -> None:
@@ -470,7 +468,7 @@ def _op_STRING(m: _Machine) -> None:
 
 
 def _op_BINSTRING(m: _Machine) -> None:
-    m.stack.append(_decode_text(bytes(m.read(m.unpack("<i")))))
+    m.stack.append(_decode_text(bytes(m.read(m.unpack(_INT32)))))
 
 
 def _op_SHORT_BINSTRING(m: _Machine) -> None:
@@ -478,7 +476,7 @@ def _op_SHORT_BINSTRING(m: _Machine) -> None:
 
 
 def _op_BINBYTES(m: _Machine) -> None:
-    m.stack.append(bytes(m.read(m.unpack("<I"))))
+    m.stack.append(bytes(m.read(m.unpack(_UINT32))))
 
 
 def _op_SHORT_BINBYTES(m: _Machine) -> None:
@@ -486,11 +484,11 @@ def _op_SHORT_BINBYTES(m: _Machine) -> None:
 
 
 def _op_BINBYTES8(m: _Machine) -> None:
-    m.stack.append(bytes(m.read(m.unpack("<Q"))))
+    m.stack.append(bytes(m.read(m.unpack(_UINT64))))
 
 
 def _op_BYTEARRAY8(m: _Machine) -> None:
-    m.stack.append(bytearray(m.read(m.unpack("<Q"))))
+    m.stack.append(bytearray(m.read(m.unpack(_UINT64))))
 
 
 def _op_NEXT_BUFFER(m: _Machine) -> None:
@@ -510,11 +508,11 @@ def _op_SHORT_BINUNICODE(m: _Machine) -> None:
 
 
 def _op_BINUNICODE(m: _Machine) -> None:
-    m.stack.append(str(m.read(m.unpack("<I")), "utf-8", "surrogatepass"))
+    m.stack.append(str(m.read(m.unpack(_UINT32)), "utf-8", "surrogatepass"))
 
 
 def _op_BINUNICODE8(m: _Machine) -> None:
-    m.stack.append(str(m.read(m.unpack("<Q")), "utf-8", "surrogatepass"))
+    m.stack.append(str(m.read(m.unpack(_UINT64)), "utf-8", "surrogatepass"))
 
 
 def _op_NONE(m: _Machine) -> None:
@@ -704,11 +702,11 @@ def _op_EXT1(m: _Machine) -> None:
 
 
 def _op_EXT2(m: _Machine) -> None:
-    _extension(m, m.unpack("<H"))
+    _extension(m, m.unpack(_UINT16))
 
 
 def _op_EXT4(m: _Machine) -> None:
-    _extension(m, m.unpack("<i"))
+    _extension(m, m.unpack(_INT32))
 
 
 def _op_PERSID(m: _Machine) -> None:
@@ -719,16 +717,20 @@ def _op_BINPERSID(m: _Machine) -> None:
     m.stack.append(m.persistent(m.pop()))
 
 
+# GET and PUT are a third of a torch pickle's opcodes: no more calls than needed.
 def _get(m: _Machine, index: int) -> None:
-    if index not in m.memo:
-        raise PickleError(f"memo has no entry {index}", m.op_start)
-    m.stack.append(m.memo[index])
+    try:
+        m.stack.append(m.memo[index])
+    except KeyError:
+        raise PickleError(f"memo has no entry {index}", m.op_start) from None
 
 
 def _put(m: _Machine, index: int) -> None:
     if index < 0:
         raise PickleError("negative memo index", m.op_start)
-    m.memo[index] = m.top()
+    if not m.stack:
+        raise PickleError("stack underflow", m.op_start)
+    m.memo[index] = m.stack[-1]
 
 
 def _op_GET(m: _Machine) -> None:
@@ -740,7 +742,7 @@ def _op_BINGET(m: _Machine) -> None:
 
 
 def _op_LONG_BINGET(m: _Machine) -> None:
-    _get(m, m.unpack("<I"))
+    _get(m, m.unpack(_UINT32))
 
 
 def _op_PUT(m: _Machine) -> None:
@@ -752,7 +754,7 @@ def _op_BINPUT(m: _Machine) -> None:
 
 
 def _op_LONG_BINPUT(m: _Machine) -> None:
-    _put(m, m.unpack("<I"))
+    _put(m, m.unpack(_UINT32))
 
 
 def _op_MEMOIZE(m: _Machine) -> None:
@@ -784,8 +786,8 @@ _OPCODES = {
     "\x95": _op_FRAME, "\x96": _op_BYTEARRAY8, "\x97": _op_NEXT_BUFFER,
     "\x98": _op_READONLY_BUFFER,
 }  # fmt: skip
-_OPS = {ord(k): v for k, v in _OPCODES.items()}
-PICKLE_OPCODE_BYTES = frozenset(_OPS)
+PICKLE_OPCODE_BYTES = frozenset(ord(k) for k in _OPCODES)
+_OPS = [_OPCODES.get(chr(code)) for code in range(256)]  # by opcode byte: a list is the fastest lookup
 
 
 def run(

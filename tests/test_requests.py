@@ -55,6 +55,11 @@ def test_the_cli_shows_the_flag_a_parameter_came_from(wrapped):
     assert_clean_error(run, "--shard-size", code=2)
 
 
+def test_a_missing_argument_is_named_as_the_command_line_names_it(tmp_path):
+    assert_clean_error(run_cli("port", "--to", "torchvision:resnet18", "--dry-run"), "SOURCE", code=2)
+    assert_clean_error(run_cli("diff"), "A", contains="name both checkpoints", code=2)
+
+
 def test_a_collision_made_by_strip_prefix_blames_strip_prefix(wrapped):
     torch.save({"a.x": torch.ones(1), "b.x": torch.ones(1)}, wrapped / "two.pth")
     args = ["--strip-prefix", "a.", "--strip-prefix", "b."]

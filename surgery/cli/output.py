@@ -58,14 +58,29 @@ def show(report: Any, json_out: bool) -> None:
 
 def flag_of(param: str) -> str:
     """The flag or argument of the running command that sets a library parameter."""
-    import click
-
-    ctx = click.get_current_context(silent=True)
+    ctx = _click_context()
     for p in ctx.command.params if ctx is not None else ():
         if p.name == param:
             longs = [o for o in p.opts if o.startswith("--")]
             return longs[0] if longs else (p.human_readable_name or param).upper()
     return "--" + param.replace("_", "-")
+
+
+def _click_context() -> Any:
+    """The running command's click context: Typer 0.28 runs its own copy of click, older
+    Typers the click package; the fast path runs none (its flags are the records' own)."""
+    import importlib
+    import sys
+
+    for name in ("typer._click.globals", "click"):
+        try:
+            module = sys.modules.get(name) or importlib.import_module(name)
+        except ImportError:
+            continue
+        ctx = module.get_current_context(silent=True)
+        if ctx is not None:
+            return ctx
+    return None
 
 
 def failed(error: SurgeryError) -> int:
@@ -88,6 +103,9 @@ def outcome(command: Callable[..., int | None], params: dict[str, Any]) -> int:
         if params.get("debug"):
             raise
         return failed(error)
+    except BrokenPipeError:  # the reader went away (`surgery inspect x | head`): nothing to say
+        os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # the exit flush must not fail
+        return 141  # 128 + SIGPIPE, as `git log | head` ends
     except Exception as error:  # a bug: still no traceback unless asked
         if params.get("debug"):
             raise

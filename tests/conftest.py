@@ -22,6 +22,14 @@ settings.register_profile("ci", derandomize=True, database=None)
 if os.environ.get("CI"):
     settings.load_profile("ci")
 
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests' tensors are small: on a machine whose cores are busy, torch's second
+    # intra-op thread only waits for a core (a resnet18 forward pass took 3x longer).
+    import torch
+
+    torch.set_num_threads(1)
+
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
 

@@ -55,11 +55,8 @@ def assert_identical(got: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def resnet_dcp(tmp_path_factory) -> tuple[Path, dict]:
-    import torchvision
-
-    torch.manual_seed(0)
-    state = torchvision.models.resnet18(weights=None).state_dict()
+def resnet_dcp(tmp_path_factory, seeded_resnet18) -> tuple[Path, dict]:
+    state = seeded_resnet18.state
     folder = tmp_path_factory.mktemp("dcp") / "resnet"
     save_dcp({"model": state, "epoch": 3, "step": torch.tensor(7)}, folder)
     return folder, state

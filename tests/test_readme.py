@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import re
 import shlex
+import shutil
 import subprocess
 import sys
 
@@ -63,40 +64,21 @@ def test_readme_python_example_runs(monkeypatch):
     assert namespace["ckpt"].container == ("state_dict",)
 
 
-def test_readme_port_example_runs(tmp_path, monkeypatch, capsys):
-    """The `surgery.port` example, on the ImageNet example's checkpoint of a seeded resnet18."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    source = torchvision.models.resnet18(weights=None)
-    torch.save(
-        {
-            "epoch": 90,
-            "arch": "resnet18",
-            "state_dict": {"module." + k: v for k, v in source.state_dict().items()},
-        },
-        tmp_path / "checkpoint.pth.tar",
-    )
-    (block,) = [b for b in PYTHON_BLOCKS if "surgery.port(" in b]
+@pytest.fixture
+def imagenet_example(tmp_path, monkeypatch, seeded_resnet18):
+    """The PyTorch ImageNet example's checkpoint of a seeded resnet18, as checkpoint.pth.tar in the cwd
+    (a copy: the examples write beside it)."""
+    shutil.copyfile(seeded_resnet18.imagenet, tmp_path / "checkpoint.pth.tar")
     monkeypatch.chdir(tmp_path)
+    return tmp_path
+
+
+def test_readme_port_example_runs(imagenet_example, capsys):
+    """The `surgery.port` example, on the ImageNet example's checkpoint of a seeded resnet18."""
+    (block,) = [b for b in PYTHON_BLOCKS if "surgery.port(" in b]
     exec(compile(block, "README.md", "exec"), {})
     printed = capsys.readouterr().out
     assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")
-
-
-@pytest.fixture
-def imagenet_example(tmp_path, monkeypatch):
-    """The PyTorch ImageNet example's checkpoint of a seeded resnet18, as checkpoint.pth.tar in the cwd."""
-    import torch
-    import torchvision
-
-    torch.manual_seed(0)
-    source = torchvision.models.resnet18(weights=None)
-    state = {"module." + k: v for k, v in source.state_dict().items()}
-    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": state}, tmp_path / "checkpoint.pth.tar")
-    monkeypatch.chdir(tmp_path)
-    return tmp_path
 
 
 def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):

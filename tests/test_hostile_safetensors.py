@@ -90,6 +90,20 @@ MALFORMED: dict[str, tuple[bytes, str]] = {
 }
 
 
+# One file for each step of the reader (length, JSON, entries, offsets, metadata) is read by a real
+# process too; every file by the in-process CLI (the same code, without a quarter second's start-up).
+MALFORMED_IN_A_PROCESS = frozenset(
+    {
+        "header_longer_than_the_file",
+        "json_does_not_parse",
+        "json_nested_100000_deep",
+        "unknown_dtype",
+        "overlapping_tensors",
+        "metadata_not_an_object",
+    }
+)
+
+
 @pytest.mark.parametrize("name", MALFORMED)
 def test_malformed_safetensors_is_one_clean_error_and_left_unchanged(tmp_path, name):
     raw, says = MALFORMED[name]
@@ -98,7 +112,10 @@ def test_malformed_safetensors_is_one_clean_error_and_left_unchanged(tmp_path, n
 
     with pytest.raises(SurgeryError):
         open_checkpoint(path)
-    for run in (run_cli("inspect", path), run_subprocess("inspect", path)):
+    runs = [run_cli("inspect", path)]
+    if name in MALFORMED_IN_A_PROCESS:
+        runs.append(run_subprocess("inspect", path))
+    for run in runs:
         assert_clean_error(run, path, contains=says, code=1)
     assert path.read_bytes() == raw
 

@@ -794,6 +794,7 @@ def _write_big_safetensors(path: Path, tensors: int, mib_each: int) -> None:
             f.write(block)
 
 
+@pytest.mark.slow
 def test_big_file_streams_without_torch(tmp_path):
     src = tmp_path / "big.safetensors"
     _write_big_safetensors(src, tensors=6, mib_each=50)  # 300 MiB
@@ -1150,6 +1151,7 @@ def two_mib(tmp_path_factory):
     return src
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,extra",
     [

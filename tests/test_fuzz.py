@@ -53,6 +53,8 @@ from surgery.render import rows
 from surgery.render.json import dumps
 from surgery.render.reports import page_of
 
+pytestmark = pytest.mark.slow  # hundreds of generated files per test
+
 WATCHDOG_SECONDS = 20
 EXAMPLES = 300
 FUZZ = settings(

@@ -154,6 +154,7 @@ def test_huge_declared_header_is_refused_without_allocating_it(tmp_path, declare
     assert path.read_bytes() == raw
 
 
+@pytest.mark.slow
 def test_valid_file_with_30000_empty_tensors_reads(tmp_path):
     header = {f"t{i}": f32([0], 0, 0) for i in range(30_000)}
     path = tmp_path / "model.safetensors"
@@ -397,6 +398,7 @@ def zip_bomb_pickle(fragment: bytes) -> bytes:
     return b"\x80\x02}" + u("weights") + STATE_PKL[2:-1] + b"s" + u("bomb") + fragment + b"s."
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BOMBS)
 def test_pickle_bomb_as_a_plain_pickle_ends_cleanly(tmp_path, name):
     fragment, expect = BOMBS[name]
@@ -406,6 +408,7 @@ def test_pickle_bomb_as_a_plain_pickle_ends_cleanly(tmp_path, name):
     run_bomb(path, expect)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("name", BOMBS)
 def test_pickle_bomb_in_a_torch_zip_ends_cleanly(tmp_path, name):
     fragment, expect = BOMBS[name]
@@ -439,6 +442,7 @@ def _tensor_with_200000_dimensions() -> bytes:
     return _tensor([2**62] * 200_000, [0] * 200_000)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "build", [_tuple_dag_as_dict_key, _many_state_dicts_sharing_one_big_list, _tensor_with_200000_dimensions]
 )
@@ -450,6 +454,7 @@ def test_small_pickle_that_would_take_superlinear_work_ends_cleanly(tmp_path, bu
     run_bomb(path, "either")
 
 
+@pytest.mark.slow
 def test_safetensors_shape_with_200000_dimensions_ends_cleanly(tmp_path):
     path = tmp_path / "model.safetensors"
     path.write_bytes(st({"w": f32([2**62] * 200_000, 0, 4)}, bytes(4)))
@@ -457,6 +462,7 @@ def test_safetensors_shape_with_200000_dimensions_ends_cleanly(tmp_path):
     run_bomb(path, "error")
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "text",
     [

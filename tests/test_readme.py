@@ -38,8 +38,14 @@ def test_the_readme_has_runnable_examples():
     assert len(EXAMPLES) >= 5
 
 
+def _marks(commands: str) -> list:
+    """An example that starts torch in its process (port, convert, diff) takes seconds."""
+    return [pytest.mark.slow] if any(f"surgery {c} " in commands for c in ("port", "convert", "diff")) else []
+
+
 @pytest.mark.parametrize(
-    "commands, expected", EXAMPLES, ids=[c.splitlines()[0][:60] for c in (e[0] for e in EXAMPLES)]
+    "commands, expected",
+    [pytest.param(*e, marks=_marks(e[0]), id=e[0].splitlines()[0][:60]) for e in EXAMPLES],
 )
 def test_readme_example_prints_what_it_shows(commands, expected):
     """Run as a user's shell would, stderr into the same stream as stdout."""
@@ -81,6 +87,7 @@ def test_readme_port_example_runs(imagenet_example, capsys):
     assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")
 
 
+@pytest.mark.slow
 def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
     """The fixed-feature-extractor command prints what the README shows; its Python continuation runs."""
     block = next(b for b in BLOCKS if "--freeze-bn" in b)
@@ -94,6 +101,7 @@ def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
     assert [g["name"] for g in namespace["optimizer"].param_groups] == ["head"]
 
 
+@pytest.mark.slow
 def test_readme_recipe_file_runs(imagenet_example):
     (toml,) = re.findall(r"```toml\n(.*?)```", README, re.S)
     (imagenet_example / "recipe.toml").write_text(toml)
@@ -110,6 +118,7 @@ def _steady(text: str) -> str:
     return TIMES.sub("in <t> s", text)
 
 
+@pytest.mark.slow
 def test_readme_convert_and_diff_examples_print_what_they_show(imagenet_example, capsys):
     """Run in order on the ImageNet example's checkpoint; the Python continuation after them."""
     blocks = [b for b in BLOCKS if "$ surgery convert" in b or "$ surgery diff" in b]

@@ -20,10 +20,18 @@ from typer.testing import CliRunner
 
 from surgery.cli import app
 
-# CI replays the same examples every run: a red build is a bug, never bad luck.
+# CI replays the same examples every run: a red build is a bug, never bad luck. Elsewhere
+# ("dev") each run draws new ones, a third as many in the tests that ask `examples()`
+# (hypothesis' database replays any that failed before). `--hypothesis-profile ci` runs CI's.
 settings.register_profile("ci", derandomize=True, database=None)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("dev", max_examples=35)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def examples(in_ci: int) -> int:
+    """A property test's example count: `in_ci` under the "ci" profile (hypothesis' default of
+    100 a test), scaled as the loaded profile's `max_examples` is otherwise."""
+    return max(1, round(in_ci * settings.default.max_examples / 100))
 
 
 def pytest_configure(config: pytest.Config) -> None:

@@ -43,7 +43,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FIXTURES, torch_save_bytes
+from conftest import FIXTURES, examples, torch_save_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -56,7 +56,7 @@ from surgery.render.reports import page_of
 pytestmark = pytest.mark.slow  # hundreds of generated files per test
 
 WATCHDOG_SECONDS = 20
-EXAMPLES = 300
+EXAMPLES = examples(300)  # 300 under the "ci" profile
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

@@ -9,7 +9,7 @@ import subprocess
 import sys
 
 import pytest
-from conftest import ROOT, run_subprocess
+from conftest import ROOT, run_cli, run_subprocess
 
 README = (ROOT / "README.md").read_text()
 BLOCKS = re.findall(r"```console\n(.*?)```", README, re.S)
@@ -87,12 +87,11 @@ def test_readme_port_example_runs(imagenet_example, capsys):
     assert printed.startswith("loaded 120/122 tensors (99.99% of parameters); mismatched 2: fc.{bias,weight}")
 
 
-@pytest.mark.slow
 def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
     """The fixed-feature-extractor command prints what the README shows; its Python continuation runs."""
     block = next(b for b in BLOCKS if "--freeze-bn" in b)
     command, *expected = block.splitlines()
-    run = run_subprocess(*shlex.split(command.removeprefix("$ surgery ")), cwd=imagenet_example)
+    run = run_cli(*shlex.split(command.removeprefix("$ surgery ")))  # test_port runs `port` as a process
     assert run.exit_code == 0, run.stderr
     assert run.stdout == "\n".join(expected) + "\n"
     (code,) = [b for b in PYTHON_BLOCKS if "load_ready" in b]
@@ -101,11 +100,10 @@ def test_readme_fine_tune_example_and_load_ready_run(imagenet_example):
     assert [g["name"] for g in namespace["optimizer"].param_groups] == ["head"]
 
 
-@pytest.mark.slow
 def test_readme_recipe_file_runs(imagenet_example):
     (toml,) = re.findall(r"```toml\n(.*?)```", README, re.S)
     (imagenet_example / "recipe.toml").write_text(toml)
-    run = run_subprocess("port", "--recipe", "recipe.toml", "--verify", cwd=imagenet_example)
+    run = run_cli("port", "--recipe", "recipe.toml", "--verify")
     assert run.exit_code == 0, run.stderr
     assert "re-read, 122 tensors bit-identical" in run.stdout
 
@@ -120,14 +118,16 @@ def _steady(text: str) -> str:
 
 @pytest.mark.slow
 def test_readme_convert_and_diff_examples_print_what_they_show(imagenet_example, capsys):
-    """Run in order on the ImageNet example's checkpoint; the Python continuation after them."""
+    """Run in order on the ImageNet example's checkpoint, the first command of each block as its own
+    process and the others in this one; the Python continuation after them."""
     blocks = [b for b in BLOCKS if "$ surgery convert" in b or "$ surgery diff" in b]
     assert len(blocks) == 2
     for block in blocks:
         lines = block.splitlines()
         starts = [i for i, line in enumerate(lines) if line.startswith("$ ")] + [len(lines)]
         for start, end in zip(starts, starts[1:], strict=False):
-            run = run_subprocess(*shlex.split(lines[start].removeprefix("$ surgery ")), cwd=imagenet_example)
+            args = shlex.split(lines[start].removeprefix("$ surgery "))
+            run = run_subprocess(*args, cwd=imagenet_example) if start == 0 else run_cli(*args)
             assert run.exit_code == 0, run.stderr
             assert _steady(run.stdout) == _steady("\n".join(lines[start + 1 : end]) + "\n")
     (code,) = [b for b in PYTHON_BLOCKS if "surgery.convert(" in b]

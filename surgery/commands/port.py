@@ -400,7 +400,9 @@ class SourceDigests:
 
     File reads and hashlib release the GIL, so on a second core the hashing costs no wall
     time when there is other work (importing torch, building a model), and the pages it
-    reads are warm for the loader. Memory: one chunk. `result()` waits for the thread and
+    reads are warm for the loader. A template target has nothing to build: its port waits
+    for the digests (the output's header holds them and is written first), then copies
+    from the warm pages. Memory: one chunk. `result()` waits for the thread and
     raises what it met as a SurgeryError naming the file; leaving the `with` block stops
     and joins it, so a refused or failed port never leaves it running.
 
@@ -413,7 +415,7 @@ class SourceDigests:
 
     def __init__(self, files: Sequence[Path]):
         self.files = list(files)
-        self.stamps = {}
+        self.stamps: dict[Path, tuple[int, int, int, int]] = {}
         for path in self.files:
             try:
                 self.stamps[path] = _stamp(path)

@@ -44,12 +44,14 @@ What it measures
 
     Every command runs once as a warm-up and then 3 times (round-robin over
     the commands); the table reports the median wall time and the max peak
-    RSS. Before every run (outside the timing) the runner deletes that
-    command's output and calls ``sync()``, so no run finds its output existing
-    or pays for writing back the dirty pages of an earlier run. Page cache is
-    not dropped (that needs root): the inputs are read warm. surgery fsyncs its
-    output (atomic write); the plain ways do not, which is their usual
-    behaviour, so that cost is surgery's own.
+    RSS, the printout also the fastest and slowest run of each row. Before
+    every run (outside the timing) the runner deletes that command's output
+    and calls ``sync()``, so no run finds its output existing or pays for
+    writing back the dirty pages of an earlier run. Page cache is not dropped
+    (that needs root): the inputs are read warm. surgery fsyncs its output
+    (atomic write) and hashes every source file (sha256) for its provenance;
+    the plain ways do neither, which is their usual behaviour, so those costs
+    are surgery's own.
 
     After the timed runs, a checker child process compares the last outputs
     tensor by tensor (same keys, dtypes, shapes and bytes): surgery's output
@@ -83,11 +85,14 @@ Bytecode
     the caller's environment unchanged.
 
 The aim
-    surgery no slower than the plain way (time ratio <= 1.0) and peak RSS well
-    under it, taken here as at most half (memory ratio <= 0.5), same case and
-    output format. The ``--verify`` row does extra work by design: it is shown
-    with its ratios but not judged. Memory above the import floor is reported
-    too, since the floor is most of the resnet50 case.
+    surgery no slower than the plain way (time ratio <= 1.0) on resnet50,
+    where both are mostly importing torch and torchvision, and at most 0.7 of
+    its time on the big case (the aim of issue 12: the source read once, not
+    again for the hash); peak RSS well under the plain way's, taken here as at
+    most half (memory ratio <= 0.5), same case and output format. The
+    ``--verify`` row does extra work by design: it is shown with its ratios
+    but not judged. Memory above the import floor is reported too, since the
+    floor is most of the resnet50 case.
 
 How to run
     python bench/bench_port.py                    # 1 GB big case + resnet50 (a few minutes)
@@ -129,7 +134,7 @@ from _harness import (  # noqa: E402
 )
 
 RESULTS = HERE / "results" / "port.json"
-TIME_TARGET = 1.0  # surgery/plain wall time at most this
+TIME_TARGETS = {"resnet": 1.0, "big": 0.7}  # surgery/plain wall time at most this, by case
 MEMORY_TARGET = 0.5  # surgery/plain peak RSS at most this ("well under")
 OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
 
@@ -363,7 +368,9 @@ def commands(folder: Path, size_label: str, resnet: bool) -> list[dict]:
             + (["--verify"] if verify else []),
             out_s,
             ".safetensors",
-            "re-reads the output and the source to compare; not judged against the aim" if verify else "",
+            "re-reads the output and compares each tensor with the bytes it was written from; not judged"
+            if verify
+            else "",
         )
     out_p = folder / "big_plain.safetensors"
     add(
@@ -515,20 +522,26 @@ def main() -> int:
             r["time_ratio"] = r["median_s"] / plain["median_s"]
             r["memory_ratio"] = r["max_rss_kib"] / plain["max_rss_kib"]
             floor = tv_floor if r["case"].startswith("resnet") else torch_floor
-            above = None
-            if floor and plain["max_rss_kib"] > floor["max_rss_kib"]:
+            above = None  # also when surgery stays below the floor: it did not import torch
+            if (
+                floor
+                and plain["max_rss_kib"] > floor["max_rss_kib"]
+                and r["max_rss_kib"] >= floor["max_rss_kib"]
+            ):
                 above = (r["max_rss_kib"] - floor["max_rss_kib"]) / (
                     plain["max_rss_kib"] - floor["max_rss_kib"]
                 )
             r["memory_ratio_above_floor"] = above
             r["floor"] = floor["command"] if floor else None
+            time_target = TIME_TARGETS["resnet" if r["case"].startswith("resnet") else "big"]
             aims.append(
                 {
                     "case": r["case"],
                     "command": r["command"],
                     "judged": r["kind"] == "surgery",
                     "time_ratio": r["time_ratio"],
-                    "time_ok": r["time_ratio"] <= TIME_TARGET,
+                    "time_ratio_at_most": time_target,
+                    "time_ok": r["time_ratio"] <= time_target,
                     "memory_ratio": r["memory_ratio"],
                     "memory_ok": r["memory_ratio"] <= MEMORY_TARGET,
                     "memory_ratio_above_import_floor": above,
@@ -592,20 +605,26 @@ def main() -> int:
             )
         if not clear_refs_ok:
             print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
+        print("- spread of the timed runs (fastest - slowest wall s):")
+        for r in rows:
+            walls = sorted(run["wall_s"] for run in r["runs"])
+            print(f"  - {r['case']} `{r['command']}`: {walls[0]:.3f} - {walls[-1]:.3f}")
         for a in aims:
             above = a["memory_ratio_above_import_floor"]
             verdict = (
-                f"time {'met' if a['time_ok'] else 'MISSED'} (<= {TIME_TARGET:.2f}), "
+                f"time {'met' if a['time_ok'] else 'MISSED'} (<= {a['time_ratio_at_most']:.2f}), "
                 f"memory {'met' if a['memory_ok'] else 'MISSED'} (<= {MEMORY_TARGET:.2f})"
                 if a["judged"]
                 else "not judged (--verify does extra work)"
             )
-            extra = (
-                f"; above the import floor: surgery {a['surgery_above_floor_mib']:.0f} MiB vs plain "
-                f"{a['plain_above_floor_mib']:.0f} MiB (ratio {above:.2f})"
-                if above is not None
-                else ""
-            )
+            extra = ""
+            if above is not None:
+                extra = (
+                    f"; above the import floor: surgery {a['surgery_above_floor_mib']:.0f} MiB vs plain "
+                    f"{a['plain_above_floor_mib']:.0f} MiB (ratio {above:.2f})"
+                )
+            elif a["surgery_above_floor_mib"] is not None and a["surgery_above_floor_mib"] < 0:
+                extra = "; surgery stays below the import floor (it does not import torch)"
             print(
                 f"- aim {a['case']} `{a['command']}`: time ratio {a['time_ratio']:.3f}, memory ratio "
                 f"{a['memory_ratio']:.3f}: {verdict}{extra}"
@@ -665,7 +684,7 @@ def main() -> int:
                 for r in rows
             ],
             "aim": {
-                "time_ratio_at_most": TIME_TARGET,
+                "time_ratio_at_most": TIME_TARGETS,
                 "memory_ratio_at_most": MEMORY_TARGET,
                 "results": aims,
             },

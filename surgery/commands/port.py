@@ -11,7 +11,10 @@ a `PortReport`; a strict refusal raises `PortFailed` carrying it.
 from __future__ import annotations
 
 import hashlib
+import importlib
 import json
+import os
+import threading
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -21,7 +24,7 @@ from surgery import __version__
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
-from surgery.formats.tensors import same_bytes
+from surgery.formats.tensors import same_bytes, same_range
 from surgery.models.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.models.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
 from surgery.models.loading import Output, load_into
@@ -247,6 +250,9 @@ def port_file(request: PortRequest) -> PortReport:
 
     Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
     (PortFailed). The output holds CPU tensors, whatever device the source recorded.
+    Its provenance holds every source file's sha256, computed by a background thread
+    while the target is built and loaded (SourceDigests); a source file that changes
+    before the output is in place fails the port.
 
     Raises:
         PortFailed: a strict port found keys missing, unexpected or mismatched (the report rides on it).
@@ -260,6 +266,8 @@ def port_file(request: PortRequest) -> PortReport:
     """
     from surgery.writers import write_state_dict
     from surgery.writers.outputs import check_destination
+    from surgery.writers.safetensors import is_safetensors
+    from surgery.writers.torch_archive import streams_torch
 
     if request.target_named_by is not None:
         require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
@@ -280,54 +288,62 @@ def port_file(request: PortRequest) -> PortReport:
         raise UsageError(writes[1], "the plan and the output are the same file")
     for path in writes:  # before any work: refusals cost nothing
         check_destination(path, list(ckpt.files), force=force)
-    target = build_target(request.to, request.args)
-    if target.template is not None:
-        for path in writes:
-            check_destination(path, list(target.template.files), force=force)
-    target, edit_steps = _edit_target(target, edits, init)
-    extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
-    options = replace(options, extracted=extracted) if extracted else options
-    plan = _plan(ckpt, target, options)
-    report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
-    report = replace(report, edits=tuple(edit_steps))
-    if plan_out is not None:
-        _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
-    late = [e for e in edits if e.op == "in_chans"]
-    writing = not (strict and not plan.complete) and not (dry_run or out_path is None)
-    transformed: set[str] = set()
-    if target.module is not None:
-        if writing:
-            load_into(target.module, ckpt, plan)
-        for edit in late:  # after loading: the first conv's weight is derived from the source's
-            _, _, text = apply(target.module, edit, adapt_weights=writing)
-            transformed.add(first_conv(target.module) + ".weight")
-            report = replace(report, edits=(*report.edits, text))
-        target = target_of_module(target.module, target.spec, target.kwargs)
-    report = replace(report, finetune=_finetune_summary(target, finetune))
-    if strict and not plan.complete:
-        raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
-    if dry_run or out_path is None:
-        return replace(report, notes=("--dry-run",))
-    output = Output(ckpt, target, plan, transformed)
-    checked: list[int] = []
+    hashed = ckpt.files if out_path is not None and not dry_run else []
+    with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
+        target = build_target(request.to, request.args)
+        if target.template is not None:
+            for path in writes:
+                check_destination(path, list(target.template.files), force=force)
+        target, edit_steps = _edit_target(target, edits, init)
+        extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
+        options = replace(options, extracted=extracted) if extracted else options
+        plan = _plan(ckpt, target, options)
+        report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
+        report = replace(report, edits=tuple(edit_steps))
+        if plan_out is not None:
+            _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
+        late = [e for e in edits if e.op == "in_chans"]
+        writing = not (strict and not plan.complete) and not (dry_run or out_path is None)
+        transformed: set[str] = set()
+        if target.module is not None:
+            if writing:
+                load_into(target.module, ckpt, plan)
+            for edit in late:  # after loading: the first conv's weight is derived from the source's
+                _, _, text = apply(target.module, edit, adapt_weights=writing)
+                transformed.add(first_conv(target.module) + ".weight")
+                report = replace(report, edits=(*report.edits, text))
+            target = target_of_module(target.module, target.spec, target.kwargs)
+        report = replace(report, finetune=_finetune_summary(target, finetune))
+        if strict and not plan.complete:
+            raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
+        if dry_run or out_path is None:
+            return replace(report, notes=("--dry-run",))
+        raw = is_safetensors(out_path) or streams_torch(target.entries)  # else torch.save needs tensors
+        output = Output(ckpt, target, plan, transformed, raw=raw)
+        if output.needs_torch:
+            importlib.import_module("torch")  # while the source is still being hashed
+        metadata = provenance(ckpt, target, report, digests.result())
+        if edits or init or not finetune.empty:
+            recipe = Recipe(
+                target.spec, tuple(edits), init, finetune, {m.source: m.target for m in plan.matched}
+            )
+            metadata[RECIPE_KEY] = json.dumps(recipe.to_json())
+        checked: list[int] = []
 
-    def check(written: Path) -> None:  # runs before the rename: a file that fails is never put in place
-        checked.append(verify_output(written, output, where=out_path))
+        def check(written: Path) -> None:  # before the rename: a file that fails is never put in place
+            digests.check_unchanged()
+            if verify:
+                checked.append(verify_output(written, output, where=out_path))
 
-    metadata = provenance(ckpt, target, report)
-    if edits or init or not finetune.empty:
-        recipe = Recipe(target.spec, tuple(edits), init, finetune, {m.source: m.target for m in plan.matched})
-        metadata[RECIPE_KEY] = json.dumps(recipe.to_json())
-    tied = target.aliases()
-    write_state_dict(
-        out_path,
-        target.entries,
-        output.get,
-        metadata,
-        done=output.release,
-        check=check if verify else None,
-        aliases=tied,  # a torch file keeps tied weights in one storage, as torch.save would
-    )
+        write_state_dict(
+            out_path,
+            target.entries,
+            output.get,
+            metadata,
+            done=output.release,
+            check=check,
+            aliases=target.aliases(),  # a torch file keeps tied weights in one storage, as torch.save would
+        )
     return replace(report, written=True, verified=checked[0] if checked else None)
 
 
@@ -363,13 +379,15 @@ def _finetune_summary(target: Target, plan: FinetunePlan) -> FinetuneSummary | N
     return summarize(target.module, groups, warnings + more, plan)
 
 
-def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str, str]:
-    """Where the output came from, as str -> str metadata."""
+def provenance(
+    ckpt: Checkpoint, target: Target, report: PortReport, digests: Mapping[Path, str]
+) -> dict[str, str]:
+    """Where the output came from, as str -> str metadata; `digests`: each source file's sha256."""
     return {
         "surgery.version": __version__,
         "surgery.source": str(ckpt.path),
         "surgery.source_files": json.dumps(
-            [{"path": str(p.resolve()), "sha256": sha256(p)} for p in ckpt.files]
+            [{"path": str(p.resolve()), "sha256": digests[p]} for p in ckpt.files]
         ),
         "surgery.container": ".".join(ckpt.container or ()) or "(top level)",
         "surgery.target": target.spec,
@@ -379,17 +397,127 @@ def provenance(ckpt: Checkpoint, target: Target, report: PortReport) -> dict[str
     }
 
 
-def sha256(path: Path) -> str:
+class SourceDigests:
+    """The sha256 of every source file, for the provenance, computed by a background thread
+    that reads each file once, in order, while the main thread builds, plans and loads.
+
+    File reads and hashlib release the GIL, so on a second core the hashing costs no wall
+    time when there is other work (importing torch, building a model), and the pages it
+    reads are warm for the loader. A template target has nothing to build: its port waits
+    for the digests (the output's header holds them and is written first), then copies
+    from the warm pages. Memory: one chunk. `result()` waits for the thread and
+    raises what it met as a SurgeryError naming the file; leaving the `with` block stops
+    and joins it, so a refused or failed port never leaves it running.
+
+    Each file's identity, size and modification time are taken before any byte is hashed;
+    `check_unchanged()` compares them once the output is written: a file modified, truncated
+    or replaced meanwhile would have a digest that does not describe the bytes ported.
+    """
+
+    CHUNK = 1 << 20
+
+    def __init__(self, files: Sequence[Path]):
+        self.files = list(files)
+        self.stamps: dict[Path, tuple[int, int, int, int]] = {}
+        for path in self.files:
+            try:
+                self.stamps[path] = _stamp(path)
+            except OSError as exc:
+                raise SurgeryError(path, f"cannot read: {exc.strerror or exc}") from None
+        self._digests: dict[Path, str] = {}
+        self._failure: tuple[Path, Exception] | None = None
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="surgery-sha256", daemon=True)
+        if self.files:
+            self._thread.start()
+
+    def __enter__(self) -> SourceDigests:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    def close(self) -> None:
+        """Stop hashing (within a chunk) and wait for the thread."""
+        self._stop.set()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    def _run(self) -> None:
+        for path in self.files:
+            try:
+                digest = _sha256(path, self._stop, self.CHUNK)
+            except Exception as exc:  # every failure reaches result(), none dies with the thread
+                self._failure = (path, exc)
+                return
+            if digest is None:  # stopped
+                return
+            self._digests[path] = digest
+
+    def result(self) -> dict[Path, str]:
+        """Every file's sha256, once the thread has read them all.
+
+        Raises:
+            SurgeryError: a file could not be read to its end (or hashing was stopped).
+        """
+        if self._thread.is_alive():
+            self._thread.join()
+        if self._failure is not None:
+            path, exc = self._failure
+            cause = (
+                exc.strerror if isinstance(exc, OSError) and exc.strerror else f"{type(exc).__name__}: {exc}"
+            )
+            raise SurgeryError(path, f"cannot read the file to hash it: {cause}")
+        missing = [p for p in self.files if p not in self._digests]
+        if missing:
+            raise SurgeryError(missing[0], "hashing stopped before the end of the file")
+        return dict(self._digests)
+
+    def check_unchanged(self) -> None:
+        """Raises SurgeryError if a source file is not as it was when hashing began."""
+        for path in self.files:
+            try:
+                now = _stamp(path)
+            except OSError:
+                now = None
+            if now != self.stamps[path]:
+                raise SurgeryError(
+                    path,
+                    "the file changed while it was ported: its digest would not describe the bytes used",
+                    hint="port it again once nothing writes to it",
+                )
+
+
+def _stamp(path: Path) -> tuple[int, int, int, int]:
+    """What tells a file changed (as make and rsync judge): device, inode, size, modification time."""
+    st = os.stat(path)
+    return st.st_dev, st.st_ino, st.st_size, st.st_mtime_ns
+
+
+def _sha256(path: Path, stop: threading.Event, chunk: int) -> str | None:
+    """A file's sha256 read in order into one reused buffer; None when `stop` is set first."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(1 << 22):
-            digest.update(chunk)
+    buf = bytearray(chunk)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as f:
+        if hasattr(os, "posix_fadvise"):
+            os.posix_fadvise(f.fileno(), 0, 0, os.POSIX_FADV_SEQUENTIAL)
+        while n := f.readinto(buf):
+            if stop.is_set():
+                return None
+            digest.update(view[:n])
     return digest.hexdigest()
 
 
 def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
     """Re-read every tensor of `out` and compare its bytes with what was meant to be written,
     and every loaded tensor with its source (after any cast), one tensor at a time.
+
+    A template target's tensor written as a file's bytes as they lie (from the source or
+    the template) was meant to be exactly those bytes, which are its source's: one
+    comparison of the two byte ranges keeps both promises, without torch. Other tensors
+    are compared as tensors: a built target's with the module's and, when loaded, with the
+    source's; a template target's (cast or rebuilt) with the source's or the template's.
 
     Returns:
         How many tensors were checked.
@@ -403,18 +531,27 @@ def verify_output(out: Path, output: Output, where: Path | None = None) -> int:
     if names != [e.name for e in output.target.entries]:
         raise SurgeryError(where, "verify: the output's keys differ from the target's")
     for name in names:
+        m = output.by_target.get(name)
+        raw, written = output.file_bytes(name), reread.byte_range(name)
+        if raw is not None and written is not None:
+            if not same_range(written, (raw.path, raw.offset, raw.length)):
+                raise _verify_failed(where, name, m.source if m else None)
+            continue
         value = reread.tensor(name)
         if not same_bytes(value, output.get(name)):
-            raise SurgeryError(where, f"verify: tensor {name!r} differs from what was written")
-        source = output.source_of(name)
+            raise _verify_failed(where, name, m.source if m and output.state is None else None)
+        source = output.source_of(name) if output.state is not None else None  # else get() was the source
         if source is not None and not same_bytes(value, source):
-            raise SurgeryError(
-                out, f"verify: tensor {name!r} differs from its source {output.by_target[name].source!r}"
-            )
+            raise _verify_failed(where, name, output.by_target[name].source)
         del value, source
         reread.release(name)
         output.release(name)
     return len(names)
+
+
+def _verify_failed(where: Path, name: str, source: str | None) -> SurgeryError:
+    against = f"its source {source!r}" if source is not None else "what was written"
+    return SurgeryError(where, f"verify: tensor {name!r} differs from {against}")
 
 
 def _write_plan(path: Path, report: PortReport) -> None:

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import itertools
 import mmap
+import os
 from collections.abc import Iterable, Iterator
 from typing import TYPE_CHECKING
 
@@ -209,3 +210,35 @@ def same_bytes(a: torch.Tensor, b: torch.Tensor) -> bool:
     if a.dtype == torch.bool:
         flat_a, flat_b = flat_a.to(torch.uint8), flat_b.to(torch.uint8)
     return torch.equal(flat_a.view(torch.uint8), flat_b.view(torch.uint8))
+
+
+def same_range(a: tuple[str, int, int], b: tuple[str, int, int], chunk: int = 16 << 20) -> bool:
+    """Whether two byte ranges `(file, offset, length)` hold the same bytes: compared without
+    torch, a chunk at a time into two reused buffers, so memory is two chunks whatever the size."""
+    (path_a, at_a, n), (path_b, at_b, n_b) = a, b
+    if n != n_b:
+        return False
+    buf_a, buf_b = bytearray(min(chunk, n)), bytearray(min(chunk, n))
+    with open(path_a, "rb", buffering=0) as fa, open(path_b, "rb", buffering=0) as fb:
+        for done in range(0, n, chunk):
+            size = min(chunk, n - done)
+            if not (
+                _read_at(fa.fileno(), buf_a, size, at_a + done)
+                and _read_at(fb.fileno(), buf_b, size, at_b + done)
+            ):
+                return False  # a file ends inside its range
+            same = buf_a == buf_b if size == len(buf_a) else buf_a[:size] == buf_b[:size]  # memcmp
+            if not same:
+                return False
+    return True
+
+
+def _read_at(fd: int, buf: bytearray, size: int, offset: int) -> bool:
+    """Fill `buf[:size]` from the file's byte `offset`; False when the file ends first."""
+    view = memoryview(buf)[:size]
+    while view:
+        n = os.preadv(fd, [view], offset)
+        if n == 0:
+            return False
+        view, offset = view[n:], offset + n
+    return True

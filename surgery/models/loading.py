@@ -2,7 +2,9 @@
 target's complete state_dict handed to a writer one tensor at a time.
 
 Both read the source through its memory map, one tensor at a time, and give the
-pages back when done, so memory follows the largest tensor, not the checkpoint.
+pages back when done, so memory follows the largest tensor, not the checkpoint; a
+template target's bytes that can be written as they lie are not read here at all, but
+copied file to file by the writer.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ if TYPE_CHECKING:
     from surgery.formats.checkpoint import Checkpoint
     from surgery.models.targets import Target
     from surgery.plans.match import PortPlan
+    from surgery.writers.copy import RawBytes
 
 
 def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
@@ -38,20 +41,56 @@ class Output:
     """The target's complete state_dict, one tensor at a time.
 
     A built target (already loaded) gives its own tensors. A template target gives
-    the template's tensors with matched keys taken from the source, built when
-    asked for; both files stay memory-mapped and `release` gives their pages back,
-    so memory follows the largest tensor, not the checkpoint.
+    the template's tensors with matched keys taken from the source: as the file's
+    byte range when the bytes can be written as they lie (`file_bytes`: copied file to
+    file, no torch), else as tensors built when asked for. Both files stay
+    memory-mapped and `release` gives their pages back, so memory follows the largest
+    tensor, not the checkpoint.
     """
 
-    def __init__(self, ckpt: Checkpoint, target: Target, plan: PortPlan, transformed: set[str] = frozenset()):
-        self.ckpt, self.target, self.plan = ckpt, target, plan
+    def __init__(
+        self,
+        ckpt: Checkpoint,
+        target: Target,
+        plan: PortPlan,
+        transformed: set[str] = frozenset(),
+        *,
+        raw: bool = True,
+    ):
+        """`raw`: the writer takes byte ranges (`RawBytes`); False where it needs tensors."""
+        self.ckpt, self.target, self.plan, self.raw = ckpt, target, plan, raw
         self.by_target = {m.target: m for m in plan.matched if m.target not in transformed}
         self.dtypes = {e.name: e.dtype for e in target.entries}
         self.state = target.module.state_dict() if target.module is not None else None
 
-    def get(self, name: str) -> torch.Tensor:
+    def file_bytes(self, name: str) -> RawBytes | None:
+        """Where in a file (the source's, or the template's) the bytes of a template
+        target's key lie exactly as they are to be written; None when the tensor is built
+        (a built target's own tensors, casts, strided or compressed storage)."""
+        if self.state is not None or not self.raw:
+            return None
+        from surgery.writers.copy import RawBytes
+
+        m = self.by_target.get(name)
+        if m is None:
+            template = self.target.template
+            assert template is not None
+            where = template.byte_range(name)
+        else:
+            where = self.ckpt.byte_range(m.source) if m.cast is None else None
+        return RawBytes(*where) if where is not None else None
+
+    @property
+    def needs_torch(self) -> bool:
+        """Whether writing will build a tensor (else every byte is copied as it lies)."""
+        return any(self.file_bytes(e.name) is None for e in self.target.entries)
+
+    def get(self, name: str) -> torch.Tensor | RawBytes:
         if self.state is not None:
             return self.state[name].detach().cpu()
+        raw = self.file_bytes(name)
+        if raw is not None:
+            return raw
         template = self.target.template
         assert template is not None
         m = self.by_target.get(name)

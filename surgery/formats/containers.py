@@ -111,7 +111,9 @@ def module_attributes(node: Any) -> list[tuple[str, TensorRef]]:
             continue
         seen.add(id(module))
         for key, value in state.items():
-            if key not in MODULE_STATE:
+            if isinstance(value, TensorRef):
+                found.append((prefix + _key(key), value))
+            elif key not in MODULE_STATE and is_container(value):
                 found.extend(flatten(value, prefix + _key(key))[0])
         buffers = state.get("_buffers")
         if type(buffers) is dict:

@@ -18,6 +18,7 @@ the readers that find a pickled `nn.Module`'s state_dict find exactly `torch.jit
 from __future__ import annotations
 
 import ast
+import re
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
@@ -51,48 +52,62 @@ def code_file(qualifier: str) -> str:
 def script_classes(source: str) -> dict[str, ScriptClass]:
     """The classes a TorchScript code file declares, by name, read from their headers.
 
-    Only each class's first line and the declarations before its first method are parsed
-    (with `ast.parse`): torch prints `__parameters__` and `__buffers__` there.
+    Only each class's first line and its `__parameters__` and `__buffers__` declarations
+    (which torch prints before the first method) are parsed, with `ast.parse`.
 
     Raises:
         UnreadableCode: a class header that is not Python, or declarations that are not lists of names.
     """
-    classes: dict[str, ScriptClass] = {}
-    for header in _class_headers(source.splitlines()):
-        try:
-            tree = ast.parse(header)
-        except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
-            raise UnreadableCode(f"a class header does not parse ({type(exc).__name__})") from None
-        node = tree.body[0] if len(tree.body) == 1 else None
-        if not isinstance(node, ast.ClassDef):
-            raise UnreadableCode("a class header does not parse as a class")
-        module = any(isinstance(b, ast.Name) and b.id == "Module" for b in node.bases)
-        declared = {name: _names(node, name) for name in ("__parameters__", "__buffers__")}
-        classes[node.name] = ScriptClass(module, declared["__parameters__"], declared["__buffers__"])
-    return classes
+    headers = _class_headers(source)
+    try:
+        tree = ast.parse("\n".join(headers))
+    except (SyntaxError, ValueError, RecursionError, MemoryError) as exc:
+        raise UnreadableCode(f"its class headers do not parse ({type(exc).__name__})") from None
+    nodes = [node for node in tree.body if isinstance(node, ast.ClassDef)]
+    if len(nodes) != len(tree.body) or len(nodes) != len(headers):
+        raise UnreadableCode("its class headers do not parse as classes")
+    return {
+        node.name: ScriptClass(
+            any(isinstance(b, ast.Name) and b.id == "Module" for b in node.bases),
+            _names(node, "__parameters__"),
+            _names(node, "__buffers__"),
+        )
+        for node in nodes
+    }
 
 
-def _class_headers(lines: list[str]) -> list[str]:
-    """Each top-level class's first line and the body lines before its first method."""
-    headers: list[list[str]] = []
-    current: list[str] | None = None  # the class being read, until its first method
-    indent = ""
-    for line in lines:
-        if line.startswith("class "):
-            current, indent = [line], ""
-            headers.append(current)
-        elif current is None or not line.strip():
-            continue
-        elif not line[0].isspace():
-            current = None  # a top-level function or statement: the class is over
-        else:
-            here = line[: len(line) - len(line.lstrip())]
+_CLASS = re.compile(r"^class ", re.MULTILINE)
+_DECLARATIONS = ("__parameters__", "__buffers__")
+
+
+def _class_headers(source: str) -> list[str]:
+    """Each top-level class's first line and its declarations of state (with any lines they
+    continue on), up to its first method: the rest, most of a file, is skipped unread."""
+    headers = []
+    for match in _CLASS.finditer(source):
+        start = source.find("\n", match.start())
+        start = len(source) if start < 0 else start + 1
+        lines = [source[match.start() : start].rstrip()]
+        indent, keeping = "", False
+        while start < len(source):
+            end = source.find("\n", start)
+            end = len(source) if end < 0 else end
+            line, start = source[start:end].rstrip(), end + 1
+            body = line.lstrip()
+            if not body:
+                continue
+            if len(body) == len(line):
+                break  # a top-level function or statement: the class is over
+            here = line[: len(line) - len(body)]
             indent = indent or here
-            if here == indent and line.lstrip().startswith(("def ", "@")):
-                current = None  # its methods are not needed
-            else:
-                current.append(line)
-    return ["\n".join(h if len(h) > 1 else [*h, "  pass"]) for h in headers]
+            if here == indent:
+                if body.startswith(("def ", "@")):
+                    break  # its methods are not needed
+                keeping = body.startswith(_DECLARATIONS)
+            if keeping:
+                lines.append(line)
+        headers.append("\n".join(lines if len(lines) > 1 else [*lines, "  pass"]))
+    return headers
 
 
 def _names(node: ast.ClassDef, declaration: str) -> tuple[str, ...]:

@@ -275,11 +275,17 @@ def test_class_headers_are_parsed_never_run():
         "class C(Module):\n"
         "  def forward(self: __torch__.C) -> NoneType:\n"
         "    return None\n"
+        "class D(Module):\n"
+        '  __parameters__ = ["a",\n'
+        '      "b", ]\n'
+        "  eps : Final[float] = not valid python (\n"
+        '  __buffers__ = ["c", ]\n'
     )
     assert {n: (c.module, c.parameters, c.buffers) for n, c in classes.items()} == {
         "A": (True, ("weight", "bias"), ("running_mean",)),
         "B": (False, (), ()),
         "C": (True, (), ()),
+        "D": (True, ("a", "b"), ("c",)),  # declarations continued on a line; other lines unread
     }
     with pytest.raises(UnreadableCode):
         script_classes('class A(Module):\n  __buffers__ = __import__("os").system("true")\n')

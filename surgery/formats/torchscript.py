@@ -26,7 +26,8 @@ from typing import Any
 from surgery.formats.pickle_vm import Call, Global
 
 # Real code files are a few KB (a class or two each, mangled copies in files of their own);
-# only class headers are parsed, but every line is looked at: past this a file is not read.
+# only class headers are parsed, but the whole file is searched for them: past this size a
+# file is not read.
 MAX_SOURCE = 16 << 20
 
 

@@ -28,6 +28,11 @@ class InspectReport:
         """The tensors the filter selects (all of them without one)."""
         return [t for t in self.checkpoint.tensors if not self.filter or matches(t.name, self.filter)]
 
+    @property
+    def attributes(self) -> list[TensorInfo]:
+        """The tensor attributes outside the state_dict that the filter selects."""
+        return [t for t in self.checkpoint.attributes if not self.filter or matches(t.name, self.filter)]
+
     def to_json(self) -> dict[str, Any]:
         """The `surgery inspect --json` document (see the README for each field)."""
         ckpt, tensors = self.checkpoint, self.tensors
@@ -52,6 +57,7 @@ class InspectReport:
             "wrappers": [{"prefix": p, "added_by": who} for p, who in wrapper_prefixes(ckpt.prefix)],
             "shared": ckpt.shared,
             "extras": {e.name: e.to_json() for e in ckpt.extras},
+            "attributes": [t.to_json() for t in self.attributes],
             "metadata": ckpt.metadata,
             "findings": [f.to_json() for f in ckpt.findings],
             "safe": ckpt.safe,

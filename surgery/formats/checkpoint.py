@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any
 from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
 from surgery.formats import Scan, scan
-from surgery.formats.containers import Located, TensorCounts, flatten, locate
+from surgery.formats.containers import Located, TensorCounts, flatten, locate, module_attributes
 from surgery.formats.pickle_vm import Call, Global, Known, describe
 from surgery.formats.safety import blocking
 from surgery.formats.torch_pickle import (
@@ -93,6 +93,8 @@ class Checkpoint:
         container: keys from the top to the state_dict (`("state_dict",)`, `()` for
             the top level), or None when the file holds no state_dict.
         tensors: the state_dict's tensors in file order.
+        attributes: tensors its modules hold outside the state_dict (plain attributes such
+            as a TorchScript module's `_state`): listed, never ported or converted.
         extras: everything stored beside the state_dict.
         findings: safety and integrity findings.
         files: every file read (the index and each shard, for sharded checkpoints).
@@ -130,6 +132,8 @@ class Checkpoint:
             self._refs.setdefault(name, ref)
         self.restored = _restore_aliases(self._refs, self.metadata)
         self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
+        attributes = module_attributes(located.node) if located.path is not None else []
+        self.attributes = tuple(_info(name, ref) for name, ref in attributes)
         self.extras = [_extra(name, value, located.counts) for name, value in located.siblings + leaves]
         self.findings: list[Finding] = list(scanned.findings) + recipe_findings(self.metadata, str(self.path))
         if self.restored:

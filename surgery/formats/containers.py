@@ -18,6 +18,7 @@ from surgery.formats.torch_pickle import TensorRef, is_module_state
 
 MAX_DEPTH = 64  # module nesting in real models stays far below this
 SEARCH_DEPTH = 6  # how deep a state_dict is looked for inside a training checkpoint
+MODULE_STATE = ("_parameters", "_buffers", "_modules")  # what a module's state_dict() is made of
 
 # Where training code puts the weights, most specific first (timm, Lightning,
 # the PyTorch ImageNet example, DeepSpeed, detectron2, mmengine, YOLO, GANs).
@@ -49,31 +50,81 @@ TRAINING_STATE_KEYS = frozenset(
 def children(node: Any) -> list[tuple[str, Any]] | None:
     """The named members of a container stand-in, or None for a leaf.
 
-    A pickled `nn.Module` contributes its `_parameters`, `_buffers` and
-    `_modules`, the names its `state_dict()` would use; a TorchScript object its
-    attributes.
+    A pickled `nn.Module` contributes its `_parameters`, persistent `_buffers` and
+    `_modules`, the names its `state_dict()` would use (TorchScript modules are read in
+    that shape, see `torchscript.as_modules`); another object its attributes.
     """
     if type(node) is dict:
         return [(_key(k), v) for k, v in node.items()]
     if type(node) in (list, tuple):
         return [(str(i), v) for i, v in enumerate(node)]
     if isinstance(node, Call):
-        state = node.state
-        if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
-            state = {**(state[0] or {}), **(state[1] if isinstance(state[1], dict) else {})}
+        state = _state(node)
         out: list[tuple[str, Any]] = []
         if type(state) is dict:
             if is_module_state(state):
-                for part in ("_parameters", "_buffers", "_modules"):
+                hidden = _non_persistent(state)
+                for part in MODULE_STATE:
                     sub = state.get(part)
                     if type(sub) is dict:
-                        out.extend((_key(k), v) for k, v in sub.items() if v is not None)
+                        out.extend(
+                            (_key(k), v)
+                            for k, v in sub.items()
+                            if v is not None and not (part == "_buffers" and k in hidden)
+                        )
             else:
                 out.extend((_key(k), v) for k, v in state.items())
         out.extend((_key(k), v) for k, v in node.entries)
         out.extend((str(i), v) for i, v in enumerate(node.items))
         return out
     return None
+
+
+def _state(node: Call) -> Any:
+    """What BUILD gave an object; a `(dict, slots)` pair as one dict."""
+    state = node.state
+    if isinstance(state, tuple) and len(state) == 2 and isinstance(state[0], (dict, type(None))):
+        state = {**(state[0] or {}), **(state[1] if isinstance(state[1], dict) else {})}
+    return state
+
+
+def _non_persistent(state: dict) -> set | frozenset:
+    """Buffers registered with `persistent=False`: kept by the module, left out of its state_dict."""
+    names = state.get("_non_persistent_buffers_set")
+    return names if isinstance(names, (set, frozenset)) else frozenset()
+
+
+def module_attributes(node: Any) -> list[tuple[str, TensorRef]]:
+    """Tensors that modules under `node` hold outside their state_dict, with dotted names.
+
+    `state_dict()` has a module's parameters, persistent buffers and submodules; a tensor kept
+    as a plain attribute (silero-vad's TorchScript `_state`, a list of anchor grids) or a
+    buffer registered with `persistent=False` is not in it.
+    """
+    found: list[tuple[str, TensorRef]] = []
+    seen: set[int] = set()
+    stack: list[tuple[str, Any, int]] = [("", node, 0)]
+    while stack:
+        prefix, module, depth = stack.pop()
+        state = _state(module) if isinstance(module, Call) else None
+        if not is_module_state(state) or id(module) in seen or depth >= MAX_DEPTH:
+            continue
+        seen.add(id(module))
+        for key, value in state.items():
+            if isinstance(value, TensorRef):
+                found.append((prefix + _key(key), value))
+            elif key not in MODULE_STATE and is_container(value):
+                found.extend(flatten(value, prefix + _key(key))[0])
+        buffers = state.get("_buffers")
+        if type(buffers) is dict:
+            hidden = _non_persistent(state)
+            found.extend(
+                (prefix + _key(k), v) for k, v in buffers.items() if k in hidden and isinstance(v, TensorRef)
+            )
+        submodules = state.get("_modules")
+        if type(submodules) is dict:
+            stack.extend((f"{prefix}{_key(k)}.", m, depth + 1) for k, m in reversed(submodules.items()))
+    return found
 
 
 def is_container(node: Any) -> bool:

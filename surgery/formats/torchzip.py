@@ -17,12 +17,14 @@ import zipfile
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
 from surgery.formats.base import Scan, carrying, check_storages
 from surgery.formats.safety import findings_for
 from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
+from surgery.formats.torchscript import MAX_SOURCE, UnreadableCode, as_modules, code_file
 from surgery.values import Finding
 
 # torch.save never compresses: a deflated member comes from an archive re-zipped by another
@@ -210,7 +212,10 @@ def _scan_zip(
     provenance = _provenance(path, data, member(".data/surgery.json"), findings)
     if provenance:
         metadata["metadata"] = provenance
-    return Scan(real_path, kind, description, result.value, findings, metadata, [real_path])
+    root = (
+        _script_modules(path, data, folder, members, result.value, findings) if torchscript else result.value
+    )
+    return Scan(real_path, kind, description, root, findings, metadata, [real_path])
 
 
 def _read_data_pkl(
@@ -285,6 +290,46 @@ def _torchscript_findings(
             )
         )
     return out
+
+
+def _script_modules(
+    path: Path | str,
+    data: memoryview,
+    folder: str,
+    members: dict[str, list[Member]],
+    root: Any,
+    findings: list[Finding],
+) -> Any:
+    """The module objects as `torch.jit.load` presents them, their parameters and buffers told
+    from other attributes by the declarations in code/ (read as text, never run). When those
+    cannot be read, every tensor attribute stays listed, as before, with a notice."""
+
+    def source(qualifier: str) -> str:
+        name = code_file(qualifier)
+        copies = members.get((folder + name).lower())
+        if not copies:
+            raise UnreadableCode(f"{name} is missing")
+        if copies[0].info.file_size > MAX_SOURCE:
+            raise UnreadableCode(f"{name} is larger than {MAX_SOURCE:,} bytes")
+        try:
+            return bytes(_member_bytes(path, data, copies[0], findings)).decode("utf-8")
+        except CorruptCheckpoint as exc:
+            raise UnreadableCode(exc.message) from None
+        except UnicodeDecodeError:
+            raise UnreadableCode(f"{name} is not UTF-8 text") from None
+
+    try:
+        return as_modules(root, source)
+    except UnreadableCode as exc:
+        findings.append(
+            Finding(
+                "notice",
+                f"TorchScript code/ does not say which attributes are parameters and buffers ({exc}):"
+                " every tensor attribute is listed as state",
+                str(path),
+            )
+        )
+        return root
 
 
 def _other_pickles(

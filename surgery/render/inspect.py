@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING
 
 from surgery.formats.safety import SEVERITIES
 from surgery.names import build_tree, wrapper_prefixes
-from surgery.render.rows import Page, Row
+from surgery.render.rows import Page, Row, capped
 from surgery.render.tree import TreeView
 from surgery.text import human_bytes, human_count, plural
 from surgery.trust import RECIPE_KEY
@@ -48,6 +48,13 @@ def inspect_page(report: InspectReport) -> Page:
                 + ([f"... and {len(ckpt.extras) - 20} more"] if len(ckpt.extras) > 20 else []),
             )
         )
+    if report.attributes:
+        listed = [f"{t.name}: tensor {t.dtype} {list(t.shape)}" for t in report.attributes]
+        heading = (
+            f"{plural(len(listed), 'tensor')} outside state_dict() (plain attributes, non-persistent"
+            " buffers): port and convert leave them out"
+        )
+        rows.append(("attributes", [heading, *capped(listed)]))
     if ckpt.prefix:
         wrappers = wrapper_prefixes(ckpt.prefix)
         if len(wrappers) == 1 and wrappers[0][0] == ckpt.prefix:

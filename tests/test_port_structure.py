@@ -104,6 +104,49 @@ def test_only_the_counters_are_filled_a_missing_running_mean_still_fails(old_res
     assert not (tmp_path / "out.pt").exists()
 
 
+@pytest.mark.parametrize("legacy", [False, True])
+def test_counters_deleted_from_a_version_2_state_dict_are_refused_as_torch_refuses(tmp_path, legacy):
+    """torch.save kept the state_dict's `_metadata` (BatchNorm version 2): the counters were saved,
+    then deleted in place. torch's strict load refuses; so does port, and says they are missing."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
+        del state[key]
+    assert state._metadata["bn1"]["version"] == 2
+    src = tmp_path / "deleted.pth"
+    torch.save(state, src, _use_new_zipfile_serialization=not legacy)
+    with pytest.raises(RuntimeError, match="Missing key"):
+        torchvision.models.resnet18(weights=None).load_state_dict(torch.load(src, weights_only=True))
+    out = tmp_path / "out.pt"
+    run, doc = port_json(src, "--to", "torchvision:resnet18", "-o", out)
+    assert run.exit_code == 1, run
+    assert doc["filled"] == [] and len(doc["missing"]) == 20
+    assert not out.exists()
+
+
+def test_counters_of_a_state_dict_saved_as_version_1_are_filled_as_torch_fills_them(tmp_path):
+    """What PyTorch 0.4.0 wrote: `_metadata` with BatchNorm at version 1, no counters."""
+    import torch
+    import torchvision
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    for key in [k for k in state if k.endswith(".num_batches_tracked")]:
+        del state[key]
+        state._metadata[key.rpartition(".")[0]]["version"] = 1
+    src = tmp_path / "v1.pth"
+    torch.save(state, src)
+    torchvision.models.resnet18(weights=None).load_state_dict(
+        torch.load(src, weights_only=True)
+    )  # torch agrees
+    run, doc = port_json(src, "--to", "torchvision:resnet18", "--dry-run")
+    assert run.exit_code == 0, run
+    assert len(doc["filled"]) == 20 and doc["missing"] == []
+
+
 # == 4. --reshape refuses a transpose ==============================================
 @pytest.fixture(scope="module")
 def transposed_template(seeded_resnet18, tmp_path_factory):

@@ -172,6 +172,7 @@ def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
             both_ways(target.aliases()),
             both_ways(ckpt.aliases),
             saved_order=not {ckpt.format, target_file} & SORTED_FORMATS,
+            source_versions=ckpt.module_versions,
         )
     except MatchError as exc:
         raise SurgeryError(ckpt.path, str(exc)) from None

@@ -210,7 +210,16 @@ def _scan_zip(
     provenance = _provenance(path, data, member(".data/surgery.json"), findings)
     if provenance:
         metadata["metadata"] = provenance
-    return Scan(real_path, kind, description, result.value, findings, metadata, [real_path])
+    return Scan(
+        real_path,
+        kind,
+        description,
+        result.value,
+        findings,
+        metadata,
+        [real_path],
+        attributes=result.attributes,
+    )
 
 
 def _read_data_pkl(

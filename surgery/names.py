@@ -3,6 +3,7 @@ order, grouping for display (`fc.{bias,weight}`) and the module tree. Dependency
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -110,14 +111,17 @@ def _merge_chains(root: Node) -> None:
             stack.append(child)
 
 
+# Runs of digits, read as numbers; a run longer than any real index is read in pieces
+# (`int` refuses strings of thousands of digits, and a file may name a key that way).
+_NUMBERS = re.compile(r"(\d{1,18})")
+
+
 def natural(name: str) -> tuple:
     """Sort key that puts `layer2` before `layer10` and `enc.2` before `enc.10`.
 
     Text and numbers alternate (text first), so two keys always compare.
     """
-    import re
-
-    return tuple(int(part) if i % 2 else part for i, part in enumerate(re.split(r"(\d+)", name)))
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_NUMBERS.split(name)))
 
 
 def natural_order(names: Iterable[str]) -> list[str]:
@@ -139,9 +143,7 @@ def numbered(name: str) -> tuple[str, tuple[int, ...]]:
         >>> numbered("blocks.10.fc2.weight")
         ('blocks.#.fc#.weight', (10, 2))
     """
-    import re
-
-    parts = re.split(r"(\d+)", name)
+    parts = _NUMBERS.split(name)
     return "#".join(parts[::2]), tuple(int(n) for n in parts[1::2])
 
 

@@ -68,3 +68,11 @@ def test_numbered_splits_a_name_into_its_pattern_and_numbers():
     assert numbered("blocks.10.fc2.weight") == ("blocks.#.fc#.weight", (10, 2))
     assert numbered("block02.w") == ("block#.w", (2,))
     assert numbered("head.weight") == ("head.weight", ())
+
+
+def test_natural_order_reads_a_name_of_thousands_of_digits_without_failing():
+    """`int` refuses 4300 digits and more; a file may name a key that way."""
+    long = "block" + "9" * 5000 + ".w"
+    assert natural_order([long, "block10.w", "block2.w"]) == ["block2.w", "block10.w", long]
+    pattern, numbers = numbered(long)
+    assert pattern.startswith("block#") and len(numbers) > 1

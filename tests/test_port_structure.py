@@ -17,7 +17,7 @@ import json
 from pathlib import Path
 
 import pytest
-from conftest import run_cli
+from conftest import assert_clean_error, run_cli
 
 import surgery
 
@@ -250,7 +250,7 @@ def test_order_refuses_layers_that_line_up_only_permuted(tmp_path, mode):
     assert not out.exists()
     if mode == "order":
         message = "permuting layers: block9.weight -> blocks.11.weight but block10.weight -> blocks.2.weight"
-        assert message in run.stderr
+        assert_clean_error(run, src, contains=message, code=1)
     else:  # auto pairs nothing by position, so a strict port misses every key
         assert "missing 12" in run.stderr
 

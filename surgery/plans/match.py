@@ -1,7 +1,7 @@
 """Pairing source keys with target keys, and judging each pair by its shape.
 
 Pure functions over names and shapes: nothing here reads a tensor or a file.
-The result is a `PortPlan` (matched, mismatched, missing, unexpected), which
+The result is a `PortPlan` (matched, mismatched, missing, unexpected, filled), which
 `surgery.port` applies, and which `--dry-run` and `--plan-out` show as it is.
 """
 

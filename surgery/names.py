@@ -3,6 +3,7 @@ order, grouping for display (`fc.{bias,weight}`) and the module tree. Dependency
 
 from __future__ import annotations
 
+import re
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from fnmatch import fnmatchcase
@@ -110,11 +111,40 @@ def _merge_chains(root: Node) -> None:
             stack.append(child)
 
 
-def natural(name: str) -> tuple:
-    """Sort key that puts `layer2` before `layer10` and `enc.2` before `enc.10`."""
-    import re
+# Runs of digits, read as numbers; a run longer than any real index is read in pieces
+# (`int` refuses strings of thousands of digits, and a file may name a key that way).
+_NUMBERS = re.compile(r"(\d{1,18})")
 
-    return tuple(int(part) if part.isdigit() else part for part in re.split(r"(\d+)", name))
+
+def natural(name: str) -> tuple:
+    """Sort key that puts `layer2` before `layer10` and `enc.2` before `enc.10`.
+
+    Text and numbers alternate (text first), so two keys always compare.
+    """
+    return tuple(int(part) if i % 2 else part for i, part in enumerate(_NUMBERS.split(name)))
+
+
+def natural_order(names: Iterable[str]) -> list[str]:
+    """`names` sorted naturally (numbers as numbers, `block02` = 2), ties by the text itself:
+    the order a file's names mean when the file does not keep its save order.
+
+    Example:
+        >>> natural_order(["block10.w", "block2.w", "block02.w"])
+        ['block02.w', 'block2.w', 'block10.w']
+    """
+    return sorted(names, key=lambda name: (natural(name), name))
+
+
+def numbered(name: str) -> tuple[str, tuple[int, ...]]:
+    """A name's pattern, every number written `#`, and its numbers: what says which layer
+    of a repeated structure a tensor belongs to.
+
+    Example:
+        >>> numbered("blocks.10.fc2.weight")
+        ('blocks.#.fc#.weight', (10, 2))
+    """
+    parts = _NUMBERS.split(name)
+    return "#".join(parts[::2]), tuple(int(n) for n in parts[1::2])
 
 
 def group_names(names: Iterable[str]) -> list[str]:

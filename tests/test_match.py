@@ -16,11 +16,15 @@ from surgery.plans.match import (
     Mismatched,
     Pair,
     auto_strip,
+    fill_as_torch,
     judge,
+    model_order,
     pair,
     pair_exact,
     pair_order,
     pair_suffix,
+    permuted_layers,
+    transposed,
 )
 
 
@@ -252,6 +256,113 @@ def test_pair_suffix_mode_refuses_ambiguity_and_auto_does_not():
     with pytest.raises(MatchError, match="would feed both"):
         pair(src, same(["fc.weight"]), tgt, "suffix")
     assert pair(src, same(["fc.weight"]), tgt, "auto") == []
+
+
+# -- model order and permuted layers (issue 11, item 5) ----------------------------
+def test_model_order_keeps_a_saved_order_and_sorts_a_sorted_file_naturally():
+    string_sorted = entries(*((f"blocks.{i}.weight", (2,)) for i in sorted(range(12), key=str)))
+    assert [e.name for e in string_sorted][:4] == [
+        "blocks.0.weight",
+        "blocks.1.weight",
+        "blocks.10.weight",
+        "blocks.11.weight",
+    ]
+    assert model_order(string_sorted, saved=True) == string_sorted
+    assert [e.name for e in model_order(string_sorted, saved=False)] == [
+        f"blocks.{i}.weight" for i in range(12)
+    ]
+
+
+def test_model_order_sorts_the_source_by_its_renamed_names():
+    src = entries(("z.0", (1,)), ("a.1", (1,)))
+    order = model_order(src, saved=False, name_of={"z.0": "layer.0", "a.1": "layer.1"})
+    assert [e.name for e in order] == ["z.0", "a.1"]
+
+
+def test_pair_order_of_sorted_files_pairs_layer_numbers_not_string_positions():
+    """The issue's case: a template stored sorted as strings paired `block02 -> blocks.10`."""
+    src = entries(*((f"block{i:02d}.weight", (4, 4)) for i in range(12)))
+    tgt = entries(*((f"blocks.{i}.weight", (4, 4)) for i in sorted(range(12), key=str)))
+    renamed = same(e.name for e in src)
+    with pytest.raises(MatchError, match="permuting layers"):  # as stored: refused, never scrambled
+        pair(src, renamed, tgt, "order")
+    pairs = pair(src, renamed, tgt, "order", saved_order=False)
+    assert as_tuples(pairs) == [(f"block{i:02d}.weight", f"blocks.{i}.weight", "order") for i in range(12)]
+
+
+def test_permuted_layers_finds_layers_numbered_in_opposite_orders():
+    assert permuted_layers([("b0.w", "l.1.w"), ("b1.w", "l.0.w")]) == (("b0.w", "l.1.w"), ("b1.w", "l.0.w"))
+    assert permuted_layers([("b0.w", "l.0.w"), ("b1.w", "l.1.w"), ("b2.w", "l.2.w")]) is None
+
+
+def test_permuted_layers_ignores_numbers_that_do_not_count_the_same_layers():
+    # a running index against resnet's (layer, block, conv): no number corresponds one to one
+    running = [
+        ("enc.0.w", "layer1.0.conv1.weight"),
+        ("enc.1.w", "layer1.0.conv2.weight"),
+        ("enc.2.w", "layer2.0.conv1.weight"),
+    ]
+    assert permuted_layers(running) is None
+    # names nested the other way round: each number still rises with its counterpart
+    reversed_names = [(".".join(reversed(t.split("."))), t) for _, t in running] + [
+        ("weight.conv1.1.layer1", "layer1.1.conv1.weight")
+    ]
+    assert permuted_layers(reversed_names) is None
+    # other patterns are other structures: `fc` and `head.1` are not compared with blocks
+    assert permuted_layers([("b1.w", "blocks.0.w"), ("fc1.w", "head.0.w"), ("b2.w", "blocks.1.w")]) is None
+
+
+# -- reshape never scrambles (issue 11, item 4) --------------------------------------
+def test_transposed_is_a_permutation_of_dimensions_size_one_aside():
+    assert transposed((6, 4), (4, 6))
+    assert transposed((2, 3, 4), (4, 2, 3))
+    assert transposed((6, 4), (4, 6, 1, 1))  # a Linear read into a 1x1 conv the wrong way round
+    assert not transposed((6, 4), (6, 4, 1, 1))  # Linear <-> 1x1 conv: a true reshape
+    assert not transposed((6, 4), (24,)) and not transposed((4, 4), (4, 4)) and not transposed((1, 5), (5, 1))
+
+
+def test_judge_with_reshape_refuses_a_transposed_pair_with_its_reason():
+    src = entries(("fc.weight", (6, 4)), ("proj.weight", (8, 4)))
+    tgt = entries(("fc.weight", (4, 6)), ("proj.weight", (8, 4, 1, 1)))
+    pairs = [Pair("fc.weight", "fc.weight", "exact"), Pair("proj.weight", "proj.weight", "exact")]
+    plan = judge(pairs, src, tgt, reshape=True)
+    assert [(m.target, m.source_shape) for m in plan.matched] == [("proj.weight", (8, 4))]
+    (refused,) = plan.mismatched
+    assert refused.reason and "transpose rule is needed" in refused.reason
+    assert refused.to_json()["reason"] == refused.reason and not plan.complete
+    assert plan.steps == (f"fc.weight: source [6, 4] against target [4, 6]: {refused.reason}",)
+
+
+# -- torch's own leniency (issue 11, item 3) -----------------------------------------
+def _bn_plan(source_names, versions=None):
+    tgt = entries(("bn.weight", (4,)), ("bn.running_mean", (4,)), ("bn.num_batches_tracked", (), "int64"),
+                  ("other.num_batches_tracked", (), "int64"))  # fmt: skip
+    src = entries(*((n, (4,)) for n in source_names))
+    pairs = [Pair(n, "bn." + n.rpartition(".")[2], "order") for n in source_names]
+    return fill_as_torch(judge(pairs, src, tgt), tgt, versions)
+
+
+def test_fill_as_torch_fills_a_loaded_batchnorms_counter_without_version():
+    plan = _bn_plan(["enc.weight", "enc.running_mean"])
+    assert plan.filled == ("bn.num_batches_tracked",)
+    assert plan.missing == ("other.num_batches_tracked",)  # a module the source does not hold at all
+    assert plan.steps[-1] == "filled 1 num_batches_tracked as torch does (the target's own value)"
+    assert _bn_plan(["enc.weight", "enc.running_mean"], {"enc": 1}).filled == ("bn.num_batches_tracked",)
+
+
+def test_fill_as_torch_mirrors_torch_refusing_a_version_2_module_that_lost_its_counter():
+    plan = _bn_plan(
+        ["enc.weight", "enc.running_mean"], {"enc": 2, "bn": 1}
+    )  # the source's module name counts
+    assert plan.filled == () and "bn.num_batches_tracked" in plan.missing and not plan.complete
+
+
+def test_fill_as_torch_fills_nothing_but_the_counter():
+    tgt = entries(("bn.weight", (4,)), ("bn.running_var", (4,)), ("bn.num_batches_tracked", (4,), "int64"))
+    plan = fill_as_torch(
+        judge([Pair("bn.weight", "bn.weight", "exact")], entries(("bn.weight", (4,))), tgt), tgt
+    )
+    assert plan.filled == () and plan.missing == ("bn.running_var", "bn.num_batches_tracked")  # not a scalar
 
 
 # -- judge --------------------------------------------------------------------
@@ -545,8 +656,13 @@ def test_property_order_pairs_an_identical_structure_exactly_once(structure):
     names, shapes, new_names = structure
     src = [Entry(n, s, "float32") for n, s in zip(names, shapes, strict=True)]
     tgt = [Entry(n, s, "float32") for n, s in zip(new_names, shapes, strict=True)]
+    by_position = list(zip(names, new_names, strict=True))
+    if permuted_layers(by_position):  # numbered names that the renaming put in another order
+        with pytest.raises(MatchError, match="permuting layers"):
+            pair(src, same(names), tgt, "order")
+        return
     pairs = pair(src, same(names), tgt, "order")
-    assert [(p.source, p.target) for p in pairs] == list(zip(names, new_names, strict=True))
+    assert [(p.source, p.target) for p in pairs] == by_position
     plan = judge(pairs, src, tgt)
     assert plan.complete and len(plan.matched) == len(names)
     # the same through a rename: the renamed dict carries the new names, the order is the source's

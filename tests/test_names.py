@@ -2,7 +2,15 @@
 
 from __future__ import annotations
 
-from surgery.names import build_tree, common_prefix, group_names, matches, wrapper_prefixes
+from surgery.names import (
+    build_tree,
+    common_prefix,
+    group_names,
+    matches,
+    natural_order,
+    numbered,
+    wrapper_prefixes,
+)
 
 
 def test_common_prefix_is_dotted_and_needs_two_names():
@@ -47,3 +55,24 @@ def test_group_names_writes_shared_parents_once():
         "layer4.1.conv1.weight",
         "layer4.1.conv2.weight",
     ]
+
+
+def test_natural_order_compares_numbers_as_numbers():
+    names = [f"blocks.{i}.weight" for i in sorted(range(12), key=str)] + ["block02.w", "block2.w", "1a", "a1"]
+    assert natural_order(names) == (
+        ["1a", "a1", "block02.w", "block2.w"] + [f"blocks.{i}.weight" for i in range(12)]
+    )
+
+
+def test_numbered_splits_a_name_into_its_pattern_and_numbers():
+    assert numbered("blocks.10.fc2.weight") == ("blocks.#.fc#.weight", (10, 2))
+    assert numbered("block02.w") == ("block#.w", (2,))
+    assert numbered("head.weight") == ("head.weight", ())
+
+
+def test_natural_order_reads_a_name_of_thousands_of_digits_without_failing():
+    """`int` refuses 4300 digits and more; a file may name a key that way."""
+    long = "block" + "9" * 5000 + ".w"
+    assert natural_order([long, "block10.w", "block2.w"]) == ["block2.w", "block10.w", long]
+    pattern, numbers = numbered(long)
+    assert pattern.startswith("block#") and len(numbers) > 1

@@ -33,7 +33,9 @@ from surgery.models.targets import Target, build_target, target_of_module
 from surgery.names import group_names
 from surgery.plans.keys import KeyRules, Rename
 from surgery.plans.match import (
+    FILLED_BUFFER,
     MODES,
+    SORTED_FORMATS,
     MatchError,
     PortOptions,
     PortPlan,
@@ -111,9 +113,13 @@ class PortReport:
     def summary(self) -> str:
         """`loaded 120/122 tensors (99.9% of parameters); mismatched 2: fc.{bias,weight}; ...`"""
         plan = self.plan
-        total = len(plan.matched) + len(plan.mismatched) + len(plan.missing) + len(plan.tied)
+        total = (
+            len(plan.matched) + len(plan.mismatched) + len(plan.missing) + len(plan.tied) + len(plan.filled)
+        )
         loaded = len(plan.matched) + len(plan.tied)
         parts = [f"loaded {loaded}/{total} tensors ({percent(self.coverage)} of parameters)"]
+        if plan.filled:
+            parts.append(f"filled {len(plan.filled)} {FILLED_BUFFER} as torch does")
         for label, names in (
             ("mismatched", [m.target for m in plan.mismatched]),
             ("missing", list(plan.missing)),
@@ -139,6 +145,7 @@ class PortReport:
             "missing": list(plan.missing),
             "unexpected": list(plan.unexpected),
             "excluded": list(plan.excluded),
+            "filled": list(plan.filled),
             "mismatched": [m.to_json() for m in plan.mismatched],
             "tied": [{"target": t, "loaded_through": via} for t, via in plan.tied],
             "coverage": round(self.coverage, 6),
@@ -159,9 +166,16 @@ def entries_of(ckpt: Checkpoint) -> list[Entry]:
 
 def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
     """plan_port for a checkpoint and a target, failures as SurgeryErrors."""
+    target_file = target.template.format if target.template is not None else None
     try:
         return plan_port(
-            entries_of(ckpt), target.entries, options, both_ways(target.aliases()), both_ways(ckpt.aliases)
+            entries_of(ckpt),
+            target.entries,
+            options,
+            both_ways(target.aliases()),
+            both_ways(ckpt.aliases),
+            saved_order=not {ckpt.format, target_file} & SORTED_FORMATS,
+            source_versions=ckpt.module_versions,
         )
     except MatchError as exc:
         raise SurgeryError(ckpt.path, str(exc)) from None

@@ -32,6 +32,7 @@ class Scan:
     findings: list[Finding] = field(default_factory=list)
     metadata: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)  # every file read (shards, .distcp files)
+    dict_states: dict[int, tuple[dict, Any]] = field(default_factory=dict)  # a dict's `_metadata`, by id
 
 
 _NOT_REGULAR = (

@@ -117,6 +117,7 @@ class Checkpoint:
             ) from None
         self._located = located
         self.container = located.path
+        self.module_versions = module_versions(scanned.dict_states.get(id(located.node)), located.node)
         if located.path is None:
             pairs, leaves, truncated = [], [], False
         else:
@@ -379,6 +380,27 @@ def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = 
 
 
 ALIASES_KEY = "surgery.aliases"
+
+
+def module_versions(dict_state: tuple[dict, Any] | None, node: Any) -> dict[str, int]:
+    """Module path -> version, from the `_metadata` torch.save kept beside a state_dict (an
+    OrderedDict's attribute): what torch's `_load_from_state_dict` reads to upgrade old
+    checkpoints. Empty when the state_dict has none (safetensors, a `{k: v}` copy).
+
+    Args:
+        dict_state: (the dict, its BUILD state) the pickle gave the state_dict, if any.
+        node: the state_dict itself (the entry must be its own, not a dict at the same id).
+    """
+    if dict_state is None or dict_state[0] is not node:
+        return {}
+    metadata = dict_state[1].get("_metadata")
+    if type(metadata) is not dict:
+        return {}
+    return {
+        module: info["version"]
+        for module, info in metadata.items()
+        if type(module) is str and type(info) is dict and type(info.get("version")) is int
+    }
 
 
 def _restore_aliases(refs: dict[str, TensorRef], metadata: dict[str, Any]) -> dict[str, str]:

@@ -119,6 +119,7 @@ def _scan_legacy(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
         findings,
         metadata,
         [path],
+        dict_states=main.dict_states,
     )
 
 

@@ -132,6 +132,8 @@ class Result:
     globals: list[GlobalRef] = field(default_factory=list)
     calls: list[Call] = field(default_factory=list)
     refused: list[Refused] = field(default_factory=list)
+    # id -> (a dict, the state a BUILD gave it): an OrderedDict's attributes, e.g. a state_dict's `_metadata`
+    dict_states: dict[int, tuple[dict, Any]] = field(default_factory=dict)
 
 
 def describe(obj: Any, depth: int = 2) -> str:
@@ -639,8 +641,9 @@ def _op_BUILD(m: _Machine) -> None:
     if isinstance(target, Call):
         target.state = state
         m.holding(target, (state,))
-    elif type(target) is dict:
-        pass  # OrderedDict attributes such as a state_dict's `_metadata`
+    elif type(target) is dict:  # OrderedDict attributes, such as a state_dict's `_metadata`: kept aside
+        if type(state) is dict and "_metadata" in state:
+            m.result.dict_states[id(target)] = (target, state)
     elif not hasattr(target, "build"):
         raise PickleError(f"BUILD on a {type(target).__name__}", m.op_start)
     else:

@@ -215,7 +215,9 @@ def _scan_zip(
     root = (
         _script_modules(path, data, folder, members, result.value, findings) if torchscript else result.value
     )
-    return Scan(real_path, kind, description, root, findings, metadata, [real_path])
+    return Scan(
+        real_path, kind, description, root, findings, metadata, [real_path], dict_states=result.dict_states
+    )
 
 
 def _read_data_pkl(

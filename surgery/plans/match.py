@@ -1,22 +1,27 @@
 """Pairing source keys with target keys, and judging each pair by its shape.
 
 Pure functions over names and shapes: nothing here reads a tensor or a file.
-The result is a `PortPlan` (matched, mismatched, missing, unexpected), which
+The result is a `PortPlan` (matched, mismatched, missing, unexpected, filled), which
 `surgery.port` applies, and which `--dry-run` and `--plan-out` show as it is.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
+from itertools import pairwise
 from typing import Any
 
 from surgery.errors import BadArgument
-from surgery.names import WRAPPER_PREFIXES, common_prefix, wrapper_prefixes
+from surgery.names import WRAPPER_PREFIXES, common_prefix, natural, numbered, wrapper_prefixes
 from surgery.plans import keys
 from surgery.values import Entry, Shape
 
 MODES = ("exact", "suffix", "order", "auto")
+
+# Formats whose key order is not the order the state_dict was saved in: safetensors files
+# (and indexes of them) list keys sorted as strings, a DCP folder by its metadata.
+SORTED_FORMATS = frozenset({"safetensors", "sharded", "dcp"})
 
 
 class MatchError(ValueError):
@@ -54,14 +59,18 @@ class Mismatched:
     target: str
     source_shape: Shape
     target_shape: Shape
+    reason: str | None = None  # why it was not loaded when the shapes alone do not say
 
     def to_json(self) -> dict:
-        return {
+        out: dict = {
             "source": self.source,
             "target": self.target,
             "source_shape": list(self.source_shape),
             "target_shape": list(self.target_shape),
         }
+        if self.reason is not None:
+            out["reason"] = self.reason
+        return out
 
 
 @dataclass(frozen=True)
@@ -75,10 +84,12 @@ class PortPlan:
     tied: tuple[tuple[str, str], ...] = ()  # (target key, key it shares storage with that was loaded)
     steps: tuple[str, ...] = field(default=())
     excluded: tuple[str, ...] = ()  # source keys left out by --include/--exclude
+    filled: tuple[str, ...] = ()  # target keys torch itself would not miss: they keep the target's value
 
     @property
     def complete(self) -> bool:
-        """Nothing missing, unexpected or mismatched: what `--strict true` requires."""
+        """Nothing missing, unexpected or mismatched: what `--strict true` requires (keys
+        `filled` as torch's own load_state_dict fills them are not missing)."""
         return not (self.mismatched or self.missing or self.unexpected)
 
 
@@ -153,9 +164,15 @@ def pair_suffix(source: dict[str, str], target: Sequence[str], *, ambiguous_is_e
 def pair_order(source: Sequence[Entry], target: Sequence[Entry], *, refuse: bool) -> list[Pair]:
     """Pair two key sequences by position, for the same architecture named differently.
 
+    Both sequences must be in the same kind of order (see `model_order`). Equal shapes
+    at every position are not enough: a pairing that puts numbered layers in another
+    order on one side than on the other (`block10 -> blocks.2` while `block02 -> blocks.10`)
+    lines up only by permuting layers, and is refused too.
+
     Raises:
-        MatchError: with `refuse`, when the counts differ or a pair's shapes differ
-            (the structures do not line up), naming the first divergence.
+        MatchError: with `refuse`, when the counts differ, a pair's shapes differ (the
+            structures do not line up) or the layers would be permuted, naming the first
+            divergence.
     """
     problem = None
     if len(source) != len(target):
@@ -168,14 +185,90 @@ def pair_order(source: Sequence[Entry], target: Sequence[Entry], *, refuse: bool
                     f"against target {t.name} {list(t.shape)}"
                 )
                 break
+    pairs = (
+        [Pair(s.name, t.name, "order") for s, t in zip(source, target, strict=True)] if not problem else []
+    )
+    crossed = permuted_layers([(p.source, p.target) for p in pairs])
+    if crossed:
+        (s1, t1), (s2, t2) = crossed
+        problem = (
+            f"the shapes line up only by permuting layers: {s1} -> {t1} but {s2} -> {t2} "
+            "(pair them by name with --rename, or review a --plan-out file)"
+        )
     if problem:
         if refuse:
             raise MatchError(f"cannot pair keys by order: {problem}")
         return []
-    return [Pair(s.name, t.name, "order") for s, t in zip(source, target, strict=True)]
+    return pairs
 
 
-def pair(source: Sequence[Entry], renamed: dict[str, str], target: Sequence[Entry], mode: str) -> list[Pair]:
+def permuted_layers(pairs: Sequence[tuple[str, str]]) -> tuple[tuple[str, str], tuple[str, str]] | None:
+    """Two (source, target) pairs that number the same layers in opposite orders, or None.
+
+    Names are compared within a repeated structure: the keys of one pattern on each side
+    (`block#.weight` against `blocks.#.weight`, see `names.numbered`). A number on the
+    source side and one on the target side count the same layers when they correspond
+    one to one over the pairs (each source value always meets the same target value, and
+    back); such numbers must rise together. Numbers that do not correspond one to one (a
+    running index against a layer number, names nested in another order) say nothing.
+
+    Example:
+        >>> permuted_layers([("block02.w", "blocks.10.w"), ("block10.w", "blocks.2.w")])
+        (('block02.w', 'blocks.10.w'), ('block10.w', 'blocks.2.w'))
+    """
+    groups: dict[tuple[str, str], list[tuple[tuple[int, ...], tuple[int, ...], tuple[str, str]]]] = {}
+    for s, t in pairs:
+        (s_pattern, s_numbers), (t_pattern, t_numbers) = numbered(s), numbered(t)
+        if s_numbers and t_numbers:
+            groups.setdefault((s_pattern, t_pattern), []).append((s_numbers, t_numbers, (s, t)))
+    for members in groups.values():
+        s_slots, t_slots = len(members[0][0]), len(members[0][1])
+        for i in range(s_slots):
+            for j in range(t_slots):
+                forward: dict[int, tuple[int, tuple[str, str]]] = {}
+                backward: dict[int, int] = {}
+                for s_numbers, t_numbers, p in members:
+                    a, b = s_numbers[i], t_numbers[j]
+                    if forward.setdefault(a, (b, p))[0] != b or backward.setdefault(b, a) != a:
+                        break
+                else:
+                    ranked = sorted(forward.items())
+                    for (_, (b1, p1)), (_, (b2, p2)) in pairwise(ranked):
+                        if b2 < b1:
+                            return p1, p2
+    return None
+
+
+def model_order(
+    entries: Sequence[Entry], *, saved: bool, name_of: dict[str, str] | None = None
+) -> list[Entry]:
+    """Entries in the order position matching compares: as saved (a model's registration
+    order, which torch.save keeps in a state_dict), or else the natural order of the
+    names (`block2` before `block10`), the only order a sorted file still has.
+
+    Args:
+        saved: keep the order given.
+        name_of: the name to sort an entry by (its name after the key rules); its own by default.
+    """
+    if saved:
+        return list(entries)
+    name_of = name_of or {}
+
+    def key(e: Entry) -> tuple:
+        name = name_of.get(e.name, e.name)
+        return natural(name), name
+
+    return sorted(entries, key=key)
+
+
+def pair(
+    source: Sequence[Entry],
+    renamed: dict[str, str],
+    target: Sequence[Entry],
+    mode: str,
+    *,
+    saved_order: bool = True,
+) -> list[Pair]:
     """Pairs by `mode`: exact, suffix, order, or auto (exact, then unambiguous suffix,
     then order on what is left when it lines up exactly).
 
@@ -183,6 +276,9 @@ def pair(source: Sequence[Entry], renamed: dict[str, str], target: Sequence[Entr
         source: source entries under their original names, in file order.
         renamed: original source name -> name after the key pipeline (kept keys only).
         target: target entries in the target's order.
+        saved_order: both sides are in the order their state_dicts were saved in (a
+            model's registration order); else position matching puts both sides in the
+            natural order of their names, the source by its renamed names.
     """
     target_names = [t.name for t in target]
     if mode == "exact":
@@ -190,8 +286,10 @@ def pair(source: Sequence[Entry], renamed: dict[str, str], target: Sequence[Entr
     if mode == "suffix":
         return pair_suffix(renamed, target_names, ambiguous_is_error=True)
     by_name = {e.name: e for e in source}
+    kept = model_order([by_name[s] for s in renamed], saved=saved_order, name_of=renamed)
+    target = model_order(target, saved=saved_order)
     if mode == "order":
-        return pair_order([by_name[s] for s in renamed], target, refuse=True)
+        return pair_order(kept, target, refuse=True)
     if mode != "auto":
         raise ValueError(f"match mode {mode!r} is not one of {', '.join(MODES)}")
     pairs = pair_exact(renamed, target_names)
@@ -202,7 +300,7 @@ def pair(source: Sequence[Entry], renamed: dict[str, str], target: Sequence[Entr
     pairs += suffix
     used_s |= {p.source for p in suffix}
     used_t |= {p.target for p in suffix}
-    left_s = [by_name[s] for s in renamed if s not in used_s]
+    left_s = [e for e in kept if e.name not in used_s]
     left_t = [t for t in target if t.name not in used_t]
     if left_s and left_t:
         pairs += pair_order(left_s, left_t, refuse=False)
@@ -224,7 +322,9 @@ def judge(
     """Split pairs by shape and list what stays unpaired.
 
     A pair of different shapes is mismatched and never loaded; equal numel with a
-    different shape (Linear <-> 1x1 conv) loads only with `reshape`.
+    different shape (Linear <-> 1x1 conv) loads only with `reshape`, and never when
+    one shape is the other's dimensions permuted (`transposed`): reshaping those
+    scrambles the values.
 
     Args:
         ties: target key -> the key it shares storage with in the target (tied
@@ -240,16 +340,21 @@ def judge(
     tgt = {e.name: e for e in target}
     order = {e.name: i for i, e in enumerate(target)}
     matched, mismatched = [], []
+    steps = list(steps)
     for p in pairs:
         s, t = src[p.source], tgt[p.target]
         cast = (s.dtype, t.dtype) if s.dtype != t.dtype else None
         if s.shape == t.shape:
             matched.append(Matched(p.source, p.target, t.shape, p.how, None, cast))
-        elif reshape and s.numel == t.numel:
+        elif reshape and s.numel == t.numel and not transposed(s.shape, t.shape):
             matched.append(Matched(p.source, p.target, t.shape, p.how, s.shape, cast))
+        elif reshape and transposed(s.shape, t.shape):
+            what = "the transpose" if len(squeezed(s.shape)) == 2 else "a permutation of the dimensions"
+            reason = TRANSPOSED.format(what=what)
+            mismatched.append(Mismatched(p.source, p.target, s.shape, t.shape, reason))
+            steps.append(f"{p.target}: source {list(s.shape)} against target {list(t.shape)}: {reason}")
         else:
             mismatched.append(Mismatched(p.source, p.target, s.shape, t.shape))
-    steps = list(steps)
     ties, source_ties = ties or {}, source_ties or {}
     by_target = {m.target: m for m in matched}
     conflicts = set()
@@ -276,6 +381,77 @@ def judge(
     unexpected = tuple(e.name for e in source if e.name in kept and e.name not in used)
     excluded = tuple(e.name for e in source if e.name not in kept)
     return PortPlan(tuple(matched), tuple(mismatched), missing, unexpected, tied, tuple(steps), excluded)
+
+
+TRANSPOSED = (
+    "not reshaped: one shape is {what} of the other (--reshape would scramble the values); "
+    "a transpose rule is needed"
+)
+
+
+# -- torch's own leniency -------------------------------------------------------------
+FILLED_BUFFER = "num_batches_tracked"  # BatchNorm's counter, added in PyTorch 0.4.1 (module version 2)
+
+
+def fill_as_torch(
+    plan: PortPlan, target: Sequence[Entry], versions: dict[str, int] | None = None
+) -> PortPlan:
+    """Move missing `*.num_batches_tracked` keys to `filled`, where torch's own
+    `load_state_dict(strict=True)` does not miss them either.
+
+    BatchNorm's `_load_from_state_dict` supplies the key (the module's own value: 0 in a
+    freshly built model) when the state_dict's `_metadata` gives the module no version or
+    a version below 2: checkpoints saved before PyTorch 0.4.1, and any state_dict that
+    lost its `_metadata` (safetensors files, `{k: v ...}` copies). Where `versions` says 2
+    or more, the counter was saved and then deleted: torch refuses, and so does the plan.
+
+    Only the counter of a module whose other tensors were paired with source tensors is
+    filled: a BatchNorm the source does not hold at all is missing whole (torch would
+    report its other keys anyway, so no port torch accepts is refused). Nothing else is filled.
+
+    Args:
+        plan: the judged plan.
+        target: the target's entries (a filled key is a scalar int64 named `*.num_batches_tracked`).
+        versions: module path in the source -> its `_metadata` version, where the file has
+            them; the module is named as the source names it (`bn1.num_batches_tracked`
+            beside `bn1.weight` loaded from `enc.bn.weight` looks `enc.bn` up).
+    """
+    versions = versions or {}
+    shapes = {e.name: (e.shape, e.dtype) for e in target}
+    source_module = {
+        m.target.rpartition(".")[0]: m.source.rpartition(".")[0] for m in (*plan.matched, *plan.mismatched)
+    }
+    filled = []
+    for name in plan.missing:
+        module, _, leaf = name.rpartition(".")
+        if leaf != FILLED_BUFFER or shapes[name] != ((), "int64") or module not in source_module:
+            continue
+        version = versions.get(source_module[module])
+        if version is None or version < 2:
+            filled.append(name)
+    if not filled:
+        return plan
+    steps = (*plan.steps, f"filled {len(filled)} {FILLED_BUFFER} as torch does (the target's own value)")
+    missing = tuple(n for n in plan.missing if n not in set(filled))
+    return replace(plan, missing=missing, filled=tuple(filled), steps=steps)
+
+
+def squeezed(shape: Shape) -> Shape:
+    """`shape` without its dimensions of size 1: what a reshape cannot scramble."""
+    return tuple(n for n in shape if n != 1)
+
+
+def transposed(source: Shape, target: Shape) -> bool:
+    """Whether `target` is `source` with its dimensions permuted (size-1 dimensions aside):
+    `[6, 4]` against `[4, 6]` or `[4, 6, 1, 1]`. Same element count, but a reshape would
+    read the values in the wrong order: a transpose is meant.
+
+    Example:
+        >>> transposed((6, 4), (4, 6)), transposed((6, 4), (6, 4, 1, 1)), transposed((6, 4), (24,))
+        (True, False, False)
+    """
+    s, t = squeezed(source), squeezed(target)
+    return len(s) >= 2 and s != t and sorted(s) == sorted(t)
 
 
 def auto_strip(
@@ -345,27 +521,38 @@ def plan_port(
     options: PortOptions,
     ties: dict[str, str] | None = None,
     source_ties: dict[str, str] | None = None,
+    *,
+    saved_order: bool = True,
+    source_versions: dict[str, int] | None = None,
 ) -> PortPlan:
     """The key pipeline, on names and shapes alone.
 
     Args:
         ties, source_ties: keys sharing storage in the target and in the source.
+        saved_order: both sides list their keys in the order they were saved in (a
+            model, a torch file); false when either is a file that sorts its keys
+            (`SORTED_FORMATS`): position matching then puts both in natural order.
+        source_versions: the source's module versions (`fill_as_torch`).
 
     Raises:
         BadArgument: a key rule makes two keys collide, or a plan names unknown keys.
         MatchError: the keys cannot be paired as `options.match` asks.
     """
     if options.mapping is not None:
-        return _apply_mapping(source, target, options, ties, source_ties)
+        return fill_as_torch(
+            _apply_mapping(source, target, options, ties, source_ties), target, source_versions
+        )
     target_names = [t.name for t in target]
     kept, steps = options.keys.apply(
         [e.name for e in source], auto=lambda names: auto_strip(names, target_names, options.extracted)
     )
-    pairs = pair(source, kept, target, options.match)
+    pairs = pair(source, kept, target, options.match, saved_order=saved_order)
     hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
     counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
+    if not saved_order and any(p.how == "order" for p in pairs):
+        counts[-1] += " (both sides in the natural order of their names)"
     steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
-    return judge(
+    plan = judge(
         pairs,
         source,
         target,
@@ -375,6 +562,7 @@ def plan_port(
         kept=set(kept),
         steps=steps,
     )
+    return fill_as_torch(plan, target, source_versions)
 
 
 def _apply_mapping(

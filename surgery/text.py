@@ -3,6 +3,8 @@ from files made safe to print. Pure and dependency-free."""
 
 from __future__ import annotations
 
+import math
+
 
 def printable(text: str) -> str:
     """`text` as it may reach a terminal or a log: characters with no glyph written as escapes.
@@ -40,6 +42,8 @@ def human_bytes(n: int) -> str:
 
 
 def percent(share: float) -> str:
-    """0.99991 -> '99.99%': never rounds a partial share up to 100%."""
+    """0.99991 -> '99.99%': never rounds a partial share up to 100% (0.999998 -> '99.99%')."""
     text = f"{share:.1%}"
-    return f"{share:.2%}" if text == "100.0%" and share < 1 else text
+    if text != "100.0%" or share >= 1:
+        return text
+    return f"{math.floor(share * 10000) / 100:.2f}%"  # truncated: 99.99% at most

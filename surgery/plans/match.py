@@ -75,10 +75,13 @@ class PortPlan:
     tied: tuple[tuple[str, str], ...] = ()  # (target key, key it shares storage with that was loaded)
     steps: tuple[str, ...] = field(default=())
     excluded: tuple[str, ...] = ()  # source keys left out by --include/--exclude
+    new: tuple[str, ...] = ()  # target keys not expected from the source (edits, --allow-missing)
+    unused: tuple[str, ...] = ()  # source keys left unused by intent (replaced, removed, --allow-unexpected)
 
     @property
     def complete(self) -> bool:
-        """Nothing missing, unexpected or mismatched: what `--strict true` requires."""
+        """Nothing missing, unexpected or mismatched: what `--strict true` requires (keys
+        `new` and `unused` by the user's intent are none of these)."""
         return not (self.mismatched or self.missing or self.unexpected)
 
 
@@ -401,3 +404,12 @@ def _apply_mapping(
     return judge(
         pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
     )
+
+
+def source_names(source: Sequence[str], target: Sequence[str], options: PortOptions) -> dict[str, str]:
+    """Each source key (kept by the key rules) -> its name after them, as `plan_port` names
+    it: what a key was called when it was paired, or found no pair."""
+    if options.mapping is not None:
+        return {name: name for name in source}
+    kept, _ = options.keys.apply(source, auto=lambda names: auto_strip(names, target, options.extracted))
+    return kept

@@ -336,7 +336,7 @@ def test_rename_candidates_pair_the_one_key_of_each_shape():
     assert [(m.name, u.name) for m, u in pairs] == [("class_token", "cls_token")]  # [768] is ambiguous
     assert diagnose(missing, unexpected) == [
         "missing class_token [1, 1, 768] next to unexpected cls_token [1, 1, 768]: "
-        "maybe --rename cls_token=class_token"
+        "maybe --rename '^cls_token$=class_token'"
     ]
 
 
@@ -372,10 +372,10 @@ def test_cli_hint_names_the_candidate_rename_and_the_rename_works(vit_pair, tmp_
     assert_clean_error(run, source, contains="missing 1: class_token; unexpected 1: cls_token", code=1)
     hint = hint_of(run)
     assert "missing class_token [1, 1, 16] next to unexpected cls_token [1, 1, 16]" in hint
-    assert "maybe --rename cls_token=class_token" in hint
+    assert "maybe --rename '^cls_token$=class_token'" in hint
     assert "  hints       missing class_token [1, 1, 16] next to unexpected cls_token" in run.stdout
     out = tmp_path / "out.safetensors"
-    run, doc = port_json(source, "--to", template, "--rename", "cls_token=class_token", "-o", out)
+    run, doc = port_json(source, "--to", template, "--rename", "^cls_token$=class_token", "-o", out)
     assert run.exit_code == 0 and doc["coverage"] == 1.0, run
 
 

@@ -111,8 +111,9 @@ def rename_candidates(missing: Sequence[Entry], unexpected: Sequence[Entry]) -> 
 
 
 def rename_flag(source: str, target: str) -> str:
-    """`--rename` for one key: its name as a regex (dots escaped), then the target name."""
-    return _quoted(f"{re.escape(source)}={target}")
+    """`--rename` for one key: its whole name as a regex (anchored, dots escaped: `bias` must
+    not rename `0.bias` too), then the target name."""
+    return _quoted(f"^{re.escape(source)}$={target}")
 
 
 def diagnose(

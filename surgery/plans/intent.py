@@ -14,7 +14,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, replace
 
-from surgery.names import group_names, matches
+from surgery.names import matches
 from surgery.plans.match import PortPlan
 
 
@@ -71,14 +71,14 @@ def with_intent(plan: PortPlan, intent: Intent, renamed: Mapping[str, str]) -> P
     unused = [m.source for m in replaced_pairs] + [s for s in plan.unexpected if is_unused(s)]
     if not new and not unused:
         return plan
-    steps = list(plan.steps)
-    if new:
-        steps.append(f"new by intent (edits, --allow-missing): {len(new)} target keys: {_shown(new)}")
-    if unused:
-        steps.append(
-            f"unused by intent (replaced or removed, --allow-unexpected): {len(unused)} source keys: "
-            f"{_shown(unused)}"
-        )
+    counts = [
+        f"{len(new)} target keys new" if new else "",
+        f"{len(unused)} source keys unused" if unused else "",
+    ]
+    steps = (
+        *plan.steps,
+        "expected by the edits and --allow-*: " + ", ".join(filter(None, counts)),
+    )
     return replace(
         plan,
         mismatched=tuple(m for m in plan.mismatched if m not in replaced_pairs),
@@ -86,10 +86,5 @@ def with_intent(plan: PortPlan, intent: Intent, renamed: Mapping[str, str]) -> P
         unexpected=tuple(s for s in plan.unexpected if s not in set(unused)),
         new=(*plan.new, *new),
         unused=(*plan.unused, *unused),
-        steps=tuple(steps),
+        steps=steps,
     )
-
-
-def _shown(names: Sequence[str]) -> str:
-    grouped = group_names(names)
-    return ", ".join(grouped[:3]) + (", ..." if len(grouped) > 3 else "")

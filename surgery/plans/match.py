@@ -66,7 +66,7 @@ class Mismatched:
 
 @dataclass(frozen=True)
 class PortPlan:
-    """What loading would do: every target key is matched, mismatched, tied or missing."""
+    """What loading would do: every target key is matched, mismatched, tied, missing or new."""
 
     matched: tuple[Matched, ...]
     mismatched: tuple[Mismatched, ...]

@@ -383,3 +383,28 @@ def test_cli_hint_names_a_prefix_to_strip(bert, tmp_path):
     run = run_cli("port", bert.template, "--to", bert.bare, "--dry-run")
     assert_clean_error(run, bert.template, code=1)
     assert "--strip-prefix bert. would pair 13 of 13 missing keys" in hint_of(run)
+
+
+def test_with_intent_reads_source_keys_by_their_renamed_names():
+    from surgery.plans.intent import Intent, with_intent
+    from surgery.plans.match import Mismatched, PortPlan
+
+    plan = PortPlan(
+        (),
+        (Mismatched("module.fc.weight", "fc.weight", (10, 4), (2, 4)),),
+        ("fc.bias", "extra.weight"),
+        ("module.fc.bias", "module.aux.weight", "module.other.weight"),
+    )
+    renamed = {
+        k: k.removeprefix("module.") for k in ("module.fc.weight", "module.fc.bias", "module.aux.weight")
+    }
+    renamed["module.other.weight"] = "other.weight"
+    read = with_intent(plan, Intent(created=("fc",), removed=("aux",)), renamed)
+    assert read.new == ("fc.weight", "fc.bias") and read.missing == ("extra.weight",)
+    assert read.unused == ("module.fc.weight", "module.fc.bias", "module.aux.weight")
+    assert read.mismatched == () and read.unexpected == ("module.other.weight",)
+    assert not read.complete  # extra.weight and other.weight nobody asked for
+    allowed = with_intent(read, Intent(allow_missing=("extra",), allow_unexpected=("other.*",)), renamed)
+    assert (
+        allowed.complete and allowed.new[-1] == "extra.weight" and allowed.unused[-1] == "module.other.weight"
+    )

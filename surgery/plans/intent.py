@@ -63,7 +63,7 @@ def with_intent(plan: PortPlan, intent: Intent, renamed: Mapping[str, str]) -> P
         return (
             under(name, intent.created + intent.removed)
             or matches(name, intent.allow_unexpected)
-            or (matches(source, intent.allow_unexpected))
+            or matches(source, intent.allow_unexpected)
         )
 
     replaced_pairs = [m for m in plan.mismatched if is_new(m.target)]
@@ -79,11 +79,12 @@ def with_intent(plan: PortPlan, intent: Intent, renamed: Mapping[str, str]) -> P
         *plan.steps,
         "expected by the edits and --allow-*: " + ", ".join(filter(None, counts)),
     )
+    new_keys, unused_keys = set(new), set(unused)  # target names and source names: kept apart
     return replace(
         plan,
         mismatched=tuple(m for m in plan.mismatched if m not in replaced_pairs),
-        missing=tuple(t for t in plan.missing if t not in set(new)),
-        unexpected=tuple(s for s in plan.unexpected if s not in set(unused)),
+        missing=tuple(t for t in plan.missing if t not in new_keys),
+        unexpected=tuple(s for s in plan.unexpected if s not in unused_keys),
         new=(*plan.new, *new),
         unused=(*plan.unused, *unused),
         steps=steps,

@@ -46,4 +46,5 @@ def percent(share: float) -> str:
     text = f"{share:.1%}"
     if text != "100.0%" or share >= 1:
         return text
-    return f"{math.floor(share * 10000) / 100:.2f}%"  # truncated: 99.99% at most
+    text = f"{share:.2%}"
+    return f"{math.floor(share * 10000) / 100:.2f}%" if text == "100.00%" else text  # 99.99% at most

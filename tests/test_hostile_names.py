@@ -89,7 +89,7 @@ def test_diff_convert_and_port_reports_print_names_escaped(hostile, plain, tmp_p
     assert result.exit_code == 0, result.stderr
     assert_escaped(result.stdout)  # the left-out names
 
-    result = run_cli("port", hostile, "--to", plain, "--strict", "false", "--dry-run")
+    result = run_cli("port", hostile, "--to", plain, "--strict", "false", "--min-coverage", "0", "--dry-run")
     assert result.exit_code == 0, result.stderr
     assert_escaped(result.stdout)  # the unexpected names
 

@@ -817,7 +817,7 @@ def test_reshape_linear_into_1x1_conv_and_back(in_code_dir, tmp_path):
         {"source": "0.weight", "target": "0.weight", "source_shape": [4, 8], "target_shape": [4, 8, 1, 1]}
     ]
     out = tmp_path / "no_reshape.safetensors"
-    run = port(src, "--to", "porttargets:conv1x1", "--no-strict", "-o", out)
+    run = port(src, "--to", "porttargets:conv1x1", "--no-strict", "--min-coverage", "0", "-o", out)
     assert run.exit_code == 0 and rows(run.stdout)["mismatched"] == [
         "0.weight: source [4, 8], target [4, 8, 1, 1]"
     ]

@@ -247,7 +247,9 @@ def test_port_refuses_a_recipe_file_target_that_imports_code(recipe_file, in_tmp
 
 def test_a_target_given_on_the_command_line_wins_and_needs_no_trust(recipe_file, in_tmp, factory_module):
     _, toml = recipe_file
-    run = run_cli("port", "--recipe", toml, "--to", factory_module, "--dry-run", "--json")
+    run = run_cli(
+        "port", "--recipe", toml, "--to", factory_module, "--min-coverage", "0", "--dry-run", "--json"
+    )
     assert run.exit_code == 0, run.stderr
     assert json.loads(run.stdout)["target"] == factory_module
     no_canary(in_tmp)
@@ -268,7 +270,7 @@ def test_a_recipe_file_with_a_library_target_needs_no_trust(in_tmp):
     src = in_tmp / "src.pt"
     torch.save(tiny_weights(), src)
     toml = in_tmp / "recipe.toml"
-    toml.write_text(f'source = "{src}"\nto = "torchvision:resnet18"\nstrict = false\n')
+    toml.write_text(f'source = "{src}"\nto = "torchvision:resnet18"\nstrict = false\nmin_coverage = 0\n')
     run = run_cli("port", "--recipe", toml, "--dry-run")
     assert run.exit_code == 0, run.stderr
 

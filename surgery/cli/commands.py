@@ -13,6 +13,8 @@ import typer
 from surgery.cli.fast import inspect_checkpoint
 from surgery.cli.options import (
     AddPrefixOpt,
+    AllowMissingOpt,
+    AllowUnexpectedOpt,
     CheckpointArg,
     DebugOpt,
     DepthOpt,
@@ -23,6 +25,7 @@ from surgery.cli.options import (
     IncludeOpt,
     JsonOpt,
     KeyOpt,
+    MinCoverageOpt,
     OutOpt,
     RecipeOpt,
     RenameOpt,
@@ -104,10 +107,14 @@ def port(
         Text,
         typer.Option(
             "--strict",
-            help="true (default): refuse unless every key matches, as torch; false: load what matches.",
+            help="true (default): refuse unless every key matches, as torch (keys new by edits aside); "
+            "false: load what matches.",
         ),
     ] = None,
     no_strict: Annotated[bool, typer.Option("--no-strict", help="The same as --strict false.")] = False,
+    allow_missing: AllowMissingOpt = None,
+    allow_unexpected: AllowUnexpectedOpt = None,
+    min_coverage: MinCoverageOpt = None,
     match: Annotated[Text, typer.Option("--match", help="exact (default), suffix, order or auto.")] = None,
     rename: RenameOpt = None,
     strip_prefix: StripPrefixOpt = None,
@@ -201,8 +208,9 @@ def port(
 ) -> None:
     """Map, filter and match a checkpoint's keys into a (possibly edited) target; report; save.
 
-    Exit code 1 when a strict port finds anything missing, unexpected or mismatched
-    (the report is printed, nothing is written); 2 on bad usage.
+    Exit code 1 when a strict port finds anything missing, unexpected or mismatched, or
+    when less than --min-coverage of the target would be loaded (the report is printed,
+    nothing is written); 2 on bad usage.
     """
     fields = fields_of(locals())  # first: the flags alone
     from surgery.commands.port import PortFailed, PortRequest, port_file

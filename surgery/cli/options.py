@@ -61,6 +61,24 @@ TRUST = Opt(
     "build a package.module:callable target that a --recipe file names.",
     bool,
 )
+MIN_COVERAGE = Opt(
+    ("--min-coverage",),
+    "Refuse (write nothing), strict or not, when less than this percent of the target's parameters "
+    "expected from the source would be loaded [default: 50]; 0 turns the guard off.",
+    float,
+    min=0,
+    show_default=False,
+)
+ALLOW_MISSING = Opt(
+    ("--allow-missing",),
+    "Target keys matching this glob may find nothing in the source, even when strict: new (repeatable).",
+    many=True,
+)
+ALLOW_UNEXPECTED = Opt(
+    ("--allow-unexpected",),
+    "Source keys matching this glob may go unused, even when strict (repeatable).",
+    many=True,
+)
 RECIPE = Opt(("--recipe",), "A TOML file with these options as fields; flags given here win.", Path)
 JSON = Opt(("--json",), "Print one JSON document on stdout and nothing else there.", bool)
 DEBUG = Opt(("--debug",), "Show the traceback of an unexpected failure.", bool)
@@ -97,6 +115,9 @@ _ALIASES = {
     "VerifyOpt": VERIFY,
     "ForceOpt": FORCE,
     "TrustOpt": TRUST,
+    "MinCoverageOpt": MIN_COVERAGE,
+    "AllowMissingOpt": ALLOW_MISSING,
+    "AllowUnexpectedOpt": ALLOW_UNEXPECTED,
     "RecipeOpt": RECIPE,
     "JsonOpt": JSON,
     "DebugOpt": DEBUG,

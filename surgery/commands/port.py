@@ -31,6 +31,8 @@ from surgery.models.loading import Output, load_into
 from surgery.models.recipe import RECIPE_KEY, Recipe
 from surgery.models.targets import Target, build_target, target_of_module
 from surgery.names import group_names
+from surgery.plans.hints import diagnose
+from surgery.plans.intent import Intent, with_intent
 from surgery.plans.keys import KeyRules, Rename
 from surgery.plans.match import (
     FILLED_BUFFER,
@@ -40,6 +42,7 @@ from surgery.plans.match import (
     PortOptions,
     PortPlan,
     plan_port,
+    source_names,
 )
 from surgery.text import percent
 from surgery.trust import require_trust
@@ -49,14 +52,22 @@ if TYPE_CHECKING:
     from torch import nn
 
 PLAN_VERSION = 1
+# The least share of the target's expected parameters (%) a port loads before it writes:
+# a port that loads almost nothing is a wrong prefix or a wrong target, never a model.
+DEFAULT_MIN_COVERAGE = 50.0
 
 
 class PortFailed(SurgeryError):
-    """A strict port found keys missing, unexpected or mismatched; nothing was loaded or written."""
+    """A port refused: strict and keys missing, unexpected or mismatched, or less of the target
+    loaded than `min_coverage`; nothing was loaded or written. `.report` says what was found."""
 
-    def __init__(self, where: object, report: PortReport):
+    def __init__(
+        self, where: object, report: PortReport, message: str | None = None, hint: str | None = None
+    ):
         super().__init__(
-            where, f"strict port refused: {report.summary()}", hint="pass --strict false to load what matches"
+            where,
+            message or f"strict port refused: {report.summary()}",
+            hint=hint or "pass --strict false to load what matches",
         )
         self.report = report
 
@@ -73,12 +84,14 @@ class PortReport:
     target_sizes: tuple[tuple[str, int], ...]  # every target key with its element count, in order
     options: PortOptions
     strict: bool
+    min_coverage: float = DEFAULT_MIN_COVERAGE  # percent of the expected parameters
     output: str | None = None
     written: bool = False
     verified: int | None = None  # tensors re-read and found bit-identical
     notes: tuple[str, ...] = field(default=())
     edits: tuple[str, ...] = field(default=())  # what each edit did, in order
     finetune: FinetuneSummary | None = None
+    hints: tuple[str, ...] = ()  # what would pair the missing keys with the unexpected ones (plans.hints)
 
     @property
     def loaded(self) -> set[str]:
@@ -90,10 +103,17 @@ class PortReport:
         return sum(n for _, n in self.target_sizes)
 
     @property
+    def expected_numel(self) -> int:
+        """The target's elements expected from the source: all but those of keys `new` by intent."""
+        new = set(self.plan.new)
+        return sum(n for name, n in self.target_sizes if name not in new)
+
+    @property
     def coverage(self) -> float:
-        """Share of the target's elements filled from the source."""
-        total = self.target_numel
-        return sum(n for name, n in self.target_sizes if name in self.loaded) / total if total else 1.0
+        """Share of the target's elements expected from the source (`expected_numel`) that
+        were filled from it: what `min_coverage` guards."""
+        total, loaded = self.expected_numel, self.loaded
+        return sum(n for name, n in self.target_sizes if name in loaded) / total if total else 1.0
 
     def per_module(self) -> list[tuple[str, int, int, float]]:
         """(top-level module, keys loaded, keys, share of its elements loaded), in target order."""
@@ -111,21 +131,30 @@ class PortReport:
         ]
 
     def summary(self) -> str:
-        """`loaded 120/122 tensors (99.9% of parameters); mismatched 2: fc.{bias,weight}; ...`"""
+        """`loaded 120/122 tensors (99.9% of parameters); mismatched 2: fc.{bias,weight}; ...`;
+        with keys new by intent, the share is of the parameters expected from the source."""
         plan = self.plan
         total = (
-            len(plan.matched) + len(plan.mismatched) + len(plan.missing) + len(plan.tied) + len(plan.filled)
+            len(plan.matched)
+            + len(plan.mismatched)
+            + len(plan.missing)
+            + len(plan.tied)
+            + len(plan.filled)
+            + len(plan.new)
         )
         loaded = len(plan.matched) + len(plan.tied)
-        parts = [f"loaded {loaded}/{total} tensors ({percent(self.coverage)} of parameters)"]
+        of = "of the expected parameters" if plan.new else "of parameters"
+        parts = [f"loaded {loaded}/{total} tensors ({percent(self.coverage)} {of})"]
         if plan.filled:
             parts.append(f"filled {len(plan.filled)} {FILLED_BUFFER} as torch does")
         for label, names in (
+            ("new", list(plan.new)),
             ("mismatched", [m.target for m in plan.mismatched]),
             ("missing", list(plan.missing)),
             ("unexpected", list(plan.unexpected)),
+            ("unused", list(plan.unused)),
         ):
-            if names or label != "mismatched":
+            if names or label in ("missing", "unexpected"):
                 grouped = group_names(names)
                 shown = ", ".join(grouped[:3]) + (", ..." if len(grouped) > 3 else "")
                 parts.append(f"{label} {len(names)}" + (f": {shown}" if names else ""))
@@ -147,9 +176,13 @@ class PortReport:
             "excluded": list(plan.excluded),
             "filled": list(plan.filled),
             "mismatched": [m.to_json() for m in plan.mismatched],
+            "new": list(plan.new),
+            "unused": list(plan.unused),
             "tied": [{"target": t, "loaded_through": via} for t, via in plan.tied],
             "coverage": round(self.coverage, 6),
             "strict": self.strict,
+            "min_coverage": self.min_coverage,
+            "hints": list(self.hints),
             "options": self.options.to_json(),
             "output": self.output,
             "written": self.written,
@@ -164,12 +197,16 @@ def entries_of(ckpt: Checkpoint) -> list[Entry]:
     return [Entry(t.name, t.shape, t.dtype) for t in ckpt.tensors]
 
 
-def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
-    """plan_port for a checkpoint and a target, failures as SurgeryErrors."""
+def _plan(
+    ckpt: Checkpoint, target: Target, options: PortOptions, intent: Intent = Intent()
+) -> tuple[PortPlan, tuple[str, ...]]:
+    """plan_port for a checkpoint and a target, read with the user's intent, failures as
+    SurgeryErrors; and the hints that would pair what is left missing and unexpected."""
+    source = entries_of(ckpt)
     target_file = target.template.format if target.template is not None else None
     try:
-        return plan_port(
-            entries_of(ckpt),
+        plan = plan_port(
+            source,
             target.entries,
             options,
             both_ways(target.aliases()),
@@ -179,6 +216,45 @@ def _plan(ckpt: Checkpoint, target: Target, options: PortOptions) -> PortPlan:
         )
     except MatchError as exc:
         raise SurgeryError(ckpt.path, str(exc)) from None
+    if intent.empty and plan.complete:
+        return plan, ()
+    renamed = source_names([e.name for e in source], [e.name for e in target.entries], options)
+    plan = with_intent(plan, intent, renamed)
+    by_source = {e.name: e for e in source}
+    by_target = {e.name: e for e in target.entries}
+    unexpected = [replace(by_source[s], name=renamed.get(s, s)) for s in plan.unexpected]
+    plain = options.mapping is not None or all(renamed.get(s, s) == s for s in plan.unexpected)
+    hints = diagnose([by_target[t] for t in plan.missing], unexpected, match=options.match, plain_names=plain)
+    return plan, tuple(hints)
+
+
+def refusal(report: PortReport) -> tuple[str, str, str] | None:
+    """Why nothing may be loaded or written, or None: (message, hint, note for the report).
+
+    Too little loaded (under `report.min_coverage`) is refused whatever `strict` says; a
+    strict port refuses anything missing, unexpected or mismatched. The hint names the fix
+    the key lists suggest (`report.hints`), and `--strict false` only when most of the
+    target would be loaded: loading what matches of a port that matched almost nothing
+    writes a wrong model.
+    """
+    low = report.coverage * 100 < report.min_coverage
+    if not low and not (report.strict and not report.plan.complete):
+        return None
+    fixes = list(report.hints)
+    if low:
+        floor = f"--min-coverage {report.min_coverage:g}%"
+        message = (
+            f"port refused: {percent(report.coverage)} of the target's parameters would be loaded, "
+            f"under {floor}: {report.summary()}"
+        )
+        fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
+        return message, "; ".join([*fixes, "--min-coverage 0 writes it anyway"]), f"under {floor}"
+    if report.coverage * 100 >= DEFAULT_MIN_COVERAGE:
+        fixes.append(
+            "pass --strict false to load what matches (or --allow-missing/--allow-unexpected GLOB for keys you expect)"
+        )
+    fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
+    return f"strict port refused: {report.summary()}", "; ".join(fixes), "strict port refused"
 
 
 def _report(
@@ -211,6 +287,9 @@ def port(
     reshape: bool = False,
     key: str | None = None,
     trust: bool = False,
+    min_coverage: float = DEFAULT_MIN_COVERAGE,
+    allow_missing: Sequence[str] = (),
+    allow_unexpected: Sequence[str] = (),
 ) -> PortReport:
     """Load a checkpoint into a live module, in place, and say exactly what happened.
 
@@ -221,12 +300,17 @@ def port(
         match: exact, suffix, order or auto.
         rename: `REGEX=REPL` rules applied in order.
         trust: read a source whose pickle references code (never run either way).
+        min_coverage: refuse (load nothing), strict or not, when less than this percent of the
+            parameters expected from the source would be loaded; 0 turns the guard off.
+        allow_missing, allow_unexpected: globs of target and source keys expected to find
+            no pair: reported as new and unused, not missing and unexpected.
 
     Returns:
         The PortReport the CLI renders.
 
     Raises:
-        PortFailed: `strict` and something is missing, unexpected or mismatched.
+        PortFailed: `strict` and something is missing, unexpected or mismatched, or too
+            little would be loaded (`min_coverage`).
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=2)
@@ -243,14 +327,33 @@ def port(
         exclude=exclude,
     )
     options = PortOptions(rules, match, reshape)
+    check_min_coverage(min_coverage)
+    intent = Intent(allow_missing=_globs(allow_missing), allow_unexpected=_globs(allow_unexpected))
     target = target_of_module(into)
     ckpt = open_trusted(source, key=rules.key, trust=trust)
-    plan = _plan(ckpt, target, options)
-    report = _report(ckpt, target, plan, options, strict)
-    if strict and not plan.complete:
-        raise PortFailed(ckpt.path, report)
+    plan, hints = _plan(ckpt, target, options, intent)
+    report = _report(ckpt, target, plan, options, strict, min_coverage=min_coverage, hints=hints)
+    refused = refusal(report)
+    if refused is not None:
+        message, hint, _ = refused
+        raise PortFailed(ckpt.path, report, message, hint)
     load_into(into, ckpt, plan)
     return report
+
+
+def check_min_coverage(value: object) -> float:
+    """A percent from 0 to 100.
+
+    Raises:
+        BadArgument: anything else.
+    """
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
+        raise BadArgument("min_coverage", f"{value!r} is not a percent from 0 to 100")
+    return float(value)
+
+
+def _globs(value: str | Sequence[str]) -> tuple[str, ...]:
+    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def port_file(request: PortRequest) -> PortReport:
@@ -262,14 +365,17 @@ def port_file(request: PortRequest) -> PortReport:
     and loaded; `in_chans` then adapts the loaded first conv. With a fine-tune plan
     (or any edit) the output carries the recipe `surgery.load_ready` replays.
 
-    Nothing is written when `dry_run`, or when `strict` and the plan is incomplete
-    (PortFailed). The output holds CPU tensors, whatever device the source recorded.
+    Nothing is written when `dry_run`, when `strict` and the plan is incomplete, or when
+    less than `min_coverage` percent of the parameters expected from the source would be
+    loaded (PortFailed). Keys the edits create are expected to be new: a strict port with
+    `num_classes` or `replace` does not fail over them (`plans.intent`). The output holds CPU tensors, whatever device the source recorded.
     Its provenance holds every source file's sha256, computed by a background thread
     while the target is built and loaded (SourceDigests); a source file that changes
     before the output is in place fails the port.
 
     Raises:
-        PortFailed: a strict port found keys missing, unexpected or mismatched (the report rides on it).
+        PortFailed: a strict port found keys missing, unexpected or mismatched, or too little
+            would be loaded (the report rides on it).
         Untrusted: the target was read from a file and imports code, without `trust`.
         SurgeryError: an unreadable or unsafe source, a target that cannot be built, a failed write.
 
@@ -308,16 +414,27 @@ def port_file(request: PortRequest) -> PortReport:
         if target.template is not None:
             for path in writes:
                 check_destination(path, list(target.template.files), force=force)
-        target, edit_steps = _edit_target(target, edits, init)
+        target, edit_steps, created = _edit_target(target, edits, init)
         extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
         options = replace(options, extracted=extracted) if extracted else options
-        plan = _plan(ckpt, target, options)
-        report = _report(ckpt, target, plan, options, strict, output=str(out_path) if out_path else None)
+        intent = Intent(created, removed_by(edits), request.allow_missing, request.allow_unexpected)
+        plan, hints = _plan(ckpt, target, options, intent)
+        report = _report(
+            ckpt,
+            target,
+            plan,
+            options,
+            strict,
+            min_coverage=request.min_coverage,
+            output=str(out_path) if out_path else None,
+            hints=hints,
+        )
         report = replace(report, edits=tuple(edit_steps))
         if plan_out is not None:
             _write_plan(Path(plan_out), report)  # written even when refused: it is what to review
         late = [e for e in edits if e.op == "in_chans"]
-        writing = not (strict and not plan.complete) and not (dry_run or out_path is None)
+        refused = refusal(report)
+        writing = refused is None and not (dry_run or out_path is None)
         transformed: set[str] = set()
         if target.module is not None:
             if writing:
@@ -328,8 +445,9 @@ def port_file(request: PortRequest) -> PortReport:
                 report = replace(report, edits=(*report.edits, text))
             target = target_of_module(target.module, target.spec, target.kwargs)
         report = replace(report, finetune=_finetune_summary(target, finetune))
-        if strict and not plan.complete:
-            raise PortFailed(ckpt.path, replace(report, notes=("strict port refused",)))
+        if refused is not None:
+            message, hint, note = refused
+            raise PortFailed(ckpt.path, replace(report, notes=(note,)), message, hint)
         if dry_run or out_path is None:
             return replace(report, notes=("--dry-run",))
         raw = is_safetensors(out_path) or streams_torch(target.entries)  # else torch.save needs tensors
@@ -361,11 +479,17 @@ def port_file(request: PortRequest) -> PortReport:
     return replace(report, written=True, verified=checked[0] if checked else None)
 
 
-def _edit_target(target: Target, edits: Sequence[Edit], init: str | None) -> tuple[Target, list[str]]:
-    """Apply the structural edits (all but in_chans) and initialise what they created."""
+def _edit_target(
+    target: Target, edits: Sequence[Edit], init: str | None
+) -> tuple[Target, list[str], tuple[str, ...]]:
+    """Apply the structural edits (all but in_chans) and initialise what they created.
+
+    Returns:
+        (the edited target, what each edit did, the paths of the modules they created).
+    """
     structural = [e for e in edits if e.op != "in_chans"]
     if not edits and not init:
-        return target, []
+        return target, [], ()
     if target.module is None:
         raise UsageError(
             target.spec,
@@ -380,7 +504,14 @@ def _edit_target(target: Target, edits: Sequence[Edit], init: str | None) -> tup
         for path in created:
             initialise(get_module(module, path), init)
         steps.append(f"initialised {', '.join(created)} ({init})")
-    return target_of_module(module, target.spec, target.kwargs), steps
+    return target_of_module(module, target.spec, target.kwargs), steps, tuple(created)
+
+
+def removed_by(edits: Sequence[Edit]) -> tuple[str, ...]:
+    """The module paths edits deleted or dropped: the source's keys there are unused by intent."""
+    paths = [e.path for e in edits if e.op == "delete"]
+    paths += [p.strip() for e in edits if e.op == "without" for p in e.spec.split(",") if p.strip()]
+    return tuple(paths)
 
 
 def _finetune_summary(target: Target, plan: FinetunePlan) -> FinetuneSummary | None:
@@ -621,6 +752,9 @@ class PortRequest(Request):
     keys: KeyRules = KeyRules()
     match: str = "exact"
     strict: bool = True
+    min_coverage: float = DEFAULT_MIN_COVERAGE  # percent of the expected parameters; 0: no guard
+    allow_missing: tuple[str, ...] = ()  # globs of target keys expected to be new
+    allow_unexpected: tuple[str, ...] = ()  # globs of source keys expected to go unused
     reshape: bool = False
     edits: tuple[Edit, ...] = ()
     init: str | None = None
@@ -636,12 +770,15 @@ class PortRequest(Request):
     # What a recipe file may hold, with the TOML type of each field: the flags by their
     # long names. `plan`, `plan_out`, `dry_run`, `force` and `trust` are the caller's
     # alone: a file never decides to trust itself.
-    FILE_FIELDS: ClassVar[dict[str, type]] = {
+    FILE_FIELDS: ClassVar[dict[str, type | tuple[type, ...]]] = {
         "source": str,
         "to": str,
         "out": str,
         "args": dict,
         "strict": bool,
+        "min_coverage": (int, float),
+        "allow_missing": list,
+        "allow_unexpected": list,
         "match": str,
         **KeyRules.FILE_FIELDS,
         "reshape": bool,
@@ -682,6 +819,7 @@ class PortRequest(Request):
                 "a plan is applied as it is: drop --match, --rename, --strip-prefix, --add-prefix, "
                 "--include and --exclude",
             )
+        check_min_coverage(self.min_coverage)
         if self.init is not None and self.init not in INIT_SCHEMES:
             raise BadArgument("init", f"{self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
 
@@ -710,6 +848,9 @@ class PortRequest(Request):
             keys=KeyRules.from_fields(fields),
             match=fields.get("match") or "exact",
             strict=bool(fields.get("strict", True)),
+            min_coverage=fields.get("min_coverage", DEFAULT_MIN_COVERAGE),
+            allow_missing=_globs(fields.get("allow_missing") or ()),
+            allow_unexpected=_globs(fields.get("allow_unexpected") or ()),
             reshape=bool(fields.get("reshape")),
             edits=tuple(edits_from_fields(fields)),
             init=fields.get("init"),
@@ -738,6 +879,9 @@ class PortRequest(Request):
             **self.keys.to_json(),
             "match": self.match,
             "strict": self.strict,
+            "min_coverage": self.min_coverage,
+            "allow_missing": list(self.allow_missing),
+            "allow_unexpected": list(self.allow_unexpected),
             "reshape": self.reshape,
             "edits": [e.to_json() for e in self.edits],
             "init": self.init,

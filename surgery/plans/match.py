@@ -75,7 +75,7 @@ class Mismatched:
 
 @dataclass(frozen=True)
 class PortPlan:
-    """What loading would do: every target key is matched, mismatched, tied or missing."""
+    """What loading would do: every target key is matched, mismatched, tied, missing or new."""
 
     matched: tuple[Matched, ...]
     mismatched: tuple[Mismatched, ...]
@@ -85,11 +85,14 @@ class PortPlan:
     steps: tuple[str, ...] = field(default=())
     excluded: tuple[str, ...] = ()  # source keys left out by --include/--exclude
     filled: tuple[str, ...] = ()  # target keys torch itself would not miss: they keep the target's value
+    new: tuple[str, ...] = ()  # target keys not expected from the source (edits, --allow-missing)
+    unused: tuple[str, ...] = ()  # source keys left unused by intent (replaced, removed, --allow-unexpected)
 
     @property
     def complete(self) -> bool:
         """Nothing missing, unexpected or mismatched: what `--strict true` requires (keys
-        `filled` as torch's own load_state_dict fills them are not missing)."""
+        `filled` as torch's own load_state_dict fills them are not missing; `new` and `unused` by
+        the user's intent are none of these)."""
         return not (self.mismatched or self.missing or self.unexpected)
 
 
@@ -542,10 +545,7 @@ def plan_port(
         return fill_as_torch(
             _apply_mapping(source, target, options, ties, source_ties), target, source_versions
         )
-    target_names = [t.name for t in target]
-    kept, steps = options.keys.apply(
-        [e.name for e in source], auto=lambda names: auto_strip(names, target_names, options.extracted)
-    )
+    kept, steps = _renamed([e.name for e in source], [t.name for t in target], options)
     pairs = pair(source, kept, target, options.match, saved_order=saved_order)
     hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
     counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
@@ -589,3 +589,19 @@ def _apply_mapping(
     return judge(
         pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
     )
+
+
+def source_names(source: Sequence[str], target: Sequence[str], options: PortOptions) -> dict[str, str]:
+    """Each source key (kept by the key rules) -> its name after them, as `plan_port` names
+    it: what a key was called when it was paired, or found no pair."""
+    if options.mapping is not None:
+        return {name: name for name in source}
+    return _renamed(source, target, options)[0]
+
+
+def _renamed(
+    source: Sequence[str], target: Sequence[str], options: PortOptions
+) -> tuple[dict[str, str], list[str]]:
+    """The key rules on the source names (`module.` stripped when that makes them the
+    target's): kept name -> new name, and the steps taken."""
+    return options.keys.apply(source, auto=lambda names: auto_strip(names, target, options.extracted))

@@ -32,13 +32,22 @@ def port_rows(report: PortReport) -> list[Row]:
         f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
     ]
     rows.append(("loaded", capped(per_module, per_line=4)))
-    rows.append(("coverage", [f"{percent(report.coverage)} of {report.target_numel:,} target parameters"]))
+    coverage = f"{percent(report.coverage)} of {report.expected_numel:,} target parameters"
+    if plan.new:
+        coverage += f" expected from the source ({report.target_numel - report.expected_numel:,} new)"
+    rows.append(("coverage", [coverage]))
+    if plan.new:
+        rows.append(("new", capped(group_names(plan.new))))
     mismatched = [
         f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}" for m in plan.mismatched
     ]
     rows.append(("mismatched", capped(mismatched) or ["none"]))
     rows.append(("missing", capped(group_names(plan.missing)) or ["none"]))
     rows.append(("unexpected", capped(group_names(plan.unexpected)) or ["none"]))
+    if plan.unused:
+        rows.append(("unused", capped(group_names(plan.unused))))
+    if report.hints:
+        rows.append(("hints", list(report.hints)))
     if plan.excluded:
         rows.append(("excluded", capped(group_names(plan.excluded))))
     paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]

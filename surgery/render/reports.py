@@ -10,6 +10,7 @@ from surgery.render.rows import Page, Row, capped
 from surgery.text import human_bytes, human_count, percent, plural, printable
 
 if TYPE_CHECKING:
+    from surgery.casts import CastLosses
     from surgery.commands.convert import ConvertReport
     from surgery.commands.diff import Difference, DiffReport
     from surgery.commands.port import PortReport
@@ -54,6 +55,8 @@ def port_rows(report: PortReport) -> list[Row]:
         rows.append(
             ("cast", [f"{a} -> {b}: {sum(m.cast == (a, b) for m in plan.matched)} tensors" for a, b in casts])
         )
+    if report.lossy:
+        rows.append(("lossy cast", lossy_lines(report.lossy)))
     if plan.tied:
         rows.append(("tied", capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
     if report.finetune is not None:
@@ -67,6 +70,14 @@ def port_rows(report: PortReport) -> list[Row]:
         )
         rows.append(("output", [f"{report.output}: written{verified}"]))
     return rows
+
+
+def lossy_lines(lossy: dict[str, CastLosses]) -> list[str]:
+    """`float32 -> float16: 2 tensors`, then each tensor with what its cast lost, worst first."""
+    changes = [losses.change for losses in lossy.values()]
+    lines = [f"{change}: {plural(changes.count(change), 'tensor')}" for change in dict.fromkeys(changes)]
+    worst = sorted(lossy, key=lambda name: (-lossy[name].overflow - lossy[name].nan, -lossy[name].flushed))
+    return lines + capped([f"{name}: {lossy[name].describe()}" for name in worst])
 
 
 def finetune_rows(summary: FinetuneSummary) -> list[Row]:
@@ -111,6 +122,8 @@ def convert_rows(report: ConvertReport) -> list[Row]:
         rows.append(("left out", capped(short_names(report.left_out))))
     if report.cast:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.lossy:
+        rows.append(("lossy cast", lossy_lines(report.lossy)))
     if report.aliases:
         tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
         how = (
@@ -140,7 +153,9 @@ def diff_rows(report: DiffReport) -> list[Row]:
         rows.append(("shape", capped([d.describe() for d in by_kind["shape"]])))
     if by_kind["dtype"]:
         rows.append(("dtype", _dtype_lines(by_kind["dtype"])))
-    worst = sorted(by_kind["values"], key=lambda d: -(d.max_abs or 0.0))
+    # Every tensor whose values differ, whatever its dtype: "none differ" only when none does.
+    moved = by_kind["values"] + [d for d in by_kind["dtype"] if d.moved]
+    worst = sorted(moved, key=lambda d: -(d.max_abs or 0.0))
     if report.structure_only:
         rows.append(("values", ["not read (--structure-only)"]))
     else:

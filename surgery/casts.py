@@ -92,8 +92,8 @@ def count_losses(source: Buffer, cast: Buffer, source_dtype: str, target_dtype: 
     """Count what casting one piece lost, from its little-endian bytes before (`source`) and
     after (`cast`) the cast, element for element.
 
-    The cast piece is scanned once for zeros, infinities and NaNs (rare in weights); only
-    those few elements are looked up in the source: about four passes over the cast piece.
+    The cast piece is scanned for zeros, infinities and NaNs (rare in weights) in three
+    passes; only when there are some are they located and looked up in the source.
 
     Raises:
         ValueError: a dtype that is not float64/32/16 or bfloat16, or pieces of other lengths.
@@ -116,9 +116,9 @@ def count_losses(source: Buffer, cast: Buffer, source_dtype: str, target_dtype: 
     # 0 and every magnitude >= inf, in one comparison: magnitude - 1 wraps 0 round to the top.
     special = np.bitwise_and(after, word(t.magnitude))
     np.subtract(special, word(1), out=special)
-    where = np.flatnonzero(special >= word(t.infinity - 1))
-    if where.size == 0:
+    if special.size == 0 or special.max() < t.infinity - 1:  # a reduction: no mask made
         return CastLosses(source_dtype, target_dtype)
+    where = np.flatnonzero(special >= word(t.infinity - 1))
     was = before[where] & before.dtype.type(s.magnitude)
     now = after[where] & word(t.magnitude)
     finite = was < s.infinity

@@ -137,10 +137,10 @@ class LossyCast(SurgeryError):
 
     def __init__(self, where: object, report: Any, losses: dict[str, CastLosses]):
         worst = max(losses, key=lambda name: (losses[name].overflow + losses[name].nan, losses[name].flushed))
-        more = f" and {len(losses) - 1} more" if len(losses) > 1 else ""
+        where_lost = f"in {len(losses)} tensors, most in {worst}" if len(losses) > 1 else f"in {worst}"
         super().__init__(
             where,
-            f"the cast {losses[worst].change} loses values: {worst}: {losses[worst].describe()}{more}",
+            f"the cast {losses[worst].change} loses values {where_lost}: {losses[worst].describe()}",
             hint="nothing was written: pass --allow-lossy-cast to write it anyway, or cast to a dtype with "
             "more range (bf16 has float32's)",
         )

@@ -281,3 +281,12 @@ def test_diff_counts_inf_and_nan_in_both_apart(tmp_path):
     run = run_cli("diff", a, b)
     assert "none differ" not in run.stdout
     assert "h: dtype float32 vs float16, values equal, 1 NaN in both" in run.stdout
+
+
+def test_diff_of_a_rounding_cast_does_not_say_none_differ(tmp_path):
+    a, b = tmp_path / "a.pth", tmp_path / "b.safetensors"
+    torch.save({"w": torch.tensor([1.0, 1.001, 2.0]), "same": torch.tensor([0.5, 1.0])}, a)
+    assert run_cli("convert", a, "-o", b, "--dtype", "bf16").exit_code == 0
+    run = run_cli("diff", a, b)
+    assert "none differ" not in run.stdout
+    assert "values     1 tensor of another dtype differs, max abs 0.001 in w" in run.stdout

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
-from surgery.casts import CastLosses, LossyCast, count_losses, may_lose
+from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
@@ -313,17 +313,15 @@ class _Source:
         dtype = getattr(torch, dtype_name)
         for piece in self.plan.ckpt.pieces(source):
             cast = memoryview(piece.to(dtype).contiguous().view(torch.uint8).numpy())
-            self.count(name, piece, cast)
+            self.count(name, _dtype_name(piece), piece.view(torch.uint8).numpy(), cast)
             yield cast
 
-    def count(self, name: str, piece: torch.Tensor, cast: memoryview) -> None:
-        """Add what casting `piece` (flat, plain) of output tensor `name` lost to `lossy`."""
-        import torch
-
-        source = str(piece.dtype).removeprefix("torch.")
-        if not may_lose(source, self.dtypes[name]):
+    def count(self, name: str, source_dtype: str, before: Buffer, after: Buffer) -> None:
+        """Add what casting one piece of output tensor `name` lost to `lossy`: its bytes
+        before (as `source_dtype`) and after the cast, however the cast was made."""
+        if not may_lose(source_dtype, self.dtypes[name]):
             return
-        lost = count_losses(piece.view(torch.uint8).numpy(), cast, source, self.dtypes[name])
+        lost = count_losses(before, after, source_dtype, self.dtypes[name])
         if lost:
             self.lossy[name] = self.lossy[name] + lost if name in self.lossy else lost
 
@@ -338,13 +336,22 @@ class _Source:
             return value
         cast = value.to(dtype)
         for piece, piece_cast in zip(flat_pieces(value), flat_pieces(cast), strict=True):
-            self.count(name, piece, memoryview(piece_cast.view(torch.uint8).numpy()))
+            self.count(
+                name,
+                _dtype_name(piece),
+                piece.view(torch.uint8).numpy(),
+                piece_cast.view(torch.uint8).numpy(),
+            )
         return cast
 
     def done(self, name: str) -> None:
         self.plan.ckpt.release(self.plan.source_of[name])
         if self.progress is not None:
             self.progress(self.nbytes.get(name, 0))
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def convert(

@@ -153,16 +153,30 @@ def diff_rows(report: DiffReport) -> list[Row]:
         rows.append(("shape", capped([d.describe() for d in by_kind["shape"]])))
     if by_kind["dtype"]:
         rows.append(("dtype", _dtype_lines(by_kind["dtype"])))
-    # Every tensor whose values differ, whatever its dtype: "none differ" only when none does.
-    moved = by_kind["values"] + [d for d in by_kind["dtype"] if d.moved]
-    worst = sorted(moved, key=lambda d: -(d.max_abs or 0.0))
     if report.structure_only:
         rows.append(("values", ["not read (--structure-only)"]))
     else:
-        rows.append(("values", capped([d.describe() for d in worst]) or ["none differ"]))
+        rows.append(("values", _value_lines(by_kind["values"], by_kind["dtype"]) or ["none differ"]))
         read = f"{human_bytes(report.bytes_read)} read in {report.seconds:.2f} s"
         rows.append(("identical", [f"{report.identical} of {report.compared} tensors in both ({read})"]))
     return rows
+
+
+def _value_lines(same_dtype: list[Difference], other_dtype: list[Difference]) -> list[str]:
+    """Every tensor whose values differ, whatever its dtype, the largest differences first:
+    tensors of one dtype each, and of another dtype those that hold NaN or inf where the other
+    side does not (or NaN on both), the rest (rounding: the dtype row) in one line."""
+    alarming = [d for d in other_dtype if d.nan or d.inf or d.nan_both]
+    rounded = [d for d in other_dtype if d.moved and d not in alarming]
+    lines = capped([d.describe() for d in sorted(same_dtype + alarming, key=lambda d: -(d.max_abs or 0.0))])
+    if rounded:
+        top = max(rounded, key=lambda d: d.max_abs or 0.0)
+        lines.append(
+            f"{plural(len(rounded), 'tensor')} of another dtype {'differs' if len(rounded) == 1 else 'differ'}"
+            f", max abs {top.max_abs or 0.0:.3g} "
+            f"in {top.name}"
+        )
+    return lines
 
 
 def _dtype_lines(found: list[Difference]) -> list[str]:

@@ -171,10 +171,9 @@ def _value_lines(same_dtype: list[Difference], other_dtype: list[Difference]) ->
     lines = capped([d.describe() for d in sorted(same_dtype + alarming, key=lambda d: -(d.max_abs or 0.0))])
     if rounded:
         top = max(rounded, key=lambda d: d.max_abs or 0.0)
+        verb = "differs" if len(rounded) == 1 else "differ"
         lines.append(
-            f"{plural(len(rounded), 'tensor')} of another dtype {'differs' if len(rounded) == 1 else 'differ'}"
-            f", max abs {top.max_abs or 0.0:.3g} "
-            f"in {top.name}"
+            f"{plural(len(rounded), 'tensor')} of another dtype {verb}, max abs {top.max_abs or 0.0:.3g} in {top.name}"
         )
     return lines
 

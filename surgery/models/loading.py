@@ -38,15 +38,17 @@ def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
 def cast_losses(ckpt: Checkpoint, plan: PortPlan) -> dict[str, CastLosses]:
     """What loading each matched tensor in its target's dtype would lose (overflow to inf,
     NaN, flushed to zero), by target key: read before anything is loaded or written, piece
-    by piece, and only for the casts that can lose (`casts.may_lose`)."""
-    import torch
-
+    by piece, and only for the casts that can lose (`casts.may_lose`): torch is imported
+    only then."""
     from surgery.casts import CastLosses, count_losses, may_lose
 
+    narrowing = [m for m in plan.matched if m.cast is not None and may_lose(*m.cast)]
+    if not narrowing:
+        return {}
+    import torch
+
     lossy = {}
-    for m in plan.matched:
-        if m.cast is None or not may_lose(*m.cast):
-            continue
+    for m in narrowing:
         dtype, lost = getattr(torch, m.cast[1]), CastLosses(*m.cast)
         try:
             for piece in ckpt.pieces(m.source):

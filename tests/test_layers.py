@@ -29,6 +29,7 @@ LAYERS = {
     "surgery.names": 0,
     "surgery.text": 0,
     "surgery.trust": 0,
+    "surgery.casts": 0,
     "surgery.formats": 1,
     "surgery.writers": 1,
     "surgery.plans": 2,

@@ -13,6 +13,7 @@ import typer
 from surgery.cli.fast import inspect_checkpoint
 from surgery.cli.options import (
     AddPrefixOpt,
+    AllowLossyCastOpt,
     AllowMissingOpt,
     AllowUnexpectedOpt,
     CheckpointArg,
@@ -201,6 +202,7 @@ def port(
         typer.Option("--plan", help="Apply a saved (reviewed) mapping instead of matching."),
     ] = None,
     verify: VerifyOpt = False,
+    allow_lossy_cast: AllowLossyCastOpt = False,
     force: ForceOpt = False,
     trust: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -208,11 +210,12 @@ def port(
 ) -> None:
     """Map, filter and match a checkpoint's keys into a (possibly edited) target; report; save.
 
-    Exit code 1 when a strict port finds anything missing, unexpected or mismatched, or
-    when less than --min-coverage of the target would be loaded (the report is printed,
-    nothing is written); 2 on bad usage.
+    Exit code 1 when a strict port finds anything missing, unexpected or mismatched, when
+    less than --min-coverage of the target would be loaded, or when a cast loses values (the
+    report is printed, nothing is written); 2 on bad usage.
     """
     fields = fields_of(locals())  # first: the flags alone
+    from surgery.casts import LossyCast
     from surgery.commands.port import PortFailed, PortRequest, port_file
     from surgery.errors import BadArgument
 
@@ -227,7 +230,7 @@ def port(
     )
     try:
         report = port_file(request)
-    except PortFailed as failed:
+    except (PortFailed, LossyCast) as failed:
         show(failed.report, json_out)
         raise
     show(report, json_out)
@@ -283,6 +286,7 @@ def convert(
     recipe: RecipeOpt = None,
     dry_run: DryRunOpt = False,
     verify: VerifyOpt = False,
+    allow_lossy_cast: AllowLossyCastOpt = False,
     force: ForceOpt = False,
     trust: TrustOpt = False,
     json_out: JsonOpt = False,
@@ -291,14 +295,21 @@ def convert(
     """Convert between torch, safetensors, sharded and DCP checkpoints, streaming.
 
     One tensor at a time; bytes that need no change are copied file to file.
-    The output appears only when complete (and verified, with --verify).
+    The output appears only when complete (and verified, with --verify), and, with
+    --dtype, when no value overflowed to inf, became NaN or was flushed to zero
+    (unless --allow-lossy-cast).
     """
     fields = fields_of(locals())  # first: the flags alone
+    from surgery.casts import LossyCast
     from surgery.commands.convert import ConvertRequest, convert_file
 
     request = ConvertRequest.from_file(recipe, **fields) if recipe else ConvertRequest.from_fields(fields)
-    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-        report = convert_file(request, progress=bar)
+    try:
+        with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
+            report = convert_file(request, progress=bar)
+    except LossyCast as failed:
+        show(failed.report, json_out)
+        raise
     show(report, json_out)
 
 

@@ -55,6 +55,12 @@ VERIFY = Opt(
     bool,
 )
 FORCE = Opt(("--force",), "Replace an existing output (never an input).", bool)
+ALLOW_LOSSY_CAST = Opt(
+    ("--allow-lossy-cast",),
+    "Write casts that overflow to inf, make NaN or flush non-zero values to zero (counted per "
+    "tensor either way; refused without this flag).",
+    bool,
+)
 TRUST = Opt(
     ("--trust",),
     "Read tensors of files with unsafe findings (their pickles are still never run), and "
@@ -114,6 +120,7 @@ _ALIASES = {
     "DryRunOpt": DRY_RUN,
     "VerifyOpt": VERIFY,
     "ForceOpt": FORCE,
+    "AllowLossyCastOpt": ALLOW_LOSSY_CAST,
     "TrustOpt": TRUST,
     "MinCoverageOpt": MIN_COVERAGE,
     "AllowMissingOpt": ALLOW_MISSING,

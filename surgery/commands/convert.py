@@ -7,7 +7,9 @@ or a torch.distributed.checkpoint folder. Keys go through the same pipeline as
 cast. When a tensor's bytes can be written as they lie in the source (no cast,
 contiguous, little-endian), they are copied file to file by the kernel without
 importing torch; otherwise one tensor at a time is built, written and released,
-so memory follows the largest tensor, not the checkpoint.
+so memory follows the largest tensor, not the checkpoint. A cast that overflows to
+inf, makes NaN or flushes non-zero values to zero is counted per tensor, and the output
+is not put in place unless `allow_lossy_cast`.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
+from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
@@ -65,6 +68,7 @@ class ConvertRequest(Request):
     shard_size: int | None = None  # bytes per shard: a sharded folder
     max_output_ratio: float = MAX_OUTPUT_RATIO
     verify: bool = False
+    allow_lossy_cast: bool = False  # write casts that overflow to inf, make NaN or flush to zero
     dry_run: bool = False
     force: bool = False
     trust: bool = False
@@ -78,6 +82,7 @@ class ConvertRequest(Request):
         "shard_size": (str, int),
         "max_output_ratio": float,
         "verify": bool,
+        "allow_lossy_cast": bool,
     }
 
     def __post_init__(self) -> None:
@@ -118,6 +123,7 @@ class ConvertRequest(Request):
             shard_size=parse_size(size) if isinstance(size, str) else size,
             max_output_ratio=float(fields.get("max_output_ratio", MAX_OUTPUT_RATIO)),
             verify=bool(fields.get("verify")),
+            allow_lossy_cast=bool(fields.get("allow_lossy_cast")),
             dry_run=bool(fields.get("dry_run")),
             force=bool(fields.get("force")),
             trust=bool(fields.get("trust")),
@@ -149,6 +155,7 @@ class ConvertReport:
     steps: tuple[str, ...] = ()
     left_out: tuple[str, ...] = ()
     cast: dict[str, int] = field(default_factory=dict)  # "float32 -> bfloat16" -> tensors
+    lossy: dict[str, CastLosses] = field(default_factory=dict)  # output name -> what its cast lost
     aliases: dict[str, str] = field(default_factory=dict)  # output alias -> the name stored
     aliases_in_metadata: bool = False  # safetensors: stored once, the alias named in the metadata
     raw: int = 0  # tensors copied as raw bytes
@@ -159,6 +166,8 @@ class ConvertReport:
 
     def summary(self) -> str:
         text = f"{plural(self.tensors, 'tensor')}, {human_bytes(self.bytes_out)}"
+        if self.lossy and not self.written:
+            return f"refused: the cast of {plural(len(self.lossy), 'tensor')} loses values; nothing written"
         if self.written:
             text = f"wrote {text} in {self.seconds:.2f} s ({human_bytes(int(self.bytes_out / max(self.seconds, 1e-9)))}/s)"
         else:
@@ -167,6 +176,8 @@ class ConvertReport:
             text += f"; {self.raw} copied as raw bytes"
         if self.cast:
             text += f"; {sum(self.cast.values())} cast"
+        if self.lossy:
+            text += f", {len(self.lossy)} of them lossy"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -183,6 +194,7 @@ class ConvertReport:
             "steps": list(self.steps),
             "left_out": list(self.left_out),
             "cast": self.cast,
+            "lossy_cast": {name: losses.to_json() for name, losses in self.lossy.items()},
             "aliases": self.aliases,
             "raw_copied": self.raw,
             "shards": list(self.shards),
@@ -272,13 +284,15 @@ def plan_convert(ckpt: Checkpoint, options: ConvertRequest, kind: str) -> _Plan:
 class _Source:
     """Hands the writer each output tensor: a byte range of the source when it can be
     copied as it lies, else its bytes cast piece by piece (or, for writers that need
-    whole tensors, the tensor), released once written."""
+    whole tensors, the tensor), released once written. What each cast lost is counted
+    in `lossy` (output name -> losses) as the pieces go by."""
 
     def __init__(self, plan: _Plan, streams: bool, progress: Callable[[int], None] | None):
         self.plan, self.streams, self.progress = plan, streams, progress
         self.dtypes = {e.name: e.dtype for e in plan.entries}
         self.nbytes = {e.name: e.nbytes for e in plan.entries}
         self.raw = 0
+        self.lossy: dict[str, CastLosses] = {}
 
     def get(self, name: str) -> torch.Tensor | RawBytes | Pieces:
         source = self.plan.source_of[name]
@@ -290,27 +304,54 @@ class _Source:
             if where is not None:
                 self.raw += 1
                 return RawBytes(*where)
-        return Pieces(self._cast(source, self.dtypes[name]))
+        return Pieces(self._cast(name, source, self.dtypes[name]))
 
-    def _cast(self, source: str, dtype_name: str) -> Iterator[memoryview]:
+    def _cast(self, name: str, source: str, dtype_name: str) -> Iterator[memoryview]:
         """The source tensor cast piece by piece: memory follows the piece, not the tensor."""
         import torch
 
         dtype = getattr(torch, dtype_name)
         for piece in self.plan.ckpt.pieces(source):
-            yield memoryview(piece.to(dtype).contiguous().view(torch.uint8).numpy())
+            cast = memoryview(piece.to(dtype).contiguous().view(torch.uint8).numpy())
+            self.count(name, _dtype_name(piece), piece.view(torch.uint8).numpy(), cast)
+            yield cast
+
+    def count(self, name: str, source_dtype: str, before: Buffer, after: Buffer) -> None:
+        """Add what casting one piece of output tensor `name` lost to `lossy`: its bytes
+        before (as `source_dtype`) and after the cast, however the cast was made."""
+        if not may_lose(source_dtype, self.dtypes[name]):
+            return
+        lost = count_losses(before, after, source_dtype, self.dtypes[name])
+        if lost:
+            self.lossy[name] = self.lossy[name] + lost if name in self.lossy else lost
 
     def tensor(self, name: str) -> torch.Tensor:
         import torch
 
+        from surgery.formats.tensors import flat_pieces
+
         value = self.plan.ckpt.tensor(self.plan.source_of[name]).detach()
         dtype = getattr(torch, self.dtypes.get(name) or str(value.dtype).removeprefix("torch."))
-        return value if value.dtype == dtype else value.to(dtype)
+        if value.dtype == dtype:
+            return value
+        cast = value.to(dtype)
+        for piece, piece_cast in zip(flat_pieces(value), flat_pieces(cast), strict=True):
+            self.count(
+                name,
+                _dtype_name(piece),
+                piece.view(torch.uint8).numpy(),
+                piece_cast.view(torch.uint8).numpy(),
+            )
+        return cast
 
     def done(self, name: str) -> None:
         self.plan.ckpt.release(self.plan.source_of[name])
         if self.progress is not None:
             self.progress(self.nbytes.get(name, 0))
+
+
+def _dtype_name(t: torch.Tensor) -> str:
+    return str(t.dtype).removeprefix("torch.")
 
 
 def convert(
@@ -332,6 +373,7 @@ def convert(
     trust: bool = False,
     progress: Callable[[int, int], Callable[[int], None]] | None = None,
     max_output_ratio: float = MAX_OUTPUT_RATIO,
+    allow_lossy_cast: bool = False,
 ) -> ConvertReport:
     """Convert `source` into `out`, streaming, atomically (`convert_file` with a request).
 
@@ -347,10 +389,14 @@ def convert(
             the function told how many bytes each written tensor added.
         max_output_ratio: refuse, before writing, an output of more than this many times
             the bytes of the input files (views that repeat stored bytes expand when written).
+        allow_lossy_cast: write an output whose cast overflowed to inf, made NaN or flushed
+            non-zero values to zero (counted per tensor in the report either way).
 
     Raises:
         BadArgument: a parameter that cannot work, named.
         UsageError: an output that would lose data (an input, or existing without `force`).
+        LossyCast: the cast lost values and `allow_lossy_cast` is not set (nothing is written;
+            the report rides on it).
         SurgeryError: an unreadable or unsafe source, an output past `max_output_ratio` or the
             free space, a failed write (nothing is left behind).
 
@@ -404,12 +450,16 @@ def convert_file(
     checked: list[int] = []
 
     def check(written: Path) -> None:  # before the rename: an output that fails is never put in place
-        checked.append(verify_conversion(written, plan, where=out))
+        if src.lossy and not request.allow_lossy_cast:
+            raise LossyCast(ckpt.path, replace(report, raw=src.raw, lossy=dict(src.lossy)), dict(src.lossy))
+        if request.verify:
+            checked.append(verify_conversion(written, plan, where=out))
 
-    output = Output(out, kind, plan, src, _provenance(ckpt, plan, request), check if request.verify else None)
+    output = Output(out, kind, plan, src, _provenance(ckpt, plan, request), check)
     shards = WRITERS[kind](output, request)
     return replace(
         report,
+        lossy=dict(src.lossy),
         raw=src.raw,
         shards=tuple(shards),
         seconds=time.perf_counter() - started,

@@ -44,8 +44,15 @@ class Difference:
     dtype_b: str
     max_abs: float | None = None  # None when the values were not compared
     max_rel: float | None = None  # |a - b| / |a|, over elements where a != 0
-    differing: int | None = None  # elements that differ
-    nan: int = 0  # elements NaN on one side only
+    differing: int | None = None  # elements that differ (NaN against NaN is equal)
+    nan: int = 0  # of them, NaN on one side only
+    inf: int = 0  # of them, infinite on one side only (or both, of opposite signs)
+    nan_both: int = 0  # NaN on both sides at the same place: equal, said apart
+
+    @property
+    def moved(self) -> bool:
+        """Whether any value differs, or is NaN on both sides (equal, but not a number)."""
+        return bool(self.differing or self.nan or self.nan_both)
 
     @property
     def kind(self) -> str:
@@ -67,11 +74,16 @@ class Difference:
             )
         elif self.max_abs is not None:
             numel = math.prod(self.shape_a)
-            text += f"{self.differing:,} of {numel:,} differ, max abs {self.max_abs:.3g}"
+            text += f"{self.differing:,} of {numel:,} differ"
+            if self.inf:
+                text += f" ({self.inf:,} inf on one side)"
+            text += f", max abs {self.max_abs:.3g}"
             if self.max_rel is not None:
                 text += f", max rel {self.max_rel:.3g}"
         if self.nan:
             text += f", {self.nan:,} NaN on one side"
+        if self.nan_both:
+            text += f", {self.nan_both:,} NaN in both"
         return text
 
     def to_json(self) -> dict[str, Any]:
@@ -84,6 +96,8 @@ class Difference:
             "max_rel": _finite(self.max_rel),
             "differing": self.differing,
             "nan": self.nan,
+            "inf": self.inf,
+            "nan_both": self.nan_both,
         }
 
 
@@ -380,31 +394,37 @@ def _window(f, offset: int, size: int) -> bytes:
 
 def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, name: str) -> Difference | None:
     """Max absolute and relative difference, counted piece by piece (memory follows the
-    piece); NaN on both sides counts as equal. Values are compared in float32 when both
-    dtypes fit in it exactly, as int64 when both are integers, else in float64."""
+    piece). NaN on both sides at the same place counts as equal (as `equal_nan`), and is
+    counted apart; elements infinite on one side are counted too (a cast that overflowed).
+    Values are compared in float32 when both dtypes fit in it exactly, as int64 when both
+    are integers, else in float64."""
     import torch
 
     from surgery.formats.tensors import same_bytes
 
     work = _working_dtype(ta.dtype, tb.dtype)
     max_abs = max_rel = 0.0
-    differing = nan = 0
+    differing = nan = inf = nan_both = 0
     bitwise, rel_seen = True, False
     dims, weight = _repeats(ca, ta.name, cb, tb.name)  # each element compared stands for `weight`
     pieces_a = ca.pieces(ta.name, CHUNK, collapse=dims)
     for pa, pb in zip(pieces_a, cb.pieces(tb.name, CHUNK, collapse=dims), strict=True):
         if ta.dtype == tb.dtype and same_bytes(pa, pb):
+            if pa.is_floating_point():
+                nan_both += int(torch.isnan(pa).sum()) * weight
             continue
         bitwise = False
         x, y = pa.to(work), pb.to(work)
+        both_nan = torch.isnan(x) & torch.isnan(y)
+        nan_both += int(both_nan.sum()) * weight
         unequal = x != y
         if not bool(unequal.any()):
             continue
-        both_nan = torch.isnan(x) & torch.isnan(y)
         one_nan = (torch.isnan(x) | torch.isnan(y)) & ~both_nan
         unequal &= ~both_nan
         differing += int(unequal.sum()) * weight
         nan += int(one_nan.sum()) * weight
+        inf += int((unequal & (torch.isinf(x) | torch.isinf(y))).sum()) * weight
         delta = (x - y).abs()
         delta.masked_fill_(~unequal | one_nan, 0)
         max_abs = max(max_abs, float(delta.max()))
@@ -418,7 +438,17 @@ def _measure(ca: Checkpoint, cb: Checkpoint, ta: TensorInfo, tb: TensorInfo, nam
     if bitwise and ta.dtype == tb.dtype:
         return None
     return Difference(
-        name, ta.shape, tb.shape, ta.dtype, tb.dtype, max_abs, max_rel if rel_seen else None, differing, nan
+        name,
+        ta.shape,
+        tb.shape,
+        ta.dtype,
+        tb.dtype,
+        max_abs,
+        max_rel if rel_seen else None,
+        differing,
+        nan,
+        inf,
+        nan_both,
     )
 
 

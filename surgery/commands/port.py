@@ -21,13 +21,14 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
+from surgery.casts import CastLosses, LossyCast
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
 from surgery.formats.tensors import same_bytes, same_range
 from surgery.models.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.models.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
-from surgery.models.loading import Output, load_into
+from surgery.models.loading import Output, cast_losses, load_into
 from surgery.models.recipe import RECIPE_KEY, Recipe
 from surgery.models.targets import Target, build_target, target_of_module
 from surgery.names import group_names
@@ -92,6 +93,7 @@ class PortReport:
     edits: tuple[str, ...] = field(default=())  # what each edit did, in order
     finetune: FinetuneSummary | None = None
     hints: tuple[str, ...] = ()  # what would pair the missing keys with the unexpected ones (plans.hints)
+    lossy: dict[str, CastLosses] = field(default_factory=dict)  # target key -> what its cast lost
 
     @property
     def loaded(self) -> set[str]:
@@ -190,6 +192,7 @@ class PortReport:
             "notes": list(self.notes),
             "edits": list(self.edits),
             "finetune": self.finetune.to_json() if self.finetune else None,
+            "lossy_cast": {name: losses.to_json() for name, losses in self.lossy.items()},
         }
 
 
@@ -290,6 +293,7 @@ def port(
     min_coverage: float = DEFAULT_MIN_COVERAGE,
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
+    allow_lossy_cast: bool = False,
 ) -> PortReport:
     """Load a checkpoint into a live module, in place, and say exactly what happened.
 
@@ -304,6 +308,8 @@ def port(
             parameters expected from the source would be loaded; 0 turns the guard off.
         allow_missing, allow_unexpected: globs of target and source keys expected to find
             no pair: reported as new and unused, not missing and unexpected.
+        allow_lossy_cast: load tensors whose cast to the module's dtype overflows to inf,
+            makes NaN or flushes non-zero values to zero.
 
     Returns:
         The PortReport the CLI renders.
@@ -311,6 +317,7 @@ def port(
     Raises:
         PortFailed: `strict` and something is missing, unexpected or mismatched, or too
             little would be loaded (`min_coverage`).
+        LossyCast: a cast loses values and `allow_lossy_cast` is not set (nothing was loaded).
 
     Example:
         >>> model = torchvision.models.resnet18(num_classes=2)
@@ -337,6 +344,7 @@ def port(
     if refused is not None:
         message, hint, _ = refused
         raise PortFailed(ckpt.path, report, message, hint)
+    report = _refuse_lossy(ckpt, plan, report, allow_lossy_cast)
     load_into(into, ckpt, plan)
     return report
 
@@ -354,6 +362,16 @@ def check_min_coverage(value: object) -> float:
 
 def _globs(value: str | Sequence[str]) -> tuple[str, ...]:
     return (value,) if isinstance(value, str) else tuple(value)
+
+
+def _refuse_lossy(ckpt: Checkpoint, plan: PortPlan, report: PortReport, allowed: bool) -> PortReport:
+    """The report with what the casts lose; raises LossyCast (before anything is loaded or
+    written) when they lose values and that is not `allowed`."""
+    lossy = cast_losses(ckpt, plan)
+    report = replace(report, lossy=lossy)
+    if lossy and not allowed:
+        raise LossyCast(ckpt.path, replace(report, notes=("a cast loses values",)), lossy)
+    return report
 
 
 def port_file(request: PortRequest) -> PortReport:
@@ -435,6 +453,8 @@ def port_file(request: PortRequest) -> PortReport:
         late = [e for e in edits if e.op == "in_chans"]
         refused = refusal(report)
         writing = refused is None and not (dry_run or out_path is None)
+        if writing:
+            report = _refuse_lossy(ckpt, plan, report, request.allow_lossy_cast)
         transformed: set[str] = set()
         if target.module is not None:
             if writing:
@@ -760,6 +780,7 @@ class PortRequest(Request):
     init: str | None = None
     finetune: FinetunePlan = FinetunePlan()
     verify: bool = False
+    allow_lossy_cast: bool = False  # load casts that overflow to inf, make NaN or flush to zero
     plan: str | None = None  # a reviewed plan file, applied instead of matching
     plan_out: str | None = None
     dry_run: bool = False
@@ -800,6 +821,7 @@ class PortRequest(Request):
         "weight_decay": float,
         "layer_decay": float,
         "verify": bool,
+        "allow_lossy_cast": bool,
     }
 
     def __post_init__(self) -> None:
@@ -856,6 +878,7 @@ class PortRequest(Request):
             init=fields.get("init"),
             finetune=finetune_from_fields(fields),
             verify=bool(fields.get("verify")),
+            allow_lossy_cast=bool(fields.get("allow_lossy_cast")),
             plan=str(fields["plan"]) if fields.get("plan") is not None else None,
             plan_out=str(fields["plan_out"]) if fields.get("plan_out") is not None else None,
             dry_run=bool(fields.get("dry_run")),
@@ -887,6 +910,7 @@ class PortRequest(Request):
             "init": self.init,
             "finetune": self.finetune.to_json(),
             "verify": self.verify,
+            "allow_lossy_cast": self.allow_lossy_cast,
             "plan": self.plan,
             "dry_run": self.dry_run,
         }

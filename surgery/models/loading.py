@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     import torch
     from torch import nn
 
+    from surgery.casts import CastLosses
     from surgery.formats.checkpoint import Checkpoint
     from surgery.models.targets import Target
     from surgery.plans.match import PortPlan
@@ -35,6 +36,32 @@ def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
             state[m.target].copy_(value)
             del value
             ckpt.release(m.source)
+
+
+def cast_losses(ckpt: Checkpoint, plan: PortPlan) -> dict[str, CastLosses]:
+    """What loading each matched tensor in its target's dtype would lose (overflow to inf,
+    NaN, flushed to zero), by target key: read before anything is loaded or written, piece
+    by piece, and only for the casts that can lose (`casts.may_lose`): torch is imported
+    only then."""
+    from surgery.casts import CastLosses, count_losses, may_lose
+
+    narrowing = [m for m in plan.matched if m.cast is not None and may_lose(*m.cast)]
+    if not narrowing:
+        return {}
+    import torch
+
+    lossy = {}
+    for m in narrowing:
+        dtype, lost = getattr(torch, m.cast[1]), CastLosses(*m.cast)
+        try:
+            for piece in ckpt.pieces(m.source):
+                cast = piece.to(dtype).view(torch.uint8).numpy()
+                lost += count_losses(piece.view(torch.uint8).numpy(), cast, *m.cast)
+        finally:
+            ckpt.release(m.source)
+        if lost:
+            lossy[m.target] = lost
+    return lossy
 
 
 class Output:

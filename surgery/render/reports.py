@@ -10,6 +10,7 @@ from surgery.render.rows import Page, Row, capped
 from surgery.text import human_bytes, human_count, percent, plural, printable
 
 if TYPE_CHECKING:
+    from surgery.casts import CastLosses
     from surgery.commands.convert import ConvertReport
     from surgery.commands.diff import Difference, DiffReport
     from surgery.commands.port import PortReport
@@ -63,6 +64,8 @@ def port_rows(report: PortReport) -> list[Row]:
         rows.append(
             ("cast", [f"{a} -> {b}: {sum(m.cast == (a, b) for m in plan.matched)} tensors" for a, b in casts])
         )
+    if report.lossy:
+        rows.append(("lossy cast", lossy_lines(report.lossy)))
     if plan.tied:
         rows.append(("tied", capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
     if report.finetune is not None:
@@ -76,6 +79,14 @@ def port_rows(report: PortReport) -> list[Row]:
         )
         rows.append(("output", [f"{report.output}: written{verified}"]))
     return rows
+
+
+def lossy_lines(lossy: dict[str, CastLosses]) -> list[str]:
+    """`float32 -> float16: 2 tensors`, then each tensor with what its cast lost, worst first."""
+    changes = [losses.change for losses in lossy.values()]
+    lines = [f"{change}: {plural(changes.count(change), 'tensor')}" for change in dict.fromkeys(changes)]
+    worst = sorted(lossy, key=lambda name: (-lossy[name].overflow - lossy[name].nan, -lossy[name].flushed))
+    return lines + capped([f"{name}: {lossy[name].describe()}" for name in worst])
 
 
 def finetune_rows(summary: FinetuneSummary) -> list[Row]:
@@ -120,6 +131,8 @@ def convert_rows(report: ConvertReport) -> list[Row]:
         rows.append(("left out", capped(short_names(report.left_out))))
     if report.cast:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.lossy:
+        rows.append(("lossy cast", lossy_lines(report.lossy)))
     if report.aliases:
         tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
         how = (
@@ -149,14 +162,29 @@ def diff_rows(report: DiffReport) -> list[Row]:
         rows.append(("shape", capped([d.describe() for d in by_kind["shape"]])))
     if by_kind["dtype"]:
         rows.append(("dtype", _dtype_lines(by_kind["dtype"])))
-    worst = sorted(by_kind["values"], key=lambda d: -(d.max_abs or 0.0))
     if report.structure_only:
         rows.append(("values", ["not read (--structure-only)"]))
     else:
-        rows.append(("values", capped([d.describe() for d in worst]) or ["none differ"]))
+        rows.append(("values", _value_lines(by_kind["values"], by_kind["dtype"]) or ["none differ"]))
         read = f"{human_bytes(report.bytes_read)} read in {report.seconds:.2f} s"
         rows.append(("identical", [f"{report.identical} of {report.compared} tensors in both ({read})"]))
     return rows
+
+
+def _value_lines(same_dtype: list[Difference], other_dtype: list[Difference]) -> list[str]:
+    """Every tensor whose values differ, whatever its dtype, the largest differences first:
+    tensors of one dtype each, and of another dtype those that hold NaN or inf where the other
+    side does not (or NaN on both), the rest (rounding: the dtype row) in one line."""
+    alarming = [d for d in other_dtype if d.nan or d.inf or d.nan_both]
+    rounded = [d for d in other_dtype if d.moved and d not in alarming]
+    lines = capped([d.describe() for d in sorted(same_dtype + alarming, key=lambda d: -(d.max_abs or 0.0))])
+    if rounded:
+        top = max(rounded, key=lambda d: d.max_abs or 0.0)
+        verb = "differs" if len(rounded) == 1 else "differ"
+        lines.append(
+            f"{plural(len(rounded), 'tensor')} of another dtype {verb}, max abs {top.max_abs or 0.0:.3g} in {top.name}"
+        )
+    return lines
 
 
 def _dtype_lines(found: list[Difference]) -> list[str]:

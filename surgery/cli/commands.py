@@ -24,8 +24,10 @@ from surgery.cli.options import (
     JsonOpt,
     KeyOpt,
     OutOpt,
+    PortFormatOpt,
     RecipeOpt,
     RenameOpt,
+    ShardSizeOpt,
     StripPrefixOpt,
     Strs,
     Text,
@@ -92,11 +94,14 @@ def port(
         Text,
         typer.Option(
             "--to",
-            help="torchvision:NAME, timm:NAME, package.module:callable (with ?k=v&...), or a checkpoint as template.",
+            help="torchvision:NAME, timm:NAME, hf:CLASS or hf:FOLDER, package.module:callable "
+            "(with ?k=v&...), or a checkpoint as template.",
             show_default=False,
         ),
     ] = None,
     out: OutOpt = None,
+    format: PortFormatOpt = None,
+    shard_size: ShardSizeOpt = None,
     arg: Annotated[
         Strs, typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
     ] = None,

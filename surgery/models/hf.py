@@ -1,0 +1,171 @@
+"""`hf:` targets: a transformers model built from a config, with no weights and no remote code.
+
+    hf:path/to/folder                                    the folder's config.json, its architectures[0]
+    hf:BertForSequenceClassification?num_labels=3&config=path   a class and config keywords
+
+The class must be one of the `transformers` package's own model classes (a
+`PreTrainedModel` subclass it exports), looked up by name: never `AutoModel`, never
+`from_pretrained`, never `trust_remote_code`. config.json is read as JSON and handed to
+the class's own config class. A config whose `auto_map` names a repository's code is
+refused unless the caller passes `trust`; even then that code is not imported: the
+transformers class is built and `auto_map` dropped. `import transformers` (seconds) happens
+only here, when an `hf:` target is built.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from surgery.errors import SurgeryError, UsageError
+from surgery.formats.hf import CONFIG, architectures, read_config, remote_code
+from surgery.trust import Untrusted
+
+if TYPE_CHECKING:
+    from torch import nn
+
+# Attention and experts implementations that run transformers' own code: other values
+# name kernels that transformers fetches from the Hub and runs (`kernels-community/...`).
+LOCAL_IMPLEMENTATIONS = {
+    "attn_implementation": (None, "eager", "sdpa"),
+    "experts_implementation": (None, "eager", "grouped_mm", "batched_mm"),
+}
+
+
+def build_hf(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = False) -> nn.Module:
+    """The model an `hf:` spec names, randomly initialised, on the CPU.
+
+    Args:
+        name: a folder (or config.json) whose `architectures[0]` is the class, or a class name.
+        kwargs: config keywords (`num_labels=3`); `config=PATH` gives a class name its config.json.
+        trust: build a config whose `auto_map` names remote code (the code is still not imported).
+
+    Raises:
+        UsageError: not a transformers model class, a config of another model type, a kernel
+            to download, a missing or unreadable config.
+        Untrusted: the config names remote code and `trust` is not set.
+        SurgeryError: the class failed to build from the config.
+    """
+    kwargs = dict(kwargs)
+    config_path = kwargs.pop("config", None)
+    if name.isidentifier() and not Path(name).exists():
+        cls = model_class(spec, name)
+        if config_path is None:
+            _refuse_kernels(spec, kwargs)
+            return _instantiate(spec, cls, lambda: cls.config_class(**kwargs))
+        if not isinstance(config_path, str):
+            raise UsageError(spec, f"config={config_path!r} is not a path to a config.json or its folder")
+        where = Path(config_path)
+    else:
+        if config_path is not None:
+            raise UsageError(spec, "hf:FOLDER takes its config from the folder: drop config=")
+        where, cls = Path(name), None
+    raw = read_config(where)
+    where = where / CONFIG if where.is_dir() else where
+    if cls is None:
+        names = architectures(raw)
+        if not names:
+            raise UsageError(
+                where, "names no architectures: say the class", hint=f"hf:BertModel?config={where}"
+            )
+        cls = model_class(spec, names[0], where=where, code=bool(remote_code(raw)))
+    _check_config(where, raw, cls, trust=trust)
+    _refuse_kernels(spec, kwargs)
+    return _instantiate(spec, cls, lambda: cls.config_class.from_dict(raw, **kwargs))
+
+
+def model_class(spec: str, name: str, *, where: object = None, code: bool = False) -> type:
+    """The transformers model class of this name: a `PreTrainedModel` subclass the package
+    exports, with a config class of its own (not an abstract base).
+
+    Raises:
+        UsageError: naming what the name is instead, with the closest model classes.
+    """
+    where = where or spec
+    if not name.isidentifier() or name.startswith("_"):
+        raise UsageError(where, f"{name!r} is not a class name")
+    transformers = import_transformers(spec)
+    from transformers import PreTrainedModel
+
+    try:
+        found = getattr(transformers, name, None)
+    except Exception:  # a class whose module needs a package not installed
+        found = None
+    if isinstance(found, type) and issubclass(found, PreTrainedModel):
+        config_class = getattr(found, "config_class", None)
+        if config_class is not None and getattr(config_class, "model_type", ""):
+            return found
+        raise UsageError(where, f"{name} is a base class of transformers models: name a model class")
+    near = difflib.get_close_matches(name, [n for n in dir(transformers) if n[:1].isupper()], n=4)
+    what = "no such name in transformers" if found is None else f"a {type(found).__name__}, not a model class"
+    hint = f"did you mean {', '.join(near)}?" if near else "name a transformers model class such as BertModel"
+    if code:
+        hint = "the config's auto_map names a repository's own code, which surgery never imports; " + hint
+    raise UsageError(where, f"{name!r} is not a transformers model class ({what})", hint=hint)
+
+
+def import_transformers(spec: object) -> Any:
+    """`transformers`, offline: nothing it does for surgery needs the network."""
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    try:
+        import transformers
+    except ImportError:
+        raise UsageError(spec, "transformers is not installed", hint='pip install -e ".[hf]"') from None
+    return transformers
+
+
+def _check_config(where: Path, raw: dict[str, Any], cls: type, *, trust: bool) -> None:
+    """Refuse a config that names remote code (without trust: then `auto_map` is dropped),
+    that belongs to another model type, or asks for a kernel from the Hub."""
+    code = remote_code(raw)
+    if code and not trust:
+        raise Untrusted(
+            where,
+            f"auto_map names a repository's own code ({', '.join(code[:3])}); refused",
+            hint=f"pass --trust to build transformers' own {cls.__name__} and ignore auto_map "
+            "(surgery never imports a repository's code)",
+        )
+    raw.pop("auto_map", None)
+    model_type, expected = raw.get("model_type"), cls.config_class.model_type
+    if model_type is not None and model_type != expected:
+        raise UsageError(
+            where,
+            f"a {model_type!r} config; {cls.__name__} takes a {expected!r} config",
+            hint="name its class",
+        )
+    _refuse_kernels(where, {k.lstrip("_"): v for k, v in raw.items()})
+
+
+def _refuse_kernels(where: object, values: dict[str, Any]) -> None:
+    for key, allowed in LOCAL_IMPLEMENTATIONS.items():
+        value = values.get(key)
+        if value not in allowed:
+            raise UsageError(
+                where,
+                f"{key}={value!r} is not built here: only {', '.join(a for a in allowed if a)} "
+                "(other kernels are code transformers downloads and runs)",
+            )
+
+
+def _instantiate(spec: str, cls: type, make_config: Any) -> nn.Module:
+    try:
+        config = make_config()
+        module = cls(config)
+    except Exception as exc:  # transformers' own failure on this config: one line
+        raise SurgeryError(spec, f"building the target failed: {type(exc).__name__}: {exc}") from None
+    return module
+
+
+def config_json(module: nn.Module) -> str | None:
+    """The config.json `save_pretrained` would write for a transformers model (None for
+    any other module), naming the model's class in `architectures`, as it does."""
+    import sys
+
+    transformers = sys.modules.get("transformers")
+    if transformers is None or not isinstance(module, transformers.PreTrainedModel):
+        return None
+    config = module.config
+    config.architectures = [type(module).__name__]
+    return config.to_json_string(use_diff=True)

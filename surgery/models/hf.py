@@ -48,31 +48,28 @@ def build_hf(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = Fals
         Untrusted: the config names remote code and `trust` is not set.
         SurgeryError: the class failed to build from the config.
     """
+    if not name:
+        raise UsageError(spec, "name a transformers model class (hf:BertModel) or a folder (hf:path/to/model)")
     kwargs = dict(kwargs)
     config_path = kwargs.pop("config", None)
-    if name.isidentifier() and not Path(name).exists():
+    _refuse_kernels(spec, kwargs)
+    by_name = name.isidentifier() and not Path(name).exists()
+    if by_name and config_path is None:
         cls = model_class(spec, name)
-        if config_path is None:
-            _refuse_kernels(spec, kwargs)
-            return _instantiate(spec, cls, lambda: cls.config_class(**kwargs))
-        if not isinstance(config_path, str):
-            raise UsageError(spec, f"config={config_path!r} is not a path to a config.json or its folder")
-        where = Path(config_path)
-    else:
-        if config_path is not None:
-            raise UsageError(spec, "hf:FOLDER takes its config from the folder: drop config=")
-        where, cls = Path(name), None
+        return _instantiate(spec, cls, lambda: cls.config_class(**kwargs))
+    if not by_name and config_path is not None:
+        raise UsageError(spec, "hf:FOLDER takes its config from the folder: drop config=")
+    if by_name and not isinstance(config_path, str):
+        raise UsageError(spec, f"config={config_path!r} is not a path to a config.json or its folder")
+    where = Path(config_path if by_name else name)
     raw = read_config(where)
     where = where / CONFIG if where.is_dir() else where
-    if cls is None:
-        names = architectures(raw)
-        if not names:
-            raise UsageError(
-                where, "names no architectures: say the class", hint=f"hf:BertModel?config={where}"
-            )
-        cls = model_class(spec, names[0], where=where, code=bool(remote_code(raw)))
-    _check_config(where, raw, cls, trust=trust)
-    _refuse_kernels(spec, kwargs)
+    names = [name] if by_name else architectures(raw)
+    if not names:
+        raise UsageError(where, "names no architectures: say the class", hint=f"hf:BertModel?config={where}")
+    _refuse_remote_code(where, raw, names[0], trust=trust)
+    cls = model_class(spec, names[0], where=spec if by_name else where, code=bool(remote_code(raw)))
+    _check_config(where, raw, cls)
     return _instantiate(spec, cls, lambda: cls.config_class.from_dict(raw, **kwargs))
 
 
@@ -116,18 +113,10 @@ def import_transformers(spec: object) -> Any:
     return transformers
 
 
-def _check_config(where: Path, raw: dict[str, Any], cls: type, *, trust: bool) -> None:
-    """Refuse a config that names remote code (without trust: then `auto_map` is dropped),
-    that belongs to another model type, or asks for a kernel from the Hub."""
-    code = remote_code(raw)
-    if code and not trust:
-        raise Untrusted(
-            where,
-            f"auto_map names a repository's own code ({', '.join(code[:3])}); refused",
-            hint=f"pass --trust to build transformers' own {cls.__name__} and ignore auto_map "
-            "(surgery never imports a repository's code)",
-        )
-    raw.pop("auto_map", None)
+def _check_config(where: Path, raw: dict[str, Any], cls: type) -> None:
+    """Refuse a config of another model type, or one that asks for a kernel from the Hub;
+    drop `auto_map` (remote code is refused before, without trust)."""
+    raw.pop("auto_map", None)  # with trust: the transformers class is built, the code never imported
     model_type, expected = raw.get("model_type"), cls.config_class.model_type
     if model_type is not None and model_type != expected:
         raise UsageError(
@@ -136,6 +125,19 @@ def _check_config(where: Path, raw: dict[str, Any], cls: type, *, trust: bool) -
             hint="name its class",
         )
     _refuse_kernels(where, {k.lstrip("_"): v for k, v in raw.items()})
+
+
+def _refuse_remote_code(where: Path, raw: dict[str, Any], named: str, *, trust: bool) -> None:
+    """Without trust, refuse a config whose `auto_map` names a repository's own code, before
+    transformers is even imported."""
+    code = remote_code(raw)
+    if code and not trust:
+        raise Untrusted(
+            where,
+            f"auto_map names a repository's own code ({', '.join(code[:3])}); refused",
+            hint=f"pass --trust to build transformers' own {named} and ignore auto_map "
+            "(surgery never imports a repository's code)",
+        )
 
 
 def _refuse_kernels(where: object, values: dict[str, Any]) -> None:

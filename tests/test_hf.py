@@ -235,6 +235,27 @@ def test_format_hf_shards_past_the_shard_size(tmp_path):
     assert sorted(t.name for t in reread.tensors) == sorted(bert_like_weights())
 
 
+def test_convert_writes_a_folder_with_the_source_folders_config(tmp_path):
+    src = write_folder(tmp_path / "src")
+    out = tmp_path / "out"
+    run = run_cli("convert", src, "-o", out, "--format", "hf", "--shard-size", "8KB", "--verify")
+    assert run.exit_code == 0, run
+    assert (out / "config.json").read_bytes() == (src / "config.json").read_bytes()
+    assert (out / "model.safetensors.index.json").exists()
+    with safe_open(str(out / "model-00001-of-00002.safetensors"), "pt") as f:
+        assert f.metadata() == {"format": "pt"}
+
+
+def test_convert_refuses_format_hf_without_a_config_before_writing(tmp_path):
+    src = tmp_path / "plain.safetensors"
+    save_file(bert_like_weights(), str(src))
+    out = tmp_path / "out"
+    assert_clean_error(
+        run_cli("convert", src, "-o", out, "--format", "hf"), src, contains="needs a config.json"
+    )
+    assert not out.exists()
+
+
 # == with transformers =====================================================================
 @pytest.fixture(scope="module")
 def bert(tmp_path_factory):
@@ -376,3 +397,16 @@ def test_trust_builds_transformers_own_class_and_still_imports_no_remote_code(be
     assert type(target.module).__module__.startswith("transformers.")
     assert not hasattr(target.module.config, "auto_map") or not target.module.config.auto_map
     assert not (tmp_path / CANARY).exists() and not (folder / CANARY).exists()
+
+
+@pytest.mark.slow
+def test_a_converted_folder_loads_with_from_pretrained(bert, tmp_path):
+    import transformers
+
+    root, models = bert
+    out = tmp_path / "mlm-converted"
+    run = run_cli("convert", root / "mlm", "-o", out, "--format", "hf", "--verify")
+    assert run.exit_code == 0, run
+    model, info = transformers.BertForMaskedLM.from_pretrained(out, output_loading_info=True)
+    assert not info["missing_keys"] and not info["unexpected_keys"]
+    assert_same_model(model, models["mlm"], "logits")

@@ -248,7 +248,10 @@ def convert(
     ] = None,
     out: OutOpt = None,
     format: Annotated[
-        Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+        Text,
+        typer.Option(
+            "--format", help="auto (by OUT's name) | safetensors | torch | dcp | hf (a Hugging Face folder)."
+        ),
     ] = None,
     shard_size: Annotated[
         Text,

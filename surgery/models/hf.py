@@ -49,7 +49,9 @@ def build_hf(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = Fals
         SurgeryError: the class failed to build from the config.
     """
     if not name:
-        raise UsageError(spec, "name a transformers model class (hf:BertModel) or a folder (hf:path/to/model)")
+        raise UsageError(
+            spec, "name a transformers model class (hf:BertModel) or a folder (hf:path/to/model)"
+        )
     kwargs = dict(kwargs)
     config_path = kwargs.pop("config", None)
     _refuse_kernels(spec, kwargs)

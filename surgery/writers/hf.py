@@ -47,17 +47,29 @@ def hf_config(target: Target) -> str:
         text = config_json(target.module)
         if text is not None:
             return text
-    folder = target.template.metadata.get("hf_folder") if target.template is not None else None
-    if folder is not None:
-        from surgery.formats.hf import read_config
-
-        read_config(Path(folder))  # JSON, not too big: checked before it is copied
-        return (Path(folder) / CONFIG).read_text(encoding="utf-8")
+    if target.template is not None and "hf_folder" in target.template.metadata:
+        return folder_config(target.template.metadata, target.spec)
     raise UsageError(
         target.spec,
         "--format hf needs a config.json: port into an hf: target (or a transformers model), "
         "or a Hugging Face folder as template",
     )
+
+
+def folder_config(metadata: dict, where: object) -> str:
+    """The config.json of the Hugging Face folder a checkpoint was opened from, as it is.
+
+    Raises:
+        UsageError: the checkpoint is no such folder.
+        SurgeryError: its config.json is not a JSON object (see `read_config`).
+    """
+    folder = metadata.get("hf_folder")
+    if folder is None:
+        raise UsageError(where, "--format hf needs a config.json: convert a Hugging Face model folder")
+    from surgery.formats.hf import read_config
+
+    read_config(Path(folder))  # JSON, not too big: checked before it is copied
+    return (Path(folder) / CONFIG).read_text(encoding="utf-8")
 
 
 def hf_entries(entries: Sequence[Entry], aliases: dict[str, str]) -> list[Entry]:

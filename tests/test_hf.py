@@ -195,6 +195,13 @@ def test_shard_size_needs_format_hf(tmp_path):
     assert run.exit_code == 2 and "--format hf" in run.stderr, run
 
 
+def test_format_hf_refuses_edits_its_config_would_not_describe(tmp_path):
+    src = write_folder(tmp_path / "src")
+    run = run_cli("port", src, "--to", src, "-o", tmp_path / "out", "--format", "hf", "--num-classes", "3")
+    assert run.exit_code == 2 and "config's keywords" in run.stderr, run
+    assert not (tmp_path / "out").exists()
+
+
 def test_format_hf_refuses_a_folder_in_use(tmp_path):
     src = write_folder(tmp_path / "src")
     out = tmp_path / "out"

@@ -403,9 +403,8 @@ def convert_file(
     check_expansion(plan, output_nbytes(plan), request.max_output_ratio)
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
-    streams = (
-        kind.endswith("safetensors") or kind == "hf" or streams_torch(plan.entries)
-    )  # torch and DCP archives
+    # safetensors writers take byte ranges; torch and DCP archives when streams_torch says so
+    streams = kind.endswith("safetensors") or kind == "hf" or streams_torch(plan.entries)
     src = _Source(plan, streams=streams, progress=tick)
     checked: list[int] = []
 

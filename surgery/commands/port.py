@@ -696,6 +696,12 @@ class PortRequest(Request):
             )
         if self.format not in PORT_FORMATS:
             raise BadArgument("format", f"{self.format!r} is not one of {', '.join(PORT_FORMATS)}")
+        if self.format == "hf" and self.edits:
+            raise BadArgument(
+                "format",
+                "--format hf writes the target's config.json, which edits do not change: set the "
+                "config's keywords instead (hf:CLASS?num_labels=3&config=...)",
+            )
         if self.shard_size is not None and (self.format != "hf" or self.shard_size <= 0):
             raise BadArgument("shard_size", "shards are written with --format hf, of more than 0 bytes")
         if self.init is not None and self.init not in INIT_SCHEMES:

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import difflib
 import os
+import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -165,9 +166,7 @@ def _instantiate(spec: str, cls: type, make_config: Any) -> nn.Module:
 def config_json(module: nn.Module) -> str | None:
     """The config.json `save_pretrained` would write for a transformers model (None for
     any other module), naming the model's class in `architectures`, as it does."""
-    import sys
-
-    transformers = sys.modules.get("transformers")
+    transformers = sys.modules.get("transformers")  # a transformers model means it is imported
     if transformers is None or not isinstance(module, transformers.PreTrainedModel):
         return None
     config = module.config

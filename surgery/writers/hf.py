@@ -31,7 +31,7 @@ if TYPE_CHECKING:
 
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
-DEFAULT_SHARD_SIZE = 5 * 10**9  # transformers' own max_shard_size until 5.0
+DEFAULT_SHARD_SIZE = 5 * 10**9  # save_pretrained's max_shard_size before transformers 5 (50GB since)
 
 
 def hf_config(target: Target) -> str:

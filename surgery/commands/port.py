@@ -264,8 +264,9 @@ def port_file(request: PortRequest) -> PortReport:
         ...                       out="ready.safetensors", strict=False)
         >>> print(surgery.port_file(request).summary())
     """
+    from surgery.models.hf import output_config
     from surgery.writers import write_state_dict
-    from surgery.writers.hf import hf_config, hf_entries, write_hf_folder
+    from surgery.writers.hf import hf_entries, write_hf_folder
     from surgery.writers.outputs import check_destination, check_folder_destination
     from surgery.writers.safetensors import is_safetensors
     from surgery.writers.torch_archive import streams_torch
@@ -298,7 +299,7 @@ def port_file(request: PortRequest) -> PortReport:
             for path in writes:
                 check_out = check_folder_destination if hf and path == out_path else check_destination
                 check_out(path, list(target.template.files), force=force)
-        config = hf_config(target) if hf and not dry_run else None  # refused before any work
+        config = output_config(target) if hf and not dry_run else None  # refused before any work
         target, edit_steps = _edit_target(target, edits, init)
         extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
         options = replace(options, extracted=extracted) if extracted else options

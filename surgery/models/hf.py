@@ -9,7 +9,8 @@ The class must be one of the `transformers` package's own model classes (a
 the class's own config class. A config whose `auto_map` names a repository's code is
 refused unless the caller passes `trust`; even then that code is not imported: the
 transformers class is built and `auto_map` dropped. `import transformers` (seconds) happens
-only here, when an `hf:` target is built.
+only here, when an `hf:` target is built. `output_config` says what config.json an
+`--format hf` output folder gets.
 """
 
 from __future__ import annotations
@@ -26,6 +27,8 @@ from surgery.trust import Untrusted
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from surgery.models.targets import Target
 
 # Attention and experts implementations that run transformers' own code: other values
 # name kernels that transformers fetches from the Hub and runs (`kernels-community/...`).
@@ -172,3 +175,25 @@ def config_json(module: nn.Module) -> str | None:
     config = module.config
     config.architectures = [type(module).__name__]
     return config.to_json_string(use_diff=True)
+
+
+def output_config(target: Target) -> str:
+    """The config.json an output folder gets: the built transformers model's config
+    (naming its class, as `save_pretrained` writes it), or the template folder's file as it is.
+
+    Raises:
+        UsageError: the target is neither, so no config says what model the weights are.
+    """
+    if target.module is not None:
+        text = config_json(target.module)
+        if text is not None:
+            return text
+    if target.template is not None and "hf_folder" in target.template.metadata:
+        from surgery.writers.hf import folder_config
+
+        return folder_config(target.template.metadata, target.spec)
+    raise UsageError(
+        target.spec,
+        "--format hf needs a config.json: port into an hf: target (or a transformers model), "
+        "or a Hugging Face folder as template",
+    )

@@ -27,33 +27,9 @@ from surgery.writers.sharded import shards_of
 if TYPE_CHECKING:
     import torch
 
-    from surgery.models.targets import Target
-
 WEIGHTS = "model.safetensors"
 INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # save_pretrained's max_shard_size before transformers 5 (50GB since)
-
-
-def hf_config(target: Target) -> str:
-    """The config.json an output folder gets: the built transformers model's config
-    (naming its class, as `save_pretrained` writes it), or the template folder's file as it is.
-
-    Raises:
-        UsageError: the target is neither, so no config says what model the weights are.
-    """
-    if target.module is not None:
-        from surgery.models.hf import config_json
-
-        text = config_json(target.module)
-        if text is not None:
-            return text
-    if target.template is not None and "hf_folder" in target.template.metadata:
-        return folder_config(target.template.metadata, target.spec)
-    raise UsageError(
-        target.spec,
-        "--format hf needs a config.json: port into an hf: target (or a transformers model), "
-        "or a Hugging Face folder as template",
-    )
 
 
 def folder_config(metadata: dict, where: object) -> str:

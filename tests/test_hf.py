@@ -109,6 +109,7 @@ def test_a_broken_config_still_leaves_the_weights_readable(tmp_path):
     ckpt = surgery.open_checkpoint(folder)
     assert ckpt.num_tensors == 3
     assert any("config.json" in f.message and "not a JSON" in f.message for f in ckpt.findings)
+    assert ckpt.files == [folder / "model.safetensors"]
 
 
 def test_convert_and_diff_read_a_folder(tmp_path):

@@ -96,7 +96,7 @@ def scan_hf_folder(folder: Path, weights: list[str], scan_file: Callable[[Path],
 
     The Scan keeps the weights' own format (safetensors, sharded, ...), so every reader
     and writer works on it as on the file alone; its metadata adds `hf_folder` and
-    `hf_config` (architectures, model_type), and config.json joins the files read.
+    `hf_config` (architectures, model_type), and a readable config.json joins the files read.
     """
     config_path = folder / CONFIG
     chosen = named_file(config_path, folder, weights[0], "the folder holds")
@@ -112,12 +112,14 @@ def scan_hf_folder(folder: Path, weights: list[str], scan_file: Callable[[Path],
             )
         )
     summary: dict[str, Any] = {}
+    files = list(inner.files)
     try:
         config = read_config(named_file(folder, folder, CONFIG, "the folder holds"))
     except SurgeryError as exc:
         findings.append(Finding("notice", f"{CONFIG}: {exc.message}", str(config_path)))
         line = f"{CONFIG} not readable"
     else:
+        files.insert(0, config_path)  # part of the source: hashed into a port's provenance
         summary = {"architectures": architectures(config), "model_type": config.get("model_type")}
         line = describe_config(config)
         code = remote_code(config)
@@ -133,5 +135,4 @@ def scan_hf_folder(folder: Path, weights: list[str], scan_file: Callable[[Path],
             )
     metadata = {**inner.metadata, "hf_folder": str(folder), "hf_config": summary, "hf_config_line": line}
     description = f"Hugging Face model folder: {inner.description}"
-    files = [config_path, *inner.files] if config_path.is_file() else list(inner.files)
     return Scan(inner.path, inner.format, description, inner.root, findings, metadata, files)

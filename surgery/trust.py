@@ -1,8 +1,9 @@
 """Names read from a file are data: what may be built from a file's contents without `trust`.
 
 A checkpoint, a recipe file or a plan can name a target to build. Library targets
-(`torchvision:NAME`, `timm:NAME`) only pick one of the library's own builders, with
-literal arguments. Anything else (`package.module:callable`) would import a module
+(`torchvision:NAME`, `timm:NAME`, `hf:ClassName` or `hf:FOLDER`) only pick one of the
+library's own builders (for `hf:`, one of the `transformers` package's own model classes,
+built from a config: never `from_pretrained`, never remote code), with literal arguments. Anything else (`package.module:callable`) would import a module
 and call into it: written on the command line it is the user's choice; read from a
 file it runs only when the caller says `trust`. Pure functions over strings: no
 torch, no imports by name.
@@ -17,13 +18,35 @@ from typing import Any
 from surgery.errors import SurgeryError
 from surgery.values import Finding
 
-LIBRARY_TARGETS = ("torchvision", "timm")
+LIBRARY_TARGETS = ("torchvision", "timm", "hf")
 RECIPE_KEY = "surgery.recipe"
 # Builder keywords that make a library load a file or download one: never taken,
 # whoever names them (surgery loads weights itself, from their bytes).
 LOADING_KWARGS = {
     "torchvision": ("weights", "weights_backbone"),
     "timm": ("pretrained", "pretrained_cfg", "pretrained_cfg_overlay", "checkpoint_path", "cache_dir"),
+    # from_pretrained's own keywords, and what makes transformers import a repository's code
+    "hf": (
+        "pretrained",
+        "pretrained_model_name_or_path",
+        "trust_remote_code",
+        "auto_map",
+        "code_revision",
+        "revision",
+        "cache_dir",
+        "token",
+        "use_auth_token",
+        "local_files_only",
+        "force_download",
+        "proxies",
+        "subfolder",
+        "state_dict",
+        "from_tf",
+        "from_flax",
+        "use_safetensors",
+        "weights_only",
+        "_commit_hash",
+    ),
 }
 
 

@@ -28,8 +28,10 @@ from surgery.cli.options import (
     KeyOpt,
     MinCoverageOpt,
     OutOpt,
+    PortFormatOpt,
     RecipeOpt,
     RenameOpt,
+    ShardSizeOpt,
     StripPrefixOpt,
     Strs,
     Text,
@@ -96,11 +98,14 @@ def port(
         Text,
         typer.Option(
             "--to",
-            help="torchvision:NAME, timm:NAME, package.module:callable (with ?k=v&...), or a checkpoint as template.",
+            help="torchvision:NAME, timm:NAME, hf:CLASS or hf:FOLDER, package.module:callable "
+            "(with ?k=v&...), or a checkpoint as template.",
             show_default=False,
         ),
     ] = None,
     out: OutOpt = None,
+    format: PortFormatOpt = None,
+    shard_size: ShardSizeOpt = None,
     arg: Annotated[
         Strs, typer.Option("--arg", help="Target keyword argument NAME=VALUE (repeatable).")
     ] = None,
@@ -254,7 +259,10 @@ def convert(
     ] = None,
     out: OutOpt = None,
     format: Annotated[
-        Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+        Text,
+        typer.Option(
+            "--format", help="auto (by OUT's name) | safetensors | torch | dcp | hf (a Hugging Face folder)."
+        ),
     ] = None,
     shard_size: Annotated[
         Text,

@@ -47,6 +47,14 @@ OUT = Opt(
     Path,
     show_default=False,
 )
+PORT_FORMAT = Opt(
+    ("--format",),
+    "auto (by OUT's name: NAME.safetensors, else a torch file) | hf: OUT becomes a Hugging Face "
+    "model folder (config.json, model.safetensors) that from_pretrained loads.",
+)
+SHARD_SIZE = Opt(
+    ("--shard-size",), "With --format hf: shards of at most this size (2GB, 500MiB); default 5GB."
+)
 DRY_RUN = Opt(("--dry-run",), "Show what would be done; write nothing.", bool)
 VERIFY = Opt(
     ("--verify",),
@@ -117,6 +125,8 @@ _ALIASES = {
     "IncludeOpt": INCLUDE,
     "ExcludeOpt": EXCLUDE,
     "OutOpt": OUT,
+    "PortFormatOpt": PORT_FORMAT,
+    "ShardSizeOpt": SHARD_SIZE,
     "DryRunOpt": DRY_RUN,
     "VerifyOpt": VERIFY,
     "ForceOpt": FORCE,

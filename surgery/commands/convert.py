@@ -32,6 +32,7 @@ from surgery.text import human_bytes, plural
 from surgery.values import Entry
 from surgery.writers import write_state_dict
 from surgery.writers.copy import Pieces, RawBytes
+from surgery.writers.hf import folder_config
 from surgery.writers.outputs import atomic_folder, check_destination, check_folder_destination
 from surgery.writers.sharded import write_sharded
 from surgery.writers.torch_archive import streams_torch
@@ -39,7 +40,7 @@ from surgery.writers.torch_archive import streams_torch
 if TYPE_CHECKING:
     import torch
 
-FORMATS = ("auto", "safetensors", "torch", "dcp")
+FORMATS = ("auto", "safetensors", "torch", "dcp", "hf")
 CASTS = {"bf16": "bfloat16", "fp16": "float16", "fp32": "float32", "bfloat16": "bfloat16",
          "float16": "float16", "float32": "float32", "half": "float16", "float": "float32"}  # fmt: skip
 FLOATING = {"float16", "bfloat16", "float32", "float64"}
@@ -219,8 +220,10 @@ def parse_size(text: str) -> int:
 
 
 def output_format(out: Path, options: ConvertRequest) -> str:
-    """safetensors | torch | sharded-safetensors | sharded-torch | dcp."""
+    """safetensors | torch | sharded-safetensors | sharded-torch | dcp | hf."""
     kind = options.format
+    if kind == "hf":  # a Hugging Face model folder, sharded past --shard-size (5GB by default)
+        return kind
     if kind == "auto":
         if out.suffix == ".safetensors" or (options.shard_size and out.suffix != ".bin"):
             kind = "safetensors"
@@ -424,6 +427,7 @@ def convert_file(
         check_folder_destination(out, list(ckpt.files), force=request.force)
     else:
         check_destination(out, list(ckpt.files), force=request.force)
+    config = folder_config(ckpt.metadata, ckpt.path) if kind == "hf" else None  # before any work
     plan = plan_convert(ckpt, request, kind)
     report = ConvertReport(
         str(ckpt.path),
@@ -438,14 +442,15 @@ def convert_file(
         left_out=tuple(plan.left_out),
         cast=plan.cast,
         aliases=plan.aliases,
-        aliases_in_metadata=kind in ("safetensors", "sharded-safetensors"),
+        aliases_in_metadata=kind in ("safetensors", "sharded-safetensors", "hf"),
     )
     if request.dry_run:
         return report
     check_expansion(plan, output_nbytes(plan), request.max_output_ratio)
     started = time.perf_counter()
     tick = progress(len(plan.entries), report.bytes_out) if progress is not None else None
-    streams = kind.endswith("safetensors") or streams_torch(plan.entries)  # torch and DCP archives
+    # safetensors writers take byte ranges; torch and DCP archives when streams_torch says so
+    streams = kind.endswith("safetensors") or kind == "hf" or streams_torch(plan.entries)
     src = _Source(plan, streams=streams, progress=tick)
     checked: list[int] = []
 
@@ -455,7 +460,8 @@ def convert_file(
         if request.verify:
             checked.append(verify_conversion(written, plan, where=out))
 
-    output = Output(out, kind, plan, src, _provenance(ckpt, plan, request), check)
+    metadata = _provenance(ckpt, plan, request)
+    output = Output(out, kind, plan, src, metadata, check, config)
     shards = WRITERS[kind](output, request)
     return replace(
         report,
@@ -478,6 +484,7 @@ class Output:
     src: _Source
     metadata: dict[str, str]
     check: Callable[[Path], None] | None
+    config: str | None = None  # hf: the config.json to write beside the weights
 
 
 def _write_file(output: Output, request: ConvertRequest) -> list[str]:
@@ -522,6 +529,25 @@ def _write_dcp(output: Output, request: ConvertRequest) -> list[str]:
     return []
 
 
+def _write_hf(output: Output, request: ConvertRequest) -> list[str]:
+    """A Hugging Face model folder: the source folder's config.json beside the weights."""
+    from surgery.writers.hf import write_hf_folder
+
+    assert output.config is not None
+    names = write_hf_folder(
+        output.path,
+        output.plan.entries,
+        output.src.get,
+        output.metadata,
+        config=output.config,
+        shard_size=request.shard_size,
+        done=output.src.done,
+        check=output.check,
+        aliases=output.plan.aliases,
+    )
+    return names if len(names) > 1 else []  # shards only
+
+
 # Every kind of output convert writes, and what writes it.
 WRITERS = {
     "safetensors": _write_file,
@@ -529,8 +555,9 @@ WRITERS = {
     "sharded-safetensors": _write_shards,
     "sharded-torch": _write_shards,
     "dcp": _write_dcp,
+    "hf": _write_hf,
 }
-FOLDERS = ("sharded-safetensors", "sharded-torch", "dcp")
+FOLDERS = ("sharded-safetensors", "sharded-torch", "dcp", "hf")
 
 
 def output_nbytes(plan: _Plan) -> int:

@@ -402,8 +402,10 @@ def port_file(request: PortRequest) -> PortReport:
         ...                       out="ready.safetensors", strict=False)
         >>> print(surgery.port_file(request).summary())
     """
+    from surgery.models.hf import output_config
     from surgery.writers import write_state_dict
-    from surgery.writers.outputs import check_destination
+    from surgery.writers.hf import hf_entries, write_hf_folder
+    from surgery.writers.outputs import check_destination, check_folder_destination
     from surgery.writers.safetensors import is_safetensors
     from surgery.writers.torch_archive import streams_torch
 
@@ -424,14 +426,18 @@ def port_file(request: PortRequest) -> PortReport:
     ]
     if len(writes) == 2 and writes[0].resolve() == writes[1].resolve():
         raise UsageError(writes[1], "the plan and the output are the same file")
+    hf = request.format == "hf"  # a Hugging Face folder: config.json and safetensors
     for path in writes:  # before any work: refusals cost nothing
-        check_destination(path, list(ckpt.files), force=force)
+        check_out = check_folder_destination if hf and path == out_path else check_destination
+        check_out(path, list(ckpt.files), force=force)
     hashed = ckpt.files if out_path is not None and not dry_run else []
     with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
-        target = build_target(request.to, request.args)
+        target = build_target(request.to, request.args, trust=request.trust)
         if target.template is not None:
             for path in writes:
-                check_destination(path, list(target.template.files), force=force)
+                check_out = check_folder_destination if hf and path == out_path else check_destination
+                check_out(path, list(target.template.files), force=force)
+        config = output_config(target) if hf and not dry_run else None  # refused before any work
         target, edit_steps, created = _edit_target(target, edits, init)
         extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
         options = replace(options, extracted=extracted) if extracted else options
@@ -470,7 +476,10 @@ def port_file(request: PortRequest) -> PortReport:
             raise PortFailed(ckpt.path, replace(report, notes=(note,)), message, hint)
         if dry_run or out_path is None:
             return replace(report, notes=("--dry-run",))
-        raw = is_safetensors(out_path) or streams_torch(target.entries)  # else torch.save needs tensors
+        aliases = target.aliases()
+        if hf:  # tied names are stored once, and read back after the others
+            target = replace(target, entries=hf_entries(target.entries, aliases))
+        raw = hf or is_safetensors(out_path) or streams_torch(target.entries)  # else torch.save needs tensors
         output = Output(ckpt, target, plan, transformed, raw=raw)
         if output.needs_torch:
             importlib.import_module("torch")  # while the source is still being hashed
@@ -487,15 +496,29 @@ def port_file(request: PortRequest) -> PortReport:
             if verify:
                 checked.append(verify_output(written, output, where=out_path))
 
-        write_state_dict(
-            out_path,
-            target.entries,
-            output.get,
-            metadata,
-            done=output.release,
-            check=check,
-            aliases=target.aliases(),  # a torch file keeps tied weights in one storage, as torch.save would
-        )
+        if hf:
+            assert config is not None
+            write_hf_folder(
+                out_path,
+                target.entries,
+                output.get,
+                metadata,
+                config=config,
+                shard_size=request.shard_size,
+                done=output.release,
+                check=check,
+                aliases=aliases,
+            )
+        else:
+            write_state_dict(
+                out_path,
+                target.entries,
+                output.get,
+                metadata,
+                done=output.release,
+                check=check,
+                aliases=aliases,  # a torch file keeps tied weights in one storage, as torch.save would
+            )
     return replace(report, written=True, verified=checked[0] if checked else None)
 
 
@@ -786,6 +809,8 @@ class PortRequest(Request):
     dry_run: bool = False
     force: bool = False
     trust: bool = False
+    format: str = "auto"  # auto: by OUT's name; hf: a Hugging Face model folder
+    shard_size: int | None = None  # --format hf: shards of at most this many bytes (default 5 GB)
     target_named_by: str | None = None  # the recipe file `to` was read from: it imports code only with trust
 
     # What a recipe file may hold, with the TOML type of each field: the flags by their
@@ -822,6 +847,8 @@ class PortRequest(Request):
         "layer_decay": float,
         "verify": bool,
         "allow_lossy_cast": bool,
+        "format": str,
+        "shard_size": (str, int),
     }
 
     def __post_init__(self) -> None:
@@ -842,6 +869,16 @@ class PortRequest(Request):
                 "--include and --exclude",
             )
         check_min_coverage(self.min_coverage)
+        if self.format not in PORT_FORMATS:
+            raise BadArgument("format", f"{self.format!r} is not one of {', '.join(PORT_FORMATS)}")
+        if self.format == "hf" and self.edits:
+            raise BadArgument(
+                "format",
+                "--format hf writes the target's config.json, which edits do not change: set the "
+                "config's keywords instead (hf:CLASS?num_labels=3&config=...)",
+            )
+        if self.shard_size is not None and (self.format != "hf" or self.shard_size <= 0):
+            raise BadArgument("shard_size", "shards are written with --format hf, of more than 0 bytes")
         if self.init is not None and self.init not in INIT_SCHEMES:
             raise BadArgument("init", f"{self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
 
@@ -859,6 +896,9 @@ class PortRequest(Request):
         )
         if unknown:
             raise BadArgument(unknown[0], "not a field of surgery port")
+        from surgery.commands.convert import parse_size
+
+        size = fields.get("shard_size")
         args = fields.get("args") or ()
         if isinstance(args, dict):
             args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
@@ -884,6 +924,8 @@ class PortRequest(Request):
             dry_run=bool(fields.get("dry_run")),
             force=bool(fields.get("force")),
             trust=bool(fields.get("trust")),
+            format=fields.get("format") or "auto",
+            shard_size=parse_size(size) if isinstance(size, str) else size,
             target_named_by=file if "to" in from_file else None,
         )
 
@@ -911,12 +953,15 @@ class PortRequest(Request):
             "finetune": self.finetune.to_json(),
             "verify": self.verify,
             "allow_lossy_cast": self.allow_lossy_cast,
+            "format": self.format,
+            "shard_size": self.shard_size,
             "plan": self.plan,
             "dry_run": self.dry_run,
         }
 
 
 EDIT_FIELDS = {"op", "path", "spec", "value"}
+PORT_FORMATS = ("auto", "hf")
 
 
 def edits_from_fields(fields: Mapping[str, Any]) -> list[Edit]:

@@ -22,6 +22,7 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
 
     Args:
         path: a file in any supported format, a `*.index.json`, or a folder holding one;
+            a Hugging Face model folder (config.json beside its weights or their index);
             a torch.distributed.checkpoint folder or its `.metadata` file.
         verify: also read every storage to check zip CRCs (reads all the data).
 
@@ -36,8 +37,12 @@ def _scan(path: Path, verify: bool, *, shard_of: Path | None) -> Scan:
     (an index naming itself, or a cycle of them, would be read forever)."""
     try:
         if path.is_dir() and shard_of is None:
+            from surgery.formats.hf import scan_hf_folder, weights_of
             from surgery.formats.sharded import scan_folder
 
+            weights = weights_of(path)
+            if weights:  # config.json beside model.safetensors, pytorch_model.bin or their index
+                return scan_hf_folder(path, weights, lambda p: _scan(p, verify, shard_of=None))
             return scan_folder(path, lambda p, index: _scan(p, verify, shard_of=index), verify=verify)
         if not path.exists():
             raise NotFound(path, "no such file or folder")

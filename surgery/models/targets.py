@@ -2,6 +2,8 @@
 
     torchvision:resnet18?num_classes=2     torchvision's builder, weights=None
     timm:convnext_tiny?num_classes=10      timm.create_model, pretrained=False
+    hf:BertModel?config=folder             a transformers model class from a config (no weights)
+    hf:path/to/folder                      the class and config a Hugging Face folder's config.json names
     mypkg.models:build_net?width=64        a factory or class of your own
     template.safetensors                   a checkpoint whose keys and shapes are the target
 
@@ -73,8 +75,11 @@ def parse_kwargs(pairs: Sequence[str], where: str) -> dict[str, Any]:
     return out
 
 
-def build_target(spec: str, args: Sequence[str] = ()) -> Target:
+def build_target(spec: str, args: Sequence[str] = (), *, trust: bool = False) -> Target:
     """Build the target a spec names, with `args` (`k=v`) added to its keyword arguments.
+
+    `trust` lets an `hf:` config whose `auto_map` names a repository's code be built
+    (with transformers' own class: that code is never imported).
 
     Raises:
         UsageError: the spec names nothing that can be built (unknown model, missing module).
@@ -91,7 +96,7 @@ def build_target(spec: str, args: Sequence[str] = ()) -> Target:
         )
     kind, sep, name = base.partition(":")
     if sep and kind in LIBRARY_BUILDERS:
-        return target_of_module(LIBRARY_BUILDERS[kind](spec, name, kwargs), spec, kwargs)
+        return target_of_module(LIBRARY_BUILDERS[kind](spec, name, kwargs, trust=trust), spec, kwargs)
     if Path(base).exists():
         if kwargs:
             raise UsageError(spec, "a checkpoint used as the target takes no arguments")
@@ -101,7 +106,8 @@ def build_target(spec: str, args: Sequence[str] = ()) -> Target:
     raise UsageError(
         spec,
         "unknown target",
-        hint="use torchvision:NAME, timm:NAME, package.module:callable, or a checkpoint file as a template",
+        hint="use torchvision:NAME, timm:NAME, hf:CLASS or hf:FOLDER, package.module:callable, "
+        "or a checkpoint file as a template",
     )
 
 
@@ -166,7 +172,7 @@ def _call(spec: str, builder: Any, kwargs: dict[str, Any]) -> nn.Module:
     return module
 
 
-def _torchvision(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _torchvision(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = False) -> nn.Module:
     import torchvision
 
     _refuse_loading(spec, "torchvision", kwargs)
@@ -181,7 +187,7 @@ def _torchvision(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
     return _call(spec, lambda **kw: builder(**off, **kw), kwargs)
 
 
-def _timm(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
+def _timm(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = False) -> nn.Module:
     try:
         import timm
     except ImportError:
@@ -192,6 +198,14 @@ def _timm(spec: str, name: str, kwargs: dict[str, Any]) -> nn.Module:
         hint = f"did you mean {', '.join(near)}?" if near else "see timm.list_models()"
         raise UsageError(spec, f"timm has no model {name!r}", hint=hint)
     return _call(spec, lambda **kw: timm.create_model(name, pretrained=False, **kw), kwargs)
+
+
+def _hf(spec: str, name: str, kwargs: dict[str, Any], *, trust: bool = False) -> nn.Module:
+    """A transformers model class built from a config (`surgery.models.hf`): no weights, no remote code."""
+    from surgery.models.hf import build_hf
+
+    _refuse_loading(spec, "hf", kwargs)
+    return build_hf(spec, name, kwargs, trust=trust)
 
 
 def _refuse_loading(spec: str, library: str, kwargs: dict[str, Any]) -> None:
@@ -232,5 +246,6 @@ def _factory(spec: str, module_name: str, attr: str, kwargs: dict[str, Any]) -> 
 
 
 # The libraries whose builders a target may name (`torchvision:resnet18`): the same
-# names trust.LIBRARY_TARGETS lets a file name without trust.
-LIBRARY_BUILDERS = {"torchvision": _torchvision, "timm": _timm}
+# names trust.LIBRARY_TARGETS lets a file name without trust. Each takes (spec, name,
+# kwargs, trust=): only `hf:` reads a file (config.json) whose contents trust may widen.
+LIBRARY_BUILDERS = {"torchvision": _torchvision, "timm": _timm, "hf": _hf}

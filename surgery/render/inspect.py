@@ -25,6 +25,8 @@ def inspect_page(report: InspectReport) -> Page:
     finding, then the module tree of the selected tensors (folded below `depth`)."""
     ckpt, globs, depth, tensors = report.checkpoint, report.filter, report.depth, report.tensors
     rows: list[Row] = [("format", [ckpt.description])]
+    if "hf_config_line" in ckpt.metadata:
+        rows.append(("hf model", [ckpt.metadata["hf_config_line"]]))
     if ckpt.container is None:
         rows.append(("state_dict", ["none found in this file"]))
     else:

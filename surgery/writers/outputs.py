@@ -292,9 +292,9 @@ def check_folder_destination(out: Path, sources: list[Path], *, force: bool) -> 
 
 
 def _checkpoint_output(path: Path) -> bool:
-    """A file a sharded or DCP output consists of: what --force may replace."""
+    """A file a sharded, DCP or Hugging Face output consists of: what --force may replace."""
     name = path.name
     return path.is_file() and (
         name.endswith((".safetensors", ".bin", ".index.json", ".distcp"))
-        or name in (".metadata", "surgery.json")
+        or name in (".metadata", "surgery.json", "config.json")
     )

@@ -28,6 +28,7 @@ from surgery.plans.keys import KeyRules, Rename
 from surgery.text import human_bytes, plural
 from surgery.values import Entry
 from surgery.writers import write_state_dict
+from surgery.writers.cast import Caster, casts_without_torch
 from surgery.writers.copy import Pieces, RawBytes
 from surgery.writers.outputs import atomic_folder, check_destination, check_folder_destination
 from surgery.writers.sharded import write_sharded
@@ -271,29 +272,33 @@ def plan_convert(ckpt: Checkpoint, options: ConvertRequest, kind: str) -> _Plan:
 
 class _Source:
     """Hands the writer each output tensor: a byte range of the source when it can be
-    copied as it lies, else its bytes cast piece by piece (or, for writers that need
-    whole tensors, the tensor), released once written."""
+    copied as it lies, else its bytes cast piece by piece (without torch for float32 to
+    bfloat16 or float16 lying as plain data; or, for writers that need whole tensors, the
+    tensor), released once written."""
 
     def __init__(self, plan: _Plan, streams: bool, progress: Callable[[int], None] | None):
         self.plan, self.streams, self.progress = plan, streams, progress
         self.dtypes = {e.name: e.dtype for e in plan.entries}
         self.nbytes = {e.name: e.nbytes for e in plan.entries}
         self.raw = 0
+        self.caster = Caster()
 
     def get(self, name: str) -> torch.Tensor | RawBytes | Pieces:
         source = self.plan.source_of[name]
         info = self.plan.ckpt.tensors_by_name[source]
         if not self.streams:
             return self.tensor(name)
-        if info.dtype == self.dtypes[name]:
-            where = self.plan.ckpt.byte_range(source)
-            if where is not None:
-                self.raw += 1
-                return RawBytes(*where)
-        return Pieces(self._cast(source, self.dtypes[name]))
+        dtype = self.dtypes[name]
+        where = self.plan.ckpt.byte_range(source)
+        if where is not None and info.dtype == dtype:
+            self.raw += 1
+            return RawBytes(*where)
+        if where is not None and casts_without_torch(info.dtype, dtype):
+            return Pieces(self.caster.pieces(*where, dtype))
+        return Pieces(self._cast(source, dtype))
 
     def _cast(self, source: str, dtype_name: str) -> Iterator[memoryview]:
-        """The source tensor cast piece by piece: memory follows the piece, not the tensor."""
+        """The source tensor cast by torch piece by piece: memory follows the piece, not the tensor."""
         import torch
 
         dtype = getattr(torch, dtype_name)

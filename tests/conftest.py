@@ -1,13 +1,16 @@
 """Shared helpers: running the CLI both in-process and as a real subprocess,
-and writing checkpoint-shaped files from raw bytes."""
+writing checkpoint-shaped files from raw bytes, and a seeded resnet18 saved once per session."""
 
 from __future__ import annotations
 
+import gc
+import hashlib
 import io
 import os
 import subprocess
 import sys
 import zipfile
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -17,10 +20,35 @@ from typer.testing import CliRunner
 
 from surgery.cli import app
 
-# CI replays the same examples every run: a red build is a bug, never bad luck.
+# CI replays the same examples every run: a red build is a bug, never bad luck. Elsewhere
+# ("dev") each run draws new ones, a third as many in the tests that ask `examples()`
+# (hypothesis' database replays any that failed before). `--hypothesis-profile ci` runs CI's.
 settings.register_profile("ci", derandomize=True, database=None)
-if os.environ.get("CI"):
-    settings.load_profile("ci")
+settings.register_profile("dev", max_examples=35)
+settings.load_profile("ci" if os.environ.get("CI") else "dev")
+
+
+def examples(in_ci: int) -> int:
+    """A property test's example count: `in_ci` under the "ci" profile (hypothesis' default of
+    100 a test), scaled as the loaded profile's `max_examples` is otherwise."""
+    return max(1, round(in_ci * settings.default.max_examples / 100))
+
+
+def pytest_configure(config: pytest.Config) -> None:
+    # The tests' tensors are small: on a machine whose cores are busy, torch's second
+    # intra-op thread only waits for a core (a resnet18 forward pass took 3x longer).
+    import torch
+
+    torch.set_num_threads(1)
+
+
+def pytest_collection_finish(session: pytest.Session) -> None:
+    # What is imported and collected by now (torch, hypothesis, every test module) lives to the
+    # end. Frozen, it is no longer walked by each full garbage collection: 0.3 s a collection,
+    # 18 s of CPU in test_hostile_safetensors, test_port and test_recipes alone.
+    gc.collect()
+    gc.freeze()
+
 
 ROOT = Path(__file__).resolve().parent.parent
 FIXTURES = ROOT / "fixtures"
@@ -96,3 +124,55 @@ def torch_save_bytes(obj: object, **kwargs) -> bytes:
 @pytest.fixture
 def fixtures_dir() -> Path:
     return FIXTURES
+
+
+@dataclass(frozen=True)
+class SavedResnet18:
+    """torchvision's resnet18 as `torch.manual_seed(0)` initialises it (never downloaded), saved as
+    users hold it. Shared by every test module: read it, never change it; a test that writes beside
+    or over its input copies the file into its own tmp_path first."""
+
+    state: dict  # the state_dict
+    imagenet: Path  # the PyTorch ImageNet example's checkpoint.pth.tar: `module.` keys, epoch, arch
+    plain: Path  # torch.save(state)
+    legacy: Path  # torch.save(state) in the pre-1.6 format
+    safetensors: Path  # safetensors' save_file(state), metadata {"format": "pt"}
+
+
+def _tree_digest(folder: Path, state: dict) -> str:
+    """Every file name and byte under `folder`, and every tensor's bytes."""
+    digest = hashlib.sha256()
+    for path in sorted(folder.rglob("*")):
+        digest.update(str(path.relative_to(folder)).encode() + b"\0")
+        if path.is_file():
+            digest.update(path.read_bytes())
+    for name, tensor in state.items():
+        digest.update(name.encode() + b"\0" + tensor.numpy().tobytes())
+    return digest.hexdigest()
+
+
+@pytest.fixture(scope="session")
+def seeded_resnet18(tmp_path_factory: pytest.TempPathFactory) -> Iterator[SavedResnet18]:
+    """Built and saved once (seven modules used to build their own); checked unchanged at the end."""
+    import torch
+    import torchvision
+    from safetensors.torch import save_file
+
+    torch.manual_seed(0)
+    state = torchvision.models.resnet18(weights=None).state_dict()
+    folder = tmp_path_factory.mktemp("seeded_resnet18")
+    saved = SavedResnet18(
+        state=state,
+        imagenet=folder / "checkpoint.pth.tar",
+        plain=folder / "resnet18.pth",
+        legacy=folder / "legacy.pth",
+        safetensors=folder / "model.safetensors",
+    )
+    prefixed = {"module." + k: v for k, v in state.items()}
+    torch.save({"epoch": 90, "arch": "resnet18", "state_dict": prefixed}, saved.imagenet)
+    torch.save(state, saved.plain)
+    torch.save(state, saved.legacy, _use_new_zipfile_serialization=False)
+    save_file(state, saved.safetensors, metadata={"format": "pt"})
+    before = _tree_digest(folder, state)
+    yield saved
+    assert _tree_digest(folder, state) == before, "a test changed the shared resnet18 or wrote beside it"

@@ -53,6 +53,7 @@ def torch_allowlist() -> set[str]:
     return set(json.loads(proc.stdout))
 
 
+@pytest.mark.slow
 def test_every_difference_from_torchs_allowlist_is_documented(torch_allowlist):
     differences = set(KNOWN) ^ torch_allowlist
     undocumented = {
@@ -65,6 +66,7 @@ def test_every_difference_from_torchs_allowlist_is_documented(torch_allowlist):
     assert all(len(reason) > 20 for reason in DIFFERENCES_FROM_TORCH.values())
 
 
+@pytest.mark.slow
 def test_the_allowlist_holds_torchs_new_globals(torch_allowlist):
     """The names the hand-copied list had drifted from (torch 2.14)."""
     for name in ("torch.uint4", "torch.int1", "torch.bits8", "torch.bcomplex32", "torch.FloatTensor",

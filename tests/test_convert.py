@@ -165,28 +165,19 @@ def expected_shards(sd: dict, shard_size: int) -> int:
 
 # -- the sources: a seeded resnet18 in every layout ----------------------------
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    """(folder, {kind: path}, the plain state_dict, the model)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    model = torchvision.models.resnet18(weights=None)
-    sd = {k: v.detach().clone() for k, v in model.state_dict().items()}
+def resnet(tmp_path_factory, seeded_resnet18):
+    """(folder of the sharded layouts, {kind: path}, the plain state_dict)."""
+    sd = seeded_resnet18.state
     folder = tmp_path_factory.mktemp("resnet")
-    paths = {}
-    paths["zip"] = folder / "checkpoint.pth.tar"
-    torch.save(
-        {"epoch": 3, "arch": "resnet18", "state_dict": {"module." + k: v for k, v in sd.items()}},
-        paths["zip"],
-    )
-    paths["legacy"] = folder / "legacy.pth"
-    torch.save(sd, paths["legacy"], _use_new_zipfile_serialization=False)
-    paths["safetensors"] = folder / "model.safetensors"
-    save_file(sd, paths["safetensors"], metadata={"format": "pt"})
+    paths = {
+        "zip": seeded_resnet18.imagenet,
+        "legacy": seeded_resnet18.legacy,
+        "safetensors": seeded_resnet18.safetensors,
+    }
     paths["sharded_safetensors"] = write_sharded_safetensors(folder / "sharded_st", sd, per_shard=40)
     paths["sharded_bin"] = write_sharded_bin(folder / "sharded_bin", sd, per_shard=40)
     paths["index"] = paths["sharded_safetensors"] / "model.safetensors.index.json"
-    return folder, paths, sd, model
+    return folder, paths, sd
 
 
 def strip_args(kind: str) -> tuple[str, ...]:
@@ -198,7 +189,7 @@ def strip_args(kind: str) -> tuple[str, ...]:
     "source", ["zip", "legacy", "safetensors", "sharded_safetensors", "sharded_bin", "index"]
 )
 def test_every_source_to_safetensors_is_bit_identical(resnet, source, tmp_path):
-    _, paths, sd, model = resnet
+    _, paths, sd = resnet
     before = snapshot(paths[source] if paths[source].is_dir() else paths[source].parent)
     out = tmp_path / "model.safetensors"
     report = convert_json(paths[source], "-o", out, *strip_args(source))
@@ -229,7 +220,7 @@ def test_every_source_to_safetensors_is_bit_identical(resnet, source, tmp_path):
     ],
 )
 def test_zip_source_to_every_output(resnet, tmp_path, kind, name, extra):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / name
     report = convert_json(paths["zip"], "-o", out, "--strip-prefix", "module.", *extra)
     assert report["output_format"] == kind
@@ -240,7 +231,7 @@ def test_zip_source_to_every_output(resnet, tmp_path, kind, name, extra):
 
 @pytest.mark.parametrize("shard_size", [5_000_000, 20_000_000, 10**12])
 def test_sharded_safetensors_layout(resnet, tmp_path, shard_size):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "sharded"
     report = surgery.convert(paths["safetensors"], out, shard_size=shard_size)
     index, got = load_sharded(out)
@@ -263,7 +254,7 @@ def test_sharded_safetensors_layout(resnet, tmp_path, shard_size):
 
 
 def test_sharded_torch_layout(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "sharded_bin"
     surgery.convert(paths["zip"], out, strip_prefix=["module."], shard_size="10MB", format="torch")
     index, got = load_sharded(out)
@@ -275,14 +266,14 @@ def test_sharded_torch_layout(resnet, tmp_path):
 
 
 def test_sharded_torch_report_names_the_shards(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "sharded_bin"
     report = surgery.convert(paths["zip"], out, strip_prefix=["module."], shard_size="10MB", format="torch")
     assert list(report.shards) == sorted(p.name for p in out.glob("pytorch_model-*.bin"))
 
 
 def test_sizes_in_units(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     for text, size in (("10MB", 10**7), ("10MiB", 10 << 20), ("0.01GB", 10**7), ("1e7", 10**7)):
         report = surgery.convert(paths["safetensors"], tmp_path / text, shard_size=text, dry_run=True)
         assert report.options.shard_size == size, text
@@ -291,7 +282,7 @@ def test_sizes_in_units(resnet, tmp_path):
 
 @needs_dcp_reader
 def test_dcp_round_trip(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "dcp"
     report = surgery.convert(paths["zip"], out, strip_prefix=["module."], format="dcp", verify=True)
     assert report.output_format == "dcp" and report.verified == len(sd)
@@ -360,7 +351,7 @@ def test_views_offsets_and_transposes_are_written_as_values(tmp_path):
 
 
 def test_dtype_bf16_casts_floating_only(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "bf16.safetensors"
     report = convert_json(paths["zip"], "-o", out, "--strip-prefix", "module.", "--dtype", "bf16")
     floating = [k for k, v in sd.items() if v.is_floating_point()]
@@ -425,7 +416,7 @@ def test_rename_include_exclude_add_prefix(resnet, tmp_path):
     """strip -> add prefix -> rename -> include/exclude, globs over the final names."""
     import re
 
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "renamed.safetensors"
     report = convert_json(
         paths["zip"],
@@ -478,7 +469,7 @@ def test_rename_then_prefix_documented_order(tmp_path):
 
 
 def test_rename_collision_names_both_keys(resnet, tmp_path):
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     out = tmp_path / "x.safetensors"
     run = convert(paths["zip"], "-o", out, "--rename", r"layer1\.\d+=layer1")
     line = assert_clean_error(run, "--rename", code=2)
@@ -488,13 +479,13 @@ def test_rename_collision_names_both_keys(resnet, tmp_path):
 
 
 def test_bad_rename_regex_is_a_usage_error(resnet, tmp_path):
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     run = convert(paths["zip"], "-o", tmp_path / "x.safetensors", "--rename", "(unclosed=x")
     assert_clean_error(run, "--rename", code=2)
 
 
 def test_include_nothing_is_refused(resnet, tmp_path):
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     run = convert(paths["zip"], "-o", tmp_path / "x.safetensors", "--include", "nothing.*")
     assert_clean_error(run, paths["zip"], contains="no tensors left", code=2)
     assert os.listdir(tmp_path) == []
@@ -639,7 +630,7 @@ def test_format_torch_wins_over_the_file_name(tied, tmp_path):
 
 
 def test_output_permissions_follow_the_umask(resnet, tmp_path):
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     mask = os.umask(0o022)
     os.umask(mask)
     out = tmp_path / "m.safetensors"
@@ -652,7 +643,7 @@ def test_output_permissions_follow_the_umask(resnet, tmp_path):
 
 # -- report, verify, dry run, JSON, provenance --------------------------------
 def test_dry_run_writes_nothing(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     for out, extra in ((tmp_path / "d.safetensors", ()), (tmp_path / "d_sharded", ("--shard-size", "5MB"))):
         report = convert_json(paths["zip"], "-o", out, "--dry-run", "--strip-prefix", "module.", *extra)
         assert report["written"] is False
@@ -665,7 +656,7 @@ def test_dry_run_writes_nothing(resnet, tmp_path):
 
 
 def test_verify_counts_every_tensor(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     for out, extra in (
         (tmp_path / "v.safetensors", ()),
         (tmp_path / "v.pt", ("--dtype", "fp16")),
@@ -682,7 +673,7 @@ def test_verify_failure_leaves_nothing(resnet, tmp_path, monkeypatch):
     """A re-read that does not match: the output is never put in place."""
     from surgery.commands import convert as converting
 
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     out_dir = tmp_path / "out"
     out_dir.mkdir()
     monkeypatch.setattr("surgery.commands.diff.same_tensor", lambda *a, **k: False)
@@ -693,7 +684,7 @@ def test_verify_failure_leaves_nothing(resnet, tmp_path, monkeypatch):
 
 
 def test_json_is_one_document_and_subprocess_is_quiet(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     out = tmp_path / "sub.safetensors"
     run = run_subprocess("convert", paths["zip"], "-o", out, "--strip-prefix", "module.", "--json")
     assert run.exit_code == 0, run
@@ -707,7 +698,7 @@ def test_json_is_one_document_and_subprocess_is_quiet(resnet, tmp_path):
 
 
 def test_provenance_metadata(resnet, tmp_path):
-    _, paths, _, _ = resnet
+    _, paths, _ = resnet
     out = tmp_path / "p.safetensors"
     surgery.convert(paths["zip"], out, strip_prefix=["module."], dtype="bf16")
     with safe_open(out, "pt") as f:
@@ -731,7 +722,7 @@ def test_provenance_metadata(resnet, tmp_path):
 
 
 def test_report_summary_and_fields(resnet, tmp_path):
-    _, paths, sd, _ = resnet
+    _, paths, sd = resnet
     report = surgery.convert(paths["zip"], tmp_path / "r.safetensors", strip_prefix=["module."])
     assert isinstance(report, surgery.ConvertReport)
     assert report.source_format == "torch-zip" and report.container == ("state_dict",)
@@ -803,6 +794,7 @@ def _write_big_safetensors(path: Path, tensors: int, mib_each: int) -> None:
             f.write(block)
 
 
+@pytest.mark.slow
 def test_big_file_streams_without_torch(tmp_path):
     src = tmp_path / "big.safetensors"
     _write_big_safetensors(src, tensors=6, mib_each=50)  # 300 MiB
@@ -1159,6 +1151,7 @@ def two_mib(tmp_path_factory):
     return src
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize(
     "name,extra",
     [

@@ -55,11 +55,8 @@ def assert_identical(got: dict, expected: dict) -> None:
 
 
 @pytest.fixture(scope="module")
-def resnet_dcp(tmp_path_factory) -> tuple[Path, dict]:
-    import torchvision
-
-    torch.manual_seed(0)
-    state = torchvision.models.resnet18(weights=None).state_dict()
+def resnet_dcp(tmp_path_factory, seeded_resnet18) -> tuple[Path, dict]:
+    state = seeded_resnet18.state
     folder = tmp_path_factory.mktemp("dcp") / "resnet"
     save_dcp({"model": state, "epoch": 3, "step": torch.tensor(7)}, folder)
     return folder, state
@@ -230,6 +227,7 @@ def test_a_chunk_missing_from_storage_data_leaves_the_tensor_listed_but_unread(t
     assert torch.equal(ckpt.tensor("bias"), torch.tensor([0.5, -1.0, 2.0, 4.0]))
 
 
+@pytest.mark.slow
 def test_a_real_two_process_gloo_save_reads_like_the_fixture(tmp_path):
     """The fixture is what two gloo ranks saving DTensors write today."""
     with socket.socket() as s:
@@ -250,6 +248,7 @@ def test_a_real_two_process_gloo_save_reads_like_the_fixture(tmp_path):
 # -- hostile and damaged folders ----------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_payload_in_metadata_is_a_danger_and_never_runs(small_dcp, tmp_path):
     marker = tmp_path / "MARKER"
     metadata = read_metadata(small_dcp)

@@ -194,6 +194,7 @@ def test_a_bytes_item_behind_a_transform_cannot_be_checked_and_is_unsafe(folder)
 # -- .metadata ---------------------------------------------------------------------------------
 
 
+@pytest.mark.slow
 def test_a_class_named_in_metadata_is_never_imported(folder, tmp_path):
     """A module whose import alone runs code: plain pickle.load of .metadata imports it."""
     canary = tmp_path / CANARY

@@ -35,25 +35,18 @@ def save(path, sd: dict, **kwargs):
 
 
 @pytest.fixture(scope="module")
-def resnet(tmp_path_factory):
-    """A seeded resnet18 state_dict in four formats: (folder, {kind: path}, state_dict)."""
-    import torchvision
-
-    torch.manual_seed(0)
-    sd = {k: v.detach().clone() for k, v in torchvision.models.resnet18(weights=None).state_dict().items()}
+def resnet(tmp_path_factory, seeded_resnet18):
+    """A seeded resnet18 state_dict in five layouts: (folder of the sharded one, {kind: path}, state_dict)."""
     folder = tmp_path_factory.mktemp("diff_resnet")
     paths = {
-        "zip": save(
-            folder / "ck.pth.tar", {"epoch": 1, "state_dict": {"module." + k: v for k, v in sd.items()}}
-        ),
-        "legacy": save(folder / "legacy.pth", sd, _use_new_zipfile_serialization=False),
-        "plain": save(folder / "plain.pt", sd),
+        "zip": seeded_resnet18.imagenet,
+        "legacy": seeded_resnet18.legacy,
+        "plain": seeded_resnet18.plain,
+        "safetensors": seeded_resnet18.safetensors,
+        "sharded": folder / "sharded",
     }
-    paths["safetensors"] = folder / "model.safetensors"
-    save_file(sd, paths["safetensors"])
-    paths["sharded"] = folder / "sharded"
     surgery.convert(paths["safetensors"], paths["sharded"], shard_size="10MB")
-    return folder, paths, sd
+    return folder, paths, seeded_resnet18.state
 
 
 def one(report) -> surgery.commands.diff.Difference:

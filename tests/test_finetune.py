@@ -946,6 +946,7 @@ def test_cli_edits_with_a_template_target(at_root, tmp_path):
     assert list(tmp_path.iterdir()) == []
 
 
+@pytest.mark.slow
 def test_cli_refusals_as_a_real_process(tmp_path):
     """The same one-line error from `python -m surgery`, run from the repository."""
     from conftest import run_subprocess

@@ -43,7 +43,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import FIXTURES, torch_save_bytes
+from conftest import FIXTURES, examples, torch_save_bytes
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
@@ -53,10 +53,12 @@ from surgery.render import rows
 from surgery.render.json import dumps
 from surgery.render.reports import page_of
 
+pytestmark = pytest.mark.slow  # hundreds of generated files per test
+
 WATCHDOG_SECONDS = 20
-# Examples per fuzz test (the kinds with costlier inputs run a half or a third of it).
-# A longer campaign: SURGERY_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py
-EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES", "300"))
+# Examples per fuzz test: 300 under the "ci" profile (the kinds with costlier inputs run a half or a
+# third of it). A longer campaign: SURGERY_FUZZ_EXAMPLES=20000 python -m pytest tests/test_fuzz.py
+EXAMPLES = int(os.environ.get("SURGERY_FUZZ_EXAMPLES") or examples(300))
 FUZZ = settings(
     max_examples=EXAMPLES,
     deadline=None,

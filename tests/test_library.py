@@ -12,22 +12,13 @@ from surgery import open_checkpoint
 
 
 @pytest.fixture(scope="module")
-def resnet18_file(tmp_path_factory):
-    import torch
+def resnet18_file(seeded_resnet18):
+    """The ImageNet example's checkpoint of the seeded resnet18, and that model."""
     import torchvision
 
-    torch.manual_seed(0)
     model = torchvision.models.resnet18(weights=None)
-    path = tmp_path_factory.mktemp("resnet") / "checkpoint.pth.tar"
-    torch.save(
-        {
-            "epoch": 90,
-            "arch": "resnet18",
-            "state_dict": {"module." + k: v for k, v in model.state_dict().items()},
-        },
-        path,
-    )
-    return path, model
+    model.load_state_dict(seeded_resnet18.state)
+    return seeded_resnet18.imagenet, model
 
 
 def test_resnet18_checkpoint_summary_matches_the_model(resnet18_file):

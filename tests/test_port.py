@@ -272,6 +272,7 @@ def test_imagenet_example_into_a_two_class_resnet18(imagenet, x, tmp_path, to, f
     assert state["fc.weight"].shape == (2, 512) and state["fc.bias"].shape == (2,)
 
 
+@pytest.mark.slow
 def test_imagenet_example_exactly_as_the_readme_types_it(imagenet, x, tmp_path):
     """`python -m surgery port ...` as its own process, with the README's words, prints the README's report."""
     import torch
@@ -1179,6 +1180,7 @@ def _payload_checkpoint(path: Path, state: dict, command: bytes) -> None:
             out.writestr(info, body if info.filename.endswith("data.pkl") else src.read(info.filename))
 
 
+@pytest.mark.slow
 def test_a_payload_is_never_run_even_with_trust(in_code_dir, tmp_path, monkeypatch):
     import subprocess
 

@@ -160,6 +160,7 @@ def test_the_pages_have_examples_to_run():
     assert counts["README.md"] >= 7, counts
 
 
+@pytest.mark.slow  # every example command runs as a process
 @pytest.mark.parametrize("page", PAGES, ids=[p.name for p in PAGES])
 def test_page_examples_show_what_they_print(tour, page):
     failures = tour.through(page)

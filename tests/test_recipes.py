@@ -430,6 +430,7 @@ def vgg_features(tmp_path_factory):
     return path, features.eval()
 
 
+@pytest.mark.slow
 def test_vgg_extract_features_is_the_backbone(vgg_features, tmp_path):
     path, features = vgg_features
     out = tmp_path / "backbone.safetensors"

@@ -110,25 +110,27 @@ class Sink:
     by the kernel in the caller's thread; after each, the thread starts the disk write of the
     stretch finished (`Writeback`), off the caller's path.
 
-    At most DEPTH pieces wait, so memory holds DEPTH + 2 pieces (queued, being written, being
-    made). A tensor handed whole is written from its own memory and waited for before the
-    next one is asked for: memory still follows the largest tensor. An error in the thread
-    (a full disk) is raised in the caller at its next call, or when the sink closes; the
-    thread always drains the queue, so the caller never waits on a thread that stopped.
+    At most DEPTH pieces are queued or being written, so memory holds DEPTH + 1 pieces with the
+    one being made; a range copied by the kernel only queues a note of where it ends. A tensor
+    handed whole is written from its own memory and waited for before the next one is asked
+    for: memory still follows the largest tensor. An error in the thread (a full disk) is raised
+    in the caller at its next call, or when the sink closes; the thread always drains the queue,
+    so the caller never waits on a thread that stopped.
 
     Use as a context manager around the writing; `f`, the output, stays open until it exits.
     """
 
-    DEPTH = 2
+    DEPTH = 3
 
     def __init__(self, f: BinaryIO):
         f.flush()
-        self.f, self.name = f, getattr(f, "name", "output")
+        self.f = f
         self.offset = f.tell()  # where the next bytes go
         self.copier = RangeCopier()
         self.fd = os.dup(f.fileno())  # the thread's own: valid until it closes it, whatever becomes of f
         self.written = self.offset  # how far the thread has written (for Writeback)
-        self.queue: queue.Queue = queue.Queue(self.DEPTH)
+        self.queue: queue.Queue = queue.Queue()
+        self.slots = threading.Semaphore(self.DEPTH)  # pieces queued and not yet written
         self.error: BaseException | None = None
         self.cancelled = False
         self.thread = threading.Thread(target=self._run, name="surgery-sink", daemon=True)
@@ -157,6 +159,7 @@ class Sink:
         """Queue `piece` (not to be changed afterwards) for the next offset."""
         self._check()
         size = memoryview(piece).nbytes
+        self.slots.acquire()
         self._send(piece, self.offset)
         self.offset += size
 
@@ -182,7 +185,7 @@ class Sink:
             self.close()
             return
         self.cancelled = True  # the write failed here: what is queued is not written
-        self.queue.put(None)
+        self.queue.put(None)  # the queue takes it at once: only pieces are bounded
         self.thread.join()
         self.copier.close()
 
@@ -191,13 +194,18 @@ class Sink:
         writeback = Writeback(self.fd, end=lambda: self.written)
         try:
             while (item := self.queue.get()) is not None:
+                piece, offset = item
+                item = None
                 try:
                     if self.error is None and not self.cancelled:
-                        self._write(*item)
+                        self._write(piece, offset)
                         writeback()
                 except BaseException as exc:  # handed to the caller's thread
                     self.error = exc
                 finally:
+                    if piece is not None:
+                        piece = None  # its memory goes before its slot is given back
+                        self.slots.release()
                     self.queue.task_done()
         finally:
             os.close(self.fd)

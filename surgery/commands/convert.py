@@ -412,7 +412,10 @@ def convert_file(
         checked.append(verify_conversion(written, plan, where=out))
 
     output = Output(out, kind, plan, src, _provenance(ckpt, plan, request), check if request.verify else None)
-    shards = WRITERS[kind](output, request)
+    try:
+        shards = WRITERS[kind](output, request)
+    finally:
+        src.caster.close()
     return replace(
         report,
         raw=src.raw,

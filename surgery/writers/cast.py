@@ -14,6 +14,10 @@ NaN is where torch's kernels disagree among themselves (bfloat16: 0xFFFF from th
 0x7FC0 from the scalar one, which also serves 0-dim tensors), so a piece holding a NaN is cast
 by torch, as every piece was before: the output is the same as torch's piece cast, whatever
 kernel this machine's torch picks.
+
+The cast is the one part of a conversion that needs the CPU (float16: ~15 passes over each
+block), so each piece is cast in shares on every core this process may use: numpy lets go of
+the GIL inside its loops.
 """
 
 from __future__ import annotations
@@ -21,6 +25,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from surgery.errors import CorruptCheckpoint
@@ -36,6 +41,13 @@ PIECE = 1 << 22
 BLOCK = 1 << 16
 
 CASTS = {("float32", "bfloat16"), ("float32", "float16")}
+
+
+def _cores() -> int:
+    """Cores this process may run on (its affinity, not the machine's count), at most 4: the
+    disk, not the cast, is the limit beyond that."""
+    usable = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else range(os.cpu_count() or 1)
+    return max(1, min(4, len(usable)))
 
 
 def casts_without_torch(source: str, target: str) -> bool:
@@ -61,8 +73,9 @@ class _Kernel:
         """`bits` (float32 as uint32) cast into `out` (uint16). False when a NaN was met: its
         elements of `out` are then not torch's."""
         clean = True
-        for start in range(0, len(bits), BLOCK):
-            clean &= self.step(bits[start : start + BLOCK], out[start : start + BLOCK])
+        with self.np.errstate(invalid="ignore"):  # a signalling NaN's + 0.5: that piece goes to torch
+            for start in range(0, len(bits), BLOCK):
+                clean &= self.step(bits[start : start + BLOCK], out[start : start + BLOCK])
         return clean
 
     def _bfloat16(self, x: np.ndarray, out: np.ndarray) -> bool:
@@ -72,8 +85,7 @@ class _Kernel:
         np.bitwise_and(a, 1, out=a)
         np.add(a, 0x7FFF, out=a)  # round to nearest, ties to the even value
         np.add(a, x, out=a)
-        np.right_shift(a, 16, out=a)
-        np.copyto(out, a, casting="unsafe")  # below 2**16: narrowing keeps every value
+        np.right_shift(a, 16, out=out, casting="unsafe")  # below 2**16: narrowing keeps every value
         np.bitwise_and(x, 0x7FFFFFFF, out=b)
         return bool(b.max() <= 0x7F800000)  # above: NaN
 
@@ -97,18 +109,25 @@ class _Kernel:
             np.copyto(h, c, where=small)
         np.right_shift(x, 16, out=c)
         np.bitwise_and(c, 0x8000, out=c)
-        np.bitwise_or(h, c, out=h)  # the sign
-        np.copyto(out, h, casting="unsafe")
+        np.bitwise_or(h, c, out=out, casting="unsafe")  # the sign; below 2**16: narrowing keeps every value
         return clean
 
 
 class Caster:
     """Casts tensors lying as plain float32 in files, piece by piece, for one conversion: its
-    kernels' scratch and the buffer pieces are read into are made once and reused."""
+    kernels' scratch, the buffer pieces are read into and the threads that cast a share of each
+    piece are made once and reused. `close()` ends the threads."""
 
-    def __init__(self) -> None:
-        self.kernels: dict[str, _Kernel] = {}
+    def __init__(self, cores: int | None = None) -> None:
+        self.cores = cores or _cores()
+        self.kernels: dict[str, list[_Kernel]] = {}
         self.values: np.ndarray | None = None
+        self.pool: ThreadPoolExecutor | None = None
+
+    def close(self) -> None:
+        if self.pool is not None:
+            self.pool.shutdown()
+            self.pool = None
 
     def pieces(self, path: str, offset: int, length: int, target: str) -> Iterator[memoryview]:
         """The float32 tensor stored at `offset` of `path` (`length` bytes, little-endian) cast
@@ -119,7 +138,6 @@ class Caster:
         """
         import numpy as np
 
-        kernel = self.kernels.get(target) or self.kernels.setdefault(target, _Kernel(target))
         if self.values is None or len(self.values) < min(PIECE, length // 4):
             self.values = np.empty(min(PIECE, max(length // 4, BLOCK)), np.uint32)
         raw = memoryview(self.values).cast("B")
@@ -129,9 +147,28 @@ class Caster:
                 _read_exactly(f.fileno(), raw[:size], offset + start, path)
                 bits = self.values[: size // 4]
                 out = np.empty(size // 4, np.uint16)
-                if not kernel(bits, out):
+                if not self._cast(bits, out, target):
                     out = _torch_cast(bits, target)
                 yield memoryview(out).cast("B")
+
+    def _cast(self, bits: np.ndarray, out: np.ndarray, target: str) -> bool:
+        """`bits` cast into `out` in shares of whole blocks, one per core: the first in this
+        thread, the others in the pool. False when a NaN was met."""
+        kernels = self.kernels.get(target) or self.kernels.setdefault(
+            target, [_Kernel(target) for _ in range(self.cores)]
+        )
+        share = -(-len(bits) // (len(kernels) * BLOCK)) * BLOCK
+        parts = [
+            (k, slice(i * share, (i + 1) * share)) for i, k in enumerate(kernels) if i * share < len(bits)
+        ]
+        if len(parts) == 1:
+            return kernels[0](bits, out)
+        if self.pool is None:
+            self.pool = ThreadPoolExecutor(self.cores - 1, thread_name_prefix="surgery-cast")
+        jobs = [self.pool.submit(kernel, bits[part], out[part]) for kernel, part in parts[1:]]
+        kernel, part = parts[0]
+        clean = kernel(bits[part], out[part])
+        return all([job.result() for job in jobs]) and clean
 
 
 def _read_exactly(fd: int, into: memoryview, offset: int, path: str) -> None:

@@ -31,6 +31,7 @@ from surgery.plans.keys import KeyRules, Rename
 from surgery.text import human_bytes, plural
 from surgery.values import Entry
 from surgery.writers import write_state_dict
+from surgery.writers.cast import Caster, casts_without_torch
 from surgery.writers.copy import Pieces, RawBytes
 from surgery.writers.hf import folder_config
 from surgery.writers.outputs import atomic_folder, check_destination, check_folder_destination
@@ -286,9 +287,10 @@ def plan_convert(ckpt: Checkpoint, options: ConvertRequest, kind: str) -> _Plan:
 
 class _Source:
     """Hands the writer each output tensor: a byte range of the source when it can be
-    copied as it lies, else its bytes cast piece by piece (or, for writers that need
-    whole tensors, the tensor), released once written. What each cast lost is counted
-    in `lossy` (output name -> losses) as the pieces go by."""
+    copied as it lies, else its bytes cast piece by piece (without torch for float32 to
+    bfloat16 or float16 lying as plain data; or, for writers that need whole tensors, the
+    tensor), released once written. What each cast lost is counted in `lossy` (output
+    name -> losses) as the pieces go by."""
 
     def __init__(self, plan: _Plan, streams: bool, progress: Callable[[int], None] | None):
         self.plan, self.streams, self.progress = plan, streams, progress
@@ -296,21 +298,32 @@ class _Source:
         self.nbytes = {e.name: e.nbytes for e in plan.entries}
         self.raw = 0
         self.lossy: dict[str, CastLosses] = {}
+        self.caster = Caster()
 
     def get(self, name: str) -> torch.Tensor | RawBytes | Pieces:
         source = self.plan.source_of[name]
         info = self.plan.ckpt.tensors_by_name[source]
         if not self.streams:
             return self.tensor(name)
-        if info.dtype == self.dtypes[name]:
-            where = self.plan.ckpt.byte_range(source)
-            if where is not None:
-                self.raw += 1
-                return RawBytes(*where)
-        return Pieces(self._cast(name, source, self.dtypes[name]))
+        dtype = self.dtypes[name]
+        where = self.plan.ckpt.byte_range(source)
+        if where is not None and info.dtype == dtype:
+            self.raw += 1
+            return RawBytes(*where)
+        if where is not None and casts_without_torch(info.dtype, dtype):
+            return Pieces(self._numpy_cast(name, where, dtype))
+        return Pieces(self._cast(name, source, dtype))
+
+    def _numpy_cast(self, name: str, where: tuple[str, int, int], dtype_name: str) -> Iterator[memoryview]:
+        """The float32 tensor lying at `where` cast without torch, its losses counted."""
+        for cast in self.caster.pieces(*where, dtype_name):
+            self.count(
+                name, "float32", self.caster.values[: len(cast) // 2], cast
+            )  # the piece's source words
+            yield cast
 
     def _cast(self, name: str, source: str, dtype_name: str) -> Iterator[memoryview]:
-        """The source tensor cast piece by piece: memory follows the piece, not the tensor."""
+        """The source tensor cast by torch piece by piece: memory follows the piece, not the tensor."""
         import torch
 
         dtype = getattr(torch, dtype_name)
@@ -462,7 +475,10 @@ def convert_file(
 
     metadata = _provenance(ckpt, plan, request)
     output = Output(out, kind, plan, src, metadata, check, config)
-    shards = WRITERS[kind](output, request)
+    try:
+        shards = WRITERS[kind](output, request)
+    finally:
+        src.caster.close()
     return replace(
         report,
         lossy=dict(src.lossy),

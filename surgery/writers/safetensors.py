@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, BinaryIO
 from surgery.dtypes import BY_NAME
 from surgery.errors import UsageError
 from surgery.values import Entry
-from surgery.writers.copy import Pieces, RangeCopier, RawBytes, Writeback, _put
+from surgery.writers.copy import Pieces, RawBytes, Sink
 
 if TYPE_CHECKING:
     import torch
@@ -38,8 +38,8 @@ def _write_safetensors(
     metadata: dict[str, str],
     done: Callable[[str], None] | None,
 ) -> None:
-    """Header from the entries, then each tensor's bytes: one tensor in memory at a time,
-    none at all when it is copied as raw bytes."""
+    """Header from the entries, then each tensor's bytes: raw bytes copied by the kernel, pieces
+    written by the sink's thread while the next is made (memory: a few pieces, or one tensor)."""
     header: dict[str, object] = {"__metadata__": metadata} if metadata else {}
     offset = 0
     for e in entries:
@@ -55,12 +55,8 @@ def _write_safetensors(
     raw += b" " * (-len(raw) % 8)  # data starts 8-byte aligned, as the safetensors library writes
     f.write(len(raw).to_bytes(8, "little"))
     f.write(raw)
-    copier, writeback = RangeCopier(), Writeback(f)
-    try:
+    with Sink(f) as sink:
         for e in entries:
-            _put(f, e, get(e.name), copier, kernel=True)
-            writeback()
+            sink.put(e, get(e.name))
             if done is not None:
                 done(e.name)
-    finally:
-        copier.close()

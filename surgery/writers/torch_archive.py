@@ -85,7 +85,7 @@ def _write_archive(
         try:
             for e in stored:
                 with _open_member(zf, f"archive/data/{keys[e.name]}", e.nbytes) as w:
-                    _put(w, e, get(e.name), copier, kernel=False)  # the member computes its CRC
+                    _put(w, e, get(e.name), copier)  # through this process: the member computes its CRC
                 writeback()
                 if done is not None:
                     done(e.name)

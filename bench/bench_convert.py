@@ -34,7 +34,9 @@ What it measures
     3. zip -> safetensors in bf16: ``surgery convert src.pth -o OUT.safetensors
        --dtype bf16`` vs ``torch.load(mmap=True)``, ``.to(torch.bfloat16)`` on
        floating tensors, ``save_file``.
-    4. the same in fp16 (``--dtype fp16``, ``.to(torch.float16)``).
+    4. the same in fp16 (``--dtype fp16 --allow-lossy-cast``: the random values
+       include some fp16 flushes to zero, which surgery refuses unless allowed;
+       ``.to(torch.float16)``).
     5. ``surgery diff src.pth src.safetensors`` (identical values) vs loading both
        (``torch.load(mmap=True)``, ``load_file``) and, per key, ``torch.equal``
        and, where not equal, ``(a - b).abs().max()``.
@@ -412,11 +414,13 @@ def commands(folder: Path, size_gb: float, floors: bool) -> list[dict]:
 
     for c, short, dtype in CASTS:
         out = folder / f"c{c[0]}_surgery.safetensors"
+        # fp16 flushes the tiniest random values to zero, as the plain way does silently: allowed by name
+        lossy = ["--allow-lossy-cast"] if short == "fp16" else []
         add(
             c,
-            f"surgery convert --dtype {short}",
+            " ".join(["surgery convert --dtype", short, *lossy]),
             "surgery",
-            [*surgery, "convert", src, "-o", out, "--dtype", short],
+            [*surgery, "convert", src, "-o", out, "--dtype", short, *lossy],
             out,
         )
         out = folder / f"c{c[0]}_plain.safetensors"

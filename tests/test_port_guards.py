@@ -408,3 +408,14 @@ def test_with_intent_reads_source_keys_by_their_renamed_names():
     assert (
         allowed.complete and allowed.new[-1] == "extra.weight" and allowed.unused[-1] == "module.other.weight"
     )
+
+
+@pytest.mark.parametrize("param", ["allow_missing", "allow_unexpected"])
+def test_library_allow_globs_are_strings(param):
+    """One glob or a list of them; anything else is refused naming the parameter, before any reading."""
+    from torch import nn
+
+    from surgery.errors import BadArgument
+
+    with pytest.raises(BadArgument, match=param):
+        surgery.port("fixtures/tiny.safetensors", into=nn.Linear(2, 2), **{param: ["fc.*", 1]})

@@ -34,7 +34,7 @@ from surgery.models.targets import Target, build_target, target_of_module
 from surgery.names import group_names
 from surgery.plans.hints import diagnose
 from surgery.plans.intent import Intent, with_intent
-from surgery.plans.keys import KeyRules, Rename
+from surgery.plans.keys import KeyRules, Rename, strings
 from surgery.plans.match import (
     FILLED_BUFFER,
     MODES,
@@ -335,7 +335,10 @@ def port(
     )
     options = PortOptions(rules, match, reshape)
     check_min_coverage(min_coverage)
-    intent = Intent(allow_missing=_globs(allow_missing), allow_unexpected=_globs(allow_unexpected))
+    intent = Intent(
+        allow_missing=strings(allow_missing, "allow_missing"),
+        allow_unexpected=strings(allow_unexpected, "allow_unexpected"),
+    )
     target = target_of_module(into)
     ckpt = open_trusted(source, key=rules.key, trust=trust)
     plan, hints = _plan(ckpt, target, options, intent)
@@ -358,10 +361,6 @@ def check_min_coverage(value: object) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value <= 100:
         raise BadArgument("min_coverage", f"{value!r} is not a percent from 0 to 100")
     return float(value)
-
-
-def _globs(value: str | Sequence[str]) -> tuple[str, ...]:
-    return (value,) if isinstance(value, str) else tuple(value)
 
 
 def _refuse_lossy(ckpt: Checkpoint, plan: PortPlan, report: PortReport, allowed: bool) -> PortReport:
@@ -427,16 +426,19 @@ def port_file(request: PortRequest) -> PortReport:
     if len(writes) == 2 and writes[0].resolve() == writes[1].resolve():
         raise UsageError(writes[1], "the plan and the output are the same file")
     hf = request.format == "hf"  # a Hugging Face folder: config.json and safetensors
-    for path in writes:  # before any work: refusals cost nothing
-        check_out = check_folder_destination if hf and path == out_path else check_destination
-        check_out(path, list(ckpt.files), force=force)
+
+    def check_writes(inputs: Sequence[Path]) -> None:
+        """Refuse an output or plan file that exists (without force) or would overwrite an input."""
+        for path in writes:
+            check = check_folder_destination if hf and path == out_path else check_destination
+            check(path, list(inputs), force=force)
+
+    check_writes(ckpt.files)  # before any work: refusals cost nothing
     hashed = ckpt.files if out_path is not None and not dry_run else []
     with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
         target = build_target(request.to, request.args, trust=request.trust)
         if target.template is not None:
-            for path in writes:
-                check_out = check_folder_destination if hf and path == out_path else check_destination
-                check_out(path, list(target.template.files), force=force)
+            check_writes(target.template.files)
         config = output_config(target) if hf and not dry_run else None  # refused before any work
         target, edit_steps, created = _edit_target(target, edits, init)
         extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
@@ -911,8 +913,8 @@ class PortRequest(Request):
             match=fields.get("match") or "exact",
             strict=bool(fields.get("strict", True)),
             min_coverage=fields.get("min_coverage", DEFAULT_MIN_COVERAGE),
-            allow_missing=_globs(fields.get("allow_missing") or ()),
-            allow_unexpected=_globs(fields.get("allow_unexpected") or ()),
+            allow_missing=strings(fields.get("allow_missing"), "allow_missing"),
+            allow_unexpected=strings(fields.get("allow_unexpected"), "allow_unexpected"),
             reshape=bool(fields.get("reshape")),
             edits=tuple(edits_from_fields(fields)),
             init=fields.get("init"),

@@ -130,7 +130,7 @@ class KeyRules:
             BadArgument: naming the parameter (`rename`, `strip_prefix`, ...) and the value.
         """
         rules = []
-        for rule in _items(rename, "rename"):
+        for rule in strings(rename, "rename"):
             if isinstance(rule, Rename):
                 rules.append(rule)
                 continue
@@ -143,11 +143,11 @@ class KeyRules:
                 raise BadArgument(name, f"{value!r} is not a string")
         return cls(
             key or None,
-            _items(strip_prefix, "strip_prefix"),
+            strings(strip_prefix, "strip_prefix"),
             add_prefix or None,
             tuple(rules),
-            _items(include, "include"),
-            _items(exclude, "exclude"),
+            strings(include, "include"),
+            strings(exclude, "exclude"),
         )
 
     @classmethod
@@ -202,7 +202,12 @@ class KeyRules:
         }
 
 
-def _items(value: Any, param: str) -> tuple:
+def strings(value: Any, param: str) -> tuple:
+    """A string or a list of strings as a tuple: one string is one item (never its letters).
+
+    Raises:
+        BadArgument: naming `param`, for anything else (a `Rename` only for `rename`).
+    """
     if isinstance(value, (str, Rename)):
         return (value,)
     try:

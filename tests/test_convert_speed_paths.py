@@ -159,7 +159,7 @@ def test_a_piece_holding_nan_is_cast_as_torch_casts_it(tmp_path, monkeypatch, ta
     bits[2 * (1 << 17)] = 0x7F800000  # infinity, not a NaN, in the third
     where = _float32_file(tmp_path / "t.bin", values)
     caster = Caster(cores)
-    got = np.concatenate([np.frombuffer(p, np.uint16) for p in caster.pieces(*where, target)])
+    got = np.concatenate([np.frombuffer(cast, np.uint16) for _, cast in caster.pieces(*where, target)])
     assert (caster.pool is not None) == (cores > 1)
     caster.close()
     pieces = [bits[i : i + (1 << 17)] for i in range(0, len(bits), 1 << 17)]

@@ -316,10 +316,8 @@ class _Source:
 
     def _numpy_cast(self, name: str, where: tuple[str, int, int], dtype_name: str) -> Iterator[memoryview]:
         """The float32 tensor lying at `where` cast without torch, its losses counted."""
-        for cast in self.caster.pieces(*where, dtype_name):
-            self.count(
-                name, "float32", self.caster.values[: len(cast) // 2], cast
-            )  # the piece's source words
+        for source, cast in self.caster.pieces(*where, dtype_name):
+            self.count(name, "float32", source, cast)
             yield cast
 
     def _cast(self, name: str, source: str, dtype_name: str) -> Iterator[memoryview]:

@@ -129,9 +129,13 @@ class Caster:
             self.pool.shutdown()
             self.pool = None
 
-    def pieces(self, path: str, offset: int, length: int, target: str) -> Iterator[memoryview]:
+    def pieces(
+        self, path: str, offset: int, length: int, target: str
+    ) -> Iterator[tuple[memoryview, memoryview]]:
         """The float32 tensor stored at `offset` of `path` (`length` bytes, little-endian) cast
-        to `target`, PIECE elements at a time, each piece a new buffer the caller keeps.
+        to `target`, PIECE elements at a time: (the piece as read, its cast). The cast is a new
+        buffer the caller keeps; the piece as read is valid until the next one is asked for
+        (it is read into one reused buffer), long enough to judge the cast by.
 
         Raises:
             CorruptCheckpoint: the file ends before the tensor does.
@@ -149,7 +153,7 @@ class Caster:
                 out = np.empty(size // 4, np.uint16)
                 if not self._cast(bits, out, target):
                     out = _torch_cast(bits, target)
-                yield memoryview(out).cast("B")
+                yield memoryview(bits).cast("B"), memoryview(out).cast("B")
 
     def _cast(self, bits: np.ndarray, out: np.ndarray, target: str) -> bool:
         """`bits` cast into `out` in shares of whole blocks, one per core: the first in this

@@ -22,13 +22,12 @@ from surgery.values import Entry
 from surgery.writers.copy import Pieces, RawBytes
 from surgery.writers.outputs import atomic_folder
 from surgery.writers.safetensors import _check_safetensors_dtypes, _write_safetensors
-from surgery.writers.sharded import shards_of
+from surgery.writers.sharded import shard_names, shards_of, write_shards
 
 if TYPE_CHECKING:
     import torch
 
 WEIGHTS = "model.safetensors"
-INDEX = "model.safetensors.index.json"
 DEFAULT_SHARD_SIZE = 5 * 10**9  # save_pretrained's max_shard_size before transformers 5 (50GB since)
 
 
@@ -82,23 +81,14 @@ def write_hf_folder(
     if aliases:
         meta[ALIASES_KEY] = json.dumps(aliases)
     shards = shards_of(stored, shard_size or DEFAULT_SHARD_SIZE)
-    names = (
-        [WEIGHTS]
-        if len(shards) == 1
-        else [f"model-{i:05d}-of-{len(shards):05d}.safetensors" for i in range(1, len(shards) + 1)]
-    )
+    names = [WEIGHTS] if len(shards) == 1 else shard_names(len(shards))
     with atomic_folder(out, size=sum(e.nbytes for e in stored) + len(config)) as tmp:
         (tmp / CONFIG).write_text(config, encoding="utf-8")
-        for name, group in zip(names, shards, strict=True):
-            with open(tmp / name, "w+b") as f:
-                _write_safetensors(f, group, get, meta if len(shards) == 1 else {"format": "pt"}, done)
-        if len(shards) > 1:
-            weight_map = {e.name: name for name, group in zip(names, shards, strict=True) for e in group}
-            index = {
-                "metadata": {"total_size": sum(e.nbytes for e in stored), **meta},
-                "weight_map": weight_map,
-            }
-            (tmp / INDEX).write_text(json.dumps(index, indent=2) + "\n")
+        if len(shards) == 1:
+            with open(tmp / WEIGHTS, "w+b") as f:
+                _write_safetensors(f, stored, get, meta, done)
+        else:
+            write_shards(tmp, names, shards, get, meta, done=done)
         if check is not None:
             check(tmp)
     return names

@@ -45,25 +45,47 @@ def write_sharded(
 ) -> list[str]:
     """A folder of shards and the index others read (`model.safetensors.index.json`, or
     `pytorch_model.bin.index.json` with `torch_format`), written atomically. Returns the shard names."""
-    stem, ext = ("pytorch_model", ".bin") if torch_format else ("model", ".safetensors")
     if not torch_format:
         _check_safetensors_dtypes(out, entries)
     shards = shards_of(entries, shard_size)
-    names = [f"{stem}-{i:05d}-of-{len(shards):05d}{ext}" for i in range(1, len(shards) + 1)]
-    weight_map: dict[str, str] = {}
+    names = shard_names(len(shards), torch_format=torch_format)
     with atomic_folder(out, size=sum(e.nbytes for e in entries if e.name not in (aliases or {}))) as tmp:
-        for name, group in zip(names, shards, strict=True):
-            with open(tmp / name, "w+b") as f:
-                if torch_format:
-                    here = {e.name for e in group}
-                    ties = {a: k for a, k in (aliases or {}).items() if a in here and k in here}
-                    _write_torch(f, group, get, {}, done, ties)
-                else:
-                    _write_safetensors(f, group, get, {"format": "pt"}, done)
-            weight_map.update(dict.fromkeys((e.name for e in group), name))
-        total = sum(e.nbytes for e in entries)
-        index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
-        (tmp / f"{stem}{ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")
+        write_shards(tmp, names, shards, get, metadata, torch_format=torch_format, done=done, aliases=aliases)
         if check is not None:
             check(tmp)
     return names
+
+
+def shard_names(count: int, *, torch_format: bool = False) -> list[str]:
+    """`model-00001-of-00003.safetensors`, ... (`pytorch_model-...bin` with `torch_format`)."""
+    stem, ext = ("pytorch_model", ".bin") if torch_format else ("model", ".safetensors")
+    return [f"{stem}-{i:05d}-of-{count:05d}{ext}" for i in range(1, count + 1)]
+
+
+def write_shards(
+    folder: Path,
+    names: Sequence[str],
+    shards: Sequence[Sequence[Entry]],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
+    metadata: dict[str, str],
+    *,
+    torch_format: bool = False,
+    done: Callable[[str], None] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """Each group of entries into its named shard in `folder`, then the index naming them,
+    with `metadata` (and the total size) in the index; shards get `format: pt` only."""
+    weight_map: dict[str, str] = {}
+    for name, group in zip(names, shards, strict=True):
+        with open(folder / name, "w+b") as f:
+            if torch_format:
+                here = {e.name for e in group}
+                ties = {a: k for a, k in (aliases or {}).items() if a in here and k in here}
+                _write_torch(f, group, get, {}, done, ties)
+            else:
+                _write_safetensors(f, group, get, {"format": "pt"}, done)
+        weight_map.update(dict.fromkeys((e.name for e in group), name))
+    total = sum(e.nbytes for group in shards for e in group)
+    index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}
+    stem_ext = "pytorch_model.bin" if torch_format else "model.safetensors"
+    (folder / f"{stem_ext}.index.json").write_text(json.dumps(index, indent=2) + "\n")

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
 from surgery.casts import CastLosses, LossyCast
+from surgery.commands.maps import rule_sets
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import Checkpoint, open_checkpoint, open_trusted
@@ -30,8 +31,10 @@ from surgery.models.edit import Edit, apply, first_conv, get_module, initialise
 from surgery.models.finetune import FinetunePlan, FinetuneSummary, apply_freeze, param_groups, summarize
 from surgery.models.loading import Output, cast_losses, load_into
 from surgery.models.recipe import RECIPE_KEY, Recipe
-from surgery.models.targets import Target, build_target, target_of_module
+from surgery.models.targets import Target, build_target, parse_kwargs, target_of_module
+from surgery.models.transforms import MappedSource
 from surgery.names import group_names
+from surgery.plans.adapt import adaptations, as_rules, with_adapt_hints
 from surgery.plans.hints import diagnose
 from surgery.plans.intent import Intent, with_intent
 from surgery.plans.keys import KeyRules, Rename, strings
@@ -45,6 +48,7 @@ from surgery.plans.match import (
     plan_port,
     source_names,
 )
+from surgery.plans.rules import RuleError, RuleSet, rules_from_doc
 from surgery.text import percent
 from surgery.trust import require_trust
 from surgery.values import Entry, both_ways
@@ -201,24 +205,36 @@ def entries_of(ckpt: Checkpoint) -> list[Entry]:
 
 
 def _plan(
-    ckpt: Checkpoint, target: Target, options: PortOptions, intent: Intent = Intent()
+    ckpt: Checkpoint, target: Target, options: PortOptions, intent: Intent = Intent(), *, adapt: bool = False
 ) -> tuple[PortPlan, tuple[str, ...]]:
     """plan_port for a checkpoint and a target, read with the user's intent, failures as
-    SurgeryErrors; and the hints that would pair what is left missing and unexpected."""
+    SurgeryErrors; and the hints that would pair what is left missing and unexpected.
+    With `adapt`, mismatches a known adaptation loads are planned again as rules
+    (`plans.adapt`); without, they say what `--adapt` would do."""
     source = entries_of(ckpt)
     target_file = target.template.format if target.template is not None else None
-    try:
-        plan = plan_port(
-            source,
-            target.entries,
-            options,
-            both_ways(target.aliases()),
-            both_ways(ckpt.aliases),
-            saved_order=not {ckpt.format, target_file} & SORTED_FORMATS,
-            source_versions=ckpt.module_versions,
-        )
-    except MatchError as exc:
-        raise SurgeryError(ckpt.path, str(exc)) from None
+
+    def planned(options: PortOptions) -> PortPlan:
+        try:
+            return plan_port(
+                source,
+                target.entries,
+                options,
+                both_ways(target.aliases()),
+                both_ways(ckpt.aliases),
+                saved_order=not {ckpt.format, target_file} & SORTED_FORMATS,
+                source_versions=ckpt.module_versions,
+            )
+        except (MatchError, RuleError) as exc:
+            raise SurgeryError(ckpt.path, str(exc)) from None
+
+    plan = planned(options)
+    adapt_hints: list[str] = []
+    if adapt and (found := adaptations(plan)):
+        seen, _ = options.keys.apply([e.name for e in source])
+        plan = planned(replace(options, rules=(*options.rules, as_rules(found, seen))))
+    elif not adapt:
+        plan, adapt_hints = with_adapt_hints(plan)
     if intent.empty and plan.complete:
         return plan, ()
     renamed = source_names([e.name for e in source], [e.name for e in target.entries], options)
@@ -228,7 +244,7 @@ def _plan(
     unexpected = [replace(by_source[s], name=renamed.get(s, s)) for s in plan.unexpected]
     plain = options.mapping is not None or all(renamed.get(s, s) == s for s in plan.unexpected)
     hints = diagnose([by_target[t] for t in plan.missing], unexpected, match=options.match, plain_names=plain)
-    return plan, tuple(hints)
+    return plan, (*adapt_hints, *hints)
 
 
 def refusal(report: PortReport) -> tuple[str, str, str] | None:
@@ -294,6 +310,10 @@ def port(
     allow_missing: Sequence[str] = (),
     allow_unexpected: Sequence[str] = (),
     allow_lossy_cast: bool = False,
+    map: Sequence[str | Path] = (),
+    preset: Sequence[str] = (),
+    map_args: Mapping[str, Any] | None = None,
+    adapt: bool = False,
 ) -> PortReport:
     """Load a checkpoint into a live module, in place, and say exactly what happened.
 
@@ -310,6 +330,10 @@ def port(
             no pair: reported as new and unused, not missing and unexpected.
         allow_lossy_cast: load tensors whose cast to the module's dtype overflows to inf,
             makes NaN or flushes non-zero values to zero.
+        map, preset: rule files and presets (`surgery presets`) applied before name matching.
+        map_args: values for the rules' `"{name}"` op parameters (beside the module's config).
+        adapt: load mismatched position embeddings, patch kernels, vocabularies and
+            classifiers by resampling or resizing them (`plans.adapt`).
 
     Returns:
         The PortReport the CLI renders.
@@ -339,17 +363,47 @@ def port(
         allow_missing=strings(allow_missing, "allow_missing"),
         allow_unexpected=strings(allow_unexpected, "allow_unexpected"),
     )
+    sets = rule_sets(tuple(str(f) for f in strings(map, "map")), strings(preset, "preset"))
     target = target_of_module(into)
+    if sets:
+        values = {**rule_values(target), **dict(map_args or {})}
+        options = replace(options, rules=sets, rule_args=tuple(values.items()))
     ckpt = open_trusted(source, key=rules.key, trust=trust)
-    plan, hints = _plan(ckpt, target, options, intent)
+    plan, hints = _plan(ckpt, target, options, intent, adapt=adapt)
     report = _report(ckpt, target, plan, options, strict, min_coverage=min_coverage, hints=hints)
     refused = refusal(report)
     if refused is not None:
         message, hint, _ = refused
         raise PortFailed(ckpt.path, report, message, hint)
-    report = _refuse_lossy(ckpt, plan, report, allow_lossy_cast)
-    load_into(into, ckpt, plan)
+    source = mapped(ckpt, plan, target)
+    report = _refuse_lossy(source, plan, report, allow_lossy_cast)
+    load_into(into, source, plan)
     return report
+
+
+def rule_values(target: Target, map_args: Sequence[str] = ()) -> dict[str, Any]:
+    """What a rule's `"{name}"` op parameters may name: the target's config (an `hf:`
+    target's, `num_attention_heads`), then its keyword arguments, then `--map-arg NAME=VALUE`."""
+    values: dict[str, Any] = {}
+    config = getattr(target.module, "config", None)
+    if callable(getattr(config, "to_dict", None)):
+        values.update(config.to_dict())
+    values.update(target.kwargs)
+    values.update(parse_kwargs(map_args, "--map-arg"))
+    return values
+
+
+def mapped(ckpt: Checkpoint, plan: PortPlan, target: Target) -> Checkpoint:
+    """The source as loading and writing read it: with the rules' outputs when the plan has them."""
+    if not plan.derived:
+        return ckpt
+    if target.module is not None:
+        state = target.module.state_dict()
+        value = state.__getitem__
+    else:
+        assert target.template is not None
+        value = target.template.tensor
+    return MappedSource(ckpt, plan.derived, value)  # type: ignore[return-value]
 
 
 def check_min_coverage(value: object) -> float:
@@ -410,12 +464,9 @@ def port_file(request: PortRequest) -> PortReport:
 
     if request.target_named_by is not None:
         require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
-    options = PortOptions(
-        request.keys,
-        request.match,
-        request.reshape,
-        read_plan(request.plan) if request.plan is not None else None,
-    )
+    mapping, plan_rules = read_plan(request.plan) if request.plan is not None else (None, None)
+    sets = (plan_rules,) if plan_rules is not None else rule_sets(request.map, request.preset)
+    options = PortOptions(request.keys, request.match, request.reshape, mapping)
     strict, dry_run, force, verify = request.strict, request.dry_run, request.force, request.verify
     edits, init, finetune, plan_out = request.edits, request.init, request.finetune, request.plan_out
     ckpt = open_trusted(request.source, key=request.keys.key, trust=request.trust)
@@ -443,8 +494,13 @@ def port_file(request: PortRequest) -> PortReport:
         target, edit_steps, created = _edit_target(target, edits, init)
         extracted = tuple(f"{e.spec}." for e in edits if e.op == "extract" and "," not in e.spec)
         options = replace(options, extracted=extracted) if extracted else options
+        if sets:
+            options = replace(
+                options, rules=sets, rule_args=tuple(rule_values(target, request.map_args).items())
+            )
         intent = Intent(created, removed_by(edits), request.allow_missing, request.allow_unexpected)
-        plan, hints = _plan(ckpt, target, options, intent)
+        plan, hints = _plan(ckpt, target, options, intent, adapt=request.adapt)
+        source = mapped(ckpt, plan, target)
         report = _report(
             ckpt,
             target,
@@ -462,11 +518,11 @@ def port_file(request: PortRequest) -> PortReport:
         refused = refusal(report)
         writing = refused is None and not (dry_run or out_path is None)
         if writing:
-            report = _refuse_lossy(ckpt, plan, report, request.allow_lossy_cast)
+            report = _refuse_lossy(source, plan, report, request.allow_lossy_cast)
         transformed: set[str] = set()
         if target.module is not None:
             if writing:
-                load_into(target.module, ckpt, plan)
+                load_into(target.module, source, plan)
             for edit in late:  # after loading: the first conv's weight is derived from the source's
                 _, _, text = apply(target.module, edit, adapt_weights=writing)
                 transformed.add(first_conv(target.module) + ".weight")
@@ -482,7 +538,7 @@ def port_file(request: PortRequest) -> PortReport:
         if hf:  # tied names are stored once, and read back after the others
             target = replace(target, entries=hf_entries(target.entries, aliases))
         raw = hf or is_safetensors(out_path) or streams_torch(target.entries)  # else torch.save needs tensors
-        output = Output(ckpt, target, plan, transformed, raw=raw)
+        output = Output(source, target, plan, transformed, raw=raw)
         if output.needs_torch:
             importlib.import_module("torch")  # while the source is still being hashed
         metadata = provenance(ckpt, target, report, digests.result())
@@ -584,7 +640,9 @@ def provenance(
         "surgery.target_kwargs": json.dumps(target.kwargs, default=repr),
         "surgery.rules": json.dumps(report.options.to_json()),
         "surgery.summary": report.summary(),
-    }
+    } | (
+        {"surgery.map": json.dumps([d.to_json() for d in report.plan.derived])} if report.plan.derived else {}
+    )
 
 
 class SourceDigests:
@@ -745,24 +803,31 @@ def _verify_failed(where: Path, name: str, source: str | None) -> SurgeryError:
 
 
 def _write_plan(path: Path, report: PortReport) -> None:
-    """The final mapping as an editable file: review it, then `--plan` applies it as is."""
+    """The final mapping as an editable file: review it, then `--plan` applies it as is.
+    The rules' bindings are in it resolved (no placeholders, every op's parameters)."""
     from surgery.writers.outputs import atomic
 
+    plan = report.plan
     doc = {
         "surgery_plan": PLAN_VERSION,
         "source": report.source,
         "target": report.target,
-        "mapping": {m.source: m.target for m in report.plan.matched}
-        | {m.source: m.target for m in report.plan.mismatched},
-        "unused_source_keys": list(report.plan.unexpected),
-        "unfilled_target_keys": list(report.plan.missing),
+        "mapping": {m.source: m.target for m in plan.matched if m.how != "rule"}
+        | {m.source: m.target for m in plan.mismatched},
+        "rules": [
+            {"from": list(d.sources), "to": list(d.targets), "ops": [op.to_json() for op in d.ops]}
+            for d in plan.derived
+        ],
+        "unused_source_keys": list(plan.unexpected),
+        "unfilled_target_keys": list(plan.missing),
     }
     with atomic(path) as f:
         f.write((json.dumps(doc, indent=2) + "\n").encode())
 
 
-def read_plan(path: str | Path) -> dict[str, str]:
-    """The mapping of a plan file written by `--plan-out` (and perhaps edited)."""
+def read_plan(path: str | Path) -> tuple[dict[str, str], RuleSet | None]:
+    """The mapping of a plan file written by `--plan-out` (and perhaps edited), and its
+    rules (None when it has none)."""
     path = Path(path)
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
@@ -775,7 +840,13 @@ def read_plan(path: str | Path) -> dict[str, str]:
         isinstance(k, str) and isinstance(v, str) for k, v in mapping.items()
     ):
         raise UsageError(path, 'the plan needs a "mapping" object of source key -> target key')
-    return mapping
+    rules = doc.get("rules") or []
+    if not rules:
+        return mapping, None
+    try:
+        return mapping, rules_from_doc({"rule": rules}, path.name)
+    except RuleError as exc:
+        raise UsageError(path, str(exc)) from None
 
 
 # -- the request: flags, a recipe file's fields, or a library call ----------------
@@ -813,6 +884,10 @@ class PortRequest(Request):
     trust: bool = False
     format: str = "auto"  # auto: by OUT's name; hf: a Hugging Face model folder
     shard_size: int | None = None  # --format hf: shards of at most this many bytes (default 5 GB)
+    map: tuple[str, ...] = ()  # rule files, applied before name matching
+    preset: tuple[str, ...] = ()  # rule files shipped with surgery (`surgery presets`)
+    map_args: tuple[str, ...] = ()  # NAME=VALUE for the rules' "{name}" op parameters
+    adapt: bool = False  # resample or resize what differs only in grid, kernel, vocabulary or classes
     target_named_by: str | None = None  # the recipe file `to` was read from: it imports code only with trust
 
     # What a recipe file may hold, with the TOML type of each field: the flags by their
@@ -851,6 +926,10 @@ class PortRequest(Request):
         "allow_lossy_cast": bool,
         "format": str,
         "shard_size": (str, int),
+        "map": (str, list),
+        "preset": (str, list),
+        "map_args": dict,
+        "adapt": bool,
     }
 
     def __post_init__(self) -> None:
@@ -881,6 +960,8 @@ class PortRequest(Request):
             )
         if self.shard_size is not None and (self.format != "hf" or self.shard_size <= 0):
             raise BadArgument("shard_size", "shards are written with --format hf, of more than 0 bytes")
+        if self.plan is not None and (self.map or self.preset):
+            raise BadArgument("plan", "a plan holds the rules it was made with: drop --map and --preset")
         if self.init is not None and self.init not in INIT_SCHEMES:
             raise BadArgument("init", f"{self.init!r} is not one of {', '.join(INIT_SCHEMES)}")
 
@@ -901,9 +982,7 @@ class PortRequest(Request):
         from surgery.commands.convert import parse_size
 
         size = fields.get("shard_size")
-        args = fields.get("args") or ()
-        if isinstance(args, dict):
-            args = [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in args.items()]
+        args, map_args = (as_pairs(fields.get(name) or ()) for name in ("args", "map_args"))
         return cls(
             source=str(fields.get("source") or ""),
             to=str(fields.get("to") or ""),
@@ -928,6 +1007,10 @@ class PortRequest(Request):
             trust=bool(fields.get("trust")),
             format=fields.get("format") or "auto",
             shard_size=parse_size(size) if isinstance(size, str) else size,
+            map=tuple(str(f) for f in strings(fields.get("map"), "map")),
+            preset=strings(fields.get("preset"), "preset"),
+            map_args=tuple(map_args),
+            adapt=bool(fields.get("adapt")),
             target_named_by=file if "to" in from_file else None,
         )
 
@@ -957,9 +1040,20 @@ class PortRequest(Request):
             "allow_lossy_cast": self.allow_lossy_cast,
             "format": self.format,
             "shard_size": self.shard_size,
+            "map": list(self.map),
+            "preset": list(self.preset),
+            "map_args": list(self.map_args),
+            "adapt": self.adapt,
             "plan": self.plan,
             "dry_run": self.dry_run,
         }
+
+
+def as_pairs(value: Any) -> list[str]:
+    """NAME=VALUE strings from a recipe's table (`args = { num_classes = 2 }`) or as given."""
+    if isinstance(value, dict):
+        return [f"{k}={v!r}" if isinstance(v, str) else f"{k}={v}" for k, v in value.items()]
+    return list(value)
 
 
 EDIT_FIELDS = {"op", "path", "spec", "value"}

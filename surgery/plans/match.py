@@ -15,6 +15,7 @@ from typing import Any
 from surgery.errors import BadArgument
 from surgery.names import WRAPPER_PREFIXES, common_prefix, natural, numbered, wrapper_prefixes
 from surgery.plans import keys
+from surgery.plans.rules import Derived, RulePlan, RuleSet, plan_rules
 from surgery.values import Entry, Shape
 
 MODES = ("exact", "suffix", "order", "auto")
@@ -87,6 +88,8 @@ class PortPlan:
     filled: tuple[str, ...] = ()  # target keys torch itself would not miss: they keep the target's value
     new: tuple[str, ...] = ()  # target keys not expected from the source (edits, --allow-missing)
     unused: tuple[str, ...] = ()  # source keys left unused by intent (replaced, removed, --allow-unexpected)
+    derived: tuple[Derived, ...] = ()  # what the rules make: their outputs are source keys of `matched`
+    layout_changed: tuple[str, ...] = ()  # target keys whose rule ops change what their module computes
 
     @property
     def complete(self) -> bool:
@@ -502,6 +505,8 @@ class PortOptions:
     reshape: bool = False
     mapping: dict[str, str] | None = None  # a reviewed plan: source key -> target key, used as is
     extracted: tuple[str, ...] = ()  # prefixes the target lost to --extract: stripped when that helps
+    rules: tuple[RuleSet, ...] = ()  # rule files and presets, applied before any pairing
+    rule_args: tuple[tuple[str, Any], ...] = ()  # values for the rules' "{name}" op parameters
 
     def __post_init__(self) -> None:
         if self.match not in MODES:
@@ -515,6 +520,7 @@ class PortOptions:
             **rules,
             "reshape": self.reshape,
             "plan": self.mapping is not None,
+            "map": [r.origin for r in self.rules],
         }
 
 
@@ -541,27 +547,41 @@ def plan_port(
         BadArgument: a key rule makes two keys collide, or a plan names unknown keys.
         MatchError: the keys cannot be paired as `options.match` asks.
     """
+    ruled = _rules(source, target, options)
+    rest = [e for e in source if e.name not in ruled.consumed]
+    filled = {t for d in ruled.derived for t in d.targets}
+    rest_target = [t for t in target if t.name not in filled]
+    derived = [e for d in ruled.derived for e in d.entries()]
+    made = [
+        Pair(e.name, t, "rule") for d in ruled.derived for e, t in zip(d.entries(), d.targets, strict=True)
+    ]
     if options.mapping is not None:
-        return fill_as_torch(
-            _apply_mapping(source, target, options, ties, source_ties), target, source_versions
+        plan = _apply_mapping(rest, rest_target, options, ties, source_ties, [*rest, *derived], made)
+    else:
+        kept, steps = _renamed([e.name for e in rest], [t.name for t in rest_target], options)
+        pairs = pair(rest, kept, rest_target, options.match, saved_order=saved_order)
+        hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
+        counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
+        if not saved_order and any(p.how == "order" for p in pairs):
+            counts[-1] += " (both sides in the natural order of their names)"
+        steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
+        plan = judge(
+            [*made, *pairs],
+            [*rest, *derived],
+            target,
+            reshape=options.reshape,
+            ties=ties,
+            source_ties=source_ties,
+            kept=set(kept) | {e.name for e in derived},
+            steps=[*ruled.steps, *steps],
         )
-    kept, steps = _renamed([e.name for e in source], [t.name for t in target], options)
-    pairs = pair(source, kept, target, options.match, saved_order=saved_order)
-    hows = {"name": "exact", "dotted suffix": "suffix", "position": "order"}
-    counts = [f"{n} by {label}" for label, how in hows.items() if (n := sum(p.how == how for p in pairs))]
-    if not saved_order and any(p.how == "order" for p in pairs):
-        counts[-1] += " (both sides in the natural order of their names)"
-    steps.append(f"--match {options.match}: " + (", ".join(counts) if counts else "no pairs"))
-    plan = judge(
-        pairs,
-        source,
-        target,
-        reshape=options.reshape,
-        ties=ties,
-        source_ties=source_ties,
-        kept=set(kept),
-        steps=steps,
-    )
+    if ruled.derived or ruled.dropped:
+        plan = replace(
+            plan,
+            derived=ruled.derived,
+            unused=(*plan.unused, *ruled.dropped),
+            layout_changed=ruled.layout_changed,
+        )
     return fill_as_torch(plan, target, source_versions)
 
 
@@ -571,7 +591,11 @@ def _apply_mapping(
     options: PortOptions,
     ties: dict[str, str] | None,
     source_ties: dict[str, str] | None,
+    judged: Sequence[Entry],
+    made: Sequence[Pair],
 ) -> PortPlan:
+    """A reviewed plan's pairs (`source` and `target`: the keys its rules leave), with the
+    pairs its rules `made`, judged over every source entry."""
     mapping = options.mapping or {}
     source_names = {e.name for e in source}
     target_names = {e.name for e in target}
@@ -584,11 +608,20 @@ def _apply_mapping(
     if clashes:
         new, olds = next(iter(clashes.items()))
         raise BadArgument("plan", f"the plan maps both {olds[0]!r} and {olds[1]!r} to {new!r}")
-    pairs = [Pair(s, t, "plan") for s, t in mapping.items()]
+    pairs = [*made, *(Pair(s, t, "plan") for s, t in mapping.items())]
     steps = [f"applied a plan of {len(pairs)} pairs"]
     return judge(
-        pairs, source, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
+        pairs, judged, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
     )
+
+
+def _rules(source: Sequence[Entry], target: Sequence[Entry], options: PortOptions) -> RulePlan:
+    """The rules bound to the source keys as the key rules name them (`--strip-prefix`,
+    `--rename`: the wrapper prefixes stripped automatically are not, the rules name keys)."""
+    if not options.rules:
+        return RulePlan()
+    seen, _ = options.keys.apply([e.name for e in source])
+    return plan_rules(options.rules, source, target, dict(options.rule_args), seen)
 
 
 def source_names(source: Sequence[str], target: Sequence[str], options: PortOptions) -> dict[str, str]:

@@ -1,0 +1,99 @@
+"""Mismatched tensors that a known adaptation loads (`--adapt`), as rules.
+
+Only where the shapes differ the way timm itself adapts on load, or a vocabulary or a
+classifier grows or shrinks: a position embedding on another grid (class and register
+tokens kept), a patch embedding with another kernel, an embedding or output matrix with
+more or fewer rows, a classifier with more or fewer classes. Each becomes a one-key rule
+(`plans.rules`), so what `--adapt` does is reported, planned and applied like any rule;
+without `--adapt` the mismatch says what `--adapt` would do.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, replace
+from typing import Any
+
+from surgery.plans.match import Mismatched, PortPlan
+from surgery.plans.rules import Rule, RuleSet
+from surgery.values import Shape
+
+VOCAB_WORDS = ("embed", "wte", "tok", "lm_head", "output", "word")
+CLASSIFIER_WORDS = ("fc", "head", "classifier", "last_linear", "logits")
+MAX_PREFIX_TOKENS = 16  # class, distillation and register tokens before a position grid
+
+
+@dataclass(frozen=True)
+class Adaptation:
+    source: str
+    target: str
+    op: dict[str, Any]
+    what: str  # "the position grid 14x14 -> 24x24"
+
+
+def adaptation(m: Mismatched) -> Adaptation | None:
+    """The adaptation that loads a mismatched pair, or None when its shapes are not one
+    of the known kinds (the key's name must say which kind it is, too)."""
+    s, t = m.source_shape, m.target_shape
+    module, _, leaf = m.target.rpartition(".")
+    words = m.target.lower()
+    if len(s) == 3 and "pos" in leaf.lower() + module.rsplit(".", 1)[-1].lower():
+        prefix = _prefix_tokens(s, t)
+        if prefix is not None:
+            old, new = math.isqrt(s[1] - prefix), math.isqrt(t[1] - prefix)
+            what = f"the position grid {old}x{old} -> {new}x{new} ({prefix} prefix tokens kept)"
+            return Adaptation(m.source, m.target, {"op": "resample_pos_embed", "prefix_tokens": prefix}, what)
+    if len(s) == 4 and s[:2] == t[:2] and ("patch" in words or "proj" in words):
+        what = f"the patch kernel {s[2]}x{s[3]} -> {t[2]}x{t[3]}"
+        return Adaptation(m.source, m.target, {"op": "resample_patch_embed"}, what)
+    if not s or len(s) != len(t) or s[1:] != t[1:] or len(s) > 2:
+        return None
+    last = module.rsplit(".", 1)[-1].lower()
+    if len(s) == 2 and any(w in last for w in VOCAB_WORDS) and not any(w == last for w in CLASSIFIER_WORDS):
+        what = f"the vocabulary {s[0]} -> {t[0]} rows" + (
+            " (new rows the mean of the old)" if t[0] > s[0] else ""
+        )
+        return Adaptation(m.source, m.target, {"op": "resize_rows", "init": "mean"}, what)
+    if any(w in module.lower().split(".")[-1] for w in CLASSIFIER_WORDS):
+        kept = min(s[0], t[0])
+        what = f"the classes {s[0]} -> {t[0]} (the first {kept} kept" + (
+            ", new ones as the target initialised them)" if t[0] > s[0] else ")"
+        )
+        return Adaptation(m.source, m.target, {"op": "resize_rows", "init": "target"}, what)
+    return None
+
+
+def _prefix_tokens(s: Shape, t: Shape) -> int | None:
+    """The fewest leading tokens that leave both sides a square grid of different sizes."""
+    if s[0] != 1 or t[0] != 1 or s[2] != t[2]:
+        return None
+    for p in range(min(MAX_PREFIX_TOKENS, s[1], t[1]) + 1):
+        a, b = s[1] - p, t[1] - p
+        if a > 0 and b > 0 and math.isqrt(a) ** 2 == a and math.isqrt(b) ** 2 == b and a != b:
+            return p
+    return None
+
+
+def adaptations(plan: PortPlan) -> list[Adaptation]:
+    return [a for m in plan.mismatched if (a := adaptation(m)) is not None]
+
+
+def as_rules(found: list[Adaptation], seen: Mapping[str, str]) -> RuleSet:
+    """The adaptations as a rule set; `seen`: file name -> the name rules match."""
+    rules = tuple(Rule((seen.get(a.source, a.source),), (a.target,), (a.op,), where=a.target) for a in found)
+    return RuleSet(rules, "--adapt")
+
+
+def with_adapt_hints(plan: PortPlan) -> tuple[PortPlan, list[str]]:
+    """The plan with each adaptable mismatch saying what `--adapt` would do, and a hint."""
+    found = {(a.source, a.target): a for a in adaptations(plan)}
+    if not found:
+        return plan, []
+    mismatched = tuple(
+        replace(m, reason=f"--adapt would load it: {found[m.source, m.target].what}")
+        if (m.source, m.target) in found and m.reason is None
+        else m
+        for m in plan.mismatched
+    )
+    return replace(plan, mismatched=mismatched), [f"--adapt would load {len(found)} mismatched tensors"]

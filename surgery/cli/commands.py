@@ -131,6 +131,45 @@ def port(
         bool,
         typer.Option("--reshape", help="Load pairs of equal size but different shape (Linear <-> 1x1 conv)."),
     ] = False,
+    map: Annotated[
+        Strs,
+        typer.Option(
+            "--map",
+            help="RULES.toml: rename keys and transform tensors (cat, split, transpose, permute_rope, ...) "
+            "before name matching (repeatable).",
+        ),
+    ] = None,
+    preset: Annotated[
+        Strs, typer.Option("--preset", help="A rule file shipped with surgery (surgery presets).")
+    ] = None,
+    map_arg: Annotated[
+        Strs, typer.Option("--map-arg", help='NAME=VALUE for a rule\'s "{NAME}" op parameter (repeatable).')
+    ] = None,
+    adapt: Annotated[
+        bool,
+        typer.Option(
+            "--adapt",
+            help="Load what differs only in position grid, patch kernel, vocabulary or classes by "
+            "resampling or resizing it (each reported).",
+        ),
+    ] = False,
+    check: Annotated[
+        bool,
+        typer.Option(
+            "--check",
+            help="Build the source architecture too (--from), run both on seeded probe inputs, compare "
+            "outputs and name the first module that diverges; exit 1 (nothing written) when they differ.",
+        ),
+    ] = False,
+    check_from: Annotated[
+        Text, typer.Option("--from", help="The source's architecture for --check (a --to kind of spec).")
+    ] = None,
+    probe_shape: Annotated[
+        Text, typer.Option("--probe-shape", help="The probe input's shape for --check: 2,3,224,224 or 2,16.")
+    ] = None,
+    atol: Annotated[
+        Float, typer.Option("--atol", help="--check: largest absolute difference allowed [default: 1e-5].")
+    ] = None,
     key: KeyOpt = None,
     replace: Annotated[
         Strs,
@@ -426,3 +465,12 @@ def sanitize(
     if out is None:
         raise BadArgument("out", "say where to write the result (-o OUT)")
     show(run(source, out, force=force, dry_run=dry_run), json_out)
+
+
+@command(["surgery presets", "surgery presets --json"])
+def presets(json_out: JsonOpt = False, debug: DebugOpt = False) -> None:
+    """The rule files shipped with surgery, for `surgery port --preset NAME`: one line each,
+    with the library versions each was verified against."""
+    from surgery.commands.maps import list_presets
+
+    show(list_presets(), json_out)

@@ -6,7 +6,9 @@ reviewed or not, can rename, cut and reshape tensors but never run code.
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import UsageError
 from surgery.plans.rules import RuleError, RuleSet, rules_from_doc
@@ -59,3 +61,28 @@ def read_preset(name: str) -> RuleSet:
 def rule_sets(files: tuple[str, ...] = (), presets: tuple[str, ...] = ()) -> tuple[RuleSet, ...]:
     """The presets, then the rule files, in the order given."""
     return tuple(read_preset(n) for n in presets) + tuple(read_rules(f) for f in files)
+
+
+@dataclass(frozen=True)
+class PresetsReport:
+    """`surgery presets`: each preset with its one line and the versions it was checked with."""
+
+    presets: tuple[RuleSet, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {
+            "surgery_json": 1,
+            "presets": [
+                {
+                    "name": r.origin.removeprefix("preset "),
+                    "description": r.description,
+                    "rules": len(r.rules),
+                    "verified": dict(r.verified),
+                }
+                for r in self.presets
+            ],
+        }
+
+
+def list_presets() -> PresetsReport:
+    return PresetsReport(tuple(read_preset(name) for name in preset_names()))

@@ -34,7 +34,7 @@ from surgery.models.recipe import RECIPE_KEY, Recipe
 from surgery.models.targets import Target, build_target, parse_kwargs, target_of_module
 from surgery.models.transforms import MappedSource
 from surgery.names import group_names
-from surgery.plans.adapt import adaptations, as_rules, with_adapt_hints
+from surgery.plans.adapt import adaptations, as_rules, kept_heads, with_adapt_hints
 from surgery.plans.hints import diagnose
 from surgery.plans.intent import Intent, with_intent
 from surgery.plans.keys import KeyRules, Rename, strings
@@ -55,6 +55,8 @@ from surgery.values import Entry, both_ways
 
 if TYPE_CHECKING:
     from torch import nn
+
+    from surgery.models.check import CheckResult
 
 PLAN_VERSION = 1
 # The least share of the target's expected parameters (%) a port loads before it writes:
@@ -98,6 +100,7 @@ class PortReport:
     finetune: FinetuneSummary | None = None
     hints: tuple[str, ...] = ()  # what would pair the missing keys with the unexpected ones (plans.hints)
     lossy: dict[str, CastLosses] = field(default_factory=dict)  # target key -> what its cast lost
+    check: CheckResult | None = None  # --check: both models run on the same probes
 
     @property
     def loaded(self) -> set[str]:
@@ -197,6 +200,8 @@ class PortReport:
             "edits": list(self.edits),
             "finetune": self.finetune.to_json() if self.finetune else None,
             "lossy_cast": {name: losses.to_json() for name, losses in self.lossy.items()},
+            "derived": [d.to_json() for d in plan.derived],
+            "check": self.check.to_json() if self.check is not None else None,
         }
 
 
@@ -233,6 +238,7 @@ def _plan(
     if adapt and (found := adaptations(plan)):
         seen, _ = options.keys.apply([e.name for e in source])
         plan = planned(replace(options, rules=(*options.rules, as_rules(found, seen))))
+        intent = replace(intent, created=(*intent.created, *kept_heads(found)))
     elif not adapt:
         plan, adapt_hints = with_adapt_hints(plan)
     if intent.empty and plan.complete:
@@ -381,6 +387,47 @@ def port(
     return report
 
 
+def _check(request: PortRequest, ckpt: Checkpoint, plan: PortPlan, module: nn.Module) -> CheckResult:
+    """`--check`: the source loaded into its own architecture (`check_from`, every key by
+    name) and the loaded target run on the same probes; modules paired through the plan."""
+    from surgery.models.check import check
+
+    assert request.check_from is not None
+    built = build_target(request.check_from, trust=request.trust)
+    if built.module is None:
+        raise UsageError(request.check_from, "--from names a template: --check needs an architecture to run")
+    try:
+        loaded = port(ckpt, into=built.module, strict=True, match="auto", min_coverage=0)
+    except PortFailed as failed:
+        raise SurgeryError(
+            ckpt.path,
+            f"--check: the source does not load into --from {request.check_from}: {failed.report.summary()}",
+        ) from None
+    return check(
+        built.module,
+        module,
+        modules=module_pairs(loaded.plan, plan),
+        layout_changed=tuple({k.rpartition(".")[0] for k in plan.layout_changed}),
+        probe_shape=request.probe_shape,
+        atol=request.atol,
+    )
+
+
+def module_pairs(source_plan: PortPlan, plan: PortPlan) -> dict[str, str]:
+    """Source module -> target module, for modules whose every loaded tensor went one to one
+    (through renames and ops) from one module to the other: the ones `--check` compares."""
+    in_source = {m.source: m.target for m in source_plan.matched}
+    partners: dict[str, set[str]] = {}
+    for m in plan.matched:
+        if m.source in in_source:
+            partners.setdefault(in_source[m.source].rpartition(".")[0], set()).add(
+                m.target.rpartition(".")[0]
+            )
+    one = {s: next(iter(t)) for s, t in partners.items() if len(t) == 1 and s and next(iter(t))}
+    taken = list(one.values())
+    return {s: t for s, t in one.items() if taken.count(t) == 1}
+
+
 def rule_values(target: Target, map_args: Sequence[str] = ()) -> dict[str, Any]:
     """What a rule's `"{name}"` op parameters may name: the target's config (an `hf:`
     target's, `num_attention_heads`), then its keyword arguments, then `--map-arg NAME=VALUE`."""
@@ -464,6 +511,10 @@ def port_file(request: PortRequest) -> PortReport:
 
     if request.target_named_by is not None:
         require_trust(request.to, request.target_named_by, trust=request.trust, named_by="the recipe file")
+    if request.from_named_by is not None and request.check_from:
+        require_trust(
+            request.check_from, request.from_named_by, trust=request.trust, named_by="the recipe file"
+        )
     mapping, plan_rules = read_plan(request.plan) if request.plan is not None else (None, None)
     sets = (plan_rules,) if plan_rules is not None else rule_sets(request.map, request.preset)
     options = PortOptions(request.keys, request.match, request.reshape, mapping)
@@ -520,9 +571,22 @@ def port_file(request: PortRequest) -> PortReport:
         if writing:
             report = _refuse_lossy(source, plan, report, request.allow_lossy_cast)
         transformed: set[str] = set()
+        if request.check and target.module is None:
+            raise UsageError(request.to, "--check runs the target: name an architecture, not a template")
         if target.module is not None:
-            if writing:
+            if writing or (request.check and refused is None):
                 load_into(target.module, source, plan)
+            if request.check and refused is None:
+                result = _check(request, ckpt, plan, target.module)
+                report = replace(report, check=result)
+                if not result.passed:
+                    hint = "--dry-run shows each rule's ops and shapes; fix the rule at the module named"
+                    raise PortFailed(
+                        ckpt.path,
+                        replace(report, notes=("--check failed",)),
+                        f"--check: {result.summary()}",
+                        hint,
+                    )
             for edit in late:  # after loading: the first conv's weight is derived from the source's
                 _, _, text = apply(target.module, edit, adapt_weights=writing)
                 transformed.add(first_conv(target.module) + ".weight")
@@ -888,7 +952,12 @@ class PortRequest(Request):
     preset: tuple[str, ...] = ()  # rule files shipped with surgery (`surgery presets`)
     map_args: tuple[str, ...] = ()  # NAME=VALUE for the rules' "{name}" op parameters
     adapt: bool = False  # resample or resize what differs only in grid, kernel, vocabulary or classes
+    check: bool = False  # run the source's architecture and the target on probes, compare
+    check_from: str | None = None  # the source's architecture, a spec as `to`
+    probe_shape: tuple[int, ...] | None = None
+    atol: float = 1e-5
     target_named_by: str | None = None  # the recipe file `to` was read from: it imports code only with trust
+    from_named_by: str | None = None  # the same for `check_from`
 
     # What a recipe file may hold, with the TOML type of each field: the flags by their
     # long names. `plan`, `plan_out`, `dry_run`, `force` and `trust` are the caller's
@@ -930,6 +999,10 @@ class PortRequest(Request):
         "preset": (str, list),
         "map_args": dict,
         "adapt": bool,
+        "check": bool,
+        "check_from": str,
+        "probe_shape": (str, list),
+        "atol": (int, float),
     }
 
     def __post_init__(self) -> None:
@@ -960,6 +1033,14 @@ class PortRequest(Request):
             )
         if self.shard_size is not None and (self.format != "hf" or self.shard_size <= 0):
             raise BadArgument("shard_size", "shards are written with --format hf, of more than 0 bytes")
+        if self.check and not self.check_from:
+            raise BadArgument(
+                "check", "--check builds the source's architecture too: name it with --from SPEC"
+            )
+        if self.check_from and not self.check:
+            raise BadArgument("check_from", "--from names the architecture --check runs: pass --check")
+        if isinstance(self.atol, bool) or not isinstance(self.atol, (int, float)) or self.atol < 0:
+            raise BadArgument("atol", f"{self.atol!r} is not a tolerance of 0 or more")
         if self.plan is not None and (self.map or self.preset):
             raise BadArgument("plan", "a plan holds the rules it was made with: drop --map and --preset")
         if self.init is not None and self.init not in INIT_SCHEMES:
@@ -1011,7 +1092,12 @@ class PortRequest(Request):
             preset=strings(fields.get("preset"), "preset"),
             map_args=tuple(map_args),
             adapt=bool(fields.get("adapt")),
+            check=bool(fields.get("check")),
+            check_from=fields.get("check_from"),
+            probe_shape=probe_shape(fields.get("probe_shape")),
+            atol=fields.get("atol", 1e-5),
             target_named_by=file if "to" in from_file else None,
+            from_named_by=file if "check_from" in from_file else None,
         )
 
     @classmethod
@@ -1044,9 +1130,31 @@ class PortRequest(Request):
             "preset": list(self.preset),
             "map_args": list(self.map_args),
             "adapt": self.adapt,
+            "check": self.check,
+            "check_from": self.check_from,
+            "probe_shape": list(self.probe_shape) if self.probe_shape else None,
+            "atol": self.atol,
             "plan": self.plan,
             "dry_run": self.dry_run,
         }
+
+
+def probe_shape(value: Any) -> tuple[int, ...] | None:
+    """`2,3,224,224` (or a list of sizes) as a shape.
+
+    Raises:
+        BadArgument: anything but positive sizes.
+    """
+    if value is None:
+        return None
+    items = value.split(",") if isinstance(value, str) else value
+    try:
+        shape = tuple(int(str(n).strip()) for n in items)
+    except (TypeError, ValueError):
+        shape = ()
+    if not shape or any(n <= 0 for n in shape):
+        raise BadArgument("probe_shape", f"{value!r} is not a shape of positive sizes like 2,3,224,224")
+    return shape
 
 
 def as_pairs(value: Any) -> list[str]:

@@ -28,7 +28,7 @@ MAX_PREFIX_TOKENS = 16  # class, distillation and register tokens before a posit
 class Adaptation:
     source: str
     target: str
-    op: dict[str, Any]
+    op: dict[str, Any] | None  # None: the target keeps its own tensor (a classifier for other classes)
     what: str  # "the position grid 14x14 -> 24x24"
 
 
@@ -56,11 +56,8 @@ def adaptation(m: Mismatched) -> Adaptation | None:
         )
         return Adaptation(m.source, m.target, {"op": "resize_rows", "init": "mean"}, what)
     if any(w in module.lower().split(".")[-1] for w in CLASSIFIER_WORDS):
-        kept = min(s[0], t[0])
-        what = f"the classes {s[0]} -> {t[0]} (the first {kept} kept" + (
-            ", new ones as the target initialised them)" if t[0] > s[0] else ")"
-        )
-        return Adaptation(m.source, m.target, {"op": "resize_rows", "init": "target"}, what)
+        what = f"the classes {s[0]} -> {t[0]}: the target's own classifier kept, as timm does on load"
+        return Adaptation(m.source, m.target, None, what)
     return None
 
 
@@ -80,20 +77,30 @@ def adaptations(plan: PortPlan) -> list[Adaptation]:
 
 
 def as_rules(found: list[Adaptation], seen: Mapping[str, str]) -> RuleSet:
-    """The adaptations as a rule set; `seen`: file name -> the name rules match."""
-    rules = tuple(Rule((seen.get(a.source, a.source),), (a.target,), (a.op,), where=a.target) for a in found)
+    """The adaptations that transform a tensor as a rule set; `seen`: file name -> the name rules match."""
+    rules = tuple(
+        Rule((seen.get(a.source, a.source),), (a.target,), (a.op,), where=a.target)
+        for a in found
+        if a.op is not None
+    )
     return RuleSet(rules, "--adapt")
 
 
+def kept_heads(found: list[Adaptation]) -> tuple[str, ...]:
+    """The classifier modules the target keeps (new, as if an edit had made them)."""
+    return tuple(dict.fromkeys(a.target.rpartition(".")[0] for a in found if a.op is None))
+
+
 def with_adapt_hints(plan: PortPlan) -> tuple[PortPlan, list[str]]:
-    """The plan with each adaptable mismatch saying what `--adapt` would do, and a hint."""
-    found = {(a.source, a.target): a for a in adaptations(plan)}
+    """The plan with each mismatch `--adapt` would load saying how, and a hint. (A classifier
+    for other classes is not loaded either way: `--adapt` only calls it new.)"""
+    found = {(a.source, a.target): a for a in adaptations(plan) if a.op is not None}
     if not found:
         return plan, []
     mismatched = tuple(
-        replace(m, reason=f"--adapt would load it: {found[m.source, m.target].what}")
+        replace(m, reason=f"--adapt: {found[m.source, m.target].what}")
         if (m.source, m.target) in found and m.reason is None
         else m
         for m in plan.mismatched
     )
-    return replace(plan, mismatched=mismatched), [f"--adapt would load {len(found)} mismatched tensors"]
+    return replace(plan, mismatched=mismatched), [f"--adapt would adapt {len(found)} mismatched tensors"]

@@ -120,7 +120,9 @@ def rules_from_doc(doc: Mapping[str, Any], origin: str) -> RuleSet:
     if unknown:
         raise RuleError(f"unknown field {unknown[0]!r} (a rule file holds {', '.join(FILE_FIELDS)})")
     tables = doc.get("rule", [])
-    if not isinstance(tables, list) or not tables or not all(isinstance(t, dict) for t in tables):
+    if not isinstance(tables, list) or not all(isinstance(t, dict) for t in tables):
+        raise RuleError("rule is a list of [[rule]] tables with from and to")
+    if not tables and "preset" not in doc:  # a preset may say that the names already agree
         raise RuleError("no rules: a rule file holds [[rule]] tables with from and to")
     preset = doc.get("preset", {})
     args = doc.get("args", {})

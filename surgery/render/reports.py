@@ -13,6 +13,7 @@ if TYPE_CHECKING:
     from surgery.casts import CastLosses
     from surgery.commands.convert import ConvertReport
     from surgery.commands.diff import Difference, DiffReport
+    from surgery.commands.maps import PresetsReport
     from surgery.commands.port import PortReport
     from surgery.commands.sanitize import SanitizeReport
     from surgery.commands.scan import ScanReport
@@ -29,6 +30,7 @@ def port_rows(report: PortReport) -> list[Row]:
     if report.edits:
         rows.append(("edits", list(report.edits)))
     rows.append(("steps", list(plan.steps) or ["none"]))
+    renamed_only = {n for d in plan.derived if not d.ops for n in d.names}
     per_module = [
         f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
     ]
@@ -40,7 +42,9 @@ def port_rows(report: PortReport) -> list[Row]:
     if plan.new:
         rows.append(("new", capped(group_names(plan.new))))
     mismatched = [
-        f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}" for m in plan.mismatched
+        f"{m.target}: source {list(m.source_shape)}, target {list(m.target_shape)}"
+        + (f" ({m.reason})" if m.reason else "")
+        for m in plan.mismatched
     ]
     rows.append(("mismatched", capped(mismatched) or ["none"]))
     rows.append(("missing", capped(group_names(plan.missing)) or ["none"]))
@@ -51,7 +55,15 @@ def port_rows(report: PortReport) -> list[Row]:
         rows.append(("hints", list(report.hints)))
     if plan.excluded:
         rows.append(("excluded", capped(group_names(plan.excluded))))
-    paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how != "exact"]
+    transformed = [d.steps() for d in plan.derived if d.ops]
+    if transformed:
+        rows.append(("ops", capped(transformed)))
+    paired = [
+        f"{m.source} -> {m.target} ({m.how})"
+        for m in plan.matched
+        if m.how != "exact"
+        and not (m.how == "rule" and m.source != m.target and m.source not in renamed_only)
+    ]
     if paired:
         rows.append(("paired", capped(paired)))
     reshaped = [
@@ -70,6 +82,8 @@ def port_rows(report: PortReport) -> list[Row]:
         rows.append(("tied", capped([f"{t} (shares storage with {via})" for t, via in plan.tied])))
     if report.finetune is not None:
         rows.extend(finetune_rows(report.finetune))
+    if report.check is not None:
+        rows.append(("check", [report.check.summary()]))
     if not report.written:
         why = f" ({report.notes[0]})" if report.notes else ""
         rows.append(("output", [f"{report.output or 'none'}: not written{why}"]))
@@ -236,6 +250,20 @@ def sanitize_rows(report: SanitizeReport) -> list[Row]:
     return rows
 
 
+def presets_rows(report: PresetsReport) -> list[Row]:
+    """One row a preset: its name, what it ports, the versions it was checked with."""
+    rows: list[Row] = []
+    for r in report.presets:
+        verified = ", ".join(f"{lib} {v}" for lib, v in r.verified)
+        rows.append(
+            (
+                r.origin.removeprefix("preset "),
+                [r.description + (f" (verified: {verified})" if verified else "")],
+            )
+        )
+    return rows or [("presets", ["none"])]
+
+
 # The rows of each report, by its type's name (the reports live in the commands layer,
 # imported only when a command has run).
 ROWS = {
@@ -244,6 +272,7 @@ ROWS = {
     "DiffReport": diff_rows,
     "ScanReport": scan_rows,
     "SanitizeReport": sanitize_rows,
+    "PresetsReport": presets_rows,
 }
 
 

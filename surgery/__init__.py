@@ -53,6 +53,8 @@ _LAZY = {
     "ScanResult": "surgery.commands.scan",
     "sanitize": "surgery.commands.sanitize",
     "SanitizeReport": "surgery.commands.sanitize",
+    "check": "surgery.models.check",
+    "CheckResult": "surgery.models.check",
 }
 
 
@@ -67,6 +69,7 @@ def __getattr__(name: str):
 
 __all__ = [
     "Checkpoint",
+    "CheckResult",
     "ConvertReport",
     "DiffReport",
     "CorruptCheckpoint",
@@ -86,6 +89,7 @@ __all__ = [
     "TensorInfo",
     "UnsupportedTensor",
     "UsageError",
+    "check",
     "convert",
     "convert_file",
     "ConvertRequest",

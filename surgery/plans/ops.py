@@ -268,7 +268,7 @@ def make_op(name: Any, params: Mapping[str, Any]) -> Op:
             raise OpError(f"{name}: {key}={value!r} is not {_kind(kind)}")
         out.append((key, value))
     op = Op(name, tuple(out))
-    if name.startswith("resample") and op["mode"] not in MODES:
+    if name.startswith("resample") and op["mode"] is not None and op["mode"] not in MODES:
         raise OpError(f"{name}: mode={op['mode']!r} is not one of {', '.join(MODES)}")
     return op
 

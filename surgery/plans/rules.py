@@ -155,7 +155,13 @@ def _rule(table: Mapping[str, Any], where: str) -> Rule:
             make_op(o.get("op"), {k: _placeholder_free(v) for k, v in o.items() if k != "op"})
         except OpError as exc:
             raise RuleError(f"{where}: {exc}") from None
-    bound = set(PLACEHOLDER.findall(" ".join(sources)))
+    bound = set(PLACEHOLDER.findall(max(sources, key=lambda p: len(set(PLACEHOLDER.findall(p))))))
+    for pattern in sources:
+        unbound = sorted(set(PLACEHOLDER.findall(pattern)) - bound)
+        if unbound:
+            raise RuleError(
+                f"{where}: {{{unbound[0]}}} in from {pattern!r} is not in the from pattern that binds the most"
+            )
     for pattern in targets:
         unbound = sorted(set(PLACEHOLDER.findall(pattern)) - bound)
         if unbound:
@@ -179,11 +185,12 @@ def _patterns(value: Any, where: str, name: str) -> tuple[str, ...]:
 
 
 def _placeholder_free(value: Any) -> Any:
-    """A parameter as make_op can type-check it before the `{name}`s in it are known."""
+    """A parameter as make_op can check it before the `{name}`s in it are known: a whole
+    placeholder as no value (its type is checked once known), one in a list as a size."""
     if isinstance(value, str) and PLACEHOLDER.fullmatch(value):
-        return 1
+        return None
     if isinstance(value, list):
-        return [_placeholder_free(v) for v in value]
+        return [1 if isinstance(v, str) and PLACEHOLDER.fullmatch(v) else v for v in value]
     return value
 
 

@@ -440,6 +440,15 @@ def rule_values(target: Target, map_args: Sequence[str] = ()) -> dict[str, Any]:
     return values
 
 
+def keeps_own_values(plan: PortPlan, target: Target) -> bool:
+    """Whether the output holds any of the target's own values: a key the source does not
+    fill (missing, new, filled, mismatched), or rows a rule takes from the target."""
+    filled = {m.target for m in plan.matched} | {t for t, _ in plan.tied}
+    return any(e.name not in filled for e in target.entries) or any(
+        op.name == "resize_rows" and op["init"] == "target" for d in plan.derived for op in d.ops
+    )
+
+
 def mapped(ckpt: Checkpoint, plan: PortPlan, target: Target) -> Checkpoint:
     """The source as loading and writing read it: with the rules' outputs when the plan has them."""
     if not plan.derived:
@@ -538,7 +547,9 @@ def port_file(request: PortRequest) -> PortReport:
     check_writes(ckpt.files)  # before any work: refusals cost nothing
     hashed = ckpt.files if out_path is not None and not dry_run else []
     with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
-        target = build_target(request.to, request.args, trust=request.trust)
+        # Shapes alone (the meta device) until the target's own values turn out to be needed.
+        described = not (edits or init or not finetune.empty or request.check)
+        target = build_target(request.to, request.args, trust=request.trust, meta=described)
         if target.template is not None:
             check_writes(target.template.files)
         config = output_config(target) if hf and not dry_run else None  # refused before any work
@@ -551,7 +562,6 @@ def port_file(request: PortRequest) -> PortReport:
             )
         intent = Intent(created, removed_by(edits), request.allow_missing, request.allow_unexpected)
         plan, hints = _plan(ckpt, target, options, intent, adapt=request.adapt)
-        source = mapped(ckpt, plan, target)
         report = _report(
             ckpt,
             target,
@@ -568,12 +578,15 @@ def port_file(request: PortRequest) -> PortReport:
         late = [e for e in edits if e.op == "in_chans"]
         refused = refusal(report)
         writing = refused is None and not (dry_run or out_path is None)
+        if writing and target.meta and keeps_own_values(plan, target):
+            target = build_target(request.to, request.args, trust=request.trust)  # the same keys, with values
+        source = mapped(ckpt, plan, target)
         if writing:
             report = _refuse_lossy(source, plan, report, request.allow_lossy_cast)
         transformed: set[str] = set()
         if request.check and target.module is None:
             raise UsageError(request.to, "--check runs the target: name an architecture, not a template")
-        if target.module is not None:
+        if target.module is not None and not target.meta:
             if writing or (request.check and refused is None):
                 load_into(target.module, source, plan)
             if request.check and refused is None:

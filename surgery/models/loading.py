@@ -67,7 +67,8 @@ def cast_losses(ckpt: Checkpoint, plan: PortPlan) -> dict[str, CastLosses]:
 class Output:
     """The target's complete state_dict, one tensor at a time.
 
-    A built target (already loaded) gives its own tensors. A template target gives
+    A built target (already loaded) gives its own tensors. A template target, or a target
+    described on the meta device whose every key the source fills, gives
     the template's tensors with matched keys taken from the source: as the file's
     byte range when the bytes can be written as they lie (`file_bytes`: copied file to
     file, no torch), else as tensors built when asked for. Both files stay
@@ -87,8 +88,13 @@ class Output:
         """`raw`: the writer takes byte ranges (`RawBytes`); False where it needs tensors."""
         self.ckpt, self.target, self.plan, self.raw = ckpt, target, plan, raw
         self.by_target = {m.target: m for m in plan.matched if m.target not in transformed}
+        for alias, kept in plan.tied:  # the same tensor under its other name
+            if kept in self.by_target:
+                self.by_target[alias] = self.by_target[kept]
         self.dtypes = {e.name: e.dtype for e in target.entries}
-        self.state = target.module.state_dict() if target.module is not None else None
+        # A target built on the meta device has no values: every key comes from the source.
+        built = target.module is not None and not target.meta
+        self.state = target.module.state_dict() if built else None
 
     def file_bytes(self, name: str) -> RawBytes | None:
         """Where in a file (the source's, or the template's) the bytes of a template
@@ -118,12 +124,11 @@ class Output:
         raw = self.file_bytes(name)
         if raw is not None:
             return raw
+        if name in self.by_target:
+            return self.source_of(name)
         template = self.target.template
         assert template is not None
-        m = self.by_target.get(name)
-        if m is None:
-            return template.tensor(name)
-        return self.source_of(name)
+        return template.tensor(name)
 
     def source_of(self, name: str) -> torch.Tensor | None:
         """The source tensor a target key is loaded from, shaped and cast as the target's

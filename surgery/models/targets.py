@@ -20,7 +20,7 @@ import importlib
 import inspect
 import os
 import sys
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -30,6 +30,7 @@ from surgery.trust import LOADING_KWARGS
 from surgery.values import Entry, ties
 
 if TYPE_CHECKING:
+    import torch
     from torch import nn
 
     from surgery.formats.checkpoint import Checkpoint
@@ -51,10 +52,21 @@ class Target:
         if self.module is None:
             return {}
         return ties(
-            (name, (t.untyped_storage().data_ptr(), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
+            (name, (_storage_of(t), t.storage_offset(), tuple(t.shape), t.stride(), t.dtype))
             for name, t in self.module.state_dict(keep_vars=True).items()
             if t.numel()
         )
+
+    @property
+    def meta(self) -> bool:
+        """Built on the meta device: shapes and dtypes, no values (`build_target(meta=True)`)."""
+        return self.module is not None and any(t.is_meta for t in self.module.state_dict().values())
+
+
+def _storage_of(t: torch.Tensor) -> int:
+    """What identifies a tensor's storage: its address, or on the meta device (where every
+    address is 0) the tensor object itself, which tied parameters share."""
+    return id(t) if t.is_meta else t.untyped_storage().data_ptr()
 
 
 def parse_value(text: str) -> Any:
@@ -75,7 +87,7 @@ def parse_kwargs(pairs: Sequence[str], where: str) -> dict[str, Any]:
     return out
 
 
-def build_target(spec: str, args: Sequence[str] = (), *, trust: bool = False) -> Target:
+def build_target(spec: str, args: Sequence[str] = (), *, trust: bool = False, meta: bool = False) -> Target:
     """Build the target a spec names, with `args` (`k=v`) added to its keyword arguments.
 
     `trust` lets an `hf:` config whose `auto_map` names a repository's code be built
@@ -96,19 +108,37 @@ def build_target(spec: str, args: Sequence[str] = (), *, trust: bool = False) ->
         )
     kind, sep, name = base.partition(":")
     if sep and kind in LIBRARY_BUILDERS:
-        return target_of_module(LIBRARY_BUILDERS[kind](spec, name, kwargs, trust=trust), spec, kwargs)
+        build = LIBRARY_BUILDERS[kind]
+        return target_of_module(
+            _on_device(meta, lambda: build(spec, name, kwargs, trust=trust)), spec, kwargs
+        )
     if Path(base).exists():
         if kwargs:
             raise UsageError(spec, "a checkpoint used as the target takes no arguments")
         return _from_template(spec, Path(base))
     if sep and kind and name:
-        return target_of_module(_factory(spec, kind, name, kwargs), spec, kwargs)
+        return target_of_module(_on_device(meta, lambda: _factory(spec, kind, name, kwargs)), spec, kwargs)
     raise UsageError(
         spec,
         "unknown target",
         hint="use torchvision:NAME, timm:NAME, hf:CLASS or hf:FOLDER, package.module:callable, "
         "or a checkpoint file as a template",
     )
+
+
+def _on_device(meta: bool, build: Callable[[], nn.Module]) -> nn.Module:
+    """The module `build` makes; with `meta`, its tensors only described (shape, dtype, no
+    memory), when its builder allows: a port that fills every tensor from the source never
+    needs the target's own values, so a 7B target costs nothing to plan and write."""
+    if not meta:
+        return build()
+    import torch
+
+    try:
+        with torch.device("meta"):
+            return build()
+    except SurgeryError:
+        return build()  # a builder that does arithmetic on its values: built for real
 
 
 def target_of_module(

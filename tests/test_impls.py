@@ -37,6 +37,8 @@ LLAMA |= {"norm_eps": 1e-5, "rope_theta": 500000.0, "max_seq_len": 32}
 TV_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
 TIMM_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 2, "embed_dim": 32, "mlp_ratio": 2}
 PRESETS = Path(surgery.__file__).parent / "presets"
+Builder = Callable[[int], nn.Module]  # a seed -> the model, seeded and perturbed
+Source = Callable[[Builder], nn.Module]  # the `source` fixture
 
 
 # -- models -------------------------------------------------------------------------------
@@ -130,11 +132,11 @@ def assert_same_outputs(a: nn.Module, b: nn.Module, x: torch.Tensor) -> None:
 
 
 @pytest.fixture(scope="module")
-def source() -> Iterator[Callable[[Callable[[int], nn.Module]], nn.Module]]:
+def source() -> Iterator[Source]:
     """A builder's model of seed 0, built once a module: sources are read, never loaded into."""
-    built: dict[Callable[[int], nn.Module], nn.Module] = {}
+    built: dict[Builder, nn.Module] = {}
 
-    def build(builder: Callable[[int], nn.Module]) -> nn.Module:
+    def build(builder: Builder) -> nn.Module:
         if builder not in built:
             built[builder] = builder(0)
         return built[builder]
@@ -252,7 +254,7 @@ TV_TO_TIMM_VIT = layer_names(
 
 
 # -- the hand-written conversions ---------------------------------------------------------
-def test_hf_gpt2_into_nanogpt_transposes_the_four_conv1d_weights_and_keeps_every_name(source: Any) -> None:
+def test_hf_gpt2_into_nanogpt_transposes_the_four_conv1d_weights_and_keeps_every_name(source: Source) -> None:
     hf = source(hf_gpt2)
     nano = nanogpt(1)
     assert list(nano.state_dict()) == list(hf.state_dict())
@@ -261,7 +263,9 @@ def test_hf_gpt2_into_nanogpt_transposes_the_four_conv1d_weights_and_keeps_every
     assert_same_outputs(nano, hf, tokens())
 
 
-def test_hf_gpt2_into_nanogpt_without_transposing_the_square_c_proj_gives_other_logits(source: Any) -> None:
+def test_hf_gpt2_into_nanogpt_without_transposing_the_square_c_proj_gives_other_logits(
+    source: Source,
+) -> None:
     hf = source(hf_gpt2)
     nano = nanogpt(1)
     state = hf_gpt2_to_nanogpt(hf.state_dict())
@@ -270,14 +274,14 @@ def test_hf_gpt2_into_nanogpt_without_transposing_the_square_c_proj_gives_other_
     assert (outputs(nano, tokens()) - outputs(hf, tokens())).abs().max() > 1e-3
 
 
-def test_meta_llama_into_hf_llama_renames_and_permutes_the_rotary_rows(source: Any) -> None:
+def test_meta_llama_into_hf_llama_renames_and_permutes_the_rotary_rows(source: Source) -> None:
     meta = source(meta_llama)
     hf = hf_llama(1)
     hf.load_state_dict(meta_llama_to_hf(meta.state_dict(), LLAMA["n_heads"], LLAMA["n_kv_heads"]))
     assert_same_outputs(hf, meta, tokens())
 
 
-def test_hf_llama_back_into_meta_llama_is_bit_identical(source: Any) -> None:
+def test_hf_llama_back_into_meta_llama_is_bit_identical(source: Source) -> None:
     meta = source(meta_llama)
     heads = LLAMA["n_heads"], LLAMA["n_kv_heads"]
     back = hf_llama_to_meta(meta_llama_to_hf(meta.state_dict(), *heads), *heads)
@@ -291,7 +295,7 @@ def test_hf_llama_back_into_meta_llama_is_bit_identical(source: Any) -> None:
     ids=["no-rotary-permutation", "wk-permuted-with-the-query-heads"],
 )
 def test_meta_llama_into_hf_llama_gives_other_logits_with_a_wrong_permutation(
-    source: Any, kv_heads: int, permute: bool
+    source: Source, kv_heads: int, permute: bool
 ) -> None:
     meta = source(meta_llama)
     hf = hf_llama(1)
@@ -299,7 +303,9 @@ def test_meta_llama_into_hf_llama_gives_other_logits_with_a_wrong_permutation(
     assert (outputs(hf, tokens()) - outputs(meta, tokens())).abs().max() > 1e-3
 
 
-def test_torchvision_vit_and_timm_vit_of_one_configuration_agree_on_what_is_not_a_weight(source: Any) -> None:
+def test_torchvision_vit_and_timm_vit_of_one_configuration_agree_on_what_is_not_a_weight(
+    source: Source,
+) -> None:
     tv, tm = source(tv_vit), source(timm_vit)
     assert tm.global_pool == "token" and isinstance(tm.fc_norm, nn.Identity)  # the class token's output
     assert tm.num_prefix_tokens == 1 and not tm.no_embed_class  # one class token, inside pos_embed
@@ -313,7 +319,7 @@ def test_torchvision_vit_and_timm_vit_of_one_configuration_agree_on_what_is_not_
     ids=["torchvision-to-timm", "timm-to-torchvision"],
 )
 def test_vit_renamed_between_torchvision_and_timm_gives_the_same_outputs(
-    source: Any, src: Callable[[int], nn.Module], dst: Callable[[int], nn.Module], names: dict[str, str]
+    source: Source, src: Builder, dst: Builder, names: dict[str, str]
 ) -> None:
     model, into = source(src), dst(1)
     into.load_state_dict(renamed(model.state_dict(), names))
@@ -321,7 +327,7 @@ def test_vit_renamed_between_torchvision_and_timm_gives_the_same_outputs(
 
 
 def test_torchvision_resnet50_and_timm_resnet50_share_every_key_and_give_the_same_outputs(
-    source: Any,
+    source: Source,
 ) -> None:
     tv, into = source(tv_resnet50), timm_resnet50(1)
     assert [(k, v.shape) for k, v in tv.state_dict().items()] == [
@@ -332,18 +338,11 @@ def test_torchvision_resnet50_and_timm_resnet50_share_every_key_and_give_the_sam
 
 
 # -- the presets, read by a tiny interpreter of their format ------------------------------
-ENGINE_OPS = {
-    "cat",
-    "split",
-    "transpose",
-    "reshape",
-    "permute_rope",
-    "unpermute_rope",
-    "scale",
-}  # the issue's
+# the ops of the rule format (issue 13); the interpreter knows those the presets use
+ENGINE_OPS = {"cat", "split", "transpose", "reshape", "permute_rope", "unpermute_rope", "scale"}
 ENGINE_OPS |= {"select_rows", "resize_rows", "stack", "unstack", "resample_pos_embed", "resample_patch_embed"}
 PLACEHOLDER = re.compile(r"\{(\w+)\}")
-OPS: dict[str, Callable[..., torch.Tensor]] = {  # the ops the presets use, on one tensor each
+OPS: dict[str, Callable[..., torch.Tensor]] = {  # each on one tensor
     "transpose": lambda t, dim0=0, dim1=1: t.transpose(dim0, dim1),
     "permute_rope": permute_rope,
     "unpermute_rope": unpermute_rope,
@@ -422,8 +421,8 @@ class Pair:
     source hold that the target has no use for (the preset must drop them)."""
 
     preset: str
-    source: Callable[[int], nn.Module]
-    target: Callable[[int], nn.Module]
+    source: Builder
+    target: Builder
     probe: Callable[[], torch.Tensor]
     dropped: tuple[str, ...] = ()
 
@@ -469,7 +468,7 @@ def test_preset_file_is_in_the_engine_format(pair: Pair) -> None:
 
 
 @PAIR
-def test_preset_renames_the_source_keys_to_exactly_the_target_keys(pair: Pair, source: Any) -> None:
+def test_preset_renames_the_source_keys_to_exactly_the_target_keys(pair: Pair, source: Source) -> None:
     """Every source key taken or kept, every target key written once, in the target's shape."""
     model, target = source(pair.source), source(pair.target)
     ported = apply_preset(read_preset(pair.preset), model.state_dict(), target)
@@ -479,7 +478,7 @@ def test_preset_renames_the_source_keys_to_exactly_the_target_keys(pair: Pair, s
 
 @pytest.mark.parametrize("pair", [p for p in PAIRS if p.dropped], ids=[p.preset for p in PAIRS if p.dropped])
 def test_preset_drops_what_real_checkpoints_of_the_source_hold_beyond_the_weights(
-    pair: Pair, source: Any
+    pair: Pair, source: Source
 ) -> None:
     model, target = source(pair.source), source(pair.target)
     state = model.state_dict() | dict.fromkeys(pair.dropped, torch.zeros(1))
@@ -487,7 +486,7 @@ def test_preset_drops_what_real_checkpoints_of_the_source_hold_beyond_the_weight
 
 
 @PAIR
-def test_preset_gives_the_target_the_source_outputs(pair: Pair, source: Any) -> None:
+def test_preset_gives_the_target_the_source_outputs(pair: Pair, source: Source) -> None:
     model, target = source(pair.source), pair.target(1)
     target.load_state_dict(apply_preset(read_preset(pair.preset), model.state_dict(), target))
     assert_same_outputs(target, model, pair.probe())
@@ -502,7 +501,7 @@ def test_preset_gives_the_target_the_source_outputs(pair: Pair, source: Any) -> 
     ids=["llama", "vit"],
 )
 def test_preset_and_its_reverse_round_trip_bit_identically(
-    there: str, back: str, src: Callable[[int], nn.Module], dst: Callable[[int], nn.Module], source: Any
+    there: str, back: str, src: Builder, dst: Builder, source: Source
 ) -> None:
     model = source(src)
     ported = apply_preset(read_preset(there), model.state_dict(), source(dst))

@@ -67,7 +67,8 @@ class Derived:
     no ops copies bytes as they lie), else the sources joined and numbered.
     """
 
-    rule: str
+    rule: str  # "vit.toml rule 3"
+    pattern: str  # "blocks.{n}.attn.qkv.weight -> ...": the rule as written
     binding: tuple[tuple[str, str], ...]
     sources: tuple[str, ...]  # as the file names them
     targets: tuple[str, ...]
@@ -80,11 +81,11 @@ class Derived:
         return [Entry(n, s, self.dtype) for n, s in zip(self.names, self.shapes[-1], strict=True)]
 
     def steps(self) -> str:
-        """`wq [64, 64] -> permute_rope(heads=4) [64, 64] -> q_proj`: the shapes at each op."""
-        text = " + ".join(f"{s} {list(sh)}" for s, sh in zip(self.sources, self.shapes[0], strict=True))
+        """`[64, 64] -> permute_rope(heads=4) -> [64, 64]`: the shapes before and after each op."""
+        parts = [_listed(self.shapes[0])]
         for op, shapes in zip(self.ops, self.shapes[1:], strict=True):
-            text += f" -> {op} " + ", ".join(str(list(s)) for s in shapes)
-        return text + " -> " + ", ".join(self.targets)
+            parts += [str(op), _listed(shapes)]
+        return " -> ".join(parts)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -255,7 +256,7 @@ def plan_rules(
                 if rule.optional:
                     continue
                 raise RuleError(
-                    f"{where}: from {_shown(rule.sources)} matches no source key{_near(rule, by_seen)}"
+                    f"{where}: from {_shown(rule.sources)!r} matches no source key{_near(rule, by_seen)}"
                 )
             for binding in bindings:
                 names = [p.format(**binding) for p in rule.sources]
@@ -275,13 +276,14 @@ def plan_rules(
                 if not outs:
                     dropped += [e.name for e in entries]
                     continue
-                derived.append(_derive(rule, label, binding, entries, [tgt[n] for n in outs], values))
+                derived.append(_derive(rule, where, label, binding, entries, [tgt[n] for n in outs], values))
                 if changes_layout(derived[-1].ops):
                     layout += outs
     if derived or dropped:
-        count = len({d.rule.split(" (")[0] for d in derived})
+        count = len({d.rule for d in derived})
+        origins = ", ".join(dict.fromkeys(r.origin for r in sets))
         steps.append(
-            f"rules: {len(derived)} bindings of {count} rules fill {sum(len(d.targets) for d in derived)} "
+            f"rules ({origins}): {len(derived)} bindings of {count} rules fill {sum(len(d.targets) for d in derived)} "
             f"target keys" + (f"; {len(dropped)} source keys dropped by rule" if dropped else "")
         )
     return RulePlan(tuple(derived), tuple(dropped), tuple(steps), tuple(layout))
@@ -302,6 +304,7 @@ def _bindings(rule: Rule, by_seen: Mapping[str, Entry]) -> list[dict[str, str]]:
 
 def _derive(
     rule: Rule,
+    where: str,
     label: str,
     binding: Mapping[str, str],
     sources: list[Entry],
@@ -342,7 +345,8 @@ def _derive(
             else tuple(f"{joined} [{i}/{len(targets)}]" for i in range(1, len(targets) + 1))
         )
     return Derived(
-        label,
+        where,
+        f"{_shown(rule.sources)} -> {_shown(rule.targets)}",
         tuple(binding.items()),
         src,
         tuple(t.name for t in targets),
@@ -353,12 +357,34 @@ def _derive(
     )
 
 
+def _listed(shapes: Sequence[Shape]) -> str:
+    """`[64, 64]`, `[32, 32] x3`, or `[32, 64] + [16, 64]`."""
+    if len(set(shapes)) == 1 and len(shapes) > 1:
+        return f"{list(shapes[0])} x{len(shapes)}"
+    return " + ".join(str(list(s)) for s in shapes)
+
+
+def rule_lines(derived: Sequence[Derived]) -> list[str]:
+    """One line a rule: as written, how many bindings, and its ops with the first binding's shapes."""
+    by_rule: dict[str, list[Derived]] = {}
+    for d in derived:
+        by_rule.setdefault(d.rule, []).append(d)
+    origins = {rule.rpartition(" rule ")[0] for rule in by_rule}
+    lines = []
+    for rule, found in by_rule.items():
+        first = found[0]
+        name = rule if len(origins) > 1 else "rule " + rule.rpartition(" rule ")[2]
+        text = f"{name}: {first.pattern}" + (f" ({len(found)} bindings)" if len(found) > 1 else "")
+        lines.append(text + (f": {first.steps()}" if first.ops else ""))
+    return lines
+
+
 def _shapes(entries: Sequence[Entry]) -> str:
     return ", ".join(f"{e.name} {list(e.shape)}" for e in entries)
 
 
 def _shown(patterns: Sequence[str]) -> str:
-    return repr(patterns[0]) if len(patterns) == 1 else repr(list(patterns))
+    return patterns[0] if len(patterns) == 1 else "[" + ", ".join(patterns) + "]"
 
 
 def _near(rule: Rule, by_seen: Mapping[str, Entry]) -> str:

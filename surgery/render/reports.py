@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 from surgery.names import group_names, short_names
+from surgery.plans.rules import rule_lines
 from surgery.render.rows import Page, Row, capped
 from surgery.text import human_bytes, human_count, percent, plural, printable
 
@@ -30,7 +31,6 @@ def port_rows(report: PortReport) -> list[Row]:
     if report.edits:
         rows.append(("edits", list(report.edits)))
     rows.append(("steps", list(plan.steps) or ["none"]))
-    renamed_only = {n for d in plan.derived if not d.ops for n in d.names}
     per_module = [
         f"{mod} {done}/{total} ({percent(share)})" for mod, done, total, share in report.per_module()
     ]
@@ -55,15 +55,9 @@ def port_rows(report: PortReport) -> list[Row]:
         rows.append(("hints", list(report.hints)))
     if plan.excluded:
         rows.append(("excluded", capped(group_names(plan.excluded))))
-    transformed = [d.steps() for d in plan.derived if d.ops]
-    if transformed:
-        rows.append(("ops", capped(transformed)))
-    paired = [
-        f"{m.source} -> {m.target} ({m.how})"
-        for m in plan.matched
-        if m.how != "exact"
-        and not (m.how == "rule" and m.source != m.target and m.source not in renamed_only)
-    ]
+    if plan.derived:
+        rows.append(("rules", capped(rule_lines(plan.derived))))
+    paired = [f"{m.source} -> {m.target} ({m.how})" for m in plan.matched if m.how not in ("exact", "rule")]
     if paired:
         rows.append(("paired", capped(paired)))
     reshaped = [

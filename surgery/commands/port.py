@@ -233,11 +233,13 @@ def _plan(
         except (MatchError, RuleError) as exc:
             raise SurgeryError(ckpt.path, str(exc)) from None
 
+    options = replace(options, adapt=adapt)
     plan = planned(options)
     adapt_hints: list[str] = []
     if adapt and (found := adaptations(plan)):
         seen, _ = options.keys.apply([e.name for e in source])
-        plan = planned(replace(options, rules=(*options.rules, as_rules(found, seen))))
+        plain = [a for a in found if a.source in seen]  # a rule's output was adapted in its rule
+        plan = planned(replace(options, rules=(*options.rules, as_rules(plain, seen))))
         intent = replace(intent, created=(*intent.created, *kept_heads(found)))
     elif not adapt:
         plan, adapt_hints = with_adapt_hints(plan)

@@ -13,11 +13,13 @@ from __future__ import annotations
 import math
 from collections.abc import Mapping
 from dataclasses import dataclass, replace
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from surgery.plans.match import Mismatched, PortPlan
 from surgery.plans.rules import Rule, RuleSet
 from surgery.values import Shape
+
+if TYPE_CHECKING:
+    from surgery.plans.match import Mismatched, PortPlan
 
 VOCAB_WORDS = ("embed", "wte", "tok", "lm_head", "output", "word")
 CLASSIFIER_WORDS = ("fc", "head", "classifier", "last_linear", "logits")
@@ -32,21 +34,21 @@ class Adaptation:
     what: str  # "the position grid 14x14 -> 24x24"
 
 
-def adaptation(m: Mismatched) -> Adaptation | None:
-    """The adaptation that loads a mismatched pair, or None when its shapes are not one
-    of the known kinds (the key's name must say which kind it is, too)."""
-    s, t = m.source_shape, m.target_shape
-    module, _, leaf = m.target.rpartition(".")
-    words = m.target.lower()
+def adaptation(source: str, target: str, s: Shape, t: Shape) -> Adaptation | None:
+    """The adaptation that loads `source` (of shape `s`) into `target` (`t`), or None when
+    the shapes are not one of the known kinds (the target key's name must say which, too)."""
+    module, _, leaf = target.rpartition(".")
+    words = target.lower()
     if len(s) == 3 and "pos" in leaf.lower() + module.rsplit(".", 1)[-1].lower():
         prefix = _prefix_tokens(s, t)
         if prefix is not None:
             old, new = math.isqrt(s[1] - prefix), math.isqrt(t[1] - prefix)
-            what = f"the position grid {old}x{old} -> {new}x{new} ({prefix} prefix tokens kept)"
-            return Adaptation(m.source, m.target, {"op": "resample_pos_embed", "prefix_tokens": prefix}, what)
+            kept = f"{prefix} prefix token{'s' if prefix != 1 else ''} kept" if prefix else "no prefix tokens"
+            what = f"the position grid {old}x{old} -> {new}x{new} ({kept})"
+            return Adaptation(source, target, {"op": "resample_pos_embed", "prefix_tokens": prefix}, what)
     if len(s) == 4 and s[:2] == t[:2] and ("patch" in words or "proj" in words):
         what = f"the patch kernel {s[2]}x{s[3]} -> {t[2]}x{t[3]}"
-        return Adaptation(m.source, m.target, {"op": "resample_patch_embed"}, what)
+        return Adaptation(source, target, {"op": "resample_patch_embed"}, what)
     if not s or len(s) != len(t) or s[1:] != t[1:] or len(s) > 2:
         return None
     last = module.rsplit(".", 1)[-1].lower()
@@ -54,10 +56,10 @@ def adaptation(m: Mismatched) -> Adaptation | None:
         what = f"the vocabulary {s[0]} -> {t[0]} rows" + (
             " (new rows the mean of the old)" if t[0] > s[0] else ""
         )
-        return Adaptation(m.source, m.target, {"op": "resize_rows", "init": "mean"}, what)
+        return Adaptation(source, target, {"op": "resize_rows", "init": "mean"}, what)
     if any(w in module.lower().split(".")[-1] for w in CLASSIFIER_WORDS):
         what = f"the classes {s[0]} -> {t[0]}: the target's own classifier kept, as timm does on load"
-        return Adaptation(m.source, m.target, None, what)
+        return Adaptation(source, target, None, what)
     return None
 
 
@@ -73,7 +75,8 @@ def _prefix_tokens(s: Shape, t: Shape) -> int | None:
 
 
 def adaptations(plan: PortPlan) -> list[Adaptation]:
-    return [a for m in plan.mismatched if (a := adaptation(m)) is not None]
+    found = (adaptation(m.source, m.target, m.source_shape, m.target_shape) for m in plan.mismatched)
+    return [a for a in found if a is not None]
 
 
 def as_rules(found: list[Adaptation], seen: Mapping[str, str]) -> RuleSet:
@@ -97,10 +100,12 @@ def with_adapt_hints(plan: PortPlan) -> tuple[PortPlan, list[str]]:
     found = {(a.source, a.target): a for a in adaptations(plan) if a.op is not None}
     if not found:
         return plan, []
+
+    def said(m: Mismatched) -> str:
+        what = f"--adapt: {found[m.source, m.target].what}"
+        return f"{m.reason}; {what}" if m.reason else what
+
     mismatched = tuple(
-        replace(m, reason=f"--adapt: {found[m.source, m.target].what}")
-        if (m.source, m.target) in found and m.reason is None
-        else m
-        for m in plan.mismatched
+        replace(m, reason=said(m)) if (m.source, m.target) in found else m for m in plan.mismatched
     )
     return replace(plan, mismatched=mismatched), [f"--adapt would adapt {len(found)} mismatched tensors"]

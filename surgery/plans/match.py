@@ -507,6 +507,7 @@ class PortOptions:
     extracted: tuple[str, ...] = ()  # prefixes the target lost to --extract: stripped when that helps
     rules: tuple[RuleSet, ...] = ()  # rule files and presets, applied before any pairing
     rule_args: tuple[tuple[str, Any], ...] = ()  # values for the rules' "{name}" op parameters
+    adapt: bool = False  # a rule's output that does not fit its target gets the known adaptation
 
     def __post_init__(self) -> None:
         if self.match not in MODES:
@@ -576,8 +577,14 @@ def plan_port(
             steps=[*ruled.steps, *steps],
         )
     if ruled.derived or ruled.dropped:
+        made_by = {n: d for d in ruled.derived for n in d.names}
+        mismatched = tuple(
+            replace(m, reason=f"made by {made_by[m.source].rule}") if m.source in made_by else m
+            for m in plan.mismatched
+        )
         plan = replace(
             plan,
+            mismatched=mismatched,
             derived=ruled.derived,
             unused=(*plan.unused, *ruled.dropped),
             layout_changed=ruled.layout_changed,
@@ -621,7 +628,7 @@ def _rules(source: Sequence[Entry], target: Sequence[Entry], options: PortOption
     if not options.rules:
         return RulePlan()
     seen, _ = options.keys.apply([e.name for e in source])
-    return plan_rules(options.rules, source, target, dict(options.rule_args), seen)
+    return plan_rules(options.rules, source, target, dict(options.rule_args), seen, options.adapt)
 
 
 def source_names(source: Sequence[str], target: Sequence[str], options: PortOptions) -> dict[str, str]:

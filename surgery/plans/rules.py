@@ -227,6 +227,7 @@ def plan_rules(
     target: Sequence[Entry],
     args: Mapping[str, Any] | None = None,
     seen: Mapping[str, str] | None = None,
+    adapt: bool = False,
 ) -> RulePlan:
     """Every rule bound to the source keys, its ops checked against the shapes.
 
@@ -235,10 +236,11 @@ def plan_rules(
         target: the target's entries.
         args: values for `"{name}"` op parameters (a rule set's own `args` are the defaults).
         seen: file name -> the name rules match (after the key rules), default the same.
+        adapt: add the known adaptation to a binding whose output does not fit its target.
 
     Raises:
         RuleError: a rule matching nothing (and not optional), a binding with a source or
-            target missing, a key two rules take, ops that do not fit the shapes.
+            target missing, a key two rules take, ops that do not fit the shapes they get.
     """
     seen = dict(seen) if seen is not None else {e.name: e.name for e in source}
     by_seen = {seen[e.name]: e for e in source if e.name in seen}
@@ -276,7 +278,8 @@ def plan_rules(
                 if not outs:
                     dropped += [e.name for e in entries]
                     continue
-                derived.append(_derive(rule, where, label, binding, entries, [tgt[n] for n in outs], values))
+                made = _derive(rule, where, label, binding, entries, [tgt[n] for n in outs], values, adapt)
+                derived.append(made)
                 if changes_layout(derived[-1].ops):
                     layout += outs
     if derived or dropped:
@@ -310,7 +313,11 @@ def _derive(
     sources: list[Entry],
     targets: list[Entry],
     values: Mapping[str, Any],
+    adapt: bool = False,
 ) -> Derived:
+    """One binding, its ops checked against the shapes. Outputs of another shape than their
+    target's are judged as any pair (mismatched: not loaded, refused when strict); with
+    `adapt`, a known adaptation (`plans.adapt`) is added to the ops first."""
     try:
         ops = [
             make_op(o["op"], {k: resolve(v, values, label) for k, v in o.items() if k != "op"})
@@ -325,12 +332,16 @@ def _derive(
             f"{label}: the ops make {len(made)} tensors for {len(targets)} targets "
             f"(sources {_shapes(sources)}, targets {_shapes(targets)})"
         )
-    for shape, t in zip(made, targets, strict=True):
-        if shape != t.shape:
-            raise RuleError(
-                f"{label}: the ops make {list(shape)} for {t.name} {list(t.shape)} "
-                f"(sources {_shapes(sources)}; --dry-run shows each op's shapes)"
-            )
+    if adapt and len(made) == 1 and made[0] != targets[0].shape:
+        from surgery.plans.adapt import adaptation  # the adaptations are rules' ops too
+
+        found = adaptation(label, targets[0].name, made[0], targets[0].shape)
+        if found is not None and found.op is not None:
+            ops.append(make_op(found.op["op"], {k: v for k, v in found.op.items() if k != "op"}))
+            try:
+                steps = run_shapes(ops, [e.shape for e in sources], [t.shape for t in targets])
+            except OpError as exc:
+                raise RuleError(f"{label}: --adapt: {exc}") from None
     dtypes = {e.dtype for e in sources}
     if len(dtypes) > 1:
         raise RuleError(f"{label}: sources of different dtypes {sorted(dtypes)}")

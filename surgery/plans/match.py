@@ -579,7 +579,7 @@ def plan_port(
     if ruled.derived or ruled.dropped:
         made_by = {n: d for d in ruled.derived for n in d.names}
         mismatched = tuple(
-            replace(m, reason=f"made by {made_by[m.source].rule}") if m.source in made_by else m
+            replace(m, reason=f"made by {made_by[m.source].label}") if m.source in made_by else m
             for m in plan.mismatched
         )
         plan = replace(

@@ -80,6 +80,12 @@ class Derived:
     def entries(self) -> list[Entry]:
         return [Entry(n, s, self.dtype) for n, s in zip(self.names, self.shapes[-1], strict=True)]
 
+    @property
+    def label(self) -> str:
+        """`vit.toml rule 3 (n=0)`: the rule and this binding."""
+        bound = ", ".join(f"{k}={v}" for k, v in self.binding)
+        return f"{self.rule} ({bound})" if bound else self.rule
+
     def steps(self) -> str:
         """`[64, 64] -> permute_rope(heads=4) -> [64, 64]`: the shapes before and after each op."""
         parts = [_listed(self.shapes[0])]

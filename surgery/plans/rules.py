@@ -15,6 +15,7 @@ naming the rule, the binding and the shapes. Keys no rule takes go on to name ma
 
 from __future__ import annotations
 
+import itertools
 import re
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
@@ -251,11 +252,11 @@ def plan_rules(
     seen = dict(seen) if seen is not None else {e.name: e.name for e in source}
     by_seen = {seen[e.name]: e for e in source if e.name in seen}
     tgt = {e.name: e for e in target}
-    derived: list[Derived] = []
-    dropped: list[str] = []
-    taken: dict[str, str] = {}  # source or target key -> the rule that took it
-    steps, layout = [], []
-    for rules in sets:
+    kept: dict[int, tuple[list[str], Derived | None]] = {}  # binding number -> (its keys, what it makes)
+    taken: dict[str, tuple[int, int, str]] = {}  # source or target key -> (set, binding, label)
+    overrides: list[str] = []
+    counter = itertools.count()
+    for number, rules in enumerate(sets):
         values = {**dict(rules.args), **(args or {})}
         for rule in rules.rules:
             where = f"{rules.origin} {rule.where}"
@@ -277,17 +278,29 @@ def plan_rules(
                 if absent:
                     raise RuleError(f"{label}: the target has no key {absent[0]!r}")
                 entries = [by_seen[n] for n in names]
-                for key in [*(e.name for e in entries), *(f"\0{n}" for n in outs)]:
-                    if key in taken:
-                        raise RuleError(f"{label}: {key.lstrip(chr(0))!r} is already taken by {taken[key]}")
-                    taken[key] = label
-                if not outs:
-                    dropped += [e.name for e in entries]
-                    continue
-                made = _derive(rule, where, label, binding, entries, [tgt[n] for n in outs], values, adapt)
-                derived.append(made)
-                if changes_layout(derived[-1].ops):
-                    layout += outs
+                keys = [*(e.name for e in entries), *(f"\0{n}" for n in outs)]
+                for key in keys:  # a later file's rule overrides an earlier one's (a preset's)
+                    if key not in taken:
+                        continue
+                    earlier, index, by = taken[key]
+                    if earlier == number:
+                        raise RuleError(f"{label}: {key.lstrip(chr(0))!r} is already taken by {by}")
+                    if index in kept:
+                        for k in kept.pop(index)[0]:
+                            taken.pop(k, None)
+                        overrides.append(f"{label} overrides {by}")
+                index = next(counter)
+                made = (
+                    _derive(rule, where, label, binding, entries, [tgt[n] for n in outs], values, adapt)
+                    if outs
+                    else None
+                )
+                kept[index] = (keys, made)
+                taken.update((k, (number, index, label)) for k in keys)
+    derived = [d for _, d in kept.values() if d is not None]
+    dropped = [k for keys, d in kept.values() if d is None for k in keys]
+    layout = [t for d in derived if changes_layout(d.ops) for t in d.targets]
+    steps = []
     if derived or dropped:
         count = len({d.rule for d in derived})
         origins = ", ".join(dict.fromkeys(r.origin for r in sets))
@@ -295,6 +308,7 @@ def plan_rules(
             f"rules ({origins}): {len(derived)} bindings of {count} rules fill {sum(len(d.targets) for d in derived)} "
             f"target keys" + (f"; {len(dropped)} source keys dropped by rule" if dropped else "")
         )
+    steps += overrides
     return RulePlan(tuple(derived), tuple(dropped), tuple(steps), tuple(layout))
 
 

@@ -423,3 +423,18 @@ def test_surgery_check_stays_the_function_and_imports_no_torch():
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert proc.returncode == 0, proc.stderr
     assert surgery.check is check
+
+
+def test_equal_outputs_from_modules_that_differ_fail(tv_vit):
+    """torchvision's ViT starts with a zero head: every model of it outputs zeros. A wrong
+    port still changes the modules compared, and that fails the check."""
+    assert not tv_vit.heads.head.weight.any()
+    other = copy.deepcopy(tv_vit)
+    with torch.no_grad():
+        other.encoder.layers[0].mlp[0].weight.add_(torch.randn_like(other.encoder.layers[0].mlp[0].weight))
+    result = check(tv_vit, other)
+    assert result.max_abs == 0 and not result.passed
+    assert result.first_divergence is not None
+    assert result.first_divergence.target == "encoder.layers.encoder_layer_0.mlp.0"
+    assert result.constant and "but modules differ" in result.summary()
+    assert "the source's output is constant" in result.summary()

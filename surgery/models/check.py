@@ -111,6 +111,7 @@ class CheckResult:
     compared: int  # module pairs whose outputs were compared
     skipped: int  # pairs not compared: layout changed, other shapes, or a module not run
     first_divergence: Divergence | None
+    constant: bool = False  # the source's output is one value everywhere (a zero-initialised head)
 
     def summary(self) -> str:
         """One line: `outputs equal within atol 1e-05, rtol 0.0001 (max abs 3.1e-07, ...); ...`."""
@@ -118,17 +119,22 @@ class CheckResult:
         if self.skipped:
             pairs += f", {self.skipped} skipped"
         tolerance = f"atol {self.atol:g}, rtol {self.rtol:g}"
+        constant = (
+            "; the source's output is constant, so only the modules compared tell" if self.constant else ""
+        )
+        measured = f"max abs {_g(self.max_abs)}, max rel {_g(self.max_rel)}"
         if self.passed:
-            measured = f"max abs {_g(self.max_abs)}, max rel {_g(self.max_rel)}"
-            return f"outputs equal within {tolerance} ({measured}); {pairs}"
+            return f"outputs equal within {tolerance} ({measured}); {pairs}{constant}"
         if self.max_abs is None:
             head = (
                 f"outputs differ in shape: source {list(self.source_shape)}, target {list(self.target_shape)}"
             )
+        elif self.max_abs is not None and self.max_abs <= self.atol and self.first_divergence is not None:
+            head = f"outputs equal ({measured}) but modules differ"
         else:
-            head = f"outputs differ: max abs {_g(self.max_abs)}, max rel {_g(self.max_rel)} ({tolerance})"
+            head = f"outputs differ: {measured} ({tolerance})"
         where = self.first_divergence.describe() if self.first_divergence else "no compared module diverges"
-        return f"{head}; {where}; {pairs}"
+        return f"{head}; {where}; {pairs}{constant}"
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -143,6 +149,7 @@ class CheckResult:
             "compared": self.compared,
             "skipped": self.skipped,
             "first_divergence": self.first_divergence.to_json() if self.first_divergence else None,
+            "constant_output": self.constant,
         }
 
 
@@ -229,8 +236,9 @@ def check(
     max_abs, max_rel, close = (
         difference(target_out, source_out, atol, rtol) if same_shape else (None, None, False)
     )
+    constant = bool(source_out.numel()) and bool((source_out == source_out.flatten()[0]).all())
     return CheckResult(
-        passed=close,
+        passed=close and not divergences,  # equal outputs from modules that differ are luck (a zero head)
         max_abs=max_abs,
         max_rel=max_rel,
         source_shape=tuple(source_out.shape),
@@ -241,6 +249,7 @@ def check(
         compared=compared,
         skipped=len(pairs) - compared,
         first_divergence=divergences[0] if divergences else None,
+        constant=constant,
     )
 
 

@@ -557,7 +557,7 @@ def plan_port(
         Pair(e.name, t, "rule") for d in ruled.derived for e, t in zip(d.entries(), d.targets, strict=True)
     ]
     if options.mapping is not None:
-        plan = _apply_mapping(rest, rest_target, options, ties, source_ties, [*rest, *derived], made)
+        plan = _apply_mapping(rest, rest_target, options, ties, source_ties, [*rest, *derived], made, target)
     else:
         kept, steps = _renamed([e.name for e in rest], [t.name for t in rest_target], options)
         pairs = pair(rest, kept, rest_target, options.match, saved_order=saved_order)
@@ -600,9 +600,10 @@ def _apply_mapping(
     source_ties: dict[str, str] | None,
     judged: Sequence[Entry],
     made: Sequence[Pair],
+    every_target: Sequence[Entry],
 ) -> PortPlan:
     """A reviewed plan's pairs (`source` and `target`: the keys its rules leave), with the
-    pairs its rules `made`, judged over every source entry."""
+    pairs its rules `made`, judged over every source entry and every target key."""
     mapping = options.mapping or {}
     source_names = {e.name for e in source}
     target_names = {e.name for e in target}
@@ -618,7 +619,7 @@ def _apply_mapping(
     pairs = [*made, *(Pair(s, t, "plan") for s, t in mapping.items())]
     steps = [f"applied a plan of {len(pairs)} pairs"]
     return judge(
-        pairs, judged, target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
+        pairs, judged, every_target, reshape=options.reshape, ties=ties, source_ties=source_ties, steps=steps
     )
 
 

@@ -233,6 +233,23 @@ def test_gpt2_state_dict_file_into_nanogpt_keeps_lm_head_tied_and_gives_the_same
     assert nano.lm_head.weight is nano.transformer.wte.weight
 
 
+def test_gpt2_checkpoint_of_older_transformers_with_mask_buffers_passes_the_check(
+    gpt2: Gpt2, tmp_path: Path
+) -> None:
+    """Older transformers saved each block's causal mask (`attn.bias`) and `attn.masked_bias`:
+    the preset drops them, and the check loads the source into today's GPT2LMHeadModel
+    without them (it refused them as unexpected)."""
+    state = gpt2.model.state_dict()
+    for n in range(GPT["n_layer"]):
+        state[f"transformer.h.{n}.attn.bias"] = torch.ones(1, 1, 32, 32).tril().bool()
+        state[f"transformer.h.{n}.attn.masked_bias"] = torch.tensor(-1e4)
+    source, out = tmp_path / "old_gpt2.bin", tmp_path / "nanogpt.safetensors"
+    torch.save(state, source)
+    report = port(*port_args(source, NANOGPT_SPEC, "gpt2-hf-to-nanogpt", gpt2_spec(gpt2)), "-o", out)
+    assert_check_passed(report)
+    assert len(report["unused"]) == 2 * GPT["n_layer"]
+
+
 # -- Meta Llama <-> Hugging Face Llama ---------------------------------------------------------
 @pytest.fixture(scope="module")
 def llama_in_hf(llama: Llama, tmp_path_factory: pytest.TempPathFactory) -> tuple[dict, Path]:
@@ -279,6 +296,16 @@ def test_hf_llama_back_into_meta_llama_is_bit_identical_and_passes_the_check(
     original, returned = llama.model.state_dict(), torch.load(back, weights_only=True)
     assert list(returned) == list(original)
     assert all(torch.equal(returned[k], v) for k, v in original.items())
+
+
+def test_llama1_checkpoint_with_rope_freqs_passes_the_check(llama: Llama, tmp_path: Path) -> None:
+    """Llama 1's consolidated files hold `rope.freqs`, which Meta's model computes instead:
+    the preset drops it, and the check's own load of the source does not refuse it."""
+    source, out = tmp_path / "consolidated.00.pth", tmp_path / "model.safetensors"
+    torch.save(llama.model.state_dict() | {"rope.freqs": torch.rand(4)}, source)
+    report = port(*port_args(source, hf_llama_spec(llama), "llama-meta-to-hf", META_LLAMA_SPEC), "-o", out)
+    assert_check_passed(report)
+    assert report["unused"] == ["rope.freqs"]
 
 
 # -- wrong rules, caught by --check -----------------------------------------------------------

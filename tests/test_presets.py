@@ -237,8 +237,8 @@ def test_gpt2_checkpoint_of_older_transformers_with_mask_buffers_passes_the_chec
     gpt2: Gpt2, tmp_path: Path
 ) -> None:
     """Older transformers saved each block's causal mask (`attn.bias`) and `attn.masked_bias`:
-    the preset drops them, and the check loads the source into today's GPT2LMHeadModel
-    without them (it refused them as unexpected)."""
+    the preset drops them, and the check loads the source into today's GPT2LMHeadModel,
+    which has neither, without refusing them as unexpected."""
     state = gpt2.model.state_dict()
     for n in range(GPT["n_layer"]):
         state[f"transformer.h.{n}.attn.bias"] = torch.ones(1, 1, 32, 32).tril().bool()

@@ -1,9 +1,10 @@
 """Implementations of the same network, the key mappings between them, and the presets.
 
-Each mapping is proved twice, before the engine that reads rule files exists: by a conversion
-written here in plain torch (renames, transposes, the rotary row permutation), and by a tiny
-interpreter of the preset file's format (`{name}` binding and the ops the presets use), whose
-output must hold exactly the target's keys and give the target the source's outputs.
+Each mapping is written here in plain torch (renames, transposes, the rotary row
+permutation) and proved by the outputs it gives. Each preset is then planned by surgery's
+own engine (`read_preset`, `plan_port`: what `surgery port --preset --dry-run` shows),
+which must fill exactly the target's keys, in its shapes, from every key of the source;
+`test_presets.py` runs the presets end to end through the CLI, with `--check`.
 Models are tiny and seeded, never downloaded; every parameter is moved off its init, so that
 norms and biases are not constants a wrong mapping could hide behind.
 """
@@ -12,10 +13,8 @@ from __future__ import annotations
 
 import os
 import re
-import tomllib
 from collections.abc import Callable, Iterator
-from dataclasses import dataclass
-from pathlib import Path
+from dataclasses import dataclass, field
 from typing import Any
 
 import pytest
@@ -24,7 +23,13 @@ import torch
 import torchvision
 from torch import nn
 
-import surgery
+from surgery.commands.maps import PRESETS as PRESET_FOLDER
+from surgery.commands.maps import read_preset
+from surgery.commands.port import rule_values
+from surgery.models import transforms
+from surgery.models.targets import target_of_module
+from surgery.plans.match import PortOptions, PortPlan, plan_port
+from surgery.values import Entry, both_ways
 from tests.impls import MetaLlama, NanoGPT, gpt2_config, llama_config
 
 os.environ["HF_HUB_OFFLINE"] = "1"  # before transformers is imported (inside the builders)
@@ -36,7 +41,6 @@ LLAMA = {"dim": 32, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "vocab_size": 
 LLAMA |= {"norm_eps": 1e-5, "rope_theta": 500000.0, "max_seq_len": 32}
 TV_VIT = {"image_size": 32, "patch_size": 8, "num_layers": 2, "num_heads": 2, "hidden_dim": 32, "mlp_dim": 64}
 TIMM_VIT = {"img_size": 32, "patch_size": 8, "depth": 2, "num_heads": 2, "embed_dim": 32, "mlp_ratio": 2}
-PRESETS = Path(surgery.__file__).parent / "presets"
 Builder = Callable[[int], nn.Module]  # a seed -> the model, seeded and perturbed
 Source = Callable[[Builder], nn.Module]  # the `source` fixture
 
@@ -337,143 +341,67 @@ def test_torchvision_resnet50_and_timm_resnet50_share_every_key_and_give_the_sam
     assert_same_outputs(into, tv, images(64))
 
 
-# -- the presets, read by a tiny interpreter of their format ------------------------------
-# the ops of the rule format (issue 13); the interpreter knows those the presets use
-ENGINE_OPS = {"cat", "split", "transpose", "reshape", "permute_rope", "unpermute_rope", "scale"}
-ENGINE_OPS |= {"select_rows", "resize_rows", "stack", "unstack", "resample_pos_embed", "resample_patch_embed"}
-PLACEHOLDER = re.compile(r"\{(\w+)\}")
-OPS: dict[str, Callable[..., torch.Tensor]] = {  # each on one tensor
-    "transpose": lambda t, dim0=0, dim1=1: t.transpose(dim0, dim1),
-    "permute_rope": permute_rope,
-    "unpermute_rope": unpermute_rope,
-}
-
-
-def read_preset(name: str) -> dict[str, Any]:
-    return tomllib.loads((PRESETS / f"{name}.toml").read_text(encoding="utf-8"))
-
-
-def as_list(names: str | list[str]) -> list[str]:
-    return [names] if isinstance(names, str) else names
-
-
-def bindings(pattern: str, keys: list[str]) -> list[dict[str, str]]:
-    """The binding of every key the pattern matches whole, a `{name}` being one dotted segment."""
-    pieces = PLACEHOLDER.split(pattern)
-    regex = re.compile("".join(f"(?P<{p}>[^.]+)" if i % 2 else re.escape(p) for i, p in enumerate(pieces)))
-    return [m.groupdict() for key in keys if (m := regex.fullmatch(key))]
-
-
-def fill(pattern: str, binding: dict[str, str]) -> str:
-    return PLACEHOLDER.sub(lambda m: binding[m[1]], pattern)
-
-
-def target_value(target: nn.Module, name: str) -> Any:
-    """What `"{name}"` in an op parameter is: the target's keyword argument (MetaLlama's `params`,
-    nanoGPT's `config`) or its config's attribute (transformers models)."""
-    for holder in (getattr(target, "params", None), getattr(target, "config", None)):
-        if holder is not None and hasattr(holder, name):
-            return getattr(holder, name)
-    raise AssertionError(f"the target has no {name!r}")
-
-
-def op_params(op: dict[str, Any], target: nn.Module) -> dict[str, Any]:
-    """An op's parameters, each `"{name}"` replaced by the target's value of that name."""
-    return {
-        k: target_value(target, v[1:-1]) if isinstance(v, str) and PLACEHOLDER.fullmatch(v) else v
-        for k, v in op.items()
-        if k != "op"
-    }
-
-
-def apply_preset(preset: dict[str, Any], state: dict[str, Any], target: nn.Module) -> dict[str, Any]:
-    """The state as the preset's rules leave it (a rule writing nowhere drops what it takes);
-    keys no rule takes keep their names. `target` answers the ops' `"{name}"` parameters."""
-    out: dict[str, Any] = {}
-    taken: set[str] = set()
-    for index, rule in enumerate(preset.get("rule", [])):
-        sources, targets = as_list(rule["from"]), as_list(rule["to"])
-        found = bindings(sources[0], list(state))
-        assert found or rule.get("optional", False), f"rule {index} ({sources[0]}) matches nothing"
-        for binding in found:
-            keys = [fill(s, binding) for s in sources]
-            assert taken.isdisjoint(keys), f"rule {index} takes {keys} a second time"
-            taken.update(keys)
-            if not targets:
-                continue
-            values = [state[k] for k in keys]
-            for op in rule.get("ops", []):
-                values = [OPS[op["op"]](v, **op_params(op, target)) for v in values]
-            assert len(values) == len(targets), f"rule {index}: {len(values)} values for {targets}"
-            for name, value in zip(targets, values, strict=True):
-                assert fill(name, binding) not in out, f"rule {index} writes {fill(name, binding)} twice"
-                out[fill(name, binding)] = value
-    for key, value in state.items():
-        if key not in taken:
-            assert key not in out, f"{key} is both written by a rule and kept by name"
-            out[key] = value
-    return out
-
-
+# -- the presets, planned by surgery's own engine -----------------------------------------
 @dataclass(frozen=True)
 class Pair:
-    """A preset, the models on both sides, what to feed them, and keys real checkpoints of the
-    source hold that the target has no use for (the preset must drop them)."""
+    """A preset, the models on both sides, the target's keyword arguments (what its rules'
+    `"{name}"` parameters may name, as a target spec gives them), and keys real checkpoints
+    of the source hold that the target has no use for (the preset must drop them)."""
 
     preset: str
     source: Builder
     target: Builder
-    probe: Callable[[], torch.Tensor]
+    target_kwargs: dict[str, Any] = field(default_factory=dict)
     dropped: tuple[str, ...] = ()
 
 
 PAIRS = [
-    Pair("torchvision-vit-to-timm", tv_vit, timm_vit, images),
-    Pair("timm-vit-to-torchvision", timm_vit, tv_vit, images),
+    Pair("torchvision-vit-to-timm", tv_vit, timm_vit),
+    Pair("timm-vit-to-torchvision", timm_vit, tv_vit),
     Pair(
         "gpt2-hf-to-nanogpt",
         hf_gpt2,
         nanogpt,
-        tokens,
+        GPT,
         ("transformer.h.0.attn.bias", "transformer.h.1.attn.masked_bias"),
     ),
-    Pair("llama-meta-to-hf", meta_llama, hf_llama, tokens, ("rope.freqs",)),
-    Pair("llama-hf-to-meta", hf_llama, meta_llama, tokens, ("model.layers.1.self_attn.rotary_emb.inv_freq",)),
-    Pair("torchvision-resnet-to-timm", tv_resnet50, timm_resnet50, lambda: images(64)),
-    Pair("timm-resnet-to-torchvision", timm_resnet50, tv_resnet50, lambda: images(64)),
+    Pair("llama-meta-to-hf", meta_llama, hf_llama, dropped=("rope.freqs",)),
+    Pair("llama-hf-to-meta", hf_llama, meta_llama, LLAMA, ("model.layers.1.self_attn.rotary_emb.inv_freq",)),
+    Pair("torchvision-resnet-to-timm", tv_resnet50, timm_resnet50),
+    Pair("timm-resnet-to-torchvision", timm_resnet50, tv_resnet50),
 ]
 PAIR = pytest.mark.parametrize("pair", PAIRS, ids=[p.preset for p in PAIRS])
 
 
+def planned(pair: Pair, model: nn.Module, into: nn.Module, extra: tuple[str, ...] = ()) -> PortPlan:
+    """What `surgery port --preset` plans for `model`'s state_dict (and `extra` keys) into
+    `into`, as its `--dry-run` shows it: the preset read and bound by the engine, the keys
+    no rule takes matched by name, tied weights (GPT-2's lm_head) known on both sides."""
+    target, saved = target_of_module(into, pair.preset, pair.target_kwargs), target_of_module(model)
+    source = saved.entries + [Entry(k, (1,), "float32") for k in extra]
+    options = PortOptions(
+        match="exact", rules=(read_preset(pair.preset),), rule_args=tuple(rule_values(target).items())
+    )
+    return plan_port(source, target.entries, options, both_ways(target.aliases()), both_ways(saved.aliases()))
+
+
+def filled(plan: PortPlan) -> set[str]:
+    return {m.target for m in plan.matched} | {t for t, _ in plan.tied}
+
+
 def test_every_preset_file_is_proved_here() -> None:
-    assert sorted(p.stem for p in PRESETS.glob("*.toml")) == sorted(p.preset for p in PAIRS)
-    assert [p.name for p in PRESETS.iterdir() if p.suffix != ".toml"] == []
+    assert sorted(p.stem for p in PRESET_FOLDER.glob("*.toml")) == sorted(p.preset for p in PAIRS)
+    assert [p.name for p in PRESET_FOLDER.iterdir() if p.suffix != ".toml"] == []
 
 
 @PAIR
-def test_preset_file_is_in_the_engine_format(pair: Pair) -> None:
-    preset = read_preset(pair.preset)
-    assert set(preset) <= {"preset", "rule"}
-    about = preset["preset"]
-    assert set(about) == {"description", "verified"}
-    assert about["description"].strip() and "\n" not in about["description"]
-    assert "torch" in about["verified"] and all(isinstance(v, str) for v in about["verified"].values())
-    for rule in preset.get("rule", []):
-        assert set(rule) <= {"from", "to", "ops", "optional"}, rule
-        sources, targets = as_list(rule["from"]), as_list(rule["to"])
-        bound = set(PLACEHOLDER.findall(sources[0]))
-        assert all(set(PLACEHOLDER.findall(name)) == bound for name in sources + targets), rule
-        assert all(op["op"] in ENGINE_OPS and op["op"] in OPS for op in rule.get("ops", [])), rule
-        assert targets or rule.get("optional") is True, f"a rule writing nowhere is optional: {rule}"
-
-
-@PAIR
-def test_preset_renames_the_source_keys_to_exactly_the_target_keys(pair: Pair, source: Source) -> None:
-    """Every source key taken or kept, every target key written once, in the target's shape."""
+def test_preset_fills_every_target_key_from_every_source_key_in_the_targets_shapes(
+    pair: Pair, source: Source
+) -> None:
     model, target = source(pair.source), source(pair.target)
-    ported = apply_preset(read_preset(pair.preset), model.state_dict(), target)
-    assert sorted(ported) == sorted(target.state_dict())
-    assert {k: v.shape for k, v in ported.items()} == {k: v.shape for k, v in target.state_dict().items()}
+    plan = planned(pair, model, target)
+    assert plan.complete and not plan.unused, plan.steps  # nothing missing, unexpected or mismatched
+    assert filled(plan) == set(target.state_dict())
 
 
 @pytest.mark.parametrize("pair", [p for p in PAIRS if p.dropped], ids=[p.preset for p in PAIRS if p.dropped])
@@ -481,30 +409,15 @@ def test_preset_drops_what_real_checkpoints_of_the_source_hold_beyond_the_weight
     pair: Pair, source: Source
 ) -> None:
     model, target = source(pair.source), source(pair.target)
-    state = model.state_dict() | dict.fromkeys(pair.dropped, torch.zeros(1))
-    assert sorted(apply_preset(read_preset(pair.preset), state, target)) == sorted(target.state_dict())
+    plan = planned(pair, model, target, pair.dropped)
+    assert plan.complete and sorted(plan.unused) == sorted(pair.dropped)
+    assert filled(plan) == set(target.state_dict())
 
 
-@PAIR
-def test_preset_gives_the_target_the_source_outputs(pair: Pair, source: Source) -> None:
-    model, target = source(pair.source), pair.target(1)
-    target.load_state_dict(apply_preset(read_preset(pair.preset), model.state_dict(), target))
-    assert_same_outputs(target, model, pair.probe())
-
-
-@pytest.mark.parametrize(
-    ("there", "back", "src", "dst"),
-    [
-        ("llama-meta-to-hf", "llama-hf-to-meta", meta_llama, hf_llama),
-        ("torchvision-vit-to-timm", "timm-vit-to-torchvision", tv_vit, timm_vit),
-    ],
-    ids=["llama", "vit"],
-)
-def test_preset_and_its_reverse_round_trip_bit_identically(
-    there: str, back: str, src: Builder, dst: Builder, source: Source
-) -> None:
-    model = source(src)
-    ported = apply_preset(read_preset(there), model.state_dict(), source(dst))
-    returned = apply_preset(read_preset(back), ported, model)
-    assert returned.keys() == model.state_dict().keys()
-    assert all(torch.equal(returned[k], v) for k, v in model.state_dict().items())
+def test_the_engines_rotary_permutation_is_transformers_conversion_scripts(source: Source) -> None:
+    """`permute_rope` here is transformers' convert_llama_weights_to_hf.py; the presets run
+    the engine's, which must be the same, and its inverse the inverse."""
+    wk = source(meta_llama).state_dict()["layers.0.attention.wk.weight"]
+    heads = LLAMA["n_kv_heads"]
+    assert torch.equal(transforms.permute_rope(wk, heads), permute_rope(wk, heads))
+    assert torch.equal(transforms.unpermute_rope(permute_rope(wk, heads), heads), wk)

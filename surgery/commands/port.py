@@ -391,15 +391,22 @@ def port(
 
 def _check(request: PortRequest, ckpt: Checkpoint, plan: PortPlan, module: nn.Module) -> CheckResult:
     """`--check`: the source loaded into its own architecture (`check_from`, every key by
-    name) and the loaded target run on the same probes; modules paired through the plan."""
+    name) and the loaded target run on the same probes; modules paired through the plan.
+    Source keys the port leaves unused on purpose (a rule's `to = []`, such as Llama 1's
+    `rope.freqs`; --allow-unexpected) may be unknown to that architecture too."""
+    import glob
+
     from surgery.models.check import check
 
     assert request.check_from is not None
     built = build_target(request.check_from, trust=request.trust)
     if built.module is None:
         raise UsageError(request.check_from, "--from names a template: --check needs an architecture to run")
+    unused = tuple(glob.escape(k) for k in plan.unused)
     try:
-        loaded = port(ckpt, into=built.module, strict=True, match="auto", min_coverage=0)
+        loaded = port(
+            ckpt, into=built.module, strict=True, match="auto", min_coverage=0, allow_unexpected=unused
+        )
     except PortFailed as failed:
         raise SurgeryError(
             ckpt.path,

@@ -137,6 +137,8 @@ def _on_device(meta: bool, build: Callable[[], nn.Module]) -> nn.Module:
     try:
         with torch.device("meta"):
             return build()
+    except UsageError:
+        raise  # the spec itself is wrong, on any device (and its checks consumed the arguments)
     except SurgeryError:
         return build()  # a builder that does arithmetic on its values: built for real
 

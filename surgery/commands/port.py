@@ -883,7 +883,8 @@ def _verify_failed(where: Path, name: str, source: str | None) -> SurgeryError:
 
 def _write_plan(path: Path, report: PortReport) -> None:
     """The final mapping as an editable file: review it, then `--plan` applies it as is.
-    The rules' bindings are in it resolved (no placeholders, every op's parameters)."""
+    The rules' bindings are in it resolved (no placeholders, every op's parameters), and
+    each key a rule drops as a rule of its own (`to = []`)."""
     from surgery.writers.outputs import atomic
 
     plan = report.plan
@@ -896,7 +897,8 @@ def _write_plan(path: Path, report: PortReport) -> None:
         "rules": [
             {"from": list(d.sources), "to": list(d.targets), "ops": [op.to_json() for op in d.ops]}
             for d in plan.derived
-        ],
+        ]
+        + [{"from": [name], "to": [], "ops": []} for name in plan.dropped],
         "unused_source_keys": list(plan.unexpected),
         "unfilled_target_keys": list(plan.missing),
     }

@@ -371,7 +371,7 @@ def port(
         allow_missing=strings(allow_missing, "allow_missing"),
         allow_unexpected=strings(allow_unexpected, "allow_unexpected"),
     )
-    sets = rule_sets(tuple(str(f) for f in strings(map, "map")), strings(preset, "preset"))
+    sets = rule_sets(paths(map, "map"), strings(preset, "preset"))
     target = target_of_module(into)
     if sets:
         values = {**rule_values(target), **dict(map_args or {})}
@@ -1105,7 +1105,7 @@ class PortRequest(Request):
             trust=bool(fields.get("trust")),
             format=fields.get("format") or "auto",
             shard_size=parse_size(size) if isinstance(size, str) else size,
-            map=tuple(str(f) for f in strings(fields.get("map"), "map")),
+            map=paths(fields.get("map"), "map"),
             preset=strings(fields.get("preset"), "preset"),
             map_args=tuple(map_args),
             adapt=bool(fields.get("adapt")),
@@ -1172,6 +1172,19 @@ def probe_shape(value: Any) -> tuple[int, ...] | None:
     if not shape or any(n <= 0 for n in shape):
         raise BadArgument("probe_shape", f"{value!r} is not a shape of positive sizes like 2,3,224,224")
     return shape
+
+
+def paths(value: Any, param: str) -> tuple[str, ...]:
+    """A path or a list of paths (`str` or `os.PathLike`, as `map=` takes them), as strings.
+
+    Raises:
+        BadArgument: naming `param`, for anything else.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, (list, tuple)):
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    return strings(value, param)
 
 
 def as_pairs(value: Any) -> list[str]:

@@ -262,16 +262,20 @@ def refusal(report: PortReport) -> tuple[str, str, str] | None:
     strict port refuses anything missing, unexpected or mismatched. The hint names the fix
     the key lists suggest (`report.hints`), and `--strict false` only when most of the
     target would be loaded: loading what matches of a port that matched almost nothing
-    writes a wrong model.
+    writes a wrong model. A rule whose output does not fit its target is said first.
     """
     low = report.coverage * 100 < report.min_coverage
     if not low and not (report.strict and not report.plan.complete):
         return None
-    fixes = list(report.hints)
+    misfits = rule_misfits(report.plan)
+    cause = (
+        f"{misfits[0]}{f' (and {len(misfits) - 1} more)' if len(misfits) > 1 else ''}; " if misfits else ""
+    )
+    fixes = list(report.hints) + (["--dry-run shows each rule's ops and shapes"] if misfits else [])
     if low:
         floor = f"--min-coverage {report.min_coverage:g}%"
         message = (
-            f"port refused: {percent(report.coverage)} of the target's parameters would be loaded, "
+            f"port refused: {cause}{percent(report.coverage)} of the target's parameters would be loaded, "
             f"under {floor}: {report.summary()}"
         )
         fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
@@ -281,7 +285,18 @@ def refusal(report: PortReport) -> tuple[str, str, str] | None:
             "pass --strict false to load what matches (or --allow-missing/--allow-unexpected GLOB for keys you expect)"
         )
     fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
-    return f"strict port refused: {report.summary()}", "; ".join(fixes), "strict port refused"
+    return f"strict port refused: {cause}{report.summary()}", "; ".join(fixes), "strict port refused"
+
+
+def rule_misfits(plan: PortPlan) -> list[str]:
+    """Each rule output of another shape than its target, named by its rule and binding:
+    `rules.toml rule 2 (n=0) makes [24, 8] for blocks.0.attn.qkv.weight [32, 8]`."""
+    made_by = {name: d for d in plan.derived for name in d.names}
+    return [
+        f"{made_by[m.source].label} makes {list(m.source_shape)} for {m.target} {list(m.target_shape)}"
+        for m in plan.mismatched
+        if m.source in made_by
+    ]
 
 
 def _report(

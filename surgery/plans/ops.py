@@ -10,7 +10,7 @@ fails at planning (`--dry-run` shows every step) and never halfway through writi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -254,26 +254,36 @@ OPS: dict[str, Spec] = {
 MODES = ("bicubic", "bilinear", "nearest")
 
 
-def make_op(name: Any, params: Mapping[str, Any]) -> Op:
+def make_op(name: Any, params: Mapping[str, Any], *, unresolved: Collection[str] = ()) -> Op:
     """An op from a rule file's table, its parameters checked and defaulted.
 
+    Args:
+        unresolved: parameters written as a `"{name}"` whose value is not known yet: only
+            their names are checked now (their value is None in the op), the rest once known.
+
     Raises:
-        OpError: an unknown op or parameter, a missing or mistyped value.
+        OpError: an unknown op or parameter, a missing or mistyped value (None only where
+            None is the default).
     """
     spec = OPS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise OpError(f"unknown op {name!r} (ops: {', '.join(OPS)})")
-    unknown = sorted(set(params) - set(spec.params))
+    unknown = sorted((set(params) | set(unresolved)) - set(spec.params))
     if unknown:
         raise OpError(
             f"{name}: unknown parameter {unknown[0]!r} (parameters: {', '.join(spec.params) or 'none'})"
         )
     out = []
     for key, (kind, default) in spec.params.items():
+        if key in unresolved:
+            out.append((key, None))
+            continue
         value = params.get(key, default)
         if value is REQUIRED:
             raise OpError(f"{name}: needs {key}")
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if (value is not None or default is not None) and (
+            not isinstance(value, kind) or isinstance(value, bool)
+        ):
             raise OpError(f"{name}: {key}={value!r} is not {_kind(kind)}")
         out.append((key, value))
     op = Op(name, tuple(out))

@@ -561,7 +561,8 @@ def port_file(request: PortRequest) -> PortReport:
             check = check_folder_destination if hf and path == out_path else check_destination
             check(path, list(inputs), force=force)
 
-    check_writes(ckpt.files)  # before any work: refusals cost nothing
+    rule_files = [Path(f) for f in request.map] + ([Path(request.plan)] if request.plan is not None else [])
+    check_writes([*ckpt.files, *rule_files])  # before any work: refusals cost nothing
     hashed = ckpt.files if out_path is not None and not dry_run else []
     with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
         # Shapes alone (the meta device) until the target's own values turn out to be needed.

@@ -944,6 +944,38 @@ def test_an_optional_rule_may_match_nothing(case, tmp_path):
     assert_tensors_equal(load_file(out), expected_state(case.state))
 
 
+@pytest.mark.parametrize("flag", ["-o", "--plan-out"])
+def test_the_rule_file_is_an_input_never_overwritten(case, tmp_path, flag):
+    rules = tmp_path / "rules.toml"
+    shutil.copy(case.rules, rules)
+    other = ("--plan-out", tmp_path / "plan.json") if flag == "-o" else ("-o", tmp_path / "out.safetensors")
+    run = run_cli(
+        "port",
+        case.src,
+        "--to",
+        case.target,
+        "--map",
+        rules,
+        "--map-arg",
+        "heads=2",
+        flag,
+        rules,
+        *other,
+        "--force",
+    )
+    assert_clean_error(run, rules, contains="the output is an input of this run", code=2)
+    assert rules.read_text() == RULES and os.listdir(tmp_path) == ["rules.toml"]
+
+
+def test_the_plan_file_is_an_input_never_overwritten(case, ported, tmp_path):
+    plan = tmp_path / "plan.json"
+    shutil.copy(ported.plan, plan)
+    before = plan.read_bytes()
+    run = run_cli("port", case.src, "--to", case.target, "--plan", plan, "-o", plan, "--force")
+    assert_clean_error(run, plan, contains="the output is an input of this run", code=2)
+    assert plan.read_bytes() == before and os.listdir(tmp_path) == ["plan.json"]
+
+
 def test_plan_and_map_together_are_refused(case, ported, tmp_path):
     out = tmp_path / "out.safetensors"
     run = run_cli(

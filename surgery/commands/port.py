@@ -900,16 +900,18 @@ def _verify_failed(where: Path, name: str, source: str | None) -> SurgeryError:
 def _write_plan(path: Path, report: PortReport) -> None:
     """The final mapping as an editable file: review it, then `--plan` applies it as is.
     The rules' bindings are in it resolved (no placeholders, every op's parameters), and
-    each key a rule drops as a rule of its own (`to = []`)."""
+    each key a rule drops as a rule of its own (`to = []`). The mapping holds the other
+    pairs: what the rules make (loaded or mismatched) the rules make again."""
     from surgery.writers.outputs import atomic
 
     plan = report.plan
+    made = {name for d in plan.derived for name in d.names}
     doc = {
         "surgery_plan": PLAN_VERSION,
         "source": report.source,
         "target": report.target,
         "mapping": {m.source: m.target for m in plan.matched if m.how != "rule"}
-        | {m.source: m.target for m in plan.mismatched},
+        | {m.source: m.target for m in plan.mismatched if m.source not in made},
         "rules": [
             {"from": list(d.sources), "to": list(d.targets), "ops": [op.to_json() for op in d.ops]}
             for d in plan.derived

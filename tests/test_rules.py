@@ -592,6 +592,37 @@ def test_a_reviewed_plan_with_rules_loads_their_tensors(case, ported, tmp_path):
     assert_tensors_equal(load_file(out), expected_state(case.state))
 
 
+def test_a_plan_with_a_misfit_rule_is_applied_as_it_was_made(case, tmp_path):
+    """A rule output of another shape is mismatched, not loaded; the plan's rules make it again,
+    so the mapping does not name it (it named the rule's output, which --plan refused as unknown)."""
+    rules = tmp_path / "rules.toml"
+    rules.write_text(
+        with_rule(3, f'from = "layers.{{n}}.feed_forward.w13"\nto = {MLP}\nops = [{{ op = "split" }}]')
+    )
+    first, again, plan = (
+        tmp_path / "first.safetensors",
+        tmp_path / "again.safetensors",
+        tmp_path / "plan.json",
+    )
+    flags = ("--to", case.target, "--strict", "false", "--json")
+    run = run_cli(
+        "port", case.src, *flags, "--map", rules, "--map-arg", "heads=2", "-o", first, "--plan-out", plan
+    )
+    assert run.exit_code == 0, run.stderr
+    mismatched = json.loads(run.stdout)["mismatched"]
+    assert [m["target"] for m in mismatched] == [
+        f"blocks.{n}.mlp.{w}.weight" for n in "01" for w in ("gate", "up")
+    ]
+    assert json.loads(plan.read_text())["mapping"] == {"head.weight": "head.weight", "head.bias": "head.bias"}
+    run = run_cli("port", case.src, *flags, "--plan", plan, "-o", again)
+    assert run.exit_code == 0, run.stderr
+    again_mismatched = json.loads(run.stdout)["mismatched"]
+    assert [m.pop("reason") for m in again_mismatched] == ["made by plan.json rule 7", "made by plan.json rule 7",
+                                                          "made by plan.json rule 8", "made by plan.json rule 8"]  # fmt: skip
+    assert again_mismatched == [{k: v for k, v in m.items() if k != "reason"} for m in mismatched]
+    assert_tensors_equal(load_file(again), load_file(first))
+
+
 # == 4. bad rule files: one line naming the file, the rule and the binding; nothing written ==
 QKV = '["layers.{n}.attention.wq.weight", "layers.{n}.attention.wk.weight", "layers.{n}.attention.wv.weight"]'
 

@@ -262,16 +262,20 @@ def refusal(report: PortReport) -> tuple[str, str, str] | None:
     strict port refuses anything missing, unexpected or mismatched. The hint names the fix
     the key lists suggest (`report.hints`), and `--strict false` only when most of the
     target would be loaded: loading what matches of a port that matched almost nothing
-    writes a wrong model.
+    writes a wrong model. A rule whose output does not fit its target is said first.
     """
     low = report.coverage * 100 < report.min_coverage
     if not low and not (report.strict and not report.plan.complete):
         return None
-    fixes = list(report.hints)
+    misfits = rule_misfits(report.plan)
+    cause = (
+        f"{misfits[0]}{f' (and {len(misfits) - 1} more)' if len(misfits) > 1 else ''}; " if misfits else ""
+    )
+    fixes = list(report.hints) + (["--dry-run shows each rule's ops and shapes"] if misfits else [])
     if low:
         floor = f"--min-coverage {report.min_coverage:g}%"
         message = (
-            f"port refused: {percent(report.coverage)} of the target's parameters would be loaded, "
+            f"port refused: {cause}{percent(report.coverage)} of the target's parameters would be loaded, "
             f"under {floor}: {report.summary()}"
         )
         fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
@@ -281,7 +285,18 @@ def refusal(report: PortReport) -> tuple[str, str, str] | None:
             "pass --strict false to load what matches (or --allow-missing/--allow-unexpected GLOB for keys you expect)"
         )
     fixes = fixes or ["check the target and the key rules (--dry-run shows them)"]
-    return f"strict port refused: {report.summary()}", "; ".join(fixes), "strict port refused"
+    return f"strict port refused: {cause}{report.summary()}", "; ".join(fixes), "strict port refused"
+
+
+def rule_misfits(plan: PortPlan) -> list[str]:
+    """Each rule output of another shape than its target, named by its rule and binding:
+    `rules.toml rule 2 (n=0) makes [24, 8] for blocks.0.attn.qkv.weight [32, 8]`."""
+    made_by = {name: d for d in plan.derived for name in d.names}
+    return [
+        f"{made_by[m.source].label} makes {list(m.source_shape)} for {m.target} {list(m.target_shape)}"
+        for m in plan.mismatched
+        if m.source in made_by
+    ]
 
 
 def _report(
@@ -371,7 +386,7 @@ def port(
         allow_missing=strings(allow_missing, "allow_missing"),
         allow_unexpected=strings(allow_unexpected, "allow_unexpected"),
     )
-    sets = rule_sets(tuple(str(f) for f in strings(map, "map")), strings(preset, "preset"))
+    sets = rule_sets(paths(map, "map"), strings(preset, "preset"))
     target = target_of_module(into)
     if sets:
         values = {**rule_values(target), **dict(map_args or {})}
@@ -553,7 +568,8 @@ def port_file(request: PortRequest) -> PortReport:
             check = check_folder_destination if hf and path == out_path else check_destination
             check(path, list(inputs), force=force)
 
-    check_writes(ckpt.files)  # before any work: refusals cost nothing
+    rule_files = [Path(f) for f in request.map] + ([Path(request.plan)] if request.plan is not None else [])
+    check_writes([*ckpt.files, *rule_files])  # before any work: refusals cost nothing
     hashed = ckpt.files if out_path is not None and not dry_run else []
     with SourceDigests(hashed) as digests:  # hashing from now on, beside building and loading
         # Shapes alone (the meta device) until the target's own values turn out to be needed.
@@ -890,20 +906,24 @@ def _verify_failed(where: Path, name: str, source: str | None) -> SurgeryError:
 
 def _write_plan(path: Path, report: PortReport) -> None:
     """The final mapping as an editable file: review it, then `--plan` applies it as is.
-    The rules' bindings are in it resolved (no placeholders, every op's parameters)."""
+    The rules' bindings are in it resolved (no placeholders, every op's parameters), and
+    each key a rule drops as a rule of its own (`to = []`). The mapping holds the other
+    pairs: what the rules make (loaded or mismatched) the rules make again."""
     from surgery.writers.outputs import atomic
 
     plan = report.plan
+    made = {name for d in plan.derived for name in d.names}
     doc = {
         "surgery_plan": PLAN_VERSION,
         "source": report.source,
         "target": report.target,
         "mapping": {m.source: m.target for m in plan.matched if m.how != "rule"}
-        | {m.source: m.target for m in plan.mismatched},
+        | {m.source: m.target for m in plan.mismatched if m.source not in made},
         "rules": [
             {"from": list(d.sources), "to": list(d.targets), "ops": [op.to_json() for op in d.ops]}
             for d in plan.derived
-        ],
+        ]
+        + [{"from": [name], "to": [], "ops": []} for name in plan.dropped],
         "unused_source_keys": list(plan.unexpected),
         "unfilled_target_keys": list(plan.missing),
     }
@@ -1110,7 +1130,7 @@ class PortRequest(Request):
             trust=bool(fields.get("trust")),
             format=fields.get("format") or "auto",
             shard_size=parse_size(size) if isinstance(size, str) else size,
-            map=tuple(str(f) for f in strings(fields.get("map"), "map")),
+            map=paths(fields.get("map"), "map"),
             preset=strings(fields.get("preset"), "preset"),
             map_args=tuple(map_args),
             adapt=bool(fields.get("adapt")),
@@ -1177,6 +1197,19 @@ def probe_shape(value: Any) -> tuple[int, ...] | None:
     if not shape or any(n <= 0 for n in shape):
         raise BadArgument("probe_shape", f"{value!r} is not a shape of positive sizes like 2,3,224,224")
     return shape
+
+
+def paths(value: Any, param: str) -> tuple[str, ...]:
+    """A path or a list of paths (`str` or `os.PathLike`, as `map=` takes them), as strings.
+
+    Raises:
+        BadArgument: naming `param`, for anything else.
+    """
+    if isinstance(value, os.PathLike):
+        value = os.fspath(value)
+    elif isinstance(value, (list, tuple)):
+        value = [os.fspath(v) if isinstance(v, os.PathLike) else v for v in value]
+    return strings(value, param)
 
 
 def as_pairs(value: Any) -> list[str]:

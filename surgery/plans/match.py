@@ -90,6 +90,7 @@ class PortPlan:
     unused: tuple[str, ...] = ()  # source keys left unused by intent (replaced, removed, --allow-unexpected)
     derived: tuple[Derived, ...] = ()  # what the rules make: their outputs are source keys of `matched`
     layout_changed: tuple[str, ...] = ()  # target keys whose rule ops change what their module computes
+    dropped: tuple[str, ...] = ()  # source keys a rule with `to = []` drops (also in `unused`)
 
     @property
     def complete(self) -> bool:
@@ -588,6 +589,7 @@ def plan_port(
             derived=ruled.derived,
             unused=(*plan.unused, *ruled.dropped),
             layout_changed=ruled.layout_changed,
+            dropped=ruled.dropped,
         )
     return fill_as_torch(plan, target, source_versions)
 

@@ -10,7 +10,7 @@ fails at planning (`--dry-run` shows every step) and never halfway through writi
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -53,9 +53,14 @@ class Spec:
 
 def _dim(op: Op, shape: Shape, key: str = "dim") -> int:
     dim = op[key]
-    if not -len(shape) <= dim < max(len(shape), 1):
+    if not -len(shape) <= dim < len(shape):  # a 0-d tensor has no dimension to name
         raise OpError(f"{op.name}: {key}={dim} is out of range for a tensor of shape {list(shape)}")
-    return dim % max(len(shape), 1)
+    return dim % len(shape)
+
+
+def _whole(values: Any) -> bool:
+    """Whether `values` is a list of whole numbers (sizes, rows): not bools, floats or strings."""
+    return isinstance(values, list) and all(isinstance(v, int) and not isinstance(v, bool) for v in values)
 
 
 def _cat(op: Op, shapes: list[Shape], targets: Sequence[Shape]) -> list[Shape]:
@@ -84,6 +89,8 @@ def split_sizes(op: Op, shape: Shape, targets: Sequence[Shape], last: bool) -> l
     dim = _dim(op, shape)
     total = shape[dim]
     sizes = dict(op.params).get("sizes")
+    if sizes is not None and not _whole(sizes):
+        raise OpError(f"split(dim={dim}): sizes={sizes!r} is not a list of sizes")
     fits = last and targets and all(len(t) == len(shape) for t in targets)
     if sizes is None and fits and sum(t[dim] for t in targets) == total:
         sizes = [t[dim] for t in targets]
@@ -125,7 +132,7 @@ def _reshape(op: Op, shape: Shape, target: Shape | None) -> Shape:
         if target is None:
             raise OpError("reshape(shape='target'): no target tensor to take the shape of here")
         wanted = list(target)
-    if not isinstance(wanted, list) or not all(isinstance(n, int) for n in wanted) or wanted.count(-1) > 1:
+    if not _whole(wanted) or any(n < -1 for n in wanted) or wanted.count(-1) > 1:
         raise OpError(f"reshape: shape={wanted!r} is not a list of sizes (one may be -1) or 'target'")
     numel = math.prod(shape)
     known = math.prod(n for n in wanted if n != -1)
@@ -169,6 +176,8 @@ def grid(tokens: int, name: str) -> tuple[int, int]:
 def _pos_embed(op: Op, shape: Shape, target: Shape | None) -> Shape:
     target = _needs_target(op, target)
     prefix = op["prefix_tokens"]
+    if prefix < 0:
+        raise OpError(f"resample_pos_embed: prefix_tokens={prefix} is not a count of tokens")
     if len(shape) != 3 or len(target) != 3 or shape[0] != 1 or shape[2] != target[2] or target[0] != 1:
         raise OpError(
             f"resample_pos_embed: [1, tokens, dim] to [1, tokens, dim] of the same dim, "
@@ -202,7 +211,7 @@ def _resize_rows(op: Op, shape: Shape, target: Shape | None) -> Shape:
 
 def _select_rows(op: Op, shape: Shape, target: Shape | None) -> Shape:
     index = op["index"]
-    if not isinstance(index, list) or not index or not all(isinstance(i, int) for i in index):
+    if not _whole(index) or not index:
         raise OpError(f"select_rows: index={index!r} is not a list of row numbers")
     if not shape or not all(-shape[0] <= i < shape[0] for i in index):
         raise OpError(f"select_rows: an index is out of range for {shape[0] if shape else 0} rows")
@@ -245,26 +254,36 @@ OPS: dict[str, Spec] = {
 MODES = ("bicubic", "bilinear", "nearest")
 
 
-def make_op(name: Any, params: Mapping[str, Any]) -> Op:
+def make_op(name: Any, params: Mapping[str, Any], *, unresolved: Collection[str] = ()) -> Op:
     """An op from a rule file's table, its parameters checked and defaulted.
 
+    Args:
+        unresolved: parameters written as a `"{name}"` whose value is not known yet: only
+            their names are checked now (their value is None in the op), the rest once known.
+
     Raises:
-        OpError: an unknown op or parameter, a missing or mistyped value.
+        OpError: an unknown op or parameter, a missing or mistyped value (None only where
+            None is the default).
     """
     spec = OPS.get(name) if isinstance(name, str) else None
     if spec is None:
         raise OpError(f"unknown op {name!r} (ops: {', '.join(OPS)})")
-    unknown = sorted(set(params) - set(spec.params))
+    unknown = sorted((set(params) | set(unresolved)) - set(spec.params))
     if unknown:
         raise OpError(
             f"{name}: unknown parameter {unknown[0]!r} (parameters: {', '.join(spec.params) or 'none'})"
         )
     out = []
     for key, (kind, default) in spec.params.items():
+        if key in unresolved:
+            out.append((key, None))
+            continue
         value = params.get(key, default)
         if value is REQUIRED:
             raise OpError(f"{name}: needs {key}")
-        if value is not None and (not isinstance(value, kind) or isinstance(value, bool)):
+        if (value is not None or default is not None) and (
+            not isinstance(value, kind) or isinstance(value, bool)
+        ):
             raise OpError(f"{name}: {key}={value!r} is not {_kind(kind)}")
         out.append((key, value))
     op = Op(name, tuple(out))

@@ -159,8 +159,14 @@ def _rule(table: Mapping[str, Any], where: str) -> Rule:
     if not isinstance(ops, list) or not all(isinstance(o, dict) for o in ops):
         raise RuleError(f'{where}: ops is a list of tables like {{ op = "cat", dim = 0 }}')
     for o in ops:  # the names and types are checked now; "{name}" values when applied
+        params = {k: v for k, v in o.items() if k != "op"}
+        later = {k for k, v in params.items() if isinstance(v, str) and PLACEHOLDER.fullmatch(v)}
         try:
-            make_op(o.get("op"), {k: _placeholder_free(v) for k, v in o.items() if k != "op"})
+            make_op(
+                o.get("op"),
+                {k: _placeholder_free(v) for k, v in params.items() if k not in later},
+                unresolved=later,
+            )
         except OpError as exc:
             raise RuleError(f"{where}: {exc}") from None
     bound = set(PLACEHOLDER.findall(max(sources, key=lambda p: len(set(PLACEHOLDER.findall(p))))))
@@ -193,10 +199,8 @@ def _patterns(value: Any, where: str, name: str) -> tuple[str, ...]:
 
 
 def _placeholder_free(value: Any) -> Any:
-    """A parameter as make_op can check it before the `{name}`s in it are known: a whole
-    placeholder as no value (its type is checked once known), one in a list as a size."""
-    if isinstance(value, str) and PLACEHOLDER.fullmatch(value):
-        return None
+    """A parameter as make_op can check it before the `{name}`s in a list of sizes are
+    known: each of them as a size (a whole `"{name}"` is make_op's `unresolved`)."""
     if isinstance(value, list):
         return [1 if isinstance(v, str) and PLACEHOLDER.fullmatch(v) else v for v in value]
     return value

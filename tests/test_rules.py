@@ -1029,3 +1029,25 @@ def test_library_port_with_rules_loads_the_same_values(case):
     again = FusedNet()
     surgery.port(str(case.src), into=again, strict=True, map=case.rules, map_args={"heads": HEADS})
     assert_tensors_equal(dict(again.state_dict()), expected_state(case.state))
+
+
+def test_map_args_without_rules_are_refused(tmp_path):
+    """Values for rules' parameters with no rules to take them are a mistake, not a no-op."""
+    from surgery.errors import BadArgument
+
+    path = tmp_path / "tiny.pth"
+    torch.save(nn.Linear(2, 2).state_dict(), path)
+    run = run_cli(
+        "port",
+        path,
+        "--to",
+        "torch.nn:Linear?in_features=2&out_features=2",
+        "--map-arg",
+        "heads=2",
+        "-o",
+        tmp_path / "out.safetensors",
+    )
+    assert_clean_error(run, "--map-arg", code=2, contains="no rules")
+    assert not (tmp_path / "out.safetensors").exists()
+    with pytest.raises(BadArgument, match="map_args"):
+        surgery.port(path, into=nn.Linear(2, 2), map_args={"heads": 2})

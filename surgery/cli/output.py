@@ -58,9 +58,12 @@ def show(report: Any, json_out: bool) -> None:
 
 def flag_of(param: str) -> str:
     """The flag or argument of the running command that sets a library parameter."""
+    from surgery.cli.options import FIELD_OF
+
+    names = {param} | {flag for flag, field in FIELD_OF.items() if field == param}  # --arg sets args
     ctx = _click_context()
     for p in ctx.command.params if ctx is not None else ():
-        if p.name == param:
+        if p.name in names:
             longs = [o for o in p.opts if o.startswith("--")]
             return longs[0] if longs else (p.human_readable_name or param).upper()
     return "--" + param.replace("_", "-")

@@ -387,6 +387,8 @@ def port(
         allow_unexpected=strings(allow_unexpected, "allow_unexpected"),
     )
     sets = rule_sets(paths(map, "map"), strings(preset, "preset"))
+    if map_args and not sets:
+        raise BadArgument("map_args", "values for the rules' parameters, with no rules: pass map or preset")
     target = target_of_module(into)
     if sets:
         values = {**rule_values(target), **dict(map_args or {})}
@@ -1083,6 +1085,10 @@ class PortRequest(Request):
             raise BadArgument("check_from", "--from names the architecture --check runs: pass --check")
         if isinstance(self.atol, bool) or not isinstance(self.atol, (int, float)) or self.atol < 0:
             raise BadArgument("atol", f"{self.atol!r} is not a tolerance of 0 or more")
+        if self.map_args and not (self.map or self.preset or self.plan):
+            raise BadArgument(
+                "map_args", "values for the rules' parameters, with no rules: pass --map or --preset"
+            )
         if self.plan is not None and (self.map or self.preset):
             raise BadArgument("plan", "a plan holds the rules it was made with: drop --map and --preset")
         if self.init is not None and self.init not in INIT_SCHEMES:

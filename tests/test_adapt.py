@@ -146,11 +146,17 @@ def test_adapt_resamples_into_a_template_by_the_shapes_alone(vits, tmp_path):
 
 
 @pytest.mark.parametrize("adapt", [(), ("--adapt",)])
-def test_a_grid_that_is_not_square_stays_mismatched(vits, tmp_path, adapt):
+@pytest.mark.parametrize("as_template", [False, True])
+def test_a_grid_that_is_not_square_stays_mismatched(vits, tmp_path, adapt, as_template):
     """img_size (32, 48): a 4x6 grid. Its 1 + 24 tokens are a 3x3 'grid' after 16 prefix
-    tokens, which a guess from the shapes took (a 1x1 grid resampled to 3x3); the module's
-    own grid says no square grid fits, so nothing is adapted and nothing claims it would be."""
-    run, report = port_json(vits["cls"], "--to", vit_spec((32, 48), 8), "--dry-run", *adapt)
+    tokens, which a guess from the shapes took (a 1x1 grid resampled to 3x3). The module's
+    own grid says no square grid fits; a template, with no module to ask, needs a real grid
+    (2x2 at least) on both sides. Nothing is adapted and nothing claims it would be."""
+    target = vit_spec((32, 48), 8)
+    if as_template:
+        target = tmp_path / "template.safetensors"
+        save_file(vit((32, 48), 8).state_dict(), target)
+    run, report = port_json(vits["cls"], "--to", target, "--dry-run", *adapt)
     assert run.exit_code == 1
     assert reasons(report) == {"pos_embed": None}
     assert report["derived"] == [] and report["hints"] == []

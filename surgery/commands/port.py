@@ -34,7 +34,14 @@ from surgery.models.recipe import RECIPE_KEY, Recipe
 from surgery.models.targets import Target, build_target, parse_kwargs, target_of_module
 from surgery.models.transforms import MappedSource
 from surgery.names import group_names
-from surgery.plans.adapt import adaptations, as_rules, kept_heads, with_adapt_hints
+from surgery.plans.adapt import (
+    adapt_steps,
+    adaptations,
+    as_rules,
+    kept_heads,
+    position_grids,
+    with_adapt_hints,
+)
 from surgery.plans.hints import diagnose
 from surgery.plans.intent import Intent, with_intent
 from surgery.plans.keys import KeyRules, Rename, strings
@@ -218,6 +225,8 @@ def _plan(
     (`plans.adapt`); without, they say what `--adapt` would do."""
     source = entries_of(ckpt)
     target_file = target.template.format if target.template is not None else None
+    ties, source_ties = target.aliases(), both_ways(ckpt.aliases)
+    grids = position_grids(target.module) if target.module is not None else {}
 
     def planned(options: PortOptions) -> PortPlan:
         try:
@@ -225,8 +234,8 @@ def _plan(
                 source,
                 target.entries,
                 options,
-                both_ways(target.aliases()),
-                both_ways(ckpt.aliases),
+                both_ways(ties),
+                source_ties,
                 saved_order=not {ckpt.format, target_file} & SORTED_FORMATS,
                 source_versions=ckpt.module_versions,
             )
@@ -236,13 +245,14 @@ def _plan(
     options = replace(options, adapt=adapt)
     plan = planned(options)
     adapt_hints: list[str] = []
-    if adapt and (found := adaptations(plan)):
+    if adapt and (found := adaptations(plan, grids, ties, source_ties)):
         seen, _ = options.keys.apply([e.name for e in source])
         plain = [a for a in found if a.source in seen]  # a rule's output was adapted in its rule
         plan = planned(replace(options, rules=(*options.rules, as_rules(plain, seen))))
+        plan = replace(plan, steps=(*plan.steps, *adapt_steps(found)))
         intent = replace(intent, created=(*intent.created, *kept_heads(found)))
     elif not adapt:
-        plan, adapt_hints = with_adapt_hints(plan)
+        plan, adapt_hints = with_adapt_hints(plan, grids)
     if intent.empty and plan.complete:
         return plan, ()
     renamed = source_names([e.name for e in source], [e.name for e in target.entries], options)

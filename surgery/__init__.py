@@ -33,7 +33,7 @@ _LAZY = {
     "PortFailed": "surgery.commands.port",
     "LossyCast": "surgery.casts",
     "PortOptions": "surgery.plans.match",
-    "PortRequest": "surgery.commands.port",
+    "PortRequest": "surgery.commands.port_request",
     "port_file": "surgery.commands.port",
     "KeyRules": "surgery.plans.keys",
     "load_ready": "surgery.models.recipe",

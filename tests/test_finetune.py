@@ -18,7 +18,7 @@ from conftest import FIXTURES, ROOT, assert_clean_error, run_cli
 from torch import nn
 
 import surgery
-from surgery.commands.port import finetune_from_fields
+from surgery.commands.port_request import finetune_from_fields
 from surgery.errors import SurgeryError, UsageError
 from surgery.models.edit import SPEC_FORM
 from surgery.models.finetune import (

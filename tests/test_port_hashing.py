@@ -1,6 +1,6 @@
 """`surgery port` and its source's bytes: the provenance's sha256 of every source file is
 computed by a background thread while the target is built and loaded
-(`commands.port.SourceDigests`), a template target is written by copying byte ranges as
+(`commands.port_files.SourceDigests`), a template target is written by copying byte ranges as
 they lie, and `--verify` compares each tensor once with the bytes it was written from.
 
 What must hold: the recorded digest is the file's own (`sha256sum`), for one file and for
@@ -28,7 +28,7 @@ from conftest import assert_clean_error, run_cli, run_subprocess
 
 import surgery
 from surgery import writers
-from surgery.commands import port as port_command
+from surgery.commands import port_files as port_command
 from surgery.models import loading
 
 LINEAR = "torch.nn:Linear?in_features=600&out_features=700"

@@ -553,7 +553,7 @@ def test_an_input_missing_a_key(pair, tmp_path):
     del state["fc.bias"]
     lacking = save_safetensors(state, pair[0].parent / "c.safetensors")
     out = tmp_path / "out" / "x.pt"
-    refused([*pair, lacking, "-o", out], [*pair, lacking], lacking, "1 key of it missing (fc.bias)", 1)
+    refused([*pair, lacking, "-o", out], [*pair, lacking], lacking, "lacks 1 of its keys (fc.bias)", 1)
 
 
 def test_shapes_that_differ(pair, tmp_path):
@@ -577,6 +577,13 @@ def test_a_corrupt_input(pair, tmp_path):
 
 def test_the_output_equal_to_an_input(pair):
     refused([*pair, "-o", pair[1], "--force"], pair, pair[1], "is an input of this run", 2)
+
+
+def test_an_output_equal_to_an_input_that_last_leaves_out(pair):
+    """a.safetensors is the oldest by name: left out of the merge, still never written over."""
+    newer = save_zip(small_state(3), pair[0].parent / "c.pt")
+    args = [*pair, newer, "--last", "2", "-o", pair[0], "--force"]
+    refused(args, [*pair, newer], pair[0], "is an input of this run", 2)
 
 
 def test_a_wrong_number_of_weights(pair, tmp_path):

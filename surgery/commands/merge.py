@@ -340,7 +340,6 @@ class MergePlan:
     aliases: dict[str, str]  # output alias -> output name stored
     cast: dict[str, int]  # "float32 -> bfloat16" -> tensors
     mixed: dict[str, tuple[str, ...]]  # merged names whose dtype differs between inputs -> the dtypes
-    steps: list[str] = field(default_factory=list)
 
     @property
     def inputs(self) -> list[int]:
@@ -374,7 +373,7 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
     kept: dict[str, Taken] = {}
     unmerged: dict[str, Taken] = {}
     mixed: dict[str, tuple[str, ...]] = {}
-    dtypes: dict[str, str] = {}
+    written: dict[str, TensorInfo] = {}  # what each output tensor is like before any cast
     for name in order:
         holders = [i for i, s in enumerate(sides) if name in s.keys]
         infos = [sides[i].info(name) for i in holders]
@@ -383,15 +382,15 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
             missing = [str(s.ckpt.path) for s in sides if name not in s.keys]
             why = f"not in {missing[0]}" if missing else "shapes differ"
             unmerged[name] = Taken(source, why)
-            dtypes[name] = sides[source].info(name).dtype
+            written[name] = sides[source].info(name)
         elif all(t.dtype in FLOATING for t in infos):
             merged.append(name)
-            dtypes[name] = infos[0].dtype
+            written[name] = infos[0]  # the base's or the first input's dtype
             if len({t.dtype for t in infos}) > 1:
                 mixed[name] = tuple(t.dtype for t in infos)
         else:
-            kept[name] = Taken(inputs[-1], sides[inputs[-1]].info(name).dtype)
-            dtypes[name] = sides[inputs[-1]].info(name).dtype
+            written[name] = sides[inputs[-1]].info(name)
+            kept[name] = Taken(inputs[-1], written[name].dtype)
         taken = kept.get(name) or unmerged.get(name)
         for side in [sides[taken.side]] if taken else sides:  # what is read for it
             if side.info(name).note:
@@ -401,6 +400,7 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
                     hint="leave it out with --exclude",
                 )
     cast: dict[str, int] = {}
+    dtypes = {name: info.dtype for name, info in written.items()}
     for name, dtype in dtypes.items():
         if request.dtype and dtype in FLOATING and dtype != request.dtype:
             change = f"{dtype} -> {request.dtype}"
@@ -408,15 +408,11 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
             dtypes[name] = request.dtype
     aliases = {} if kind == "dcp" else _ties(sides, merged, kept, unmerged)
     entries = [
-        Entry(name, sides[_holder(sides, name)].info(name).shape, dtypes[name])
+        Entry(name, written[name].shape, dtypes[name])
         for name in order
         if not (name in aliases and kind.endswith("safetensors"))
     ]
     return MergePlan(sides, entries, merged, kept, unmerged, aliases, cast, mixed)
-
-
-def _holder(sides: Sequence[Side], name: str) -> int:
-    return next(i for i, s in enumerate(sides) if name in s.keys)
 
 
 @dataclass(frozen=True)
@@ -433,13 +429,14 @@ class _Differences:
     def describe(self) -> str:
         parts = []
         if self.missing:
-            parts.append(f"{plural(len(self.missing), 'key')} of it missing ({_few(self.missing)})")
+            parts.append(f"lacks {len(self.missing)} of its keys ({_few(self.missing)})")
         if self.extra:
-            parts.append(f"{plural(len(self.extra), 'key')} it does not hold ({_few(self.extra)})")
+            parts.append(f"holds {plural(len(self.extra), 'key')} it does not ({_few(self.extra)})")
         if self.shapes:
             shown = ", ".join(f"{n} {list(here)} vs {list(there)}" for n, there, here in self.shapes[:SHOWN])
             more = f" and {len(self.shapes) - SHOWN} more" if len(self.shapes) > SHOWN else ""
-            parts.append(f"{plural(len(self.shapes), 'shape')} differ ({shown}{more})")
+            verb = "differs" if len(self.shapes) == 1 else "differ"
+            parts.append(f"{plural(len(self.shapes), 'shape')} {verb} ({shown}{more})")
         return "; ".join(parts)
 
 
@@ -697,6 +694,7 @@ def merge_file(
     paths = expand(request.inputs)
     _check_counts(request, len(paths))
     opened = [open_checkpoint(p, key=request.keys.key) for p in paths]  # headers only
+    given_files = [p for c in opened for p in c.files]  # --last's left-out ones too: never written over
     selection = None
     if request.last is not None:
         ordered, by = by_age(opened)
@@ -711,7 +709,8 @@ def merge_file(
     out = Path(request.out)
     kind = output_format(out, request)
     files = list(dict.fromkeys(p for c in checkpoints for p in c.files))
-    (check_folder_destination if kind in FOLDERS else check_destination)(out, files, force=request.force)
+    check = check_folder_destination if kind in FOLDERS else check_destination
+    check(out, list(dict.fromkeys(given_files + files)), force=request.force)
     sides = [
         Side(c, role, keys, steps)
         for c, role, (keys, steps) in zip(checkpoints, roles, named(checkpoints, request.keys), strict=True)

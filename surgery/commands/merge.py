@@ -505,8 +505,6 @@ class MergeInput:
     def describe(self) -> str:
         where = ".".join(self.container or ()) or "(top level)"
         parts = [f"{self.path}: {where} ({self.format})"]
-        if self.role == "base":
-            parts[0] = "base " + parts[0]
         if self.recorded:
             parts.append(", ".join(f"{k} {v:g}" for k, v in self.recorded.items()))
         if self.weight is not None:

@@ -159,7 +159,8 @@ def merge_rows(report: MergeReport) -> list[Row]:
     """The rows of the `surgery merge` report, summary first."""
     rows: list[Row] = [("summary", [report.summary()])]
     rows.append(("method", [f"{report.method}, in float64"]))
-    rows.append(("inputs", [i.describe() for i in report.inputs]))
+    rows += [("base", [i.describe()]) for i in report.inputs if i.role == "base"]
+    rows.append(("inputs", [i.describe() for i in report.inputs if i.role == "input"]))
     if report.selection is not None:
         rows.append(("selected", [report.selection.describe()]))
         rows.append(("left out", capped(list(report.selection.left_out), per_line=3)))
@@ -172,7 +173,13 @@ def merge_rows(report: MergeReport) -> list[Row]:
         where = f"{dtypes}, never averaged: from the {which} input, {report.kept_from}"
         rows.append(("kept", [*capped(short_names(list(report.kept)), per_line=3), where]))
     if report.unmerged:
-        lines = [f"{name}: from {source} ({why})" for name, (source, why) in report.unmerged.items()]
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for name, reason in report.unmerged.items():
+            reasons.setdefault(reason, []).append(name)
+        lines = [
+            f"{', '.join(short_names(names))}: from {source} ({why})"
+            for (source, why), names in reasons.items()
+        ]
         rows.append(("not merged", capped(lines)))
     if report.mixed:
         pairs = [" vs ".join(d) for d in report.mixed.values()]

@@ -661,3 +661,56 @@ def test_tensors_larger_than_a_piece_cut_differently_in_each_file(tmp_path):
     out = tmp_path / "out.safetensors"
     assert run_cli("merge", *paths, "-o", out).exit_code == 0
     assert torch.equal(read(out)["w"], ((a.double() + b.double()) / 2).float())
+
+
+def test_bool_and_integer_tensors_are_the_last_inputs_never_averaged(tmp_path):
+    states = [
+        {
+            **small_state(seed),
+            "mask": torch.rand(16) > 0.5,
+            "codes": torch.randint(-128, 127, (6,), dtype=torch.int8),
+        }
+        for seed in (1, 2, 3)
+    ]
+    paths = [save_safetensors(s, tmp_path / f"s{i}.safetensors") for i, s in enumerate(states)]
+    run = run_cli("merge", *paths, "-o", tmp_path / "out.pt", "--json")
+    assert run.exit_code == 0, run.stderr
+    kept = json.loads(run.stdout)["kept"]
+    assert {name: k["dtype"] for name, k in kept.items()} == {
+        "bn.num_batches_tracked": "int64",
+        "mask": "bool",
+        "codes": "int8",
+    }
+    merged = torch.load(tmp_path / "out.pt", weights_only=True)
+    for name in ("mask", "codes", "bn.num_batches_tracked"):
+        assert torch.equal(merged[name], states[-1][name]), name
+
+
+def test_key_picks_the_same_container_in_every_input_and_dcp_is_written(tmp_path):
+    """`--key model_ema` merges the EMA weights of two training checkpoints, into a DCP folder."""
+    states = [small_state(1), small_state(2)]
+    paths = []
+    for i, state in enumerate(states):
+        paths.append(tmp_path / f"train{i}.pth")
+        torch.save({"model": small_state(10 + i), "model_ema": state, "epoch": i}, paths[-1])
+    out = tmp_path / "ema-dcp"
+    run = run_cli("merge", *paths, "--key", "model_ema", "--format", "dcp", "-o", out, "--verify")
+    assert run.exit_code == 0, run.stderr
+    assert "train0.pth: model_ema (torch-zip)" in run.stdout
+    merged = read(out)
+    assert within_one_ulp(merged["fc.weight"], mean64(states, "fc.weight"))
+
+
+@pytest.mark.slow  # a process of its own, to see what it imports
+def test_a_dry_run_imports_no_torch(mixed):
+    import subprocess
+    import sys
+
+    paths, _ = mixed
+    code = (
+        "import sys, surgery; "
+        f"surgery.merge({[str(p) for p in paths]!r}, 'x.safetensors', dry_run=True); "
+        "print('torch' in sys.modules)"
+    )
+    done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "False"

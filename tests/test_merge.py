@@ -714,3 +714,16 @@ def test_a_dry_run_imports_no_torch(mixed):
     )
     done = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert done.stdout.strip() == "False"
+
+
+def test_progress_counts_every_byte_written_once(tied, tmp_path):
+    paths, _ = tied
+    announced, ticks = [], []
+
+    def start(tensors: int, total: int):
+        announced.append((tensors, total))
+        return ticks.append
+
+    report = surgery.merge(paths, tmp_path / "lm.pt", progress=start)
+    assert announced == [(4, report.bytes_out)]  # the tied name is one tensor's bytes
+    assert sum(ticks) == report.bytes_out

@@ -890,8 +890,8 @@ class _Merged:
         for side in self.plan.sides:
             if name in side.keys:
                 side.ckpt.release(side.keys[name])
-        if self.tick is not None:
-            self.tick(self.entries[name].nbytes if name in self.entries else 0)
+        if self.tick is not None and name not in self.plan.aliases:  # a tied name's bytes are its kept name's
+            self.tick(self.entries[name].nbytes)
 
 
 def _stream(side: Side, name: str) -> Stream:

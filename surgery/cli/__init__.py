@@ -3,7 +3,7 @@
 typer_app.py the Typer app: the group, each command with its error handling and --help examples
 options.py   every option declared once; flags -> request fields
 output.py    the one output path: JSON, plain text, or rich on a terminal; errors as one line
-commands.py  inspect, port, convert, diff, scan, sanitize
+commands.py  inspect, port, convert, merge, diff, scan, sanitize
 fast.py      a plain `surgery inspect` run without importing Typer (start-up)
 
 Importing this package imports no Typer: `app` (every command) is made on first use.

@@ -362,6 +362,114 @@ def convert(
 
 @command(
     [
+        "surgery merge run/checkpoint*.pt --last 5 -o averaged.safetensors",
+        "surgery merge soup1.pt soup2.pt soup3.pt --weights 2,1,1 -o soup.safetensors",
+        "surgery merge math.pt code.pt --method ties --base base.safetensors --density 0.2 -o merged.pt",
+    ]
+)
+def merge(
+    inputs: Annotated[
+        Optional[list[str]],
+        typer.Argument(
+            help="Checkpoints of one model, any formats (files, *.index.json, sharded or DCP folders).",
+            show_default=False,
+        ),
+    ] = None,
+    out: OutOpt = None,
+    method: Annotated[
+        Text,
+        typer.Option(
+            "--method",
+            help="mean (default; weighted with --weights) | weighted | task-arithmetic | ties | slerp.",
+        ),
+    ] = None,
+    weights: Annotated[
+        Text, typer.Option("--weights", help="weighted: one weight per input, w1,w2,... (normalised).")
+    ] = None,
+    base: Annotated[
+        Text,
+        typer.Option("--base", help="task-arithmetic, ties: the checkpoint the inputs were fine-tuned from."),
+    ] = None,
+    scale: Annotated[
+        Float, typer.Option("--scale", help="task-arithmetic, ties: λ, the task vectors' scale [default: 1].")
+    ] = None,
+    density: Annotated[
+        Float,
+        typer.Option(
+            "--density", help="ties: the share of each task vector kept, by magnitude [default: 0.2]."
+        ),
+    ] = None,
+    t: Annotated[
+        Float, typer.Option("--t", help="slerp: 0 is the first input, 1 the second [default: 0.5].")
+    ] = None,
+    dtype: Annotated[
+        Text,
+        typer.Option(
+            "--dtype",
+            help="Write floating tensors as bf16 | fp16 | fp32 | fp64 (else each in its own dtype).",
+        ),
+    ] = None,
+    strict: Annotated[
+        Text,
+        typer.Option(
+            "--strict",
+            help="true (default): refuse inputs whose keys or shapes differ; false: merge what all "
+            "hold alike, the rest from the base or the first input.",
+        ),
+    ] = None,
+    last: Annotated[
+        Int,
+        typer.Option(
+            "--last",
+            min=1,
+            help="Merge the N newest inputs, by the epoch or step each records (else by name).",
+        ),
+    ] = None,
+    format: Annotated[
+        Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
+    ] = None,
+    shard_size: Annotated[
+        Text,
+        typer.Option(
+            "--shard-size", help="Write a sharded folder with shards of at most this size (2GB, 500MiB)."
+        ),
+    ] = None,
+    key: KeyOpt = None,
+    rename: RenameOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    recipe: RecipeOpt = None,
+    dry_run: DryRunOpt = False,
+    verify: VerifyOpt = False,
+    force: ForceOpt = False,
+    trust: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Average or merge checkpoints of one model (model soups, task arithmetic, TIES, SLERP), streaming.
+
+    One tensor of each input at a time, in float64; each floating tensor is written in its own
+    dtype, integer and bool tensors are the last input's (never averaged). Exit code 1 when the
+    inputs' keys or shapes differ (unless --strict false); 2 on bad usage.
+    """
+    fields = fields_of(locals())  # first: the flags alone
+    from surgery.commands.merge import MergeRequest, merge_file
+    from surgery.errors import BadArgument
+
+    if strict is not None:
+        if strict.lower() not in STRICTNESS:
+            raise BadArgument("strict", f"{strict!r} is not true or false")
+        fields["strict"] = STRICTNESS[strict.lower()]
+    request = MergeRequest.from_file(recipe, **fields) if recipe else MergeRequest.from_fields(fields)
+    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
+        report = merge_file(request, progress=bar)
+    show(report, json_out)
+
+
+@command(
+    [
         "surgery diff before.pth after.safetensors",
         "surgery diff a.pth b.pth --strip-prefix module. --exit-code",
         "surgery diff big-a/ big-b/ --structure-only --json",

@@ -20,7 +20,7 @@ import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, ClassVar
+from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from surgery import __version__
 from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
@@ -220,7 +220,14 @@ def parse_size(text: str) -> int:
     return int(value * UNITS[unit])
 
 
-def output_format(out: Path, options: ConvertRequest) -> str:
+class Destination(Protocol):
+    """What choosing and writing an output reads of a request (convert's, merge's)."""
+
+    format: str  # auto | safetensors | torch | dcp | hf
+    shard_size: int | None
+
+
+def output_format(out: Path, options: Destination) -> str:
     """safetensors | torch | sharded-safetensors | sharded-torch | dcp | hf."""
     kind = options.format
     if kind == "hf":  # a Hugging Face model folder, sharded past --shard-size (5GB by default)
@@ -488,20 +495,35 @@ def convert_file(
     )
 
 
+class Layout(Protocol):
+    """What a writer reads of a plan (convert's, merge's): the entries in order, the tied names."""
+
+    entries: list[Entry]
+    aliases: dict[str, str]  # output alias -> the name stored
+
+
+class Tensors(Protocol):
+    """What hands a writer each tensor (convert's `_Source`, merge's), and hears when it is written."""
+
+    def get(self, name: str) -> torch.Tensor | RawBytes | Pieces: ...
+
+    def done(self, name: str) -> None: ...
+
+
 @dataclass(frozen=True)
 class Output:
     """What a writer is handed: where, which kind, the plan, the tensors, the provenance."""
 
     path: Path
     kind: str
-    plan: _Plan
-    src: _Source
+    plan: Layout
+    src: Tensors
     metadata: dict[str, str]
     check: Callable[[Path], None] | None
     config: str | None = None  # hf: the config.json to write beside the weights
 
 
-def _write_file(output: Output, request: ConvertRequest) -> list[str]:
+def _write_file(output: Output, request: Destination) -> list[str]:
     """One safetensors or torch file; a torch file keeps tied names in one storage."""
     write_state_dict(
         output.path,
@@ -516,7 +538,7 @@ def _write_file(output: Output, request: ConvertRequest) -> list[str]:
     return []
 
 
-def _write_shards(output: Output, request: ConvertRequest) -> list[str]:
+def _write_shards(output: Output, request: Destination) -> list[str]:
     """A folder of shards of at most `shard_size` bytes and their index."""
     return write_sharded(
         output.path,
@@ -531,7 +553,7 @@ def _write_shards(output: Output, request: ConvertRequest) -> list[str]:
     )
 
 
-def _write_dcp(output: Output, request: ConvertRequest) -> list[str]:
+def _write_dcp(output: Output, request: Destination) -> list[str]:
     """A DCP folder (torch's layout, streamed by surgery) put in place only when complete."""
     from surgery.writers.dcp import write_dcp
 
@@ -543,7 +565,7 @@ def _write_dcp(output: Output, request: ConvertRequest) -> list[str]:
     return []
 
 
-def _write_hf(output: Output, request: ConvertRequest) -> list[str]:
+def _write_hf(output: Output, request: Destination) -> list[str]:
     """A Hugging Face model folder: the source folder's config.json beside the weights."""
     from surgery.writers.hf import write_hf_folder
 
@@ -574,7 +596,7 @@ WRITERS = {
 FOLDERS = ("sharded-safetensors", "sharded-torch", "dcp", "hf")
 
 
-def output_nbytes(plan: _Plan) -> int:
+def output_nbytes(plan: Layout) -> int:
     """Bytes of tensor data the output holds: every entry in full, a tied name once
     (safetensors plans hold no tied names; torch outputs store them in one storage)."""
     return sum(e.nbytes for e in plan.entries if e.name not in plan.aliases)

@@ -1,4 +1,4 @@
-"""The rows of every command's report (port, convert, diff, scan, sanitize), and the one
+"""The rows of every command's report (port, convert, merge, diff, scan, sanitize), and the one
 table that finds the page for a report: `page_of(report)`."""
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ if TYPE_CHECKING:
     from surgery.commands.convert import ConvertReport
     from surgery.commands.diff import Difference, DiffReport
     from surgery.commands.maps import PresetsReport
+    from surgery.commands.merge import MergeReport
     from surgery.commands.port import PortReport
     from surgery.commands.sanitize import SanitizeReport
     from surgery.commands.scan import ScanReport
@@ -154,6 +155,46 @@ def convert_rows(report: ConvertReport) -> list[Row]:
     return rows
 
 
+def merge_rows(report: MergeReport) -> list[Row]:
+    """The rows of the `surgery merge` report, summary first."""
+    rows: list[Row] = [("summary", [report.summary()])]
+    rows.append(("method", [f"{report.method}, in float64"]))
+    rows += [("base", [i.describe()]) for i in report.inputs if i.role == "base"]
+    rows.append(("inputs", [i.describe() for i in report.inputs if i.role == "input"]))
+    if report.selection is not None:
+        rows.append(("selected", [report.selection.describe()]))
+        rows.append(("left out", capped(list(report.selection.left_out), per_line=3)))
+    rows.append(("output", [f"{report.output} ({report.output_format})"]))
+    if report.shards:
+        rows.append(("shards", capped(list(report.shards))))
+    if report.kept:
+        dtypes = ", ".join(dict.fromkeys(report.kept.values()))
+        which = "newest" if report.selection else "last"
+        where = f"{dtypes}, never averaged: from the {which} input, {report.kept_from}"
+        rows.append(("kept", [*capped(short_names(list(report.kept)), per_line=3), where]))
+    if report.unmerged:
+        reasons: dict[tuple[str, str], list[str]] = {}
+        for name, reason in report.unmerged.items():
+            reasons.setdefault(reason, []).append(name)
+        lines = [
+            f"{', '.join(short_names(names))}: from {source} ({why})"
+            for (source, why), names in reasons.items()
+        ]
+        rows.append(("not merged", capped(lines)))
+    if report.mixed:
+        pairs = [" vs ".join(d) for d in report.mixed.values()]
+        lines = [f"{pair}: {plural(pairs.count(pair), 'tensor')}" for pair in dict.fromkeys(pairs)]
+        rows.append(("dtypes", [*lines, "merged in float64, written as the first checkpoint's (or --dtype)"]))
+    if report.cast:
+        rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.aliases:
+        tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
+        rows.append(("tied", [*capped(tied), "merged once, one tensor in the output"]))
+    if report.verified is not None:
+        rows.append(("verified", [f"re-read, {plural(report.verified, 'tensor')} as merged"]))
+    return rows
+
+
 def diff_rows(report: DiffReport) -> list[Row]:
     """The rows of the `surgery diff` report, summary first; the largest differences first."""
     rows: list[Row] = [("summary", [report.summary()])]
@@ -263,6 +304,7 @@ def presets_rows(report: PresetsReport) -> list[Row]:
 ROWS = {
     "PortReport": port_rows,
     "ConvertReport": convert_rows,
+    "MergeReport": merge_rows,
     "DiffReport": diff_rows,
     "ScanReport": scan_rows,
     "SanitizeReport": sanitize_rows,

@@ -1,0 +1,217 @@
+"""The merge methods on tensors: averages, task arithmetic, TIES and SLERP, in float64.
+
+A method reads each checkpoint's tensor as a stream of flat floating pieces (a `Stream`: called
+again, it reads the tensor again), computes in float64, and yields the merged tensor's pieces in
+order, float64, for the caller to cast and write. Memory follows the piece, not the tensor, except where a method
+needs a figure of the whole tensor first: SLERP's angle (a first pass over the pieces) and TIES'
+magnitude threshold (each task vector whole, one at a time). The same functions merge whole
+tensors (`merge_tensors`: one piece each), which is how they are tested.
+
+    mean              (1/n) Σ θᵢ
+    weighted          Σ wᵢ θᵢ / Σ wᵢ  (the weights normalised: 1,1,2 is 25%, 25%, 50%)
+    task-arithmetic   base + λ Σ (θᵢ - base)                      (Ilharco et al. 2023)
+    ties              base + λ · disjoint mean of the trimmed task vectors agreeing with
+                      the elected sign                             (Yadav et al. 2023)
+    slerp             sin((1-t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, Ω the angle between a and b;
+                      lerp when they are nearly colinear           (Shoemake 1985, as mergekit)
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    import torch
+
+Stream = Callable[[], Iterator["torch.Tensor"]]  # a tensor's flat pieces, read afresh at each call
+
+# SLERP between nearly colinear tensors is lerp: sin Ω is too small to divide by (mergekit's
+# thresholds: |cos Ω| above 0.9995, norms below 1e-8 left unnormalised).
+COLINEAR = 0.9995
+NORM_EPS = 1e-8
+
+
+@dataclass(frozen=True)
+class MergeParams:
+    """A method's parameters: what `--weights`, `--scale`, `--density` and `--t` set."""
+
+    weights: tuple[float, ...] = ()  # weighted: one per input, normalised to sum 1
+    scale: float = 1.0  # task-arithmetic, ties: λ, the task vectors' scale
+    density: float = 0.2  # ties: the share of each task vector's elements kept (the paper's k = 20%)
+    t: float = 0.5  # slerp: 0 is the first input, 1 the second
+
+
+def aligned(streams: Sequence[Iterator[torch.Tensor]]) -> Iterator[list[torch.Tensor]]:
+    """Flat piece streams of one tensor from several files, cut so each step holds the same
+    elements of every stream (files cut a tensor into pieces at different places).
+
+    Raises:
+        ValueError: the streams hold different numbers of elements.
+    """
+    current: list[torch.Tensor | None] = [None] * len(streams)
+    at = [0] * len(streams)
+    while True:
+        for i, stream in enumerate(streams):
+            while current[i] is None or at[i] == current[i].numel():
+                current[i], at[i] = next(stream, None), 0
+                if current[i] is None:
+                    break
+        if any(c is None for c in current):
+            if not all(c is None for c in current):
+                raise ValueError("the inputs hold different numbers of elements")
+            return
+        length = min(c.numel() - a for c, a in zip(current, at, strict=True))
+        yield [c[a : a + length] for c, a in zip(current, at, strict=True)]
+        at = [a + length for a in at]
+
+
+# Each method accumulates in a float64 tensor of its own: adding a float32 or bfloat16 piece to it
+# converts each element exactly on the way, with no float64 copy of the piece.
+def _mean(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:
+    import torch
+
+    for pieces in aligned([read() for read in inputs]):
+        total = pieces[0].to(torch.float64, copy=True)
+        for piece in pieces[1:]:
+            total += piece
+        yield total.div_(len(pieces))
+
+
+def _weighted(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:
+    import torch
+
+    weights = normalised(params.weights)
+    for pieces in aligned([read() for read in inputs]):
+        total = pieces[0].to(torch.float64, copy=True).mul_(weights[0])
+        for piece, w in zip(pieces[1:], weights[1:], strict=True):
+            total.add_(piece, alpha=w)
+        yield total
+
+
+def _task_arithmetic(
+    inputs: Sequence[Stream], base: Stream | None, params: MergeParams
+) -> Iterator[torch.Tensor]:
+    assert base is not None
+    for start, *tuned in aligned([base(), *(read() for read in inputs)]):
+        start = start.double()
+        tasks = tuned[0] - start
+        for piece in tuned[1:]:
+            tasks += piece - start
+        yield tasks.mul_(params.scale).add_(start)
+
+
+def _ties(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:
+    """Trim each task vector to its largest `density` share of elements by magnitude, elect
+    each element's sign as that of the trimmed vectors' sum (+ where it is 0, as mergekit),
+    average the trimmed values that agree with it (the disjoint mean), scale by λ, add to base."""
+    import torch
+
+    assert base is not None
+    thresholds = [_threshold(base, read, params.density) for read in inputs]
+    for start, *tuned in aligned([base(), *(read() for read in inputs)]):
+        start = start.double()
+        trimmed = torch.stack([piece - start for piece in tuned])
+        for row, threshold in zip(trimmed, thresholds, strict=True):
+            row[row.abs() < threshold] = 0
+        elected = torch.where(trimmed.sum(0) >= 0, 1.0, -1.0).to(trimmed.dtype)
+        agree = (trimmed * elected) > 0
+        kept = torch.where(agree, trimmed, 0).sum(0)
+        yield start + params.scale * kept / agree.sum(0).clamp(min=1)
+
+
+def _threshold(base: Stream, tuned: Stream, density: float) -> float:
+    """The least magnitude of a task vector's k = ⌊density · n⌋ largest elements (those at
+    least as large are kept; inf when none is): read whole, one task vector at a time."""
+    import torch
+
+    magnitudes = torch.cat(
+        [(t - b.double()).abs() for b, t in aligned([base(), tuned()])] or [torch.zeros(0)]
+    )
+    keep = int(density * magnitudes.numel())
+    if keep == 0:
+        return math.inf
+    return magnitudes.kthvalue(magnitudes.numel() - keep + 1).values.item()
+
+
+def _slerp(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:
+    import torch
+
+    first, second = inputs
+    dot = norm_a = norm_b = 0.0
+    for a, b in aligned([first(), second()]):  # the angle, from a first pass
+        a, b = a.double(), b.double()
+        dot += float(torch.dot(a, b))
+        norm_a += float(torch.dot(a, a))
+        norm_b += float(torch.dot(b, b))
+    s0, s1 = slerp_coefficients(dot, math.sqrt(norm_a), math.sqrt(norm_b), params.t)
+    for a, b in aligned([first(), second()]):
+        yield a.to(torch.float64, copy=True).mul_(s0).add_(b, alpha=s1)
+
+
+def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float) -> tuple[float, float]:
+    """(s0, s1) with slerp(a, b) = s0 a + s1 b: sin((1-t)Ω)/sin Ω and sin(tΩ)/sin Ω, Ω the
+    angle between a and b; (1-t, t), lerp, when a and b are nearly colinear."""
+    cos = dot / (norm_a if norm_a > NORM_EPS else 1.0) / (norm_b if norm_b > NORM_EPS else 1.0)
+    if abs(cos) > COLINEAR:
+        return 1.0 - t, t
+    omega = math.acos(max(-1.0, min(1.0, cos)))
+    return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
+
+
+def normalised(weights: Sequence[float]) -> tuple[float, ...]:
+    """Weights scaled to sum 1: a weighted average, not a weighted sum."""
+    total = math.fsum(weights)
+    return tuple(w / total for w in weights)
+
+
+@dataclass(frozen=True)
+class Method:
+    """One merge method: what merges the pieces, whether it reads a base, how many inputs it takes."""
+
+    merge: Callable[[Sequence[Stream], Stream | None, MergeParams], Iterator[torch.Tensor]]
+    needs_base: bool
+    inputs: int | None  # exactly this many inputs (slerp: 2); None: any number
+    params: tuple[str, ...]  # the fields of MergeParams it reads
+
+
+METHODS = {
+    "mean": Method(_mean, False, None, ()),
+    "weighted": Method(_weighted, False, None, ("weights",)),
+    "task-arithmetic": Method(_task_arithmetic, True, None, ("scale",)),
+    "ties": Method(_ties, True, None, ("scale", "density")),
+    "slerp": Method(_slerp, False, 2, ("t",)),
+}
+
+
+def merge_pieces(
+    method: str, inputs: Sequence[Stream], base: Stream | None, params: MergeParams
+) -> Iterator[torch.Tensor]:
+    """The merged tensor's flat float64 pieces, in order, from each checkpoint's pieces."""
+    return METHODS[method].merge(inputs, base, params)
+
+
+def merge_tensors(
+    method: str,
+    tensors: Sequence[torch.Tensor],
+    base: torch.Tensor | None = None,
+    params: MergeParams = MergeParams(),
+) -> torch.Tensor:
+    """Whole tensors merged (float64, the shape of the first).
+
+    Example:
+        >>> merge_tensors("mean", [torch.ones(2), torch.zeros(2)])
+        tensor([0.5000, 0.5000], dtype=torch.float64)
+    """
+    import torch
+
+    def stream(t: torch.Tensor) -> Stream:
+        return lambda: iter([t.detach().reshape(-1).to(torch.float64)])
+
+    pieces = list(
+        merge_pieces(method, [stream(t) for t in tensors], stream(base) if base is not None else None, params)
+    )
+    flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
+    return flat.reshape(tensors[0].shape)

@@ -718,7 +718,7 @@ def merge_file(
     if request.dry_run:
         return report
     _check_expansion(plan)
-    from surgery.commands.port import SourceDigests
+    from surgery.commands.port_files import SourceDigests
 
     with SourceDigests(files) as digests:  # hashed beside the imports; the header holds the digests
         import torch  # noqa: F401 - while the inputs are hashed

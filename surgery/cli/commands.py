@@ -32,6 +32,7 @@ from surgery.cli.options import (
     RecipeOpt,
     RenameOpt,
     ShardSizeOpt,
+    ShardsOpt,
     StripPrefixOpt,
     Strs,
     Text,
@@ -303,12 +304,7 @@ def convert(
             "--format", help="auto (by OUT's name) | safetensors | torch | dcp | hf (a Hugging Face folder)."
         ),
     ] = None,
-    shard_size: Annotated[
-        Text,
-        typer.Option(
-            "--shard-size", help="Write a sharded folder with shards of at most this size (2GB, 500MiB)."
-        ),
-    ] = None,
+    shard_size: ShardsOpt = None,
     dtype: Annotated[
         Text,
         typer.Option(
@@ -428,12 +424,7 @@ def merge(
     format: Annotated[
         Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
     ] = None,
-    shard_size: Annotated[
-        Text,
-        typer.Option(
-            "--shard-size", help="Write a sharded folder with shards of at most this size (2GB, 500MiB)."
-        ),
-    ] = None,
+    shard_size: ShardsOpt = None,
     key: KeyOpt = None,
     rename: RenameOpt = None,
     strip_prefix: StripPrefixOpt = None,

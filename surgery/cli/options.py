@@ -55,6 +55,7 @@ PORT_FORMAT = Opt(
 SHARD_SIZE = Opt(
     ("--shard-size",), "With --format hf: shards of at most this size (2GB, 500MiB); default 5GB."
 )
+SHARDS = Opt(("--shard-size",), "Write a sharded folder with shards of at most this size (2GB, 500MiB).")
 DRY_RUN = Opt(("--dry-run",), "Show what would be done; write nothing.", bool)
 VERIFY = Opt(
     ("--verify",),
@@ -127,6 +128,7 @@ _ALIASES = {
     "OutOpt": OUT,
     "PortFormatOpt": PORT_FORMAT,
     "ShardSizeOpt": SHARD_SIZE,
+    "ShardsOpt": SHARDS,
     "DryRunOpt": DRY_RUN,
     "VerifyOpt": VERIFY,
     "ForceOpt": FORCE,

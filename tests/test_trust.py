@@ -329,3 +329,33 @@ def test_the_library_targets_a_file_may_name_are_the_ones_surgery_builds():
     from surgery.trust import LIBRARY_TARGETS
 
     assert set(LIBRARY_BUILDERS) == set(LIBRARY_TARGETS)
+
+
+def test_port_refuses_a_recipe_files_check_from_that_imports_code(in_tmp):
+    """`--check` builds the source's architecture too: a `check_from` read from a recipe file
+    is a target like `to`, built only with --trust when it would import code."""
+    src = in_tmp / "src.pt"
+    torch.save(tiny_weights(), src)
+    toml = in_tmp / "recipe.toml"
+    toml.write_text(f'source = "{src}"\ncheck = true\ncheck_from = "{RUN_TARGET}"\n')
+    run = run_cli(
+        "port", "--recipe", toml, "--to", "torch.nn:Linear?in_features=3&out_features=2", "--dry-run"
+    )
+    line = assert_clean_error(run, toml, contains="would import and call code", code=1)
+    assert "subprocess:run" in line and "--trust" in run.stderr
+    no_canary(in_tmp)
+
+
+def test_a_rule_file_never_names_code(in_tmp):
+    """A rule file's ops are a closed set: an op naming a callable is an unknown op, read as data."""
+    src = in_tmp / "src.pt"
+    torch.save(tiny_weights(), src)
+    rules = in_tmp / "rules.toml"
+    rules.write_text(
+        '[[rule]]\nfrom = "weight"\nto = "weight"\nops = [{ op = "subprocess.run", args = "touch CANARY" }]\n'
+    )
+    run = run_cli(
+        "port", src, "--to", "torch.nn:Linear?in_features=3&out_features=2", "--map", rules, "--dry-run"
+    )
+    assert_clean_error(run, rules, contains="unknown op", code=2)
+    no_canary(in_tmp)

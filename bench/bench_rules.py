@@ -23,11 +23,10 @@ What it measures
           python -m surgery port meta.pth --to 'hf:LlamaForCausalLM?config=hf' \\
               --preset llama-meta-to-hf -o surgery.safetensors
 
-      the preset shipped in the package (``surgery/presets/``). A checkout
-      whose CLI has no ``--preset`` yet runs the same request as a library call,
-      ``port_file(PortRequest(..., preset=("llama-meta-to-hf",)))`` in
-      ``python -c``, and says so in the row. ``--rules FILE`` (for development)
-      uses a copy of FILE in the temporary folder instead, as ``--map``.
+      the preset shipped in the package (``surgery/presets/``); ``--rules FILE``
+      (for development) uses a copy of FILE in the temporary folder instead, as
+      ``--map``. Every tensor comes from the source, so port builds the target
+      on the meta device (shapes and dtypes, no values).
     * the plain way, as transformers' ``convert_llama_weights_to_hf.py`` does it
       (heads read from ``params.json``), twice: ``mmap=False`` and ``mmap=True``::
 
@@ -41,12 +40,14 @@ What it measures
           ...                                                   # the other keys renamed
           safetensors.torch.save_file(sd, out)
 
-    * references: surgery's target alone (``build_target('hf:LlamaForCausalLM?
-      config=hf')`` in ``python -c``: importing torch and transformers and
-      building the randomly initialised model, what surgery holds before it reads
-      a tensor), ``import torch, transformers`` + ``LlamaForCausalLM`` (the import
-      floor of that), ``import torch`` (the plain way's import floor) and
-      ``true`` (the measurement floor).
+    * references: surgery's target alone as port builds it
+      (``build_target('hf:LlamaForCausalLM?config=hf', meta=True)`` in
+      ``python -c``: importing torch and transformers and describing the model,
+      nothing read), the same target built for real (the randomly initialised
+      model in memory, what a port loading into the model would hold),
+      ``import torch, transformers`` + ``LlamaForCausalLM`` (the target's import
+      floor), ``import torch`` (the plain way's import floor) and ``true`` (the
+      measurement floor).
 
     Measured with the shared machinery (_harness.py), as bench_port.py: each
     command in its own child process forked by a lean ``python -S -I`` runner,
@@ -70,8 +71,9 @@ What it measures
 The aim (issue 13, "Memory")
     surgery no slower than the plain way (time ratio <= 1.0) and under half its
     peak memory (memory ratio <= 0.5), against the plain ``mmap=False`` row; the
-    ``mmap=True`` ratios are shown too. surgery's peak is also split into its
-    target (the target-alone row) and what the port adds on top of it.
+    ``mmap=True`` ratios are shown too. surgery's peak and time are also set
+    beside the target's import floor and its target as built, to say what the
+    port itself adds.
 
 How to run
     python bench/bench_rules.py                           # ~1 GB, about 3 minutes
@@ -226,19 +228,12 @@ for n in range(params["n_layers"]):
 safetensors.torch.save_file(sd, out)
 """
 
-# The same port through the library, for a checkout whose CLI has no --preset/--map yet.
-LIBRARY = """\
-import sys
-from surgery.commands.port import PortRequest, port_file
-src, to, out, how, rules = sys.argv[1:6]
-rules = (rules,) if rules else ()
-port_file(PortRequest(src, to, out=out, **{how: rules}))
-"""
-
+# surgery's target alone: build_target as port calls it (meta=True: shapes and dtypes, no
+# values, since every tensor comes from the source), and built for real for comparison.
 TARGET_ALONE = """\
 import sys
 from surgery.models.targets import build_target
-build_target(sys.argv[1])
+build_target(sys.argv[1], meta=sys.argv[2] == "meta")
 """
 
 # --------------------------------------------------------------------------- checking
@@ -329,19 +324,7 @@ def check(job: dict) -> dict:
 # --------------------------------------------------------------------------- the rows
 
 
-def cli_has_rule_flags(env: dict[str, str]) -> bool:
-    """Whether this checkout's `surgery port` takes --preset and --map (else the library is driven)."""
-    proc = subprocess.run(
-        [sys.executable, "-m", "surgery", "port", "--help"],
-        capture_output=True,
-        text=True,
-        env={**env, "COLUMNS": "200", "NO_COLOR": "1"},
-        cwd=REPO,
-    )
-    return proc.returncode == 0 and "--preset" in proc.stdout and "--map" in proc.stdout
-
-
-def commands(folder: Path, rules: Path | None, cli: bool) -> list[dict]:
+def commands(folder: Path, rules: Path | None) -> list[dict]:
     py = sys.executable
     src, params, target = folder / SOURCE, folder / PARAMS, TARGET.format(folder=folder / HF_DIR)
     rows: list[dict] = []
@@ -359,23 +342,12 @@ def commands(folder: Path, rules: Path | None, cli: bool) -> list[dict]:
 
     out_s = folder / "surgery.safetensors"
     flag, value = ("--map", rules) if rules else ("--preset", PRESET)
-    label = f"surgery port --to hf:LlamaForCausalLM?config=DIR {flag} {rules.name if rules else PRESET}"
-    if cli:
-        add(
-            label,
-            "surgery",
-            [py, "-m", "surgery", "port", src, "--to", target, flag, value, "-o", out_s],
-            out_s,
-        )
-    else:
-        how = "map" if rules else "preset"
-        add(
-            f"port_file(PortRequest(..., {how}=...)) [library: the CLI has no {flag} yet]",
-            "surgery",
-            [py, "-c", LIBRARY, src, target, out_s, how, value],
-            out_s,
-            "the CLI request without the CLI's report rendering",
-        )
+    add(
+        f"surgery port --to hf:LlamaForCausalLM?config=DIR {flag} {rules.name if rules else PRESET}",
+        "surgery",
+        [py, "-m", "surgery", "port", src, "--to", target, flag, value, "-o", out_s],
+        out_s,
+    )
     for mmap in ("no-mmap", "mmap"):
         out_p = folder / f"plain_{mmap}.safetensors"
         add(
@@ -385,17 +357,23 @@ def commands(folder: Path, rules: Path | None, cli: bool) -> list[dict]:
             out_p,
         )
     add(
-        "build_target(hf:LlamaForCausalLM?config=DIR) [surgery's target alone]",
+        "build_target(hf:LlamaForCausalLM?config=DIR, meta=True) [surgery's target: described]",
         "target",
-        [py, "-c", TARGET_ALONE, target],
-        note="import torch + transformers and build the randomly initialised model, nothing read",
+        [py, "-c", TARGET_ALONE, target, "meta"],
+        note="as port builds it: import torch + transformers, the model on the meta device, nothing read",
     )
     add(
-        "python -c 'import torch, transformers; LlamaForCausalLM' [target's import floor]",
-        "floor",
+        "build_target(hf:LlamaForCausalLM?config=DIR) [the target built for real]",
+        "target-real",
+        [py, "-c", TARGET_ALONE, target, "real"],
+        note="the randomly initialised model in memory: what a port that loads into the model would hold",
+    )
+    add(
+        "python -c 'import torch, transformers; LlamaForCausalLM' [the target's import floor]",
+        "import-transformers",
         [py, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"],
     )
-    add("python -c 'import torch' [import floor]", "floor", [py, "-c", "import torch"])
+    add("python -c 'import torch' [import floor]", "import-torch", [py, "-c", "import torch"])
     true = shutil.which("true")
     if true:
         add("true [measurement floor]", "launcher", [true], note="RSS inherited from the runner")
@@ -464,24 +442,22 @@ def _child(args: list[str]) -> dict:
 
 
 def breakdown(rows: list[dict]) -> dict:
-    """surgery's peak RSS split into its target (imports + model) and what the port adds on top."""
-    by_kind = {r["kind"]: r for r in rows}
-    by_cmd = {r["command"]: r for r in rows}
-    s, t = by_kind.get("surgery"), by_kind.get("target")
-    tf = next((r for c, r in by_cmd.items() if "transformers" in c and r["kind"] == "floor"), None)
-    if not s or not t or s.get("failed") or t.get("failed"):
+    """surgery's peak RSS and time beside their parts: the imports an hf target needs, the
+    target as port builds it (described), and what the port adds on top of that."""
+    done = {r["kind"]: r for r in rows if not r.get("failed")}
+    kinds = ("surgery", "plain", "target", "target-real", "import-torch", "import-transformers")
+    if not all(k in done for k in kinds):
         return {}
-    mib = {k: _mib(r["max_rss_kib"]) for k, r in (("surgery", s), ("target", t), ("imports", tf)) if r}
-    out = {
-        "surgery_peak_mib": mib["surgery"],
-        "target_alone_mib": mib["target"],
-        "above_target_mib": mib["surgery"] - mib["target"],
-        "target_share_of_peak": mib["target"] / mib["surgery"],
+    mib = {k: _mib(done[k]["max_rss_kib"]) for k in kinds}
+    wall = {k: done[k]["median_s"] for k in kinds}
+    return {
+        "peak_mib": mib,
+        "median_wall_s": wall,
+        "port_above_described_target_mib": mib["surgery"] - mib["target"],
+        "imports_share_of_surgery_peak": mib["import-transformers"] / mib["surgery"],
+        "imports_over_plain_peak": mib["import-transformers"] / mib["plain"],
+        "imports_over_plain_time": wall["import-transformers"] / wall["plain"],
     }
-    if "imports" in mib:
-        out["target_imports_mib"] = mib["imports"]
-        out["target_model_mib"] = mib["target"] - mib["imports"]
-    return out
 
 
 def main() -> int:
@@ -538,12 +514,7 @@ def main() -> int:
         env, bytecode = child_env(folder, args.env_as_is)
         env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # this checkout
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
-        cli = cli_has_rule_flags(env)
-        print(
-            f"  surgery row: {'the CLI' if cli else 'the library (the CLI has no --preset/--map)'}",
-            flush=True,
-        )
-        rows = commands(folder, rules, cli)
+        rows = commands(folder, rules)
         code_before = code_state()
         load_before = Path("/proc/loadavg").read_text().split()[:3]
         busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
@@ -652,16 +623,20 @@ def main() -> int:
                 f"{verdict}"
             )
         if split:
+            mib, wall = split["peak_mib"], split["median_wall_s"]
             print(
-                f"- surgery's peak {split['surgery_peak_mib']:.0f} MiB: its target alone (imports + the built "
-                f"model) {split['target_alone_mib']:.0f} MiB ({100 * split['target_share_of_peak']:.0f}%)"
-                + (
-                    f", of which the imports {split['target_imports_mib']:.0f} MiB and the model "
-                    f"{split['target_model_mib']:.0f} MiB"
-                    if "target_imports_mib" in split
-                    else ""
-                )
-                + f"; the port adds {split['above_target_mib']:.0f} MiB on top of its target."
+                f"- surgery's peak {mib['surgery']:.0f} MiB: importing torch + transformers "
+                f"(LlamaForCausalLM) alone peaks at {mib['import-transformers']:.0f} MiB "
+                f"({100 * split['imports_share_of_surgery_peak']:.0f}% of it; torch alone "
+                f"{mib['import-torch']:.0f} MiB), the target as port builds it (meta device) at "
+                f"{mib['target']:.0f} MiB; the port adds {split['port_above_described_target_mib']:.0f} MiB "
+                f"on top of that. Built for real, the target alone peaks at {mib['target-real']:.0f} MiB."
+            )
+            print(
+                f"- those imports alone are {split['imports_over_plain_peak']:.2f} of the plain way's peak and "
+                f"{split['imports_over_plain_time']:.2f} of its time ({wall['import-transformers']:.2f} s of "
+                f"surgery's {wall['surgery']:.2f} s; the plain way's whole run {wall['plain']:.2f} s): no port "
+                "that imports transformers does better than these ratios."
             )
         for label, c in ((k, checked[k]) for k in plain_outs):
             print(
@@ -687,7 +662,6 @@ def main() -> int:
                 "config": config,
                 "rules": str(args.rules) if args.rules else f"preset {PRESET}",
                 "rules_sha256": hashlib.sha256(rules_text).hexdigest(),
-                "surgery_via": "cli" if cli else "library",
                 "runs": RUNS,
                 "warmup_runs": 1,
                 "env_as_is": args.env_as_is,

@@ -361,13 +361,15 @@ def convert(
         "surgery merge run/checkpoint*.pt --last 5 -o averaged.safetensors",
         "surgery merge soup1.pt soup2.pt soup3.pt --weights 2,1,1 -o soup.safetensors",
         "surgery merge math.pt code.pt --method ties --base base.safetensors --density 0.2 -o merged.pt",
+        "surgery merge base.safetensors --adapter lora-run/ -o merged.safetensors",
     ]
 )
 def merge(
     inputs: Annotated[
         Optional[list[str]],
         typer.Argument(
-            help="Checkpoints of one model, any formats (files, *.index.json, sharded or DCP folders).",
+            help="Checkpoints of one model, any formats (files, *.index.json, sharded or DCP folders); "
+            "with --adapter, the one base.",
             show_default=False,
         ),
     ] = None,
@@ -376,11 +378,17 @@ def merge(
         Text,
         typer.Option(
             "--method",
-            help="mean (default; weighted with --weights) | weighted | task-arithmetic | ties | slerp.",
+            help="mean (default; weighted with --weights) | weighted | task-arithmetic | ties | slerp "
+            "(lora with --adapter).",
         ),
     ] = None,
     weights: Annotated[
-        Text, typer.Option("--weights", help="weighted: one weight per input, w1,w2,... (normalised).")
+        Text,
+        typer.Option(
+            "--weights",
+            help="weighted: one weight per input, w1,w2,... (normalised); with --adapter: each "
+            "adapter's factor (1 each), as given.",
+        ),
     ] = None,
     base: Annotated[
         Text,
@@ -425,6 +433,20 @@ def merge(
         Text, typer.Option("--format", help="auto (by OUT's name) | safetensors | torch | dcp.")
     ] = None,
     shard_size: ShardsOpt = None,
+    adapter: Annotated[
+        Strs,
+        typer.Option(
+            "--adapter",
+            help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors or .bin) "
+            "to merge into the one input; repeat for several.",
+        ),
+    ] = None,
+    unmerge: Annotated[
+        bool,
+        typer.Option(
+            "--unmerge", help="With --adapter: subtract the adapters (a merged model back to its base)."
+        ),
+    ] = False,
     key: KeyOpt = None,
     rename: RenameOpt = None,
     strip_prefix: StripPrefixOpt = None,
@@ -439,11 +461,13 @@ def merge(
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> None:
-    """Average or merge checkpoints of one model (model soups, task arithmetic, TIES, SLERP), streaming.
+    """Average or merge checkpoints of one model (model soups, task arithmetic, TIES, SLERP), or
+    merge PEFT LoRA adapters into a base, streaming.
 
     One tensor of each input at a time, in float64; each floating tensor is written in its own
     dtype, integer and bool tensors are the last input's (never averaged). Exit code 1 when the
-    inputs' keys or shapes differ (unless --strict false); 2 on bad usage.
+    inputs' keys or shapes differ (unless --strict false), or when an adapter tensor lands on
+    nothing in the base; 2 on bad usage.
     """
     fields = fields_of(locals())  # first: the flags alone
     from surgery.commands.merge import MergeRequest, merge_file

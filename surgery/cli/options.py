@@ -177,7 +177,7 @@ def __getattr__(name: str) -> Any:
 # Command parameters that belong to the CLI, not to a request.
 CLI_ONLY = frozenset({"json_out", "debug", "recipe", "exit_code", "no_strict", "sarif"})
 # Parameters whose request field has another name.
-FIELD_OF = {"arg": "args", "map_arg": "map_args"}
+FIELD_OF = {"arg": "args", "map_arg": "map_args", "adapter": "adapters"}
 
 
 def fields_of(params: dict[str, Any]) -> dict[str, Any]:

@@ -41,8 +41,9 @@ from surgery.commands.convert import (
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, NotFound, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, TensorInfo, open_checkpoint, open_trusted
-from surgery.models.merges import METHODS, MergeParams, Stream, merge_pieces, normalised
+from surgery.models.merges import METHODS, MergeParams, Stream, lora_delta, merge_pieces, normalised
 from surgery.names import group_names, natural, wrapper_prefixes
+from surgery.plans.adapters import Delta
 from surgery.plans.keys import KeyRules, Rename
 from surgery.text import human_bytes, plural
 from surgery.values import Entry
@@ -52,6 +53,8 @@ from surgery.writers.torch_archive import streams_torch
 
 if TYPE_CHECKING:
     import torch
+
+    from surgery.commands.adapters import AdapterUse
 
 FORMATS = ("auto", "safetensors", "torch", "dcp")
 DTYPES = {**CASTS, "fp64": "float64", "float64": "float64", "double": "float64"}
@@ -84,6 +87,8 @@ class MergeRequest(Request):
     keys: KeyRules = KeyRules()
     format: str = "auto"  # by OUT's name: .safetensors, a folder with a shard size, else torch; or dcp
     shard_size: int | None = None  # bytes per shard: a sharded folder
+    adapters: tuple[str, ...] = ()  # lora: PEFT LoRA adapter folders merged into the one input
+    unmerge: bool = False  # lora: subtract the adapters instead
     verify: bool = False
     dry_run: bool = False
     force: bool = False
@@ -104,6 +109,8 @@ class MergeRequest(Request):
         **KeyRules.FILE_FIELDS,
         "format": str,
         "shard_size": (str, int),
+        "adapters": list,
+        "unmerge": bool,
         "verify": bool,
     }
 
@@ -120,10 +127,24 @@ class MergeRequest(Request):
                 raise BadArgument(param, f"is a parameter of {users}, not of --method {self.method}")
         if self.method == "weighted" and not self.weights:
             raise BadArgument("weights", "--method weighted needs one weight per input (--weights 1,1,2)")
-        if not all(math.isfinite(w) for w in self.weights) or (
-            self.weights and not math.fsum(self.weights) > 0
-        ):
-            raise BadArgument("weights", "weights are finite numbers with a positive sum")
+        if self.adapters and self.method != "lora":
+            raise BadArgument(
+                "method", f"--adapter merges adapters into one base: drop --method {self.method}"
+            )
+        if self.method == "lora" and not self.adapters:
+            raise BadArgument("adapters", "lora merges PEFT adapters: name each with --adapter DIR")
+        if self.unmerge and not self.adapters:
+            raise BadArgument(
+                "unmerge", "subtracts adapters from a merged model: name them with --adapter DIR"
+            )
+        if self.adapters and self.base:
+            raise BadArgument("base", "with --adapter the one checkpoint given is the base: drop --base")
+        if self.adapters and self.last is not None:
+            raise BadArgument("last", "picks checkpoints to average: --adapter merges into the one given")
+        if not all(math.isfinite(w) for w in self.weights):
+            raise BadArgument("weights", "weights are finite numbers")
+        if self.method == "weighted" and not math.fsum(self.weights) > 0:
+            raise BadArgument("weights", "a weighted mean needs weights with a positive sum")
         if method.needs_base and not self.base:
             raise BadArgument(
                 "base", f"{self.method} needs the checkpoint the inputs were fine-tuned from (--base BASE)"
@@ -166,10 +187,13 @@ class MergeRequest(Request):
             raise BadArgument("dtype", f"{dtype!r} is not one of bf16, fp16, fp32, fp64")
         size = fields.get("shard_size")
         inputs = fields.get("inputs") or ()
+        adapters = fields.get("adapters") or ()
+        adapters = tuple(str(a) for a in ([adapters] if isinstance(adapters, (str, Path)) else adapters))
+        default = "lora" if adapters else "weighted" if weights else "mean"
         return cls(
             inputs=tuple(str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)),
             out=str(fields.get("out") or ""),
-            method=str(fields.get("method") or ("weighted" if weights else "mean")),
+            method=str(fields.get("method") or default),
             weights=weights,
             base=str(fields["base"]) if fields.get("base") else None,
             scale=_number(fields, "scale"),
@@ -181,6 +205,8 @@ class MergeRequest(Request):
             keys=KeyRules.from_fields(fields),
             format=fields.get("format", "auto"),
             shard_size=parse_size(size) if isinstance(size, str) else size,
+            adapters=adapters,
+            unmerge=bool(fields.get("unmerge")),
             verify=bool(fields.get("verify")),
             dry_run=bool(fields.get("dry_run")),
             force=bool(fields.get("force")),
@@ -201,7 +227,8 @@ class MergeRequest(Request):
     def method_json(self) -> dict[str, Any]:
         """The method and the parameters it uses (weights as given): the provenance's `surgery.merge`."""
         params = self.params
-        return {"method": self.method, **{p: _plain(getattr(params, p)) for p in METHODS[self.method].params}}
+        used = {p: _plain(getattr(params, p)) for p in METHODS[self.method].params}
+        return {"method": self.method, **used, **({"unmerge": True} if self.unmerge else {})}
 
     def rules_json(self) -> dict[str, Any]:
         """What the merge does to names and dtypes: the report's `options`."""
@@ -340,17 +367,23 @@ class MergePlan:
     aliases: dict[str, str]  # output alias -> output name stored
     cast: dict[str, int]  # "float32 -> bfloat16" -> tensors
     mixed: dict[str, tuple[str, ...]]  # merged names whose dtype differs between inputs -> the dtypes
+    copied: dict[str, Taken] = field(default_factory=dict)  # lora: unchanged, or replaced by an adapter's
+    deltas: dict[str, list[Delta]] = field(default_factory=dict)  # lora: merged name -> what is added
 
     @property
     def inputs(self) -> list[int]:
         return [i for i, s in enumerate(self.sides) if s.role == "input"]
 
     @property
+    def adapters(self) -> list[int]:
+        return [i for i, s in enumerate(self.sides) if s.role == "adapter"]
+
+    @property
     def base(self) -> int | None:
         return 0 if self.sides[0].role == "base" else None
 
     def taken(self, name: str) -> Taken | None:
-        return self.kept.get(name) or self.unmerged.get(name)
+        return self.kept.get(name) or self.unmerged.get(name) or self.copied.get(name)
 
 
 def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan:
@@ -393,19 +426,8 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
             kept[name] = Taken(inputs[-1], written[name].dtype)
         taken = kept.get(name) or unmerged.get(name)
         for side in [sides[taken.side]] if taken else sides:  # what is read for it
-            if side.info(name).note:
-                raise SurgeryError(
-                    side.ckpt.path,
-                    f"tensor {side.keys[name]!r} is {side.info(name).note}",
-                    hint="leave it out with --exclude",
-                )
-    cast: dict[str, int] = {}
-    dtypes = {name: info.dtype for name, info in written.items()}
-    for name, dtype in dtypes.items():
-        if request.dtype and dtype in FLOATING and dtype != request.dtype:
-            change = f"{dtype} -> {request.dtype}"
-            cast[change] = cast.get(change, 0) + 1
-            dtypes[name] = request.dtype
+            check_readable(side, name)
+    dtypes, cast = casts({name: info.dtype for name, info in written.items()}, request.dtype)
     aliases = {} if kind == "dcp" else _ties(sides, merged, kept, unmerged)
     entries = [
         Entry(name, written[name].shape, dtypes[name])
@@ -413,6 +435,33 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
         if not (name in aliases and kind.endswith("safetensors"))
     ]
     return MergePlan(sides, entries, merged, kept, unmerged, aliases, cast, mixed)
+
+
+def check_readable(side: Side, name: str) -> None:
+    """Refuse, before any work, a tensor to be read that surgery cannot rebuild from its bytes.
+
+    Raises:
+        SurgeryError: naming the tensor and what it is.
+    """
+    if side.info(name).note:
+        raise SurgeryError(
+            side.ckpt.path,
+            f"tensor {side.keys[name]!r} is {side.info(name).note}",
+            hint="leave it out with --exclude",
+        )
+
+
+def casts(dtypes: Mapping[str, str], dtype: str | None) -> tuple[dict[str, str], dict[str, int]]:
+    """Each output tensor's dtype with `dtype` applied to the floating ones, and the casts made
+    ("float32 -> bfloat16" -> tensors)."""
+    cast: dict[str, int] = {}
+    out = dict(dtypes)
+    for name, own in dtypes.items():
+        if dtype and own in FLOATING and own != dtype:
+            change = f"{own} -> {dtype}"
+            cast[change] = cast.get(change, 0) + 1
+            out[name] = dtype
+    return out, cast
 
 
 @dataclass(frozen=True)
@@ -559,6 +608,9 @@ class MergeReport:
     cast: dict[str, int] = field(default_factory=dict)
     mixed: dict[str, tuple[str, ...]] = field(default_factory=dict)  # name -> each input's dtype
     aliases: dict[str, str] = field(default_factory=dict)
+    adapters: tuple[AdapterUse, ...] = ()  # lora: each adapter, what it does
+    replaced: dict[str, str] = field(default_factory=dict)  # lora: name -> the adapter whose tensor it is
+    unchanged: int = 0  # lora: tensors no adapter touches, copied from the base
     shards: tuple[str, ...] = ()
     seconds: float = 0.0
     written: bool = False
@@ -569,6 +621,10 @@ class MergeReport:
         """The method and its parameters, in words: `mean of 5 inputs`."""
         request, params = self.options, self.options.params
         n = sum(i.role == "input" for i in self.inputs)
+        if request.method == "lora":
+            sign, verb = ("-", "unmerged") if request.unmerge else ("+", "merged")
+            weights = f", weights {', '.join(f'{w:g}' for w in params.weights)}" if params.weights else ""
+            return f"LoRA {verb}: base {sign} the adapters' s·B·A ({plural(len(self.adapters), 'adapter')}{weights})"
         if request.method == "mean":
             return f"mean of {n} inputs"
         if request.method == "weighted":
@@ -585,6 +641,10 @@ class MergeReport:
     def summary(self) -> str:
         text = f"{plural(self.tensors, 'tensor')}, {human_bytes(self.bytes_out)}"
         text = f"wrote {text} in {self.seconds:.2f} s" if self.written else f"would write {text} (--dry-run)"
+        if self.adapters:
+            parts = [f"{self.merged} changed by the adapters"]
+            parts += [f"{len(self.replaced)} replaced whole"] * bool(self.replaced)
+            return f"{text}: {', '.join([*parts, f'{self.unchanged} unchanged'])}"
         parts = [f"{self.merged} merged"]
         if self.kept:
             parts.append(f"{len(self.kept)} kept from the {'newest' if self.selection else 'last'} input")
@@ -610,6 +670,15 @@ class MergeReport:
             "dtypes_differ": {name: list(d) for name, d in self.mixed.items()},
             "cast": self.cast,
             "aliases": self.aliases,
+            **(
+                {
+                    "adapters": [a.to_json() for a in self.adapters],
+                    "replaced": self.replaced,
+                    "unchanged": self.unchanged,
+                }
+                if self.adapters
+                else {}
+            ),
             "shards": list(self.shards),
             "seconds": round(self.seconds, 3),
             "written": self.written,
@@ -639,6 +708,8 @@ def merge(
     exclude: Sequence[str] = (),
     format: str = "auto",
     shard_size: str | int | None = None,
+    adapters: Sequence[str | Path] = (),
+    unmerge: bool = False,
     dry_run: bool = False,
     force: bool = False,
     verify: bool = False,
@@ -660,6 +731,9 @@ def merge(
         last: merge only the N newest inputs, by the epoch or step each records, else by name.
         key, strip_prefix, add_prefix, rename, include, exclude: as for `surgery.convert`, on every input.
         format, shard_size: the output, as for `surgery.convert` (no hf folder).
+        adapters: PEFT LoRA adapter folders to merge into the one input, the base (`weights`:
+            each adapter's factor, 1 each); an adapter tensor that lands on nothing is an error.
+        unmerge: subtract the adapters instead (a merged model back to its base).
         verify: re-read the output before it is put in place; every tensor must be as merged.
         trust: read the tensors of inputs with unsafe findings (never executed).
         progress: called once with (tensors, bytes) to announce the work; returns the function
@@ -673,9 +747,11 @@ def merge(
 
     Example:
         >>> surgery.merge(["run/epoch8.pt", "run/epoch9.pt", "run/epoch10.pt"], "averaged.safetensors")
+        >>> surgery.merge("base.safetensors", "merged.safetensors", adapters=["lora-run/"])
     """
     fields = {k: v for k, v in locals().items() if k not in ("inputs", "progress")}
-    fields["inputs"] = [str(p) for p in inputs]
+    fields["inputs"] = [str(p) for p in ([inputs] if isinstance(inputs, (str, Path)) else inputs)]
+    fields["adapters"] = [str(p) for p in adapters]
     fields["out"] = str(out)
     return merge_file(MergeRequest.from_fields(fields), progress=progress)
 
@@ -689,8 +765,22 @@ def merge_file(
         progress: called once with (tensors, bytes) to announce the work; returns the
             function told how many bytes each written tensor added.
     """
+    if request.adapters:
+        from surgery.commands.adapters import plan_adapter_merge
+
+        plan, report, files = plan_adapter_merge(request)
+    else:
+        plan, report, files = _plan_inputs(request)
+    if request.dry_run:
+        return report
+    return write_merge(plan, report, request, files, progress)
+
+
+def _plan_inputs(request: MergeRequest) -> tuple[MergePlan, MergeReport, list[Path]]:
+    """Open the inputs (headers only), check the output's place, plan the merge: the plan, the
+    report of what would be written, and every file read."""
     paths = expand(request.inputs)
-    _check_counts(request, len(paths))
+    check_counts(request, len(paths))
     opened = [open_checkpoint(p, key=request.keys.key) for p in paths]  # headers only
     given_files = [p for c in opened for p in c.files]  # --last's left-out ones too: never written over
     selection = None
@@ -707,19 +797,33 @@ def merge_file(
     out = Path(request.out)
     kind = output_format(out, request)
     files = list(dict.fromkeys(p for c in checkpoints for p in c.files))
-    check = check_folder_destination if kind in FOLDERS else check_destination
-    check(out, list(dict.fromkeys(given_files + files)), force=request.force)
+    check_output(out, kind, given_files + files, force=request.force)
     sides = [
         Side(c, role, keys, steps)
         for c, role, (keys, steps) in zip(checkpoints, roles, named(checkpoints, request.keys), strict=True)
     ]
     plan = plan_merge(sides, request, kind)
-    report = _report(plan, request, out, kind, selection)
-    if request.dry_run:
-        return report
+    return plan, _report(plan, request, out, kind, selection), files
+
+
+def check_output(out: Path, kind: str, inputs: Sequence[Path], *, force: bool) -> None:
+    """Refuse an output that would overwrite an input, or exist already (without `force`)."""
+    check = check_folder_destination if kind in FOLDERS else check_destination
+    check(out, list(dict.fromkeys(inputs)), force=force)
+
+
+def write_merge(
+    plan: MergePlan,
+    report: MergeReport,
+    request: MergeRequest,
+    files: Sequence[Path],
+    progress: Callable[[int, int], Callable[[int], None]] | None,
+) -> MergeReport:
+    """Write the planned output, one tensor at a time, atomically; hash every file read meanwhile."""
     _check_expansion(plan)
     from surgery.commands.port_files import SourceDigests
 
+    out, kind = Path(report.output), report.output_format
     with SourceDigests(files) as digests:  # hashed beside the imports; the header holds the digests
         import torch  # noqa: F401 - while the inputs are hashed
 
@@ -750,7 +854,7 @@ def merge_file(
     )
 
 
-def _check_counts(request: MergeRequest, given_inputs: int) -> None:
+def check_counts(request: MergeRequest, given_inputs: int) -> None:
     """Enough inputs for the method, and as many weights as inputs merged.
 
     Raises:
@@ -760,7 +864,9 @@ def _check_counts(request: MergeRequest, given_inputs: int) -> None:
     if request.last is not None and request.last > given_inputs:
         raise BadArgument("last", f"--last {request.last}, but {plural(given_inputs, 'input')} given")
     count = request.last if request.last is not None else given_inputs
-    least = 1 if method.needs_base else 2
+    least = 1 if method.needs_base or method.inputs == 1 else 2
+    if request.adapters and count != 1:
+        raise BadArgument("inputs", f"--adapter merges adapters into one checkpoint, the base: {count} given")
     if count < least:
         what = "a checkpoint besides the base" if method.needs_base else "at least two checkpoints"
         raise BadArgument("inputs", f"name {what} to merge ({count} given)")
@@ -768,10 +874,11 @@ def _check_counts(request: MergeRequest, given_inputs: int) -> None:
         raise BadArgument(
             "inputs", f"{request.method} merges exactly {method.inputs} checkpoints, not {count}"
         )
-    if request.weights and len(request.weights) != count:
+    weighed = (len(request.adapters), "adapter") if request.adapters else (count, "input")
+    if request.weights and len(request.weights) != weighed[0]:
         raise BadArgument(
             "weights",
-            f"{plural(len(request.weights), 'weight')} for {plural(count, 'input')}: give one per input",
+            f"{plural(len(request.weights), 'weight')} for {plural(*weighed)}: give one per {weighed[1]}",
         )
 
 
@@ -864,6 +971,8 @@ class _Merged:
         else:
             sides = self.plan.sides
             inputs = [_stream(sides[i], name) for i in self.plan.inputs]
+            adapters = self.plan.adapters
+            inputs += [_delta(sides[adapters[d.adapter]], d) for d in self.plan.deltas.get(name, ())]
             base = _stream(sides[0], name) if self.plan.base is not None else None
             merged = merge_pieces(self.request.method, inputs, base, self.request.params)
             pieces = (p.to(dtype) for p in merged)
@@ -890,6 +999,10 @@ class _Merged:
         for side in self.plan.sides:
             if name in side.keys:
                 side.ckpt.release(side.keys[name])
+        for delta in self.plan.deltas.get(name, ()):
+            factors = self.plan.sides[self.plan.adapters[delta.adapter]].ckpt
+            for key in filter(None, (delta.a, delta.b)):
+                factors.release(key)
         if self.tick is not None and name not in self.plan.aliases:  # a tied name's bytes are its kept name's
             self.tick(self.entries[name].nbytes)
 
@@ -898,6 +1011,16 @@ def _stream(side: Side, name: str) -> Stream:
     """A checkpoint's tensor as flat pieces, read afresh at each call."""
     key = side.keys[name]
     return lambda: side.ckpt.pieces(key, PIECE)
+
+
+def _delta(side: Side, delta: Delta) -> Stream:
+    """An adapter's delta to one tensor as flat float64 pieces, made afresh at each call."""
+
+    def read() -> Iterator[torch.Tensor]:
+        a = side.ckpt.tensor(delta.a) if delta.a is not None else None
+        return lora_delta(delta.layout, a, side.ckpt.tensor(delta.b), delta.scaling, PIECE)
+
+    return read
 
 
 def _verify(written: Path, plan: MergePlan, src: _Merged, where: Path) -> int:

@@ -14,6 +14,8 @@ tensors (`merge_tensors`: one piece each), which is how they are tested.
                       the elected sign                             (Yadav et al. 2023)
     slerp             sin((1-t)Ω)/sin Ω · a + sin(tΩ)/sin Ω · b, Ω the angle between a and b;
                       lerp when they are nearly colinear           (Shoemake 1985, as mergekit)
+    lora              base + Σ wᵢ sᵢ Bᵢ Aᵢ, each adapter's delta in its layer's layout
+                      (Hu et al. 2021, as PEFT's merge_and_unload)
 """
 
 from __future__ import annotations
@@ -161,6 +163,45 @@ def slerp_coefficients(dot: float, norm_a: float, norm_b: float, t: float) -> tu
     return math.sin((1.0 - t) * omega) / math.sin(omega), math.sin(t * omega) / math.sin(omega)
 
 
+def _lora(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:
+    """The base plus each adapter's delta (`lora_delta`'s pieces, already scaled and weighted)."""
+    import torch
+
+    assert base is not None
+    for start, *deltas in aligned([base(), *(read() for read in inputs)]):
+        total = start.to(torch.float64, copy=True)
+        for delta in deltas:
+            total += delta
+        yield total
+
+
+def lora_delta(
+    layout: str, a: torch.Tensor | None, b: torch.Tensor, scaling: float, rows: int
+) -> Iterator[torch.Tensor]:
+    """A LoRA delta, s · B A, in its base tensor's layout (`plans.adapters`), as flat float64
+    pieces of about `rows` × its width elements: never the whole delta at once.
+
+    Example:
+        >>> a, b = torch.ones(1, 3), torch.full((2, 1), 2.0)
+        >>> torch.cat(list(lora_delta("linear", a, b, 0.5, 1)))
+        tensor([1., 1., 1., 1., 1., 1.], dtype=torch.float64)
+    """
+    import torch
+
+    b = b.to(torch.float64).reshape(b.shape[0], -1)  # (out, r); a bias: (out, 1)
+    if a is None:  # lora_bias: s · B.bias
+        yield b.reshape(-1) * scaling
+        return
+    a = a.to(torch.float64).reshape(a.shape[0], -1)  # (r, in · kernel)
+    transposed = layout in ("fan_in_fan_out", "embedding")  # the base holds (B A)ᵀ
+    count = a.shape[1] if transposed else b.shape[0]
+    step = max(1, rows)
+    for start in range(0, count, step):
+        end = min(count, start + step)
+        block = (b @ a[:, start:end]).T if transposed else b[start:end] @ a
+        yield block.contiguous().reshape(-1).mul_(scaling)
+
+
 def normalised(weights: Sequence[float]) -> tuple[float, ...]:
     """Weights scaled to sum 1: a weighted average, not a weighted sum."""
     total = math.fsum(weights)
@@ -183,6 +224,8 @@ METHODS = {
     "task-arithmetic": Method(_task_arithmetic, True, None, ("scale",)),
     "ties": Method(_ties, True, None, ("scale", "density")),
     "slerp": Method(_slerp, False, 2, ("t",)),
+    # the base (the one input) plus each adapter's delta: `surgery merge BASE --adapter DIR`
+    "lora": Method(_lora, False, 1, ("weights",)),
 }
 
 

@@ -160,7 +160,13 @@ def merge_rows(report: MergeReport) -> list[Row]:
     rows: list[Row] = [("summary", [report.summary()])]
     rows.append(("method", [f"{report.method}, in float64"]))
     rows += [("base", [i.describe()]) for i in report.inputs if i.role == "base"]
-    rows.append(("inputs", [i.describe() for i in report.inputs if i.role == "input"]))
+    if report.adapters:
+        rows.append(("adapters", [a.describe() for a in report.adapters]))
+    else:
+        rows.append(("inputs", [i.describe() for i in report.inputs if i.role == "input"]))
+    if report.replaced:
+        how = "taken whole from the adapter (modules_to_save, trained biases)"
+        rows.append(("replaced", [*capped(short_names(list(report.replaced)), per_line=3), how]))
     if report.selection is not None:
         rows.append(("selected", [report.selection.describe()]))
         rows.append(("left out", capped(list(report.selection.left_out), per_line=3)))

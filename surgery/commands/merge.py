@@ -688,7 +688,7 @@ class MergeReport:
 
 # -- the library calls ------------------------------------------------------------------------
 def merge(
-    inputs: Sequence[str | Path],
+    inputs: Sequence[str | Path] | str | Path,
     out: str | Path,
     *,
     method: str | None = None,

@@ -485,6 +485,55 @@ def merge(
 
 @command(
     [
+        "surgery extract tuned.safetensors --base base.safetensors --rank 16 -o lora/",
+        "surgery extract gpt2-tuned.pt --base gpt2.pt --rank 8 --fan-in-fan-out -o lora/ --dry-run",
+    ]
+)
+def extract(
+    finetuned: Annotated[
+        Text, typer.Argument(help="The fine-tuned checkpoint (any format).", show_default=False)
+    ] = None,
+    base: Annotated[Text, typer.Option("--base", help="The checkpoint it was fine-tuned from.")] = None,
+    rank: Annotated[Int, typer.Option("--rank", min=1, help="The LoRA rank r of every layer.")] = None,
+    out: OutOpt = None,
+    fan_in_fan_out: Annotated[
+        bool,
+        typer.Option("--fan-in-fan-out", help="2-D weights are stored (in, out), as GPT-2's Conv1D."),
+    ] = False,
+    dtype: Annotated[
+        Text, typer.Option("--dtype", help="The factors' dtype: bf16 | fp16 | fp32 (else each weight's own).")
+    ] = None,
+    key: KeyOpt = None,
+    strip_prefix: StripPrefixOpt = None,
+    add_prefix: AddPrefixOpt = None,
+    rename: RenameOpt = None,
+    include: IncludeOpt = None,
+    exclude: ExcludeOpt = None,
+    recipe: RecipeOpt = None,
+    dry_run: DryRunOpt = False,
+    force: ForceOpt = False,
+    trust: TrustOpt = False,
+    json_out: JsonOpt = False,
+    debug: DebugOpt = False,
+) -> None:
+    """Write what a fine-tune changed as a PEFT LoRA adapter folder (truncated SVD per layer).
+
+    Linear and conv weights become rank-r factors; what PEFT cannot hold as factors (norms,
+    embeddings, other changed tensors) is kept whole as modules_to_save. PEFT loads the folder,
+    and `surgery merge BASE --adapter DIR` merges it back. Exit code 1 when the checkpoints
+    differ in keys or shapes, or nothing changed; 2 on bad usage.
+    """
+    fields = fields_of(locals())  # first: the flags alone
+    from surgery.commands.extract import ExtractRequest, extract_file
+
+    request = ExtractRequest.from_file(recipe, **fields) if recipe else ExtractRequest.from_fields(fields)
+    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
+        report = extract_file(request, progress=bar)
+    show(report, json_out)
+
+
+@command(
+    [
         "surgery diff before.pth after.safetensors",
         "surgery diff a.pth b.pth --strip-prefix module. --exit-code",
         "surgery diff big-a/ big-b/ --structure-only --json",

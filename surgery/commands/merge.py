@@ -478,9 +478,9 @@ class _Differences:
     def describe(self) -> str:
         parts = []
         if self.missing:
-            parts.append(f"lacks {len(self.missing)} of its keys ({_few(self.missing)})")
+            parts.append(f"lacks {len(self.missing)} of its keys ({few_names(self.missing)})")
         if self.extra:
-            parts.append(f"holds {plural(len(self.extra), 'key')} it does not ({_few(self.extra)})")
+            parts.append(f"holds {plural(len(self.extra), 'key')} it does not ({few_names(self.extra)})")
         if self.shapes:
             shown = ", ".join(f"{n} {list(here)} vs {list(there)}" for n, there, here in self.shapes[:SHOWN])
             more = f" and {len(self.shapes) - SHOWN} more" if len(self.shapes) > SHOWN else ""
@@ -501,7 +501,7 @@ def _differences(reference: Side, side: Side) -> _Differences:
     )
 
 
-def _few(names: list[str]) -> str:
+def few_names(names: list[str]) -> str:
     groups = group_names(names)
     return ", ".join(groups[:SHOWN]) + (f" and {len(groups) - SHOWN} more" if len(groups) > SHOWN else "")
 

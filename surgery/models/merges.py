@@ -258,3 +258,31 @@ def merge_tensors(
     )
     flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.float64)
     return flat.reshape(tensors[0].shape)
+
+
+def lora_factors(delta: torch.Tensor, layout: str, rank: int) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """LoRA factors A, B in PEFT's shapes for the layout with B A ≈ delta (at scaling 1): the
+    truncated SVD, the best rank-r approximation (Eckart-Young), zero rows past the matrix's own
+    rank. Returns A, B (float32) and the relative error ‖delta - B A‖ / ‖delta‖ (0 for no change).
+
+    Example:
+        >>> a, b, error = lora_factors(torch.ones(4, 3), "linear", 2)
+        >>> a.shape, b.shape, round(error, 6)
+        (torch.Size([2, 3]), torch.Size([4, 2]), 0.0)
+    """
+    import torch
+
+    matrix = delta.T if layout == "fan_in_fan_out" else delta.reshape(delta.shape[0], -1)
+    u, s, vh = torch.linalg.svd(matrix.to(torch.float32), full_matrices=False)
+    kept = min(rank, s.numel())
+    root = s[:kept].sqrt()
+    b = torch.zeros(matrix.shape[0], rank)
+    a = torch.zeros(rank, matrix.shape[1])
+    b[:, :kept] = u[:, :kept] * root
+    a[:kept] = root[:, None] * vh[:kept]
+    total = float(s.double().square().sum())
+    error = math.sqrt(float(s[kept:].double().square().sum()) / total) if total > 0 else 0.0
+    if layout == "conv":  # A a conv of the layer's kernel, B a 1x1 conv
+        a = a.reshape(rank, *delta.shape[1:])
+        b = b.reshape(delta.shape[0], rank, *[1] * (delta.dim() - 2))
+    return a, b, error

@@ -14,12 +14,16 @@ if TYPE_CHECKING:
     from surgery.casts import CastLosses
     from surgery.commands.convert import ConvertReport
     from surgery.commands.diff import Difference, DiffReport
+    from surgery.commands.extract import ExtractReport
     from surgery.commands.maps import PresetsReport
     from surgery.commands.merge import MergeReport
     from surgery.commands.port import PortReport
     from surgery.commands.sanitize import SanitizeReport
     from surgery.commands.scan import ScanReport
     from surgery.models.finetune import FinetuneSummary
+
+
+WORST_LAYERS = 5  # layers named in an extract report, the worst approximated first
 
 
 def port_rows(report: PortReport) -> list[Row]:
@@ -201,6 +205,33 @@ def merge_rows(report: MergeReport) -> list[Row]:
     return rows
 
 
+def extract_rows(report: ExtractReport) -> list[Row]:
+    """The rows of the `surgery extract` report, summary first; the layers the rank holds worst first."""
+    rows: list[Row] = [("summary", [report.summary()])]
+    rows.append(("fine-tune", [report.finetuned]))
+    rows.append(("base", [report.base]))
+    rows.append(
+        ("output", [f"{report.output} (PEFT LoRA adapter: adapter_config.json, adapter_model.safetensors)"])
+    )
+    if report.errors:
+        from surgery.commands.extract import share
+
+        worst = [f"{e.name}: {share(e.error)}" for e in report.errors[:WORST_LAYERS]]
+        more = (
+            [f"... and {len(report.errors) - WORST_LAYERS} more"] if len(report.errors) > WORST_LAYERS else []
+        )
+        rows.append(
+            ("left out", [*worst, *more, "of each layer's difference (‖Δ - B·A‖ / ‖Δ‖), worst first"])
+        )
+    if report.modules:
+        rows.append(("whole", [*capped(report.modules, per_line=3), "modules_to_save: kept whole, exact"]))
+    if report.biases:
+        rows.append(
+            ("biases", [*capped(short_names(report.biases), per_line=3), "of LoRA layers, kept whole"])
+        )
+    return rows
+
+
 def diff_rows(report: DiffReport) -> list[Row]:
     """The rows of the `surgery diff` report, summary first; the largest differences first."""
     rows: list[Row] = [("summary", [report.summary()])]
@@ -311,6 +342,7 @@ ROWS = {
     "PortReport": port_rows,
     "ConvertReport": convert_rows,
     "MergeReport": merge_rows,
+    "ExtractReport": extract_rows,
     "DiffReport": diff_rows,
     "ScanReport": scan_rows,
     "SanitizeReport": sanitize_rows,

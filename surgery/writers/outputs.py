@@ -296,5 +296,5 @@ def _checkpoint_output(path: Path) -> bool:
     name = path.name
     return path.is_file() and (
         name.endswith((".safetensors", ".bin", ".index.json", ".distcp"))
-        or name in (".metadata", "surgery.json", "config.json")
+        or name in (".metadata", "surgery.json", "config.json", "adapter_config.json")
     )

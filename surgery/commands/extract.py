@@ -228,6 +228,8 @@ def extract_file(
     _check_same(tuned_side, base_side)
     names = list(tuned_side.keys)
     shapes = {n: tuned_side.info(n).shape for n in names}
+    own = {key: name for name, key in tuned_side.keys.items()}
+    tied = {own[n] for pair in tuned.aliases.items() for n in pair if n in own}
     tick = progress(len(names), sum(tuned_side.info(n).nbytes for n in names)) if progress else None
     changed: list[str] = []
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -237,7 +239,9 @@ def extract_file(
         a, b = _pair(tuned_side, base_side, name)
         if not torch.equal(a, b):
             changed.append(name)
-            kind = extract_layout([name], {name: shapes[name]}, fan_in_fan_out=request.fan_in_fan_out).lora
+            kind = extract_layout(
+                [name], {name: shapes[name]}, fan_in_fan_out=request.fan_in_fan_out, tied=tied
+            ).lora
             if name in kind and a.dtype.is_floating_point:
                 from surgery.models.merges import lora_factors
 
@@ -252,7 +256,7 @@ def extract_file(
             tick(tuned_side.info(name).nbytes)
     if not changed:
         raise SurgeryError(tuned.path, f"holds the same values as {base.path}: there is nothing to extract")
-    layout = extract_layout(changed, shapes, fan_in_fan_out=request.fan_in_fan_out)
+    layout = extract_layout(changed, shapes, fan_in_fan_out=request.fan_in_fan_out, tied=tied)
     not_floating = [n for n in layout.lora if n not in deltas]
     if not_floating:
         raise SurgeryError(tuned.path, f"weights that are not floating changed: {few_names(not_floating)}")

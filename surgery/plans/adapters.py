@@ -320,16 +320,21 @@ def _deltas(
     rank, scaling = adapter.config.rank_and_scaling(layer.module)
     target = on_base(f"{layer.module}.weight")
     shape = tuple(base[target])
+    where = f"{layer.module} (lora_A {list(a)}, lora_B {list(b)})"
+    if len(a) < 2 or len(b) < 2:
+        problems.append(f"{where}: factors of fewer than 2 dimensions make no weight")
+        return []
     if layer.kind == "embedding":
         layout, made = "embedding", (a[1], b[0]) if len(a) == 2 and len(b) == 2 else None
     elif len(a) > 2:
         layout, made = "conv", (b[0], *a[1:]) if len(b) == len(a) and not any(k != 1 for k in b[2:]) else None
-    elif adapter.config.fan_in_fan_out:
-        layout, made = "fan_in_fan_out", (a[1], b[0]) if len(a) == len(b) == 2 else None
+    elif adapter.config.fan_in_fan_out and (a[1], b[0]) == shape != (b[0], a[1]):
+        layout, made = "fan_in_fan_out", shape  # a Conv1D; PEFT takes an nn.Linear's (out, in) as it is
+    elif adapter.config.fan_in_fan_out and len(a) == len(b) == 2 and a[1] == b[0]:
+        layout, made = "fan_in_fan_out", (a[1], b[0])  # square: the config decides, as in PEFT
     else:
         layout, made = "linear", (b[0], a[1]) if len(a) == len(b) == 2 else None
-    where = f"{layer.module} (lora_A {list(a)}, lora_B {list(b)})"
-    if a[0] != rank or len(b) < 2 or b[1] != rank:
+    if a[0] != rank or b[1] != rank:
         problems.append(f"{where}: the config says rank {rank}")
         return []
     if made != shape:

@@ -11,7 +11,7 @@ every other changed tensor takes its whole module into `modules_to_save`.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 
 from surgery.errors import SurgeryError
@@ -52,13 +52,19 @@ class ExtractLayout:
 
 
 def extract_layout(
-    changed: list[str], shapes: Mapping[str, tuple[int, ...]], *, fan_in_fan_out: bool = False
+    changed: list[str],
+    shapes: Mapping[str, tuple[int, ...]],
+    *,
+    fan_in_fan_out: bool = False,
+    tied: Collection[str] = (),
 ) -> ExtractLayout:
     """Where each changed tensor goes: LoRA factors, a LoRA layer's bias, or its module whole.
 
     Args:
         changed: the names of the tensors the fine-tune changed, in order.
         shapes: every tensor of the checkpoint, by name.
+        tied: names that are one tensor with another name (GPT-2's `lm_head` and `wte`): kept
+            whole, both, since PEFT unties what it saves whole and factors by each layer's class.
 
     Raises:
         SurgeryError: changed tensors a PEFT adapter cannot hold: at the top level (no module to
@@ -69,7 +75,9 @@ def extract_layout(
         ...     "norm.weight": (4,), "norm.bias": (4,)}).modules
         ['norm']
     """
-    lora = {n: layout for n in changed if (layout := lora_layout(n, shapes[n], fan_in_fan_out))}
+    lora = {
+        n: layout for n in changed if n not in tied and (layout := lora_layout(n, shapes[n], fan_in_fan_out))
+    }
     layers = {n.rpartition(".")[0] for n in lora}
     biases = [n for n in changed if n not in lora and n.endswith(".bias") and n.rpartition(".")[0] in layers]
     rest = [n for n in changed if n not in lora and n not in biases]

@@ -11,6 +11,8 @@ from __future__ import annotations
 import hashlib
 import json
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -727,3 +729,114 @@ def test_progress_counts_every_byte_written_once(tied, tmp_path):
     report = surgery.merge(paths, tmp_path / "lm.pt", progress=start)
     assert announced == [(4, report.bytes_out)]  # the tied name is one tensor's bytes
     assert sum(ticks) == report.bytes_out
+
+
+# -- memory: inputs far larger than a few tensors merge in a few tensors' memory ----------
+def _write_random_safetensors(path: Path, tensors: int, mib_each: int, seed: int) -> None:
+    """A safetensors file of float32 tensors of random finite values, written without torch."""
+    import random
+
+    numel = (mib_each << 20) // 4
+    header = {
+        f"layer{i}.weight": {
+            "dtype": "F32",
+            "shape": [numel],
+            "data_offsets": [i * numel * 4, (i + 1) * numel * 4],
+        }
+        for i in range(tensors)
+    }
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    rng = random.Random(seed)
+    block = bytes(
+        rng.getrandbits(8) & (0xBF if k % 4 == 3 else 0xFF) for k in range(1 << 16)
+    )  # exponent < 128
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for _ in range(tensors * mib_each * 16):
+            f.write(block)
+
+
+MEASURED = """
+import json, resource, subprocess, sys
+peaks = {}
+for what, code in (("floor", sys.argv[1]), ("merge", sys.argv[2])):
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0, p.stderr
+    peaks[what] = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+print(json.dumps(peaks))
+"""
+
+
+@pytest.mark.slow
+def test_four_large_inputs_merge_in_the_memory_of_a_few_tensors(tmp_path):
+    """Four inputs of 160 MiB (640 MiB in all, tensors of 40 MiB): the merge's peak memory above
+    what importing torch and surgery costs stays under three of the largest tensors."""
+    inputs = [tmp_path / f"in{i}.safetensors" for i in range(4)]
+    for seed, path in enumerate(inputs):
+        _write_random_safetensors(path, tensors=4, mib_each=40, seed=seed)
+    out = tmp_path / "mean.safetensors"
+    floor = "import torch, surgery.commands.merge, surgery.formats.safetensors_file"
+    merge = f"import surgery; surgery.merge({[str(p) for p in inputs]!r}, {str(out)!r})"
+    # ru_maxrss of RUSAGE_CHILDREN is the largest child's: the floor runs first, so a larger
+    # figure after the merge is the merge's own peak.
+    proc = subprocess.run(
+        [sys.executable, "-c", MEASURED, floor, merge], capture_output=True, text=True, timeout=300
+    )
+    assert proc.returncode == 0, proc.stderr
+    peaks = json.loads(proc.stdout)
+    above = (peaks["merge"] - peaks["floor"]) * 1024
+    assert above < 3 * (40 << 20), peaks  # inputs: 640 MiB; merged whole they would need all of it
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f, safe_open(str(inputs[0]), "pt") as first:
+        assert f.get_slice("layer3.weight").get_shape() == first.get_slice("layer3.weight").get_shape()
+        got = f.get_slice("layer3.weight")[:1000]
+    expected = sum(safe_open(str(p), "pt").get_slice("layer3.weight")[:1000].double() for p in inputs) / 4
+    assert torch.equal(got, expected.float())
+
+
+# -- casts that lose values --------------------------------------------------------------
+@pytest.fixture
+def wide_values(tmp_path) -> tuple[Path, Path]:
+    """Two float32 checkpoints whose mean overflows float16 (2e5) and flushes 1e-9 to zero."""
+    a, b = tmp_path / "a.safetensors", tmp_path / "b.safetensors"
+    save_file({"w": torch.tensor([1e5, 2.0, 1e-9]), "b": torch.ones(2)}, str(a))
+    save_file({"w": torch.tensor([3e5, 2.0, 1e-9]), "b": torch.ones(2)}, str(b))
+    return a, b
+
+
+def test_a_merge_cast_that_overflows_or_flushes_is_refused_with_the_report(wide_values, tmp_path):
+    out = tmp_path / "half.safetensors"
+    run = run_cli("merge", *wide_values, "--dtype", "fp16", "-o", out)
+    assert_clean_error(run, out, contains="the cast float32 -> float16 loses values in w", code=1)
+    assert "w: 1 overflow to inf, 1 flushed to zero" in run.stdout and "refused" in run.stdout
+    assert not out.exists()
+    doc = json.loads(run_cli("merge", *wide_values, "--dtype", "fp16", "-o", out, "--json").stdout)
+    assert doc["lossy_cast"]["w"]["overflow"] == 1 and doc["written"] is False
+
+
+def test_allow_lossy_cast_writes_it_and_says_so(wide_values, tmp_path):
+    out = tmp_path / "half.safetensors"
+    run = run_cli("merge", *wide_values, "--dtype", "fp16", "-o", out, "--allow-lossy-cast")
+    assert run.exit_code == 0, run.stderr
+    assert "lossy cast" in run.stdout
+    with safe_open(str(out), "pt") as f:
+        w = f.get_tensor("w")
+    assert w.dtype == torch.float16 and torch.isinf(w[0]) and w[2] == 0
+
+
+def test_a_merge_in_its_own_dtype_overflowing_is_refused_but_rounding_to_zero_is_not(tmp_path):
+    """Task arithmetic can leave float16's range; a value below its smallest subnormal is rounding."""
+    base, tuned = tmp_path / "base.safetensors", tmp_path / "tuned.safetensors"
+    save_file({"w": torch.tensor([30000.0, 0.0], dtype=torch.float16)}, str(base))
+    save_file({"w": torch.tensor([60000.0, 6e-8], dtype=torch.float16)}, str(tuned))
+    out = tmp_path / "out.safetensors"
+    run = run_cli("merge", tuned, "--base", base, "--method", "task-arithmetic", "--scale", "2", "-o", out)
+    assert_clean_error(run, out, contains="1 overflow to inf", code=1)
+    small = tmp_path / "small.safetensors"
+    run = run_cli(
+        "merge", tuned, "--base", base, "--method", "task-arithmetic", "--scale", "0.25", "-o", small
+    )
+    assert run.exit_code == 0, run.stdout + run.stderr  # 6e-8 / 4 rounds to 0 in float16: not counted

@@ -447,6 +447,7 @@ def merge(
             "--unmerge", help="With --adapter: subtract the adapters (a merged model back to its base)."
         ),
     ] = False,
+    allow_lossy_cast: AllowLossyCastOpt = False,
     key: KeyOpt = None,
     rename: RenameOpt = None,
     strip_prefix: StripPrefixOpt = None,
@@ -466,10 +467,12 @@ def merge(
 
     One tensor of each input at a time, in float64; each floating tensor is written in its own
     dtype, integer and bool tensors are the last input's (never averaged). Exit code 1 when the
-    inputs' keys or shapes differ (unless --strict false), or when an adapter tensor lands on
-    nothing in the base; 2 on bad usage.
+    inputs' keys or shapes differ (unless --strict false), when an adapter tensor lands on
+    nothing in the base, or when a cast loses values (overflow to inf, NaN; values flushed to
+    zero by --dtype: the report is printed, nothing is written); 2 on bad usage.
     """
     fields = fields_of(locals())  # first: the flags alone
+    from surgery.casts import LossyCast
     from surgery.commands.merge import MergeRequest, merge_file
     from surgery.errors import BadArgument
 
@@ -478,8 +481,12 @@ def merge(
             raise BadArgument("strict", f"{strict!r} is not true or false")
         fields["strict"] = STRICTNESS[strict.lower()]
     request = MergeRequest.from_file(recipe, **fields) if recipe else MergeRequest.from_fields(fields)
-    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-        report = merge_file(request, progress=bar)
+    try:
+        with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
+            report = merge_file(request, progress=bar)
+    except LossyCast as failed:
+        show(failed.report, json_out)
+        raise
     show(report, json_out)
 
 

@@ -139,7 +139,7 @@ class ExtractReport:
         worst = f", at most {share(self.errors[0].error)} of a layer's change left out" if self.errors else ""
         what = f"{plural(len(self.lora), 'LoRA layer')} at rank {self.rank}{worst}"
         what += f", {plural(len(self.modules), 'module')} whole" if self.modules else ""
-        what += f", {len(self.biases)} LoRA-layer biases" if self.biases else ""
+        what += f", {len(self.biases)} LoRA-layer bias{'es' * (len(self.biases) != 1)}" if self.biases else ""
         size = f"{human_bytes(self.bytes_out)} ({self.bytes_out / max(self.bytes_model, 1):.1%} of the model)"
         text = f"wrote {size} in {self.seconds:.2f} s" if self.written else f"would write {size} (--dry-run)"
         return f"{text}: {self.changed} of {plural(self.tensors, 'tensor')} changed; {what}"

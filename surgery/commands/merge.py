@@ -28,6 +28,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
+from surgery.casts import CastLosses, LossyCast
 from surgery.commands.convert import (
     CASTS,
     FLOATING,
@@ -89,6 +90,7 @@ class MergeRequest(Request):
     shard_size: int | None = None  # bytes per shard: a sharded folder
     adapters: tuple[str, ...] = ()  # lora: PEFT LoRA adapter folders merged into the one input
     unmerge: bool = False  # lora: subtract the adapters instead
+    allow_lossy_cast: bool = False  # write tensors whose cast overflowed to inf, made NaN or flushed to zero
     verify: bool = False
     dry_run: bool = False
     force: bool = False
@@ -111,6 +113,7 @@ class MergeRequest(Request):
         "shard_size": (str, int),
         "adapters": list,
         "unmerge": bool,
+        "allow_lossy_cast": bool,
         "verify": bool,
     }
 
@@ -207,6 +210,7 @@ class MergeRequest(Request):
             shard_size=parse_size(size) if isinstance(size, str) else size,
             adapters=adapters,
             unmerge=bool(fields.get("unmerge")),
+            allow_lossy_cast=bool(fields.get("allow_lossy_cast")),
             verify=bool(fields.get("verify")),
             dry_run=bool(fields.get("dry_run")),
             force=bool(fields.get("force")),
@@ -611,6 +615,7 @@ class MergeReport:
     adapters: tuple[AdapterUse, ...] = ()  # lora: each adapter, what it does
     replaced: dict[str, str] = field(default_factory=dict)  # lora: name -> the adapter whose tensor it is
     unchanged: int = 0  # lora: tensors no adapter touches, copied from the base
+    lossy: dict[str, CastLosses] = field(default_factory=dict)  # name -> what its cast lost past rounding
     shards: tuple[str, ...] = ()
     seconds: float = 0.0
     written: bool = False
@@ -639,6 +644,8 @@ class MergeReport:
         return f"SLERP at t = {params.t:g} (lerp where the two are nearly colinear)"
 
     def summary(self) -> str:
+        if self.lossy and not self.written:
+            return f"refused: the cast of {plural(len(self.lossy), 'tensor')} loses values; nothing written"
         text = f"{plural(self.tensors, 'tensor')}, {human_bytes(self.bytes_out)}"
         text = f"wrote {text} in {self.seconds:.2f} s" if self.written else f"would write {text} (--dry-run)"
         if self.adapters:
@@ -669,6 +676,7 @@ class MergeReport:
             "not_merged": {name: {"from": src, "why": why} for name, (src, why) in self.unmerged.items()},
             "dtypes_differ": {name: list(d) for name, d in self.mixed.items()},
             "cast": self.cast,
+            "lossy_cast": {name: losses.to_json() for name, losses in self.lossy.items()},
             "aliases": self.aliases,
             **(
                 {
@@ -840,6 +848,8 @@ def write_merge(
 
         def check(written: Path) -> None:  # before the rename: an output that fails is never put in place
             digests.check_unchanged()
+            if src.lossy and not request.allow_lossy_cast:
+                raise LossyCast(out, replace(report, lossy=dict(src.lossy)), dict(src.lossy))
             if request.verify:
                 checked.append(_verify(written, plan, src, where=out))
 
@@ -847,6 +857,7 @@ def write_merge(
         shards = WRITERS[kind](Output(out, kind, plan, src, metadata, check), request)
     return replace(
         report,
+        lossy=dict(src.lossy),
         shards=tuple(shards),
         seconds=time.perf_counter() - started,
         written=True,
@@ -954,6 +965,7 @@ class _Merged:
         self.plan, self.request, self.streams, self.tick = plan, request, streams, tick
         self.entries = {e.name: e for e in plan.entries}
         self.digests: dict[str, str] = {}  # output name -> the sha256 of the bytes made
+        self.lossy: dict[str, CastLosses] = {}  # output name -> what its cast lost past rounding
 
     def get(self, name: str) -> torch.Tensor | RawBytes | Pieces:
         import torch
@@ -967,7 +979,8 @@ class _Merged:
             where = side.ckpt.byte_range(key)
             if where is not None and self.streams and side.info(name).dtype == entry.dtype:
                 return RawBytes(*where)
-            pieces = (p.to(dtype, copy=True) for p in side.ckpt.pieces(key, PIECE))
+            own = side.info(name).dtype
+            pieces = self._cast(name, side.ckpt.pieces(key, PIECE), own, entry.dtype, narrowing=True)
         else:
             sides = self.plan.sides
             inputs = [_stream(sides[i], name) for i in self.plan.inputs]
@@ -975,7 +988,8 @@ class _Merged:
             inputs += [_delta(sides[adapters[d.adapter]], d) for d in self.plan.deltas.get(name, ())]
             base = _stream(sides[0], name) if self.plan.base is not None else None
             merged = merge_pieces(self.request.method, inputs, base, self.request.params)
-            pieces = (p.to(dtype) for p in merged)
+            own = sides[0].info(name).dtype  # the base's, or the first input's
+            pieces = self._cast(name, merged, own, entry.dtype, narrowing=own != entry.dtype)
         chunks = self._hashed(name, pieces)
         if self.streams:
             return Pieces(chunks)
@@ -983,6 +997,29 @@ class _Merged:
         if not flat:
             return torch.empty(entry.shape, dtype=dtype)
         return torch.cat(flat).view(dtype).reshape(entry.shape)
+
+    def _cast(
+        self, name: str, pieces: Iterator[torch.Tensor], own: str, dtype: str, *, narrowing: bool
+    ) -> Iterator[torch.Tensor]:
+        """The pieces cast to the output's dtype, what each cast lost past rounding kept in
+        `lossy`: overflow to inf and NaN always (a merged value out of its dtype's range), values
+        flushed to zero when the output's dtype is narrower than the tensor's own (`dtype`)."""
+        import torch
+
+        from surgery.casts import CastLosses, count_losses, may_lose
+
+        target = getattr(torch, dtype)
+        for piece in pieces:
+            cast = piece.to(target, copy=True)
+            source = str(piece.dtype).removeprefix("torch.")
+            if may_lose(source, dtype):
+                lost = count_losses(
+                    piece.view(torch.uint8).numpy(), cast.view(torch.uint8).numpy(), source, dtype
+                )
+                lost = CastLosses(own, dtype, lost.overflow, lost.nan, lost.flushed if narrowing else 0)
+                if lost:
+                    self.lossy[name] = self.lossy[name] + lost if name in self.lossy else lost
+            yield cast
 
     def _hashed(self, name: str, pieces: Iterator[torch.Tensor]) -> Iterator[memoryview]:
         """Each piece's bytes, their sha256 kept once the last has gone by."""

@@ -197,6 +197,8 @@ def merge_rows(report: MergeReport) -> list[Row]:
         rows.append(("dtypes", [*lines, "merged in float64, written as the first checkpoint's (or --dtype)"]))
     if report.cast:
         rows.append(("cast", [f"{change}: {plural(n, 'tensor')}" for change, n in report.cast.items()]))
+    if report.lossy:
+        rows.append(("lossy cast", lossy_lines(report.lossy)))
     if report.aliases:
         tied = [f"{alias} = {kept}" for alias, kept in report.aliases.items()]
         rows.append(("tied", [*capped(tied), "merged once, one tensor in the output"]))

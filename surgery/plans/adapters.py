@@ -219,6 +219,9 @@ def plan_adapters(
         'linear, r 2, x 2'
     """
     parsed = [_parse(adapter) for adapter in adapters]
+    for adapter, (layers, replaced) in zip(adapters, parsed, strict=True):
+        if not layers and not replaced:
+            raise SurgeryError(adapter.path, "holds no tensors: an adapter that changes nothing")
     targets = [name for layers, replaced in parsed for name in [*_targets(layers), *replaced]]
     strip, add, renamed = _alignment(targets, base)
 
@@ -354,24 +357,25 @@ def _deltas(
 def _alignment(targets: Sequence[str], base: Mapping[str, Any]) -> tuple[str, str, tuple[str, ...]]:
     """(strip, add, steps): the one prefix change that lands every adapter name on a base name
     when they miss it as they are (a base saved from the inner model, or with `module.`);
-    ("", "", ()) when none does."""
+    ("", "", ()) when none does, or when several would (a guess could pair layers by luck)."""
     if not targets or all(t in base for t in targets):
         return "", "", ()
     first = next(t for t in targets if t not in base)
     parts = first.split(".")
-    candidates = [(".".join(parts[:k]) + ".", "") for k in range(1, len(parts))]
-    candidates += [(s, n[: -len(first)]) for n in base if n.endswith("." + first) for s in [""]]
-    candidates += [
-        (".".join(parts[:k]) + ".", n[: -len(".".join(parts[k:]))])
-        for k in range(1, len(parts))
-        for n in base
-        if n.endswith("." + ".".join(parts[k:]))
+    # strip a prefix of the adapter's names (a base saved from an inner module), or add one of the
+    # base's (a base saved wrapped, `module.`), never both: the module's own name is always kept
+    candidates = [(".".join(parts[:k]) + ".", "") for k in range(1, len(parts) - 1)]
+    candidates += [("", n[: len(n) - len(first)]) for n in base if n.endswith("." + first)]
+    fits = [
+        (strip, add)
+        for strip, add in dict.fromkeys(candidates)
+        if all(t.startswith(strip) and add + t.removeprefix(strip) in base for t in targets)
     ]
-    for strip, add in dict.fromkeys(candidates):
-        if all(t.startswith(strip) and add + t.removeprefix(strip) in base for t in targets):
-            said = [f"stripped {strip!r}"] * bool(strip) + [f"added {add!r}"] * bool(add)
-            return strip, add, (f"adapter names: {' and '.join(said)} to match the base",)
-    return "", "", ()
+    if len({tuple(add + t.removeprefix(strip) for t in targets) for strip, add in fits}) != 1:
+        return "", "", ()  # none, or a guess between several: the names are listed instead
+    strip, add = fits[0]
+    said = [f"stripped {strip!r}"] * bool(strip) + [f"added {add!r}"] * bool(add)
+    return strip, add, (f"adapter names: {' and '.join(said)} to match the base",)
 
 
 def _missing(

@@ -353,7 +353,8 @@ def convert(
     except LossyCast as failed:
         show(failed.report, json_out)
         raise
-    show(report, json_out)
+    if report.rank == 0:  # under torchrun, one report: rank 0's, of every rank's work
+        show(report, json_out)
 
 
 @command(

@@ -24,6 +24,7 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from surgery import __version__
 from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
+from surgery.commands.ranks import ranks_from_env, write_ranked
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
@@ -165,6 +166,8 @@ class ConvertReport:
     seconds: float = 0.0
     written: bool = False
     verified: int | None = None
+    rank: int = 0  # under torchrun: this process's rank (only rank 0 shows the report)
+    ranks: tuple[int, ...] = ()  # under torchrun: the bytes each rank wrote
 
     def summary(self) -> str:
         text = f"{plural(self.tensors, 'tensor')}, {human_bytes(self.bytes_out)}"
@@ -172,6 +175,8 @@ class ConvertReport:
             return f"refused: the cast of {plural(len(self.lossy), 'tensor')} loses values; nothing written"
         if self.written:
             text = f"wrote {text} in {self.seconds:.2f} s ({human_bytes(int(self.bytes_out / max(self.seconds, 1e-9)))}/s)"
+            if len(self.ranks) > 1:
+                text += f" by {len(self.ranks)} ranks ({', '.join(human_bytes(n) for n in self.ranks)})"
         else:
             text = f"would write {text} (--dry-run)"
         if self.raw:
@@ -200,6 +205,7 @@ class ConvertReport:
             "aliases": self.aliases,
             "raw_copied": self.raw,
             "shards": list(self.shards),
+            "ranks": list(self.ranks),
             "seconds": round(self.seconds, 3),
             "written": self.written,
             "verified": self.verified,
@@ -480,14 +486,21 @@ def convert_file(
 
     metadata = _provenance(ckpt, plan, request)
     output = Output(out, kind, plan, src, metadata, check, config)
+    ranks = ranks_from_env()  # under torchrun: every rank writes its share
+    parts: list = []
     try:
-        shards = WRITERS[kind](output, request)
+        if ranks is None:
+            shards = WRITERS[kind](output, request)
+        else:
+            shards, parts = write_ranked(output, request, ranks)
     finally:
         src.caster.close()
     return replace(
         report,
-        lossy=dict(src.lossy),
-        raw=src.raw,
+        lossy={name: lost for p in parts for name, lost in p.lossy.items()} if parts else dict(src.lossy),
+        raw=sum(p.raw for p in parts) if parts else src.raw,
+        rank=ranks.rank if ranks else 0,
+        ranks=tuple(p.nbytes for p in parts),
         shards=tuple(shards),
         seconds=time.perf_counter() - started,
         written=True,

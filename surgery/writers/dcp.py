@@ -12,10 +12,10 @@ copied as they lie), so memory follows the largest tensor; torch's own loaders
 from __future__ import annotations
 
 import pickle
-import uuid
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, BinaryIO
+from typing import TYPE_CHECKING, Any, BinaryIO
 
 from surgery.values import Entry
 from surgery.writers.copy import RawBytes, Writeback
@@ -63,20 +63,31 @@ def write_dcp(
     done: Callable[[str], None] | None = None,
 ) -> None:
     """Write `entries` as a DCP checkpoint into the (empty, temporary) `folder`."""
+    write_dcp_metadata(folder, write_dcp_file(folder, DATA_FILE, entries, get, done=done))
+
+
+def write_dcp_file(
+    folder: Path,
+    name: str,
+    entries: Sequence[Entry],
+    get: Callable[[str], torch.Tensor | RawBytes],
+    *,
+    done: Callable[[str], None] | None = None,
+) -> DcpPart:
+    """One data file of a DCP checkpoint (`__0_0.distcp`; `__R_0.distcp` for rank R of a
+    ranked write): each tensor a small torch archive at an aligned offset. Returns what the
+    `.metadata` says of them."""
     import torch
     from torch.distributed.checkpoint.filesystem import _StorageInfo
     from torch.distributed.checkpoint.metadata import (
         ChunkStorageMetadata,
-        Metadata,
         MetadataIndex,
-        StorageMeta,
         TensorProperties,
         TensorStorageMetadata,
     )
 
-    tensors: dict[str, TensorStorageMetadata] = {}
-    storage: dict[MetadataIndex, _StorageInfo] = {}
-    with open(folder / DATA_FILE, "wb") as f:
+    part = DcpPart({}, {})
+    with open(folder / name, "wb") as f:
         writeback = Writeback(f)
         for e in entries:
             start = f.tell() + (-f.tell() % ALIGNMENT)
@@ -84,16 +95,37 @@ def write_dcp(
             stream_torch_archive(_Window(f, start), e, get(e.name), writeback)  # type: ignore[arg-type]
             size = torch.Size(e.shape)
             origin = torch.Size([0] * len(e.shape))
-            tensors[e.name] = TensorStorageMetadata(
+            part.tensors[e.name] = TensorStorageMetadata(
                 TensorProperties(dtype=getattr(torch, e.dtype)), size, [ChunkStorageMetadata(origin, size)]
             )
-            storage[MetadataIndex(e.name, origin, 0)] = _StorageInfo(DATA_FILE, start, f.tell() - start)
+            part.storage[MetadataIndex(e.name, origin, 0)] = _StorageInfo(name, start, f.tell() - start)
             if done is not None:
                 done(e.name)
+    return part
+
+
+@dataclass(frozen=True)
+class DcpPart:
+    """What one data file holds, as `.metadata` describes it: name -> its properties, and
+    (name, offset) -> (file, offset, length)."""
+
+    tensors: dict[str, Any]  # TensorStorageMetadata
+    storage: dict[Any, Any]  # MetadataIndex -> _StorageInfo
+
+
+def write_dcp_metadata(folder: Path, *parts: DcpPart, order: Sequence[str] = ()) -> None:
+    """The `.metadata` of the data files written (`order`: the tensors' order, else the parts')."""
+    import uuid
+
+    from torch.distributed.checkpoint.metadata import Metadata, StorageMeta
+
+    tensors = {name: t for part in parts for name, t in part.tensors.items()}
+    if order:
+        tensors = {name: tensors[name] for name in order}
     meta = Metadata(
         tensors,
         planner_data={name: (name,) for name in tensors},
-        storage_data=storage,
+        storage_data={index: info for part in parts for index, info in part.storage.items()},
         storage_meta=StorageMeta(checkpoint_id=None, save_id=str(uuid.uuid4())),
         version="1.0.0",
     )

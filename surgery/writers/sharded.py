@@ -75,7 +75,22 @@ def write_shards(
 ) -> None:
     """Each group of entries into its named shard in `folder`, then the index naming them,
     with `metadata` (and the total size) in the index; shards get `format: pt` only."""
-    weight_map: dict[str, str] = {}
+    write_shard_files(folder, names, shards, get, torch_format=torch_format, done=done, aliases=aliases)
+    write_index(folder, names, shards, metadata, torch_format=torch_format)
+
+
+def write_shard_files(
+    folder: Path,
+    names: Sequence[str],
+    shards: Sequence[Sequence[Entry]],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
+    *,
+    torch_format: bool = False,
+    done: Callable[[str], None] | None = None,
+    aliases: dict[str, str] | None = None,
+) -> None:
+    """Each group of entries into its named shard file in `folder` (some of a folder's shards,
+    when several processes write it)."""
     for name, group in zip(names, shards, strict=True):
         with open(folder / name, "w+b") as f:
             if torch_format:
@@ -84,6 +99,19 @@ def write_shards(
                 _write_torch(f, group, get, {}, done, ties)
             else:
                 _write_safetensors(f, group, get, {"format": "pt"}, done)
+
+
+def write_index(
+    folder: Path,
+    names: Sequence[str],
+    shards: Sequence[Sequence[Entry]],
+    metadata: dict[str, str],
+    *,
+    torch_format: bool = False,
+) -> None:
+    """The index of a sharded folder: every name's shard, the total size and `metadata`."""
+    weight_map: dict[str, str] = {}
+    for name, group in zip(names, shards, strict=True):
         weight_map.update(dict.fromkeys((e.name for e in group), name))
     total = sum(e.nbytes for group in shards for e in group)
     index = {"metadata": {"total_size": total, **metadata}, "weight_map": weight_map}

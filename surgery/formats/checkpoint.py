@@ -341,6 +341,37 @@ class Checkpoint:
                     raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
                 yield torch.frombuffer(data, dtype=dtype)
 
+    def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
+        """Rows `start:stop` of a tensor (along its first dimension): only their bytes are
+        read when the tensor lies as plain data (a rank's shard of a parameter), else the
+        tensor is read and sliced.
+
+        Raises:
+            CorruptCheckpoint: the file ends inside the rows.
+        """
+        import torch
+
+        ref = self._refs[name]
+        where = self.byte_range(name)
+        if where is None or not ref.shape:
+            try:
+                return self.tensor(name)[start:stop].clone() if ref.shape else self.tensor(name).clone()
+            finally:
+                self.release(name)
+        path, offset, _ = where
+        row = ref.nbytes // ref.shape[0] if ref.shape[0] else 0
+        data = bytearray(row * max(0, stop - start))
+        with open(path, "rb", buffering=0) as f:
+            f.seek(offset + start * row)
+            if data and f.readinto(data) != len(data):
+                raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
+        shape = (max(0, stop - start), *ref.shape[1:])
+        return (
+            torch.frombuffer(data, dtype=getattr(torch, ref.dtype.name)).reshape(shape)
+            if data
+            else torch.empty(shape, dtype=getattr(torch, ref.dtype.name))
+        )
+
     def _tensor_reader(self):
         if self._reader is None:
             from surgery.formats.tensors import TensorReader

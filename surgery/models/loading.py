@@ -24,18 +24,47 @@ if TYPE_CHECKING:
 
 def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
     """Copy every matched tensor into `module`, one at a time, casting dtype and
-    reshaping where the plan says; nothing else in `module` changes."""
+    reshaping where the plan says; nothing else in `module` changes.
+
+    A parameter sharded across ranks (a DTensor: `fully_shard`, tensor parallel) gets only its
+    own block, read as the rows of it in the file: no rank reads or holds the whole model."""
     import torch
 
     state = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for m in plan.matched:
-            value = ckpt.tensor(m.source)
-            if m.source_shape is not None:
-                value = value.reshape(m.shape)
-            state[m.target].copy_(value)
+            target = state[m.target]
+            if _is_dtensor(target) and m.source_shape is None:
+                local = target.to_local()
+                shape, offset = _local_block(target)
+                rows = offset[0] if shape else 0
+                value = ckpt.rows(m.source, rows, rows + shape[0]) if shape else ckpt.tensor(m.source)
+                block = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
+                local.copy_(value[(slice(None), *block)] if shape else value)
+            else:
+                value = ckpt.tensor(m.source)
+                if m.source_shape is not None:
+                    value = value.reshape(m.shape)
+                if _is_dtensor(target):
+                    shape, offset = _local_block(target)
+                    value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+                    target = target.to_local()
+                target.copy_(value)
             del value
             ckpt.release(m.source)
+
+
+def _is_dtensor(tensor: torch.Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" or type(getattr(tensor, "data", None)).__name__ == "DTensor"
+
+
+def _local_block(tensor: torch.Tensor) -> tuple[tuple[int, ...], tuple[int, ...]]:
+    """This rank's block of a DTensor: its shape and where it starts in the whole tensor (as
+    torch.distributed.checkpoint finds it)."""
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    shape, offset = compute_local_shape_and_global_offset(tensor.shape, tensor.device_mesh, tensor.placements)
+    return tuple(shape), tuple(offset)
 
 
 def cast_losses(ckpt: Checkpoint, plan: PortPlan) -> dict[str, CastLosses]:

@@ -65,8 +65,9 @@ class Target:
 
 def _storage_of(t: torch.Tensor) -> int:
     """What identifies a tensor's storage: its address, or on the meta device (where every
-    address is 0) the tensor object itself, which tied parameters share."""
-    return id(t) if t.is_meta else t.untyped_storage().data_ptr()
+    address is 0) the tensor object itself, which tied parameters share; a tensor sharded across
+    ranks (a DTensor) by the object too, its own block being all this rank holds."""
+    return id(t) if t.is_meta or hasattr(t, "device_mesh") else t.untyped_storage().data_ptr()
 
 
 def parse_value(text: str) -> Any:

@@ -604,3 +604,38 @@ def test_the_output_names_the_base_and_the_adapter_files_with_their_sha256(gpt2_
     assert files == {p.resolve(): digest(p) for p in read_files}
     roles = [(i["path"], i["role"]) for i in json.loads(metadata["surgery.inputs"])]
     assert roles[0] == (str(gpt2_saved.base), "base") and roles[1][1] == "adapter"
+
+
+# == memory =============================================================================================
+class _Wide(torch.nn.Module):
+    """An embedding and a linear layer whose deltas are two pieces of merge's each."""
+
+    def __init__(self):
+        super().__init__()
+        self.emb = torch.nn.Embedding(1024, 512)
+        self.fc = torch.nn.Linear(512, 1024)
+
+
+def test_a_delta_is_made_a_piece_at_a_time_never_whole(tmp_path, monkeypatch):
+    """Memory follows a piece of each tensor, not the layer: no piece of a delta, in either
+    layout, is more than a piece of merge's."""
+    import surgery.commands.merge as merging
+
+    torch.manual_seed(0)
+    model = _Wide()
+    base, out = tmp_path / "wide.safetensors", tmp_path / "merged.safetensors"
+    save_file(state_of(model), base)
+    peft_model = trained(model, LoraConfig(r=4, lora_alpha=8, target_modules=["emb", "fc"]), 9)
+    adapter = save(peft_model, tmp_path / "adapter")
+    made: list[int] = []
+    lora_delta = merging.lora_delta
+
+    def counted(*args):
+        for piece in lora_delta(*args):
+            made.append(piece.numel())
+            yield piece
+
+    monkeypatch.setattr(merging, "lora_delta", counted)
+    assert run_cli("merge", base, "--adapter", adapter, "-o", out).exit_code == 0
+    assert sum(made) == 2 * 1024 * 512 and max(made) <= merging.PIECE
+    assert_matches(load_file(out), state_of(merged_by_peft(peft_model)))

@@ -176,14 +176,15 @@ def _lora(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) ->
 
 
 def lora_delta(
-    layout: str, a: torch.Tensor | None, b: torch.Tensor, scaling: float, rows: int
+    layout: str, a: torch.Tensor | None, b: torch.Tensor, scaling: float, elements: int
 ) -> Iterator[torch.Tensor]:
     """A LoRA delta, s · B A, in its base tensor's layout (`plans.adapters`), as flat float64
-    pieces of about `rows` × its width elements: never the whole delta at once.
+    pieces of whole rows, at most `elements` each (one row when a row is longer): never the
+    whole delta at once.
 
     Example:
         >>> a, b = torch.ones(1, 3), torch.full((2, 1), 2.0)
-        >>> torch.cat(list(lora_delta("linear", a, b, 0.5, 1)))
+        >>> torch.cat(list(lora_delta("linear", a, b, 0.5, 3)))
         tensor([1., 1., 1., 1., 1., 1.], dtype=torch.float64)
     """
     import torch
@@ -194,8 +195,8 @@ def lora_delta(
         return
     a = a.to(torch.float64).reshape(a.shape[0], -1)  # (r, in · kernel)
     transposed = layout in ("fan_in_fan_out", "embedding")  # the base holds (B A)ᵀ
-    count = a.shape[1] if transposed else b.shape[0]
-    step = max(1, rows)
+    count, width = (a.shape[1], b.shape[0]) if transposed else (b.shape[0], a.shape[1])  # rows of the base
+    step = max(1, elements // max(1, width))
     for start in range(0, count, step):
         end = min(count, start + step)
         block = (b @ a[:, start:end]).T if transposed else b[start:end] @ a

@@ -322,14 +322,6 @@ def test_two_adapters_without_weights_equal_peft_merging_both(llama_saved, tmp_p
     assert_matches(load_file(out), llama_saved.merged["both"])
 
 
-# PEFT saves an embedding it targets whole beside its factors; surgery takes that copy as a
-# replacement and drops the delta (a fix needs merge.py to start the sum from the copy).
-COPY_DROPS_DELTA = pytest.mark.xfail(
-    strict=True, reason="PEFT's saved copy of a targeted embedding replaces it and the delta is dropped"
-)
-
-
-@COPY_DROPS_DELTA
 def test_an_adapter_on_the_embedding_with_peft_s_copy_of_it_equals_peft(llama_saved, tmp_path):
     """PEFT saves an embedding it targets whole beside its factors (`save_embedding_layers`):
     the copy is the base's, and the delta adds to it."""
@@ -343,7 +335,6 @@ def test_an_adapter_on_the_embedding_with_peft_s_copy_of_it_equals_peft(llama_sa
     assert_matches(load_file(out), llama_saved.merged["embedding"])
 
 
-@COPY_DROPS_DELTA
 def test_an_adapter_on_a_tied_embedding_changes_the_tied_lm_head_too(tmp_path):
     def tied() -> transformers.LlamaForCausalLM:
         torch.manual_seed(0)

@@ -16,7 +16,6 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from surgery.commands.convert import FLOATING, output_format
 from surgery.commands.merge import (
@@ -35,8 +34,7 @@ from surgery.commands.merge import (
 )
 from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
 from surgery.formats.checkpoint import Checkpoint, open_trusted
-from surgery.plans.adapters import AdapterPlan, AdapterTensors, Delta, LoraConfig, plan_adapters
-from surgery.text import plural
+from surgery.plans.adapters import AdapterPlan, AdapterTensors, AdapterUse, Delta, LoraConfig, plan_adapters
 from surgery.values import Entry
 
 CONFIG = "adapter_config.json"
@@ -82,45 +80,6 @@ def read_adapter(path: str | Path, *, trust: bool = False) -> Adapter:
         raise CorruptCheckpoint(config_file, f"is not a readable JSON config ({e})") from None
     config = LoraConfig.from_json(doc, str(config_file))
     return Adapter(str(path), config, open_trusted(weights[0], trust=trust, purpose="merge"), config_file)
-
-
-@dataclass(frozen=True)
-class AdapterUse:
-    """One adapter as the report shows it: its config, its weight, what it does to the base."""
-
-    path: str
-    format: str
-    config: LoraConfig
-    weight: float
-    layouts: dict[str, int]  # linear | fan_in_fan_out | conv | embedding | bias -> tensors changed
-    replaced: int
-    steps: tuple[str, ...] = ()
-
-    def describe(self) -> str:
-        changed = sum(self.layouts.values())
-        kinds = ", ".join(f"{k} {n}" for k, n in self.layouts.items())
-        parts = [f"{self.path} ({self.format}): {self.config.describe()}", f"weight {self.weight:g}"]
-        parts.append(f"changes {plural(changed, 'tensor')}" + (f" ({kinds})" if kinds else ""))
-        if self.replaced:
-            parts.append(f"replaces {plural(self.replaced, 'tensor')} whole")
-        return "; ".join(parts + list(self.steps))
-
-    def to_json(self) -> dict[str, Any]:
-        config = self.config
-        return {
-            "path": self.path,
-            "format": self.format,
-            "r": config.r,
-            "lora_alpha": config.alpha,
-            "use_rslora": config.rslora,
-            "fan_in_fan_out": config.fan_in_fan_out,
-            "rank_pattern": dict(config.rank_pattern),
-            "alpha_pattern": dict(config.alpha_pattern),
-            "weight": self.weight,
-            "changed": self.layouts,
-            "replaced": self.replaced,
-            "steps": list(self.steps),
-        }
 
 
 def plan_adapter_merge(request: MergeRequest) -> tuple[MergePlan, MergeReport, list[Path]]:
@@ -178,7 +137,7 @@ def plan_adapter_merge(request: MergeRequest) -> tuple[MergePlan, MergeReport, l
         request,
         tensors=len(plan.entries) + (len(plan.aliases) if kind.endswith("safetensors") else 0),
         bytes_out=sum(e.nbytes for e in plan.entries if e.name not in plan.aliases),
-        merged=len(plan.merged),
+        merged=sum(name not in plan.aliases for name in plan.merged),  # a tied pair: one tensor
         kept={},
         kept_from=None,
         unmerged={},
@@ -207,7 +166,8 @@ def _plan(
     """
     own = {key: name for name, key in side.keys.items()}
     ties = {own[a]: own[k] for a, k in side.ckpt.aliases.items() if a in own and k in own}
-    ties = {a: k for a, k in ties.items() if a not in lora.replaced and k not in lora.replaced}
+    whole = {n for n in lora.replaced if n not in lora.deltas}  # not PEFT's copy of a layer's base weight
+    ties = {a: k for a, k in ties.items() if a not in whole and k not in whole}
     deltas: dict[str, list[Delta]] = dict(lora.deltas)
     for alias, kept in ties.items():  # one tensor: what changes one name changes the other
         both = [*deltas.get(kept, ()), *deltas.get(alias, ())]
@@ -219,6 +179,7 @@ def _plan(
     ]
     written: dict[str, str] = {}
     copied: dict[str, Taken] = {}
+    starts: dict[str, int] = {}
     for name in side.keys:
         info = side.info(name)
         if name in deltas and info.dtype not in FLOATING:
@@ -226,12 +187,15 @@ def _plan(
                 side.ckpt.path,
                 f"tensor {side.keys[name]!r} is {info.dtype}: a LoRA delta adds to floating weights",
             )
-        if name in lora.replaced:
-            replacement = lora.replaced[name]
+        replacement = lora.replaced.get(name)
+        if replacement is not None and name in deltas:  # PEFT's copy of the layer's base weight
+            starts[name] = 1 + replacement.adapter
+        elif replacement is not None:
             copied[name] = Taken(1 + replacement.adapter, f"from {adapters[replacement.adapter].path}")
         elif name not in deltas:
             copied[name] = Taken(0, "unchanged")
-        check_readable(sides[copied[name].side] if name in copied else side, name)
+        read = copied[name].side if name in copied else starts.get(name, 0)
+        check_readable(sides[read], name)
         written[name] = info.dtype  # the base's dtype, a replacement's too
     dtypes, cast = casts(written, request.dtype)
     aliases = {} if kind == "dcp" else ties
@@ -241,4 +205,4 @@ def _plan(
         if not (name in aliases and kind.endswith("safetensors"))
     ]
     merged = [name for name in side.keys if name in deltas]
-    return MergePlan(sides, entries, merged, {}, {}, aliases, cast, {}, copied, deltas)
+    return MergePlan(sides, entries, merged, {}, {}, aliases, cast, {}, copied, deltas, starts)

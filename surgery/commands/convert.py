@@ -24,7 +24,6 @@ from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from surgery import __version__
 from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
-from surgery.commands.ranks import ranks_from_env, write_ranked
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
@@ -486,6 +485,8 @@ def convert_file(
 
     metadata = _provenance(ckpt, plan, request)
     output = Output(out, kind, plan, src, metadata, check, config)
+    from surgery.commands.ranks import ranks_from_env, write_ranked
+
     ranks = ranks_from_env()  # under torchrun: every rank writes its share
     parts: list = []
     try:

@@ -44,7 +44,7 @@ from surgery.errors import BadArgument, NotFound, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.models.merges import METHODS, MergeParams, Stream, lora_delta, merge_pieces, normalised
 from surgery.names import group_names, natural, wrapper_prefixes
-from surgery.plans.adapters import Delta
+from surgery.plans.adapters import AdapterUse, Delta
 from surgery.plans.keys import KeyRules, Rename
 from surgery.text import human_bytes, plural
 from surgery.values import Entry
@@ -54,8 +54,6 @@ from surgery.writers.torch_archive import streams_torch
 
 if TYPE_CHECKING:
     import torch
-
-    from surgery.commands.adapters import AdapterUse
 
 FORMATS = ("auto", "safetensors", "torch", "dcp")
 DTYPES = {**CASTS, "fp64": "float64", "float64": "float64", "double": "float64"}
@@ -373,6 +371,9 @@ class MergePlan:
     mixed: dict[str, tuple[str, ...]]  # merged names whose dtype differs between inputs -> the dtypes
     copied: dict[str, Taken] = field(default_factory=dict)  # lora: unchanged, or replaced by an adapter's
     deltas: dict[str, list[Delta]] = field(default_factory=dict)  # lora: merged name -> what is added
+    starts: dict[str, int] = field(
+        default_factory=dict
+    )  # lora: name -> the side the deltas add to (not the base)
 
     @property
     def inputs(self) -> list[int]:
@@ -986,7 +987,8 @@ class _Merged:
             inputs = [_stream(sides[i], name) for i in self.plan.inputs]
             adapters = self.plan.adapters
             inputs += [_delta(sides[adapters[d.adapter]], d) for d in self.plan.deltas.get(name, ())]
-            base = _stream(sides[0], name) if self.plan.base is not None else None
+            start = self.plan.starts.get(name, 0)  # PEFT's saved copy of a layer's weight, else the base
+            base = _stream(sides[start], name) if self.plan.base is not None else None
             merged = merge_pieces(self.request.method, inputs, base, self.request.params)
             own = sides[0].info(name).dtype  # the base's, or the first input's
             pieces = self._cast(name, merged, own, entry.dtype, narrowing=own != entry.dtype)

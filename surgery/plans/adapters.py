@@ -149,6 +149,45 @@ class AdapterTensors:
 
 
 @dataclass(frozen=True)
+class AdapterUse:
+    """One adapter as the report shows it: its config, its weight, what it does to the base."""
+
+    path: str
+    format: str
+    config: LoraConfig
+    weight: float
+    layouts: dict[str, int]  # linear | fan_in_fan_out | conv | embedding | bias -> tensors changed
+    replaced: int
+    steps: tuple[str, ...] = ()
+
+    def describe(self) -> str:
+        changed = sum(self.layouts.values())
+        kinds = ", ".join(f"{k} {n}" for k, n in self.layouts.items())
+        parts = [f"{self.path} ({self.format}): {self.config.describe()}", f"weight {self.weight:g}"]
+        parts.append(f"changes {plural(changed, 'tensor')}" + (f" ({kinds})" if kinds else ""))
+        if self.replaced:
+            parts.append(f"replaces {plural(self.replaced, 'tensor')} whole")
+        return "; ".join(parts + list(self.steps))
+
+    def to_json(self) -> dict[str, Any]:
+        config = self.config
+        return {
+            "path": self.path,
+            "format": self.format,
+            "r": config.r,
+            "lora_alpha": config.alpha,
+            "use_rslora": config.rslora,
+            "fan_in_fan_out": config.fan_in_fan_out,
+            "rank_pattern": dict(config.rank_pattern),
+            "alpha_pattern": dict(config.alpha_pattern),
+            "weight": self.weight,
+            "changed": self.layouts,
+            "replaced": self.replaced,
+            "steps": list(self.steps),
+        }
+
+
+@dataclass(frozen=True)
 class Delta:
     """s · B A (or s · B.bias) added to one base tensor."""
 
@@ -331,10 +370,10 @@ def _deltas(
         layout, made = "embedding", (a[1], b[0]) if len(a) == 2 and len(b) == 2 else None
     elif len(a) > 2:
         layout, made = "conv", (b[0], *a[1:]) if len(b) == len(a) and not any(k != 1 for k in b[2:]) else None
-    elif adapter.config.fan_in_fan_out and (a[1], b[0]) == shape != (b[0], a[1]):
-        layout, made = "fan_in_fan_out", shape  # a Conv1D; PEFT takes an nn.Linear's (out, in) as it is
-    elif adapter.config.fan_in_fan_out and len(a) == len(b) == 2 and a[1] == b[0]:
-        layout, made = "fan_in_fan_out", (a[1], b[0])  # square: the config decides, as in PEFT
+    elif adapter.config.fan_in_fan_out and (b[0], a[1]) == shape != (a[1], b[0]):
+        layout, made = "linear", shape  # an nn.Linear among Conv1Ds: PEFT takes it as it is
+    elif adapter.config.fan_in_fan_out:
+        layout, made = "fan_in_fan_out", (a[1], b[0]) if len(a) == len(b) == 2 else None  # Conv1D (in, out)
     else:
         layout, made = "linear", (b[0], a[1]) if len(a) == len(b) == 2 else None
     if a[0] != rank or b[1] != rank:

@@ -167,3 +167,12 @@ def test_a_single_file_output_is_written_by_rank_zero(source, tmp_path):
 
     written, expected = load_file(str(out)), load_file(str(source))
     assert written.keys() == expected.keys() and all(torch.equal(written[k], expected[k]) for k in expected)
+
+
+@pytest.mark.slow
+def test_port_under_torchrun_is_one_port_by_rank_zero(source, tmp_path):
+    out = tmp_path / "ported.safetensors"
+    proc = torchrun("port", source, "--to", source, "-o", out, cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count("summary") == 1 and "loaded 24/24 tensors" in proc.stdout
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["ported.safetensors"]

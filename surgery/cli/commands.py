@@ -273,11 +273,15 @@ def port(
     request = (
         PortRequest.from_file(recipe, **fields) if recipe is not None else PortRequest.from_fields(fields)
     )
+    from surgery.commands.ranks import on_rank_zero
+
     try:
-        report = port_file(request)
+        report = on_rank_zero(lambda: port_file(request))  # under torchrun: one port, by rank 0
     except (PortFailed, LossyCast) as failed:
         show(failed.report, json_out)
         raise
+    if report is None:  # another rank: rank 0 ported and reports
+        return
     show(report, json_out)
     for warning in report.finetune.warnings if report.finetune else ():
         say(f"warning: {warning}")
@@ -482,13 +486,16 @@ def merge(
             raise BadArgument("strict", f"{strict!r} is not true or false")
         fields["strict"] = STRICTNESS[strict.lower()]
     request = MergeRequest.from_file(recipe, **fields) if recipe else MergeRequest.from_fields(fields)
+    from surgery.commands.ranks import on_rank_zero
+
     try:
         with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-            report = merge_file(request, progress=bar)
+            report = on_rank_zero(lambda: merge_file(request, progress=bar))  # torchrun: rank 0's
     except LossyCast as failed:
         show(failed.report, json_out)
         raise
-    show(report, json_out)
+    if report is not None:
+        show(report, json_out)
 
 
 @command(
@@ -535,9 +542,12 @@ def extract(
     from surgery.commands.extract import ExtractRequest, extract_file
 
     request = ExtractRequest.from_file(recipe, **fields) if recipe else ExtractRequest.from_fields(fields)
+    from surgery.commands.ranks import on_rank_zero
+
     with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-        report = extract_file(request, progress=bar)
-    show(report, json_out)
+        report = on_rank_zero(lambda: extract_file(request, progress=bar))  # torchrun: rank 0's
+    if report is not None:
+        show(report, json_out)
 
 
 @command(

@@ -20,13 +20,14 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from surgery.errors import SurgeryError
 
 if TYPE_CHECKING:
     from surgery.commands.convert import Destination, Output
 
+T = TypeVar("T")
 TIMEOUT = timedelta(hours=2)  # how long a rank waits for the others: a big shard may take a while
 
 
@@ -286,6 +287,26 @@ def _on_rank_zero(output: Output, request: Destination, ranks: Ranks) -> tuple[l
     ranks.broadcast(None)
     plan = output.plan
     return names, [_part(output, ranks, sum(e.nbytes for e in plan.entries if e.name not in plan.aliases))]
+
+
+def on_rank_zero(work: Callable[[], T]) -> T | None:
+    """`work()` once: alone, or under torchrun by rank 0 while the others wait to hear how it
+    went (None on them; rank 0's error, on every rank). A port writes one file: one writer."""
+    ranks = ranks_from_env()
+    if ranks is None:
+        return work()
+    if ranks.rank != 0:
+        final = ranks.broadcast()
+        if isinstance(final, Failure):
+            raise final.error()
+        return None
+    try:
+        result = work()
+    except BaseException as error:
+        ranks.broadcast(Failure.of(0, error))
+        raise
+    ranks.broadcast(None)
+    return result
 
 
 RANKED = {"sharded-safetensors": _sharded, "sharded-torch": _sharded, "dcp": _dcp}

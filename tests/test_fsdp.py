@@ -107,3 +107,68 @@ def test_two_ranks_each_load_their_own_block_from_every_format(sources, tmp_path
         model_kib = 4 * total // 1024
         largest_kib = 4 * WIDTH * WIDTH // 1024
         assert rank["grew_kib"] < model_kib / 2 + 2 * largest_kib, rank  # its half, plus a tensor's rows
+
+
+READY = """
+import json, sys, torch, torch.distributed as dist
+from torch.distributed.fsdp import fully_shard
+import surgery
+
+def shard(model):
+    for block in (model.layer1, model.layer2, model.layer3, model.layer4):
+        fully_shard(block)
+    fully_shard(model)
+
+dist.init_process_group("gloo")
+whole = surgery.load_ready(sys.argv[1])
+sharded = surgery.load_ready(sys.argv[1], shard=shard)
+expected = whole.model.state_dict()
+got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sharded.model.state_dict().items()}
+frozen = sorted(n for n, p in sharded.model.named_parameters() if not p.requires_grad)
+groups = [(g.get("name"), g.get("lr"), len(g["params"])) for g in sharded.param_groups]
+print(json.dumps({
+    "rank": dist.get_rank(),
+    "equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected),
+    "frozen": frozen == sorted(n for n, p in whole.model.named_parameters() if not p.requires_grad),
+    "groups": groups == [(g.get("name"), g.get("lr"), len(g["params"])) for g in whole.param_groups],
+    "some_frozen": bool(frozen),
+}))
+dist.destroy_process_group()
+"""
+
+
+@pytest.mark.slow
+def test_load_ready_shards_a_fine_tune_ready_file_across_ranks(seeded_resnet18, tmp_path):
+    ready = tmp_path / "ready.safetensors"
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    port = [sys.executable, "-m", "surgery", "port", seeded_resnet18.plain, "--to", "torchvision:resnet18"]
+    port += [
+        "--num-classes",
+        "10",
+        "--freeze",
+        "layer1.*",
+        "--lr",
+        "fc.*=0.01",
+        "-o",
+        ready,
+        "--strict",
+        "false",
+    ]
+    made = subprocess.run(port, capture_output=True, text=True, env=env)
+    assert made.returncode == 0, made.stderr
+    script = tmp_path / "ready.py"
+    script.write_text(textwrap.dedent(READY))
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node=2",
+        script,
+        ready,
+    ]
+    proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    assert len(ranks) == 2
+    assert all(r["equal"] and r["frozen"] and r["groups"] and r["some_frozen"] for r in ranks), ranks

@@ -33,25 +33,33 @@ def load_into(module: nn.Module, ckpt: Checkpoint, plan: PortPlan) -> None:
     state = module.state_dict(keep_vars=True)
     with torch.no_grad():
         for m in plan.matched:
-            target = state[m.target]
-            if _is_dtensor(target) and m.source_shape is None:
-                local = target.to_local()
-                shape, offset = _local_block(target)
-                rows = offset[0] if shape else 0
-                value = ckpt.rows(m.source, rows, rows + shape[0]) if shape else ckpt.tensor(m.source)
-                block = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
-                local.copy_(value[(slice(None), *block)] if shape else value)
-            else:
-                value = ckpt.tensor(m.source)
-                if m.source_shape is not None:
-                    value = value.reshape(m.shape)
-                if _is_dtensor(target):
-                    shape, offset = _local_block(target)
-                    value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
-                    target = target.to_local()
-                target.copy_(value)
-            del value
-            ckpt.release(m.source)
+            copy_into(state[m.target], ckpt, m.source, m.shape if m.source_shape is not None else None)
+
+
+def copy_into(
+    target: torch.Tensor, ckpt: Checkpoint, source: str, reshape: tuple[int, ...] | None = None
+) -> None:
+    """One source tensor into `target` (cast to its dtype; reshaped first when `reshape`), its
+    pages given back after. A DTensor target gets only its own block: the rows of it, read as
+    such where the tensor lies as plain data."""
+    if _is_dtensor(target) and reshape is None:
+        local = target.to_local()
+        shape, offset = _local_block(target)
+        rows = offset[0] if shape else 0
+        value = ckpt.rows(source, rows, rows + shape[0]) if shape else ckpt.tensor(source)
+        block = tuple(slice(o, o + n) for o, n in zip(offset[1:], shape[1:], strict=True))
+        local.copy_(value[(slice(None), *block)] if shape else value)
+    else:
+        value = ckpt.tensor(source)
+        if reshape is not None:
+            value = value.reshape(reshape)
+        if _is_dtensor(target):
+            shape, offset = _local_block(target)
+            value = value[tuple(slice(o, o + n) for o, n in zip(offset, shape, strict=True))]
+            target = target.to_local()
+        target.copy_(value)
+    del value
+    ckpt.release(source)
 
 
 def _is_dtensor(tensor: torch.Tensor) -> bool:

@@ -11,6 +11,7 @@ groups, with no pickled code anywhere. (A recipe *file* for `surgery port
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -55,6 +56,45 @@ class Recipe:
         )
 
 
+def _load_sharded(model: nn.Module, ckpt: Any, shard: Callable[[nn.Module], Any], path: str | Path) -> None:
+    """The meta-built model sharded by `shard`, materialised, and each rank's blocks read.
+
+    Raises:
+        SurgeryError: buffers the file cannot fill (not saved in a state_dict: they would hold
+            whatever memory `to_empty` gave them), or weights that do not fit the model.
+    """
+    persistent = set(model.state_dict())
+    unsaved = [name for name, _ in model.named_buffers() if name not in persistent]
+    if unsaved:
+        raise SurgeryError(
+            path,
+            f"cannot load sharded: {len(unsaved)} buffers are not in any state_dict ({', '.join(unsaved[:3])}); "
+            "built on the meta device they would hold garbage",
+            hint="load without shard=, then shard the loaded model",
+        )
+    import torch
+
+    from surgery.models.loading import copy_into
+
+    shard(model)
+    if any(t.is_meta for t in model.state_dict().values()):
+        model.to_empty(device="cpu")
+    state = model.state_dict(keep_vars=True)
+    held = ckpt.tensors_by_name
+    wrong = [n for n, t in state.items() if n not in held or tuple(held[n].shape) != tuple(t.shape)]
+    extra = [n for n in held if n not in state]
+    if wrong or extra:
+        first = (wrong or extra)[0]
+        raise SurgeryError(
+            path,
+            f"the weights do not fit the rebuilt model: {len(wrong)} of its tensors missing or of another "
+            f"shape, {len(extra)} more in the file (first: {first})",
+        )
+    with torch.no_grad():
+        for name, tensor in state.items():
+            copy_into(tensor, ckpt, name)
+
+
 @dataclass
 class Ready:
     """What `load_ready` gives a training script."""
@@ -72,13 +112,19 @@ def recipe_of(metadata: dict[str, Any]) -> Recipe | None:
     return Recipe.from_json(json.loads(text))
 
 
-def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
+def load_ready(
+    path: str | Path, *, trust: bool = False, shard: Callable[[nn.Module], Any] | None = None
+) -> Ready:
     """Rebuild a fine-tune-ready model from a file `surgery port` wrote.
 
     Args:
         trust: build a `package.module:callable` target named by the file's recipe.
             Without it only library targets (torchvision, timm) are built: a name
             read from a file is never imported unasked.
+        shard: run on every rank of a process group: the model is built on the meta device,
+            `shard(model)` shards it (FSDP2's `fully_shard` per block; it may also move it with
+            `to_empty`, else it is materialised on the CPU), and each rank reads only its own
+            block of each tensor: no rank holds the whole model.
 
     Returns:
         Ready with `.model` (weights loaded strictly, frozen set applied), `.param_groups`
@@ -104,17 +150,20 @@ def load_ready(path: str | Path, *, trust: bool = False) -> Ready:
         raise SurgeryError(path, "no recipe in this file", hint="write one with surgery port ... -o OUT")
     require_trust(recipe.target, path, trust=trust, named_by="the file's recipe")
     open_trusted(ckpt, trust=trust, purpose="load")  # the same refusals as a port's source
-    target = build_target(recipe.target)
+    target = build_target(recipe.target, meta=shard is not None)
     model = target.module
     if model is None:
         raise SurgeryError(path, f"the recipe's target {recipe.target!r} builds no module")
     for edit in recipe.edits:
         model, _, _ = apply(model, edit, adapt_weights=False)
-    try:
-        model.load_state_dict(ckpt.state_dict(), strict=True)
-    except RuntimeError as exc:
-        first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
-        raise SurgeryError(path, f"the weights do not fit the rebuilt model: {first}") from None
+    if shard is not None:
+        _load_sharded(model, ckpt, shard, path)
+    else:
+        try:
+            model.load_state_dict(ckpt.state_dict(), strict=True)
+        except RuntimeError as exc:
+            first = str(exc).splitlines()[1].strip() if "\n" in str(exc) else str(exc)
+            raise SurgeryError(path, f"the weights do not fit the rebuilt model: {first}") from None
     warnings = apply_freeze(model, recipe.finetune)
     groups, more = param_groups(model, recipe.finetune)
     return Ready(model, groups, recipe, summarize(model, groups, warnings + more, recipe.finetune))

@@ -540,10 +540,9 @@ def extract(
     """
     fields = fields_of(locals())  # first: the flags alone
     from surgery.commands.extract import ExtractRequest, extract_file
-
-    request = ExtractRequest.from_file(recipe, **fields) if recipe else ExtractRequest.from_fields(fields)
     from surgery.commands.ranks import on_rank_zero
 
+    request = ExtractRequest.from_file(recipe, **fields) if recipe else ExtractRequest.from_fields(fields)
     with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
         report = on_rank_zero(lambda: extract_file(request, progress=bar))  # torchrun: rank 0's
     if report is not None:

@@ -2,9 +2,9 @@
 
 A real HTTP server runs in a thread for the whole module (Python's http.server, Range answered
 as RFC 9110 says: one range, open-ended or suffix, 206 with Content-Range, 416 past the end)
-and records every request and every byte it sent. Its first path part picks how it behaves:
-`files` serves as it should, the others ignore Range, redirect, fail once or always with 503,
-cut bodies short, or refuse (401, 403, 416). Each remote report is compared with the local
+and records every request and every byte it sent. A path starting with one of VARIANTS makes it
+ignore Range, redirect, fail once or always with 503, cut bodies short, or refuse (401, 403,
+416); any other path is served as it should. Each remote report is compared with the local
 report of the same file, and the bytes the client says it read with the bytes the server sent.
 """
 
@@ -14,6 +14,7 @@ import json
 import os
 import pickle
 import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -21,12 +22,16 @@ import sys
 import threading
 import time
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from functools import partial
+from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli, run_subprocess
+from conftest import assert_clean_error, examples, run_cli, run_subprocess
+from doc_pages import DOCS, README, fenced
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from safetensors.torch import save_file
 
 import surgery
@@ -35,6 +40,21 @@ from surgery.formats import remote
 CANARY = "CANARY"
 TENSORS = 400
 TENSOR_BYTES = 512_000  # 400 of them: a 205 MB file of each format (written in about 2 s)
+
+
+# How the server misbehaves, by the first part of the path (any other path is served as it should).
+VARIANTS = (
+    "norange",
+    "redirect",
+    "loop",
+    "once503",
+    "down",
+    "short",
+    "shortonce",
+    "forbidden",
+    "unauthorized",
+)
+VARIANTS += ("r416", "slow")
 
 
 @dataclass
@@ -57,8 +77,8 @@ class Server:
     most_in_flight: int = 0
     lock: threading.Lock = field(default_factory=threading.Lock)
 
-    def url(self, name: str, variant: str = "files") -> str:
-        return f"http://127.0.0.1:{self.port}/{variant}/{name}"
+    def url(self, name: str, variant: str | None = None) -> str:
+        return f"http://127.0.0.1:{self.port}/{variant + '/' if variant else ''}{name}"
 
     def reset(self) -> None:
         with self.lock:
@@ -94,9 +114,11 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                     server.in_flight -= 1
 
         def answer(self) -> None:
-            _, variant, name = self.path.split("/", 2)
+            variant, _, name = self.path[1:].partition("/")
+            if variant not in VARIANTS:
+                variant, name = None, self.path[1:]
             if variant == "redirect":
-                return self.empty(302, Location=f"/files/{name}")
+                return self.empty(302, Location=f"/{name}")
             if variant == "loop":
                 return self.empty(302, Location=self.path)
             first_time = self.path not in server.seen
@@ -242,20 +264,6 @@ def test_a_400_tensor_file_is_inspected_from_under_half_a_percent_of_its_bytes(s
     assert all(r.range and r.status == 206 for r in served.log)
 
 
-def test_the_report_says_what_it_fetched(served, big):
-    run = run_cli("inspect", served.url(big.safetensors), "--depth", "0")
-    assert run.exit_code == 0, run
-    line = next(line for line in run.stdout.splitlines() if line.lstrip().startswith("fetched"))
-    size = (served.root / big.safetensors).stat().st_size
-    assert f"of {size:,}, " in line and line.endswith("in 1 HTTP request")
-
-
-def test_a_zero_dim_tensor_beside_the_state_dict_is_read_as_locally(served, big):
-    for name in (big.zip, big.legacy):
-        run = run_cli("inspect", served.url(name), "--depth", "0")
-        assert "best_acc1: tensor(76.13, float32)" in run.stdout, run.stdout
-
-
 def test_a_100_shard_index_costs_one_request_per_shard_at_most_8_at_a_time(served):
     folder = served.root / "sharded"
     folder.mkdir()
@@ -396,15 +404,15 @@ def quick_retries(monkeypatch):
 @pytest.mark.parametrize(
     "variant, name, says",
     [
-        ("files", "missing.pth", "HTTP 404"),
+        (None, "missing.pth", "HTTP 404"),
         ("forbidden", "tiny.safetensors", "HTTP 403 Forbidden: the server refuses access"),
         ("unauthorized", "tiny.safetensors", "HTTP 401 Unauthorized: the server refuses access"),
         ("r416", "tiny.safetensors", "HTTP 416"),
         ("down", "tiny.safetensors", "HTTP 503 Service Unavailable (after 4 tries)"),
         ("short", "tiny.safetensors", "ended early"),
         ("loop", "tiny.safetensors", "too many redirects"),
-        ("files", "empty.pth", "empty file (0 bytes)"),
-        ("files", "page.html", "an HTML page, not a checkpoint"),
+        (None, "empty.pth", "empty file (0 bytes)"),
+        (None, "page.html", "an HTML page, not a checkpoint"),
     ],
 )
 def test_a_failure_is_one_line_and_a_non_zero_exit(served, fixtures_dir, quick_retries, variant, name, says):
@@ -441,7 +449,7 @@ def test_a_shard_outside_the_index_folder_is_refused_before_any_request_for_it(s
     )
     url = served.url("escape/model.safetensors.index.json")
     assert_clean_error(run_cli("inspect", url), url, contains="lies outside the folder", code=1)
-    assert [r.path for r in served.log] == ["/files/escape/model.safetensors.index.json"]
+    assert [r.path for r in served.log] == ["/escape/model.safetensors.index.json"]
 
 
 @pytest.mark.parametrize("keep", [5000, 200_000])
@@ -461,3 +469,105 @@ def test_unpickled_bytes_past_the_prefix_are_fetched_until_the_pickle_ends(serve
     traffic = same_report(served, "long.pkl")
     assert traffic["bytes_read"] == (served.root / "long.pkl").stat().st_size
     assert traffic["requests"] <= 4  # 64 KiB, then 128, 256 and 512 KiB from the start
+
+
+FIXTURE_FILES = [
+    "imagenet_example.pth.tar",
+    "legacy.pth",
+    "tiny.safetensors",
+    "tiny_state_dict.pth",
+    "tied.pth",
+    "ema.pth",
+    "lightning.ckpt",
+    "dtypes.pth",
+    "dtypes.safetensors",
+    "cuda_saved.pth",
+    "numpy_extras.pth",
+    "full_model.pth",
+    "payload_os_system.pth",
+    "scripted.pt",
+    "compiled.pt",
+    "sharded_bin/pytorch_model.bin.index.json",
+    "sharded_safetensors/model.safetensors.index.json",
+]
+
+
+@pytest.mark.parametrize("name", FIXTURE_FILES)
+def test_every_fixture_reads_the_same_over_http(served, fixtures_dir, name):
+    if not (served.root / "fixtures").exists():
+        shutil.copytree(fixtures_dir, served.root / "fixtures")
+    same_report(served, f"fixtures/{name}", "--depth", "2")
+
+
+@settings(max_examples=examples(100), deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 300), st.integers(0, 60)), max_size=12), st.integers(0, 300))
+def test_the_range_cache_gives_back_exactly_the_bytes_fetched(fetches, probe):
+    """Ranges added in any order, overlapping or touching, read back as the file's bytes."""
+    content = bytes(range(256)) + bytes(range(100))
+    ranges = remote._Ranges()
+    for start, length in fetches:
+        ranges.add(start, content[start : start + length])
+    covered = {i for start, length in fetches for i in range(start, min(start + length, len(content)))}
+    stop = min(probe + 40, len(content))
+    gaps = ranges.gaps(probe, stop)
+    assert {i for a, b in gaps for i in range(a, b)} == set(range(probe, stop)) - covered
+    assert all(a < b for a, b in gaps) and gaps == sorted(gaps)
+    for i in range(len(ranges.starts) - 1):  # sorted, and apart: ranges that touch are merged
+        assert ranges.starts[i] + len(ranges.chunks[i]) < ranges.starts[i + 1]
+    for start, chunk in zip(ranges.starts, ranges.chunks, strict=True):
+        assert chunk == content[start : start + len(chunk)]
+    if not gaps and probe < stop:
+        assert ranges.take(probe, stop) == content[probe:stop]
+
+
+# -- the examples of the docs ---------------------------------------------------------------------
+
+# The pages show the server at these addresses; the tests' servers listen where they can.
+DOC_SERVER, DOC_PLAIN_SERVER = "http://127.0.0.1:8000/", "http://127.0.0.1:8001/"
+DOC_EXAMPLES = [
+    (page.name, text)
+    for page in (README, DOCS / "remote.md")
+    for lang, text in fenced(page)
+    if lang == "text" and text.startswith(("$ surgery inspect http://127.0.0.1:800",))
+]
+
+
+@pytest.fixture(scope="module")
+def plain_server(server: Server) -> str:
+    """Python's own http.server (it ignores Range) over the same folder: its address."""
+
+    class Quiet(SimpleHTTPRequestHandler):
+        def log_message(self, *args) -> None:
+            pass
+
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=server.root))
+    httpd.daemon_threads = True
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}/"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+def test_the_docs_have_remote_examples():
+    assert {page for page, _ in DOC_EXAMPLES} == {"README.md", "remote.md"}
+    assert len(DOC_EXAMPLES) >= 5
+
+
+@pytest.mark.parametrize(
+    "page, block", DOC_EXAMPLES, ids=[f"{p}-{i}" for i, (p, _) in enumerate(DOC_EXAMPLES)]
+)
+def test_the_remote_examples_of_the_docs_print_what_they_show(
+    served, big, plain_server, fixtures_dir, page, block
+):
+    if not (served.root / "fixtures").exists():
+        shutil.copytree(fixtures_dir, served.root / "fixtures")
+    addresses = {DOC_SERVER: served.url(""), DOC_PLAIN_SERVER: plain_server}
+    command, _, shown = block.partition("\n")
+    words = shlex.split(command.removeprefix("$ surgery "))
+    for doc, real in addresses.items():
+        words = [word.replace(doc, real) for word in words]
+    run = run_cli(*words)
+    printed = run.stdout + run.stderr  # as a shell shows them: the report, then the error
+    for doc, real in addresses.items():
+        printed = printed.replace(real, doc)
+    assert printed == shown, f"{page} shows:\n{shown}\nthe run printed:\n{printed}"

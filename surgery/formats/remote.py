@@ -134,12 +134,12 @@ class Http:
                     self._count(1 + len(response.history), 0)
                     if response.history:
                         self._moved[url] = str(response.url)
-                    expected = _check_answer(url, response, start, stop)
+                    first, end, size = _check_answer(url, response, start, stop)
                     body = bytearray()
                     for chunk in response.iter_raw():
                         body += chunk
                         self._count(0, len(chunk))
-                        if len(body) > expected[1] - start:
+                        if len(body) > end - first:
                             raise RemoteError(
                                 url, f"the server sent more than the {stop - start} bytes asked"
                             )
@@ -153,9 +153,8 @@ class Http:
                 raise RemoteError(url, "too many redirects") from None
             except httpx.HTTPError as exc:
                 raise RemoteError(url, f"{type(exc).__name__}: {exc}") from None
-        first, last, size = expected
-        if len(body) != last - first:
-            raise _Retry(f"the answer ended early: {len(body)} of {last - first} bytes")
+        if len(body) != end - first:
+            raise _Retry(f"the answer ended early: {len(body)} of {end - first} bytes")
         return bytes(body), size
 
 
@@ -244,6 +243,8 @@ class _Ranges:
 
     def add(self, start: int, data: bytes) -> None:
         """Keep `data` (the bytes at `start`), merged with every range it touches."""
+        if not data:
+            return
         stop = start + len(data)
         i = max(bisect_right(self.starts, start) - 1, 0)
         while i < len(self.starts) and self.starts[i] + len(self.chunks[i]) < start:

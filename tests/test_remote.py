@@ -54,7 +54,7 @@ VARIANTS = (
     "forbidden",
     "unauthorized",
 )
-VARIANTS += ("r416", "slow")
+VARIANTS += ("r416", "slow", "grows")
 
 
 @dataclass
@@ -130,7 +130,7 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
             file = server.root / name
             if not file.is_file():
                 return self.empty(404)
-            size = file.stat().st_size
+            size = file.stat().st_size + (variant == "grows" and not first_time)  # appended to meanwhile
             if variant == "r416":
                 return self.empty(416, **{"Content-Range": f"bytes */{size}"})
             if variant == "slow":
@@ -152,6 +152,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 try:
                     while first + self.record.sent < end:
                         chunk = f.read(min(1 << 16, end - first - self.record.sent))
+                        if not chunk:  # past the end of the file ("grows" says more than it holds)
+                            break
                         self.record.sent += len(chunk)  # counted before the client can have it
                         self.wfile.write(chunk)
                 except (BrokenPipeError, ConnectionResetError):
@@ -431,6 +433,13 @@ def test_a_server_ignoring_range_is_refused_without_downloading_the_file(served,
     size = (served.root / big.zip).stat().st_size
     assert f"({size:,} bytes)" in line
     assert len(served.log) == 1 and served.sent() < 0.1 * size, served.log
+
+
+def test_a_file_changing_size_between_requests_is_refused(served, big):
+    url = served.url(big.zip, "grows")
+    assert_clean_error(
+        run_cli("inspect", url), url, contains="the file changed on the server while read", code=1
+    )
 
 
 def test_nothing_listening_is_one_line(quick_retries):

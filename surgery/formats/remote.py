@@ -329,7 +329,11 @@ class RemoteFile:
         """Fetch each gap, CONCURRENCY at a time when there are several."""
 
         def fetch(gap: tuple[int, int]) -> None:
-            data, _ = self.http.get(self.url, *gap)
+            data, size = self.http.get(self.url, *gap)
+            if size != self.size:
+                raise RemoteError(
+                    self.url, f"the file changed on the server while read: {self.size:,} bytes, then {size:,}"
+                )
             with self._lock:
                 self._ranges.add(gap[0], data)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
-from surgery.formats.base import Scan, is_url, mapped, sniff
+from surgery.formats.base import SNIFF_BYTES, Scan, is_url, mapped, sniff
 
 __all__ = ["Scan", "scan"]
 
@@ -79,7 +79,7 @@ def read_bytes(
     """
     if len(data) == 0:
         raise NotACheckpoint(path, "empty file (0 bytes)")
-    kinds, what = sniff(bytes(data[:4096]), len(data))
+    kinds, what = sniff(bytes(data[:SNIFF_BYTES]), len(data))
     if shard_of is not None and kinds == ["index"]:
         raise CorruptCheckpoint(
             shard_of,

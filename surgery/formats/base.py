@@ -199,6 +199,9 @@ def link_root(folder: Path) -> Path:
     return folder
 
 
+SNIFF_BYTES = 4096  # what `sniff` is given of a file's start
+
+
 def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:
     """The readers to try, in order, from the first bytes; never from the file name.
 

@@ -27,7 +27,7 @@ from urllib.parse import quote, urljoin, urlsplit
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError, UsageError
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, carrying, name_problem
+from surgery.formats.base import SNIFF_BYTES, Scan, carrying, name_problem
 
 T = TypeVar("T")
 
@@ -290,9 +290,9 @@ class RemoteFile:
             self._ranges.add(0, first)
 
     @classmethod
-    def open(cls, http: Http, url: str) -> RemoteFile:
-        """The file at `url`, its first HEAD bytes fetched (the size comes with them)."""
-        first, size = http.get(url, 0, HEAD)
+    def open(cls, http: Http, url: str, head: int = HEAD) -> RemoteFile:
+        """The file at `url`, its first `head` bytes fetched (the size comes with them)."""
+        first, size = http.get(url, 0, head)
         return cls(http, url, first, size)
 
     def __len__(self) -> int:
@@ -380,8 +380,8 @@ class Remote:
         self.files: dict[str, RemoteFile] = {}
         self._lock = threading.Lock()
 
-    def open(self, url: str) -> RemoteFile:
-        file = RemoteFile.open(self.http, url)
+    def open(self, url: str, head: int = HEAD) -> RemoteFile:
+        file = RemoteFile.open(self.http, url, head)
         with self._lock:
             self.files[url] = file
         return file
@@ -427,10 +427,10 @@ def scan_url(url: str, *, verify: bool = False) -> Scan:
     return scan
 
 
-def _scan_remote(remote: Remote, url: Url, *, shard_of: str | None) -> Scan:
+def _scan_remote(remote: Remote, url: Url, *, shard_of: str | None, head: int = HEAD) -> Scan:
     from surgery.formats import read_bytes
 
-    data = remote.open(url)
+    data = remote.open(url, head)
     return read_bytes(url, data, verify=False, shard_of=shard_of, read=_reader(remote))
 
 
@@ -461,9 +461,25 @@ def _scan_index(remote: Remote, url: Url, data: RemoteFile) -> Scan:
         weight_map, meta = parse_index(url, data[0 : len(data)])
         shards = list(dict.fromkeys(weight_map.values()))
         urls = [_shard_url(url, shard) for shard in shards]
+        heads = _shard_heads(weight_map)
+
+        def scan(shard: str, shard_url: Url) -> Scan:
+            return _scan_remote(remote, shard_url, shard_of=url, head=heads[shard])
+
         with ThreadPoolExecutor(CONCURRENCY) as pool:
-            scans = list(pool.map(lambda u: _scan_remote(remote, u, shard_of=url), urls))
+            scans = list(pool.map(scan, shards, urls))
         return join_shards(url, weight_map, meta, list(zip(shards, scans, strict=True)), findings)
+
+
+def _shard_heads(weight_map: dict[str, str]) -> dict[str, int]:
+    """How much of each shard to ask for first: its header as the index lets one guess it (a
+    safetensors entry is its name and under 100 bytes of dtype, shape and offsets), with room
+    to spare, so one request holds it; from SNIFF_BYTES (what `base.sniff` reads) to HEAD.
+    100 shards of a few tensors each cost kilobytes each, not 64 KiB each."""
+    guess: dict[str, int] = {}
+    for name, shard in weight_map.items():
+        guess[shard] = guess.get(shard, 1024) + 2 * (len(name.encode()) + 100)
+    return {shard: min(max(size, SNIFF_BYTES), HEAD) for shard, size in guess.items()}
 
 
 def _shard_url(index: Url, name: str) -> Url:

@@ -16,6 +16,7 @@ never pays for it. Nothing fetched is run: the bytes go to the same readers as a
 
 from __future__ import annotations
 
+import re
 import threading
 import time
 from bisect import bisect_right
@@ -143,6 +144,8 @@ class Http:
                             raise RemoteError(
                                 url, f"the server sent more than the {stop - start} bytes asked"
                             )
+            except httpx.UnsupportedProtocol as exc:  # a redirect to ftp://, say
+                raise RemoteError(url, f"cannot be read: {exc}") from None
             except httpx.TimeoutException:
                 raise _Retry(f"no answer within {TIMEOUT:g} s") from None
             except httpx.RemoteProtocolError as exc:
@@ -170,10 +173,11 @@ def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, 
     if status in (401, 403):
         raise RemoteError(url, f"{reason}: the server refuses access to the file")
     if status == 416:
-        total = _content_range(url, response.headers.get("content-range", ""), unsatisfied=True)
+        total = _unsatisfied_size(response.headers.get("content-range", ""))
         if total == 0:
             raise NotACheckpoint(url, "empty file (0 bytes)")
-        raise RemoteError(url, f"{reason}: bytes {start}-{stop - 1} refused" + _of(total))
+        size = f" (the file has {total:,})" if total is not None else ""
+        raise RemoteError(url, f"{reason}: bytes {start}-{stop - 1} refused{size}")
     if response.headers.get("content-encoding", "identity").lower() != "identity":
         raise RemoteError(
             url, "the server compressed the answer though asked not to: its ranges are not the file's"
@@ -198,24 +202,18 @@ def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, 
     return first, last + 1, size
 
 
-def _content_range(url: str, header: str, *, unsatisfied: bool = False) -> Any:
-    """`bytes first-last/size` as (first, last, size); `bytes */size` (with 416) as size."""
-    unit, _, spec = header.strip().partition(" ")
-    span, _, total = spec.partition("/")
-    try:
-        if unsatisfied:
-            return int(total) if span == "*" else None
-        first, _, last = span.partition("-")
-        values = int(first), int(last), int(total)
-    except ValueError:
-        values = None
-    if unit != "bytes" or values is None or not values[0] <= values[1] < values[2]:
+def _content_range(url: str, header: str) -> tuple[int, int, int]:
+    """`bytes first-last/size` as (first, last, size)."""
+    match = re.fullmatch(r"bytes (\d+)-(\d+)/(\d+)", header.strip())
+    if match is None or not int(match[1]) <= int(match[2]) < int(match[3]):
         raise RemoteError(url, f"the server's Content-Range {header!r} is not a range of a known size")
-    return values
+    return int(match[1]), int(match[2]), int(match[3])
 
 
-def _of(total: int | None) -> str:
-    return f" (the file has {total:,})" if total is not None else ""
+def _unsatisfied_size(header: str) -> int | None:
+    """The size a 416 answer gives (`bytes */size`), if it gives one."""
+    match = re.fullmatch(r"bytes \*/(\d+)", header.strip())
+    return int(match[1]) if match else None
 
 
 class _Ranges:

@@ -442,6 +442,15 @@ def test_a_file_changing_size_between_requests_is_refused(served, big):
     )
 
 
+def test_a_pickle_longer_than_one_read_may_be_is_refused(served, monkeypatch):
+    monkeypatch.setattr(remote, "MAX_READ", 100_000)
+    text = ["x" * 1000 + str(i) for i in range(300)]
+    (served.root / "longer.pkl").write_bytes(pickle.dumps({"notes": text}, protocol=2))
+    url = served.url("longer.pkl")
+    assert_clean_error(run_cli("inspect", url), url, contains="bytes at once", code=1)
+    assert served.sent() <= 100_000
+
+
 def test_nothing_listening_is_one_line(quick_retries):
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))

@@ -37,6 +37,7 @@ HEAD = 64 << 10  # the first request: a safetensors header, a torch data.pkl, a 
 TAIL = 64 << 10  # a read near the end takes the whole tail: a zip's end records and central directory
 READ_AHEAD = 16 << 10  # a miss fetches at least this much: the next small read is likely close by
 COALESCE = 4 << 10  # prefetched ranges closer than this are fetched as one request
+MAX_READ = 256 << 20  # the most one read may ask for: a pickle or member past it needs a download
 RETRIES = 3  # after a 5xx answer or a dropped connection
 BACKOFF = 0.25  # seconds before the first retry, doubled for each next one
 TIMEOUT = 30.0  # seconds to connect, and between two reads of an answer
@@ -44,7 +45,7 @@ REMOTE_KINDS = ("zip", "safetensors", "pickle", "index")  # what `base.sniff` na
 
 
 class RemoteError(SurgeryError):
-    """The server did not give the bytes asked for: refused, missing, cut short, or not ranges."""
+    """The server did not give the bytes asked for: refused, failed, cut short, or not ranges."""
 
 
 class NeedsDownload(UsageError):
@@ -304,6 +305,13 @@ class RemoteFile:
             raise ValueError("a remote file is read in ranges, not strides")
         if start >= stop:
             return b""
+        if stop - start > MAX_READ:
+            raise RemoteError(
+                self.url,
+                f"reading it needs {stop - start:,} bytes at once (a pickle or member that long): "
+                f"over the {MAX_READ:,} surgery fetches of a remote file for one read",
+                hint="download the file and inspect it on disk",
+            )
         self._fill(self._widened(start, stop))
         with self._lock:
             return self._ranges.take(start, stop)
@@ -367,7 +375,7 @@ class RemoteFile:
             except pickle_vm.Truncated:
                 if end >= self.size:
                     raise
-                end = min(self.size, 2 * end)
+                end = min(self.size, 2 * end, max(end + 1, MAX_READ))  # past MAX_READ: refused
 
 
 class Remote:

@@ -450,7 +450,7 @@ def _reader(remote: Remote) -> Callable[[str, Any, Any, bool], Scan]:
         if kind == "index":
             return _scan_index(remote, url, data)
         if kind not in REMOTE_KINDS:
-            raise NotACheckpoint(url, f"a {kind} file: surgery reads this format from disk only")
+            raise NotACheckpoint(url, f"its first bytes say {kind}: a format surgery reads from disk only")
         return read_kind(kind, url, data, verify)
 
     return read

@@ -21,7 +21,7 @@ from surgery.cli.output import outcome, say, show
 
 
 def inspect_checkpoint(
-    path: Path,
+    path: str | Path,
     filter: list[str] | None,
     depth: int | None,
     key: str | None,

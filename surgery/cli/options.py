@@ -98,7 +98,12 @@ RECIPE = Opt(("--recipe",), "A TOML file with these options as fields; flags giv
 JSON = Opt(("--json",), "Print one JSON document on stdout and nothing else there.", bool)
 DEBUG = Opt(("--debug",), "Show the traceback of an unexpected failure.", bool)
 
-CHECKPOINT = Opt((), "Checkpoint file, *.index.json, or a folder holding one.", Path, show_default=False)
+CHECKPOINT = Opt(
+    (),
+    "Checkpoint file, *.index.json, folder, or http(s) URL.",
+    str,  # a Path would fold a URL's `//`
+    show_default=False,
+)
 FILTER = Opt(
     ("--filter", "-f"),
     "Only tensors matching this glob (repeatable); `layer1` selects the module.",

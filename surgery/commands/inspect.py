@@ -62,6 +62,7 @@ class InspectReport:
             "findings": [f.to_json() for f in ckpt.findings],
             "safe": ckpt.safe,
             "filter": list(self.filter),
+            "remote": ckpt.remote,
         }
 
 
@@ -73,6 +74,7 @@ def inspect(
     filter: Sequence[str] = (),
     depth: int | None = None,
 ) -> InspectReport:
-    """Open `path` (any format) and say what to show of it; see `open_checkpoint`."""
+    """Open `path` (any format, or an http(s):// URL read with range requests) and say what to
+    show of it; see `open_checkpoint`."""
     ckpt = open_checkpoint(path, key=key, verify=verify)
     return InspectReport(ckpt, tuple(filter), depth)

@@ -7,10 +7,12 @@ bytes (never its name) and returns a `Scan`.
 from __future__ import annotations
 
 import importlib
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
-from surgery.formats.base import Scan, mapped, sniff
+from surgery.formats.base import SNIFF_BYTES, Scan, is_url, mapped, sniff
 
 __all__ = ["Scan", "scan"]
 
@@ -23,12 +25,17 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
     Args:
         path: a file in any supported format, a `*.index.json`, or a folder holding one;
             a Hugging Face model folder (config.json beside its weights or their index);
-            a torch.distributed.checkpoint folder or its `.metadata` file.
+            a torch.distributed.checkpoint folder or its `.metadata` file; an http(s):// URL
+            of a file or an index, read with range requests (formats.remote).
         verify: also read every storage to check zip CRCs (reads all the data).
 
     Raises:
         SurgeryError: the path is missing, not a checkpoint, or damaged.
     """
+    if is_url(path):
+        from surgery.formats.remote import scan_url
+
+        return scan_url(path, verify=verify)
     return _scan(Path(path), verify, shard_of=None)
 
 
@@ -51,15 +58,7 @@ def _scan(path: Path, verify: bool, *, shard_of: Path | None) -> Scan:
 
             return scan_dcp(path.parent, verify=verify)
         with mapped(path) as data:
-            if len(data) == 0:
-                raise NotACheckpoint(path, "empty file (0 bytes)")
-            kinds, what = sniff(bytes(data[:4096]), len(data))
-            if shard_of is not None and kinds == ["index"]:
-                raise CorruptCheckpoint(
-                    shard_of,
-                    f"the index names shard {path.name!r}, which is itself an index: a shard holds tensors",
-                )
-            return _read_first(kinds, what, path, data, verify)
+            return read_bytes(path, data, verify=verify, shard_of=shard_of)
     except PermissionError as exc:
         raise NotFound(path, f"cannot read: {exc.strerror}") from None
     except IsADirectoryError:
@@ -70,7 +69,28 @@ def _scan(path: Path, verify: bool, *, shard_of: Path | None) -> Scan:
         raise NotFound(path, f"cannot read: {exc.strerror or exc}") from None
 
 
-def _read_first(kinds: list[str], what: str | None, path: Path, data: memoryview, verify: bool) -> Scan:
+def read_bytes(
+    path: Path, data: Any, *, verify: bool, shard_of: Path | None, read: Callable[..., Scan] | None = None
+) -> Scan:
+    """A file's bytes (mapped, or a remote file's ranges) read by the reader its first bytes name.
+
+    Args:
+        read: reads one kind (`read_kind`'s arguments); formats.remote gives its own.
+    """
+    if len(data) == 0:
+        raise NotACheckpoint(path, "empty file (0 bytes)")
+    kinds, what = sniff(bytes(data[:SNIFF_BYTES]), len(data))
+    if shard_of is not None and kinds == ["index"]:
+        raise CorruptCheckpoint(
+            shard_of,
+            f"the index names shard {path.name!r}, which is itself an index: a shard holds tensors",
+        )
+    return _read_first(kinds, what, path, data, verify, read or read_kind)
+
+
+def _read_first(
+    kinds: list[str], what: str | None, path: Path, data: Any, verify: bool, read: Callable[..., Scan]
+) -> Scan:
     """The first reader that accepts the file.
 
     The pickle reader comes last, as torch's own fallback: its failure is the
@@ -80,7 +100,7 @@ def _read_first(kinds: list[str], what: str | None, path: Path, data: memoryview
     earlier: SurgeryError | None = None
     for kind in kinds:
         try:
-            return _read(kind, path, data, verify)
+            return read(kind, path, data, verify)
         except SurgeryError as exc:
             if kind == "pickle" and exc.findings:
                 raise
@@ -92,7 +112,7 @@ def _read_first(kinds: list[str], what: str | None, path: Path, data: memoryview
     raise earlier or NotACheckpoint(path, what or "not a checkpoint format surgery knows")
 
 
-def _read(kind: str, path: Path, data: memoryview, verify: bool) -> Scan:
+def read_kind(kind: str, path: Path, data: Any, verify: bool) -> Scan:
     """The reader of one kind (`base.sniff` says which to try), imported when first used."""
     module, function = READERS[kind]
     reader = getattr(importlib.import_module(module), function)

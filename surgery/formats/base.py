@@ -10,17 +10,19 @@ from __future__ import annotations
 import mmap
 import os
 import stat
-from collections.abc import Iterator
+from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager, suppress
 from dataclasses import dataclass, field
 from pathlib import Path, PurePosixPath
-from typing import Any
+from typing import Any, TypeVar
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
 from surgery.formats.containers import flatten
 from surgery.formats.pickle_vm import PICKLE_OPCODE_BYTES
 from surgery.formats.torch_pickle import StorageRef, TensorRef
 from surgery.values import Finding
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -33,6 +35,7 @@ class Scan:
     metadata: dict[str, Any] = field(default_factory=dict)
     files: list[Path] = field(default_factory=list)  # every file read (shards, .distcp files)
     dict_states: dict[int, tuple[dict, Any]] = field(default_factory=dict)  # a dict's `_metadata`, by id
+    remote: Any = None  # formats.remote.Remote when read over HTTP: the traffic, a few bytes more
 
 
 _NOT_REGULAR = (
@@ -89,6 +92,31 @@ def mapped(path: Path) -> Iterator[memoryview]:
             mm.close()
 
 
+def is_url(path: object) -> bool:
+    """Whether `path` names a file over HTTP(S) (formats.remote) rather than on disk."""
+    return isinstance(path, str) and path.lower().startswith(("http://", "https://"))
+
+
+def prefetch(data: Any, ranges: Iterable[tuple[int, int]]) -> None:
+    """Say which `(offset, length)` ranges of `data` are read next, so that a remote file
+    (formats.remote) fetches them together; a mapped file has them already."""
+    if not is_mapped(data):
+        data.prefetch(ranges)
+
+
+def run_pickle(data: Any, attempt: Callable[[memoryview], T]) -> T:
+    """`attempt(view)` runs the pickle machine over `view`: the mapped file itself, or the first
+    bytes of a remote file, more of them each time the machine runs out (`pickle_vm.Truncated`).
+    `attempt` may run again: what it builds must start fresh, or be the same on a rerun
+    (a StorageTable gives the same storage for a key again)."""
+    return attempt(memoryview(data)) if is_mapped(data) else data.run_pickle(attempt)
+
+
+def is_mapped(data: Any) -> bool:
+    """Whether `data` is a file's bytes on this machine (not a remote file's ranges)."""
+    return isinstance(data, memoryview | bytes | bytearray)
+
+
 @contextmanager
 def carrying(findings: list[Finding]) -> Iterator[None]:
     """A failure inside keeps what was found before it: a payload seen early is
@@ -119,14 +147,8 @@ def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
         CorruptCheckpoint: the name leaves the folder, or is not a regular file.
         NotFound: nothing has that name.
     """
-    pure = PurePosixPath(name)
-    if "\0" in name:
-        problem = "holds a NUL byte: no file can have that name"
-    elif not _encodable(name):
-        problem = "holds a lone surrogate: no file here can have that name"
-    elif not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
-        problem = "lies outside the folder"
-    else:
+    problem = name_problem(name)
+    if problem is None:
         path = folder / name
         try:
             target = path.resolve()
@@ -142,6 +164,19 @@ def named_file(named_by: Path, folder: Path, name: str, says: str) -> Path:
                 return path
             problem = f"is {problem}, not a regular file"
     raise CorruptCheckpoint(named_by, f"{says} {name!r}, which {problem}")
+
+
+def name_problem(name: str) -> str | None:
+    """Why a name that an index or `.metadata` gives is not a plain relative file name inside
+    its folder ("lies outside the folder"), or None: by the name alone, no file touched."""
+    pure = PurePosixPath(name)
+    if "\0" in name:
+        return "holds a NUL byte: no file can have that name"
+    if not _encodable(name):
+        return "holds a lone surrogate: no file here can have that name"
+    if not name or pure.is_absolute() or ".." in pure.parts or "\\" in name:
+        return "lies outside the folder"
+    return None
 
 
 def _encodable(name: str) -> bool:
@@ -162,6 +197,9 @@ def link_root(folder: Path) -> Path:
         if parent.name == "snapshots" and (parent.parent / "blobs").is_dir():
             return parent.parent
     return folder
+
+
+SNIFF_BYTES = 4096  # what `sniff` is given of a file's start
 
 
 def sniff(head: bytes, size: int) -> tuple[list[str], str | None]:

@@ -35,7 +35,7 @@ from surgery.trust import recipe_findings
 from surgery.values import Finding
 
 if TYPE_CHECKING:
-    from collections.abc import Iterator
+    from collections.abc import Callable, Iterator
 
     import torch
 
@@ -135,7 +135,12 @@ class Checkpoint:
         self.tensors = tuple(_info(name, ref) for name, ref in self._refs.items())
         attributes = module_attributes(located.node) if located.path is not None else []
         self.attributes = tuple(_info(name, ref) for name, ref in attributes)
-        self.extras = [_extra(name, value, located.counts) for name, value in located.siblings + leaves]
+        # A remote checkpoint's few bytes beyond its headers (0-dim extras) come from the server.
+        self._remote = scanned.remote
+        read = self._remote.read_at if self._remote is not None else _read_file
+        self.extras = [_extra(name, value, located.counts, read) for name, value in located.siblings + leaves]
+        if self._remote is not None:
+            self._remote.close()  # nothing more is fetched: tensor bytes need a download
         self.findings: list[Finding] = list(scanned.findings) + recipe_findings(self.metadata, str(self.path))
         if self.restored:
             tied = ", ".join(f"{a} = {k}" for a, k in list(self.restored.items())[:4])
@@ -230,6 +235,7 @@ class Checkpoint:
         """(file, offset, length) when a tensor's bytes lie in the file exactly as a
         contiguous little-endian tensor would hold them: they can be copied as they are.
         None when they must be rebuilt (strided views, compressed members, byte order, bits)."""
+        self._needs_bytes(f"reading tensor {name!r}")
         ref = self._refs[name]
         storage = ref.storage
         if storage is None or ref.unusual or ref.bits or ref.dtype.bits % 8:
@@ -270,6 +276,23 @@ class Checkpoint:
         return self._located.candidates
 
     @property
+    def remote(self) -> dict[str, Any] | None:
+        """What reading a remote checkpoint took (`{url, files, size, bytes_read, requests}`:
+        bytes and HTTP requests, against the size of the files read); None for local files."""
+        return self._remote.traffic(str(self.path)) if self._remote is not None else None
+
+    def _needs_bytes(self, what: str) -> None:
+        """Refuse work on a remote checkpoint's tensor bytes: only its headers were fetched."""
+        if self._remote is not None:
+            from surgery.formats.remote import NeedsDownload
+
+            raise NeedsDownload(
+                self.path,
+                f"{what} needs a download: only headers and pickles are read over HTTP",
+                hint="download the file and use it from disk",
+            )
+
+    @property
     def safe(self) -> bool:
         """No finding that should stop a script: nothing dangerous, unknown or corrupt."""
         return not blocking(self.findings)
@@ -284,6 +307,7 @@ class Checkpoint:
         """
         if name not in self._refs:
             raise KeyError(name)
+        self._needs_bytes(f"reading tensor {name!r}")
         return self._tensor_reader().read(name, self._refs[name])
 
     def state_dict(self) -> dict[str, torch.Tensor]:
@@ -292,6 +316,7 @@ class Checkpoint:
         The tensors are backed by a copy-on-write mapping of the file: pages are
         read when used, and writing to a tensor never changes the file.
         """
+        self._needs_bytes("reading the state_dict")
         return self._tensor_reader().read_all(self._refs.items())
 
     def release(self, name: str) -> None:
@@ -499,7 +524,7 @@ def _info(name: str, ref: TensorRef) -> TensorInfo:
     )
 
 
-def _extra(name: str, value: Any, counts: TensorCounts) -> Extra:
+def _extra(name: str, value: Any, counts: TensorCounts, read: Callable[[str, int, int], bytes]) -> Extra:
     if value is None or isinstance(value, (bool, int, float)):
         finite = not isinstance(value, float) or math.isfinite(value)
         return Extra(name, type(value).__name__, repr(value), value if finite else None)
@@ -509,7 +534,7 @@ def _extra(name: str, value: Any, counts: TensorCounts) -> Extra:
     if isinstance(value, (bytes, bytearray)):
         return Extra(name, type(value).__name__, f"{type(value).__name__} ({len(value)})")
     if isinstance(value, TensorRef):
-        scalar = _scalar(value)
+        scalar = _scalar(value, read)
         shape = list(value.shape)
         summary = (
             f"tensor {value.dtype.name} {shape}"
@@ -570,7 +595,13 @@ def _bits(ref: TensorRef) -> tuple[str, ...]:
     return tuple(sorted(k for k, v in (ref.bits or {}).items() if v))
 
 
-def _scalar(ref: TensorRef) -> float | int | bool | None:
+def _read_file(path: str, offset: int, length: int) -> bytes:
+    with open(path, "rb") as f:
+        f.seek(offset)
+        return f.read(length)
+
+
+def _scalar(ref: TensorRef, read: Callable[[str, int, int], bytes]) -> float | int | bool | None:
     """The value of a 0-dim tensor such as `best_acc1`, read from its few bytes."""
     if ref.shape != () or ref.storage is None or ref.unusual:
         return None
@@ -581,9 +612,7 @@ def _scalar(ref: TensorRef) -> float | int | bool | None:
     start = ref.storage.view_offset + ref.offset * ref.dtype.itemsize
     if start + ref.dtype.itemsize > data.size:
         return None
-    with open(data.path, "rb") as f:
-        f.seek(data.offset + start)
-        raw = f.read(ref.dtype.itemsize)
+    raw = read(data.path, data.offset + start, ref.dtype.itemsize)
     if ref.dtype.name == "bfloat16":
         value = struct.unpack("<f", b"\x00\x00" + raw)[0]
     else:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, carrying, check_storages
+from surgery.formats.base import Scan, carrying, check_storages, is_mapped, prefetch, run_pickle
 from surgery.formats.numpy_pickle import NumpyArrays
 from surgery.formats.safety import findings_for
 from surgery.formats.torch_pickle import KNOWN, DataLocation, StorageTable
@@ -34,8 +34,11 @@ def _scan_legacy(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
     table = StorageTable()
 
     def step(start: int, what: str, persistent=None) -> pickle_vm.Result:
+        def attempt(view: memoryview) -> pickle_vm.Result:
+            return pickle_vm.run(view, start=start, known=KNOWN, persistent_load=persistent, size=len(data))
+
         try:
-            result = pickle_vm.run(data, start=start, known=KNOWN, persistent_load=persistent)
+            result = run_pickle(data, attempt)
         except pickle_vm.PickleError as exc:
             findings.extend(findings_for(exc.partial, f"{where}: {what}", known=KNOWN))  # type: ignore[attr-defined]
             raise CorruptCheckpoint(path, f"{what} pickle is broken: {exc}") from None
@@ -68,6 +71,7 @@ def _scan_legacy(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
         key_list = []
 
     byteswap = little != (sys.byteorder == "little")
+    prefetch(data, _counts_expected(keys.end, key_list, table))
     pos = keys.end
     for key in key_list:
         storage = table.storages.get(key)
@@ -123,14 +127,32 @@ def _scan_legacy(path: Path, data: memoryview, findings: list[Finding]) -> Scan:
     )
 
 
+def _counts_expected(start: int, keys: list[str], table: StorageTable) -> list[tuple[int, int]]:
+    """Where each storage's 8-byte element count lies when every storage holds what the pickle
+    declares: read next, so a remote file fetches them together (a wrong guess costs a request)."""
+    out, pos = [], start
+    for key in keys:
+        storage = table.storages.get(key)
+        if storage is None:
+            break
+        out.append((pos, 8))
+        pos += 8 + storage.numel * (storage.dtype.itemsize if storage.dtype else 1)
+    return out
+
+
 def scan_pickle(path: Path, data: memoryview) -> Scan:
     """A pickle stream: torch legacy when its first pickle is the magic number,
     otherwise a plain pickle read for its globals and any tensors."""
     where = str(path)
-    table = StorageTable()
-    arrays = NumpyArrays()  # plain pickles (detectron2's .pkl) hold numpy arrays: read as tensors
+
+    def attempt(view: memoryview) -> tuple[pickle_vm.Result, StorageTable, NumpyArrays]:
+        table = StorageTable()
+        arrays = NumpyArrays()  # plain pickles (detectron2's .pkl) hold numpy arrays: read as tensors
+        known = {**KNOWN, **arrays.known}
+        return pickle_vm.run(view, known=known, persistent_load=table, size=len(data)), table, arrays
+
     try:
-        result = pickle_vm.run(data, known={**KNOWN, **arrays.known}, persistent_load=table)
+        result, table, arrays = run_pickle(data, attempt)
     except pickle_vm.PickleError as exc:
         # Failing within its first bytes before calling anything: these bytes are not a pickle.
         if exc.offset < 64 and not exc.partial.calls:  # type: ignore[attr-defined]
@@ -141,7 +163,7 @@ def scan_pickle(path: Path, data: memoryview) -> Scan:
     if result.value == MAGIC_NUMBER and not result.globals and not table.storages:
         return scan_legacy(path, data)
     findings = findings_for(result, where, known=KNOWN)
-    findings.extend(arrays.place(path, where))
+    findings.extend(arrays.place(path, where, search=is_mapped(data)))
     if result.end < len(data):
         findings.append(Finding("notice", f"{len(data) - result.end} bytes follow the pickle's STOP", where))
     findings.extend(check_storages(result.value, table.storages, where, {}))

@@ -54,6 +54,11 @@ class PickleError(Exception):
         self.offset = offset
 
 
+class Truncated(PickleError):
+    """The bytes end before the pickle does. Over a whole file that is the answer; over a
+    prefix of one (a remote file read in growing ranges) it asks for more bytes."""
+
+
 @dataclass(frozen=True)
 class Global:
     """A global the pickle names: what `pickle` would import."""
@@ -174,6 +179,7 @@ class _Machine:
         start: int,
         known: Mapping[str, Any],
         persistent_load: Callable[[Any], Any] | None,
+        size: int | None = None,
     ):
         self.data = memoryview(data)
         self.pos = start
@@ -187,7 +193,7 @@ class _Machine:
         # 0 for leaves); each is kept in `deep` so its id is not reused.
         self.depths: dict[int, int] = {}
         self.deep: list[Any] = []
-        self.hash_work_limit = len(self.data) + HASH_WORK_MARGIN
+        self.hash_work_limit = (size or len(self.data)) + HASH_WORK_MARGIN
         self.result = Result(None, start, 0)
         self.op_start = start
 
@@ -197,7 +203,7 @@ class _Machine:
             raise PickleError(f"negative length {n}", self.op_start)
         end = self.pos + n
         if end > len(self.data):
-            raise PickleError(
+            raise Truncated(
                 f"pickle data was truncated: {n} bytes declared, {len(self.data) - self.pos} left",
                 self.op_start,
             )
@@ -212,7 +218,7 @@ class _Machine:
         while True:
             chunk = bytes(data[end : end + 4096])
             if not chunk:
-                raise PickleError("pickle data was truncated inside a text line", self.op_start)
+                raise Truncated("pickle data was truncated inside a text line", self.op_start)
             i = chunk.find(b"\n")
             if i >= 0:
                 line = bytes(data[self.pos : end + i])
@@ -231,7 +237,7 @@ class _Machine:
         """One unsigned byte: the argument of the commonest opcodes."""
         pos = self.pos
         if pos >= len(self.data):
-            raise PickleError("pickle data was truncated: 1 byte declared, 0 left", self.op_start)
+            raise Truncated("pickle data was truncated: 1 byte declared, 0 left", self.op_start)
         self.pos = pos + 1
         return self.data[pos]
 
@@ -353,7 +359,7 @@ class _Machine:
         while True:
             pos = self.op_start = self.pos
             if pos >= size:
-                raise PickleError("pickle data was truncated: no STOP", pos)
+                raise Truncated("pickle data was truncated: no STOP", pos)
             code = data[pos]
             self.pos = pos + 1
             op = ops[code]
@@ -390,7 +396,7 @@ def _op_PROTO(m: _Machine) -> None:
 def _op_FRAME(m: _Machine) -> None:
     size = m.unpack(_UINT64)
     if size > len(m.data) - m.pos:
-        raise PickleError(f"frame of {size} bytes runs past the end", m.op_start)
+        raise Truncated(f"frame of {size} bytes runs past the end", m.op_start)
 
 
 def _op_MARK(m: _Machine) -> None:
@@ -799,6 +805,7 @@ def run(
     start: int = 0,
     known: Mapping[str, Any] | None = None,
     persistent_load: Callable[[Any], Any] | None = None,
+    size: int | None = None,
 ) -> Result:
     """Execute the pickle at `data[start:]` over stand-ins, up to its STOP.
 
@@ -808,15 +815,17 @@ def run(
         known: globals by qualified name that the caller models: a `Known`
             is called with the pickled arguments, anything else is pushed as is.
         persistent_load: turns a persistent id into a stand-in.
+        size: the length of the whole file when `data` is only a prefix of it (a remote
+            file read in growing ranges), so that limits scale with the file as they do locally.
 
     Returns:
         The value at STOP, where STOP ended, and every unknown global and call.
 
     Raises:
-        PickleError: the pickle is malformed, truncated or too deep. Its
+        PickleError: the pickle is malformed, truncated (`Truncated`) or too deep. Its
             `partial` attribute holds what was recorded before the error.
     """
-    machine = _Machine(data, start, known or {}, persistent_load)
+    machine = _Machine(data, start, known or {}, persistent_load, size)
     try:
         return machine.run()
     except PickleError as exc:

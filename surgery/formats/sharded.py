@@ -7,7 +7,7 @@ index and the shards are checked against each other.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound
@@ -60,13 +60,31 @@ def _scan_index(index: Path, scan_shard: ShardReader, findings: list[Finding]) -
     weight_map, meta = _read_index(index)
     shards = list(dict.fromkeys(weight_map.values()))
     paths = [named_file(index, index.parent, shard, "the index names shard") for shard in shards]
+    scans = ((shard, scan_shard(path, index)) for shard, path in zip(shards, paths, strict=True))
+    return join_shards(index, weight_map, meta, scans, findings)
+
+
+def join_shards(
+    index: Path,
+    weight_map: dict[str, str],
+    meta: dict,
+    scans: Iterable[tuple[str, Scan]],
+    findings: list[Finding],
+) -> Scan:
+    """The index's Scan from its shards' (each shard's name as the index gives it, and its Scan):
+    the tensors of each, checked against the weight map. Local files or remote ones alike.
+
+    Args:
+        findings: gathers every finding on the way (`carrying` keeps them on a failure).
+    """
     root: dict[str, TensorRef] = {}
     owner: dict[str, str] = {}
     files = [index]
     formats = set()
-    for shard, path in zip(shards, paths, strict=True):
-        sub = scan_shard(path, index)
-        files.append(path)
+    shards: list[str] = []
+    for shard, sub in scans:
+        shards.append(shard)
+        files.append(sub.path)
         formats.add(sub.format)
         findings.extend(sub.findings)
         located = locate(sub.root)
@@ -122,8 +140,13 @@ def _read_index(index: Path) -> tuple[dict[str, str], dict]:
     refuse_not_regular(index)
     if index.stat().st_size > MAX_INDEX_BYTES:
         raise CorruptCheckpoint(index, f"index file over {MAX_INDEX_BYTES} bytes")
+    return parse_index(index, index.read_bytes())
+
+
+def parse_index(index: Path, text: bytes) -> tuple[dict[str, str], dict]:
+    """The weight map and the scalar metadata of an index's text (a file's, or a URL's)."""
     try:
-        doc = json.loads(index.read_text(encoding="utf-8"))
+        doc = json.loads(text.decode("utf-8"))
     except (ValueError, RecursionError) as exc:  # bad UTF-8 or JSON, ints over 4300 digits
         raise NotACheckpoint(
             index, f"not a checkpoint: a text file that is not a JSON index ({exc})"

@@ -21,7 +21,7 @@ from typing import Any
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint
 from surgery.formats import pickle_vm
-from surgery.formats.base import Scan, carrying, check_storages
+from surgery.formats.base import Scan, carrying, check_storages, prefetch
 from surgery.formats.safety import findings_for
 from surgery.formats.torch_pickle import KNOWN, TORCHSCRIPT_KNOWN, DataLocation, StorageTable
 from surgery.formats.torchscript import MAX_SOURCE, UnreadableCode, as_modules, code_file
@@ -130,6 +130,8 @@ def _scan_zip(
         raise CorruptCheckpoint(path, f"damaged or truncated zip archive ({exc})") from None
 
     prefix = _archive_prefix(path, [i.filename for i in infos])
+    # Each member's local header is read next: a remote archive fetches them together.
+    prefetch(data, ((i.header_offset, _LOCAL.size + len(i.filename.encode())) for i in infos))
     # torch's reader (miniz) looks names up without regard to case: so does this.
     members: dict[str, list[Member]] = {}
     for info in infos:
@@ -155,6 +157,7 @@ def _scan_zip(
         return copies[0] if copies else None
 
     folder = prefix.lower() + "/"
+    prefetch(data, _small_members(members, folder))
     torchscript = any(n.startswith((folder + "code/", folder + "constants.pkl")) for n in members)
     known = TORCHSCRIPT_KNOWN if torchscript else KNOWN
     expected = ("__torch__.",) if torchscript else ()
@@ -262,6 +265,19 @@ def _read_data_pkl(
     if chosen is None:
         raise failure or CorruptCheckpoint(path, "data.pkl cannot be read")
     return chosen
+
+
+def _small_members(members: dict[str, list[Member]], folder: str) -> list[tuple[int, int]]:
+    """The bytes read next, beyond the storages: every pickle, `byteorder`, `version`, TorchScript's
+    code/ and surgery's provenance (a remote archive fetches them together)."""
+    small = {folder + name for name in ("byteorder", "version", ".data/surgery.json")}
+    return [
+        (copy.offset, copy.info.compress_size)
+        for name, copies in members.items()
+        if name in small or name.endswith(".pkl") or name.startswith(folder + "code/")
+        for copy in copies
+        if copy.offset >= 0
+    ]
 
 
 def _torchscript_findings(

@@ -117,12 +117,25 @@ def inspect_page(report: InspectReport) -> Page:
             if skipped
             else ("crc", ["every storage checked"])
         )
+    if ckpt.remote:
+        rows.append(("fetched", [fetched_line(ckpt.remote)]))
     rows.append(("safety", [safety_line(ckpt)]))
     findings = [f"{f.severity}: {f.message}" + (f"  [{f.where}]" if f.where else "") for f in ckpt.findings]
     if findings:
         rows.append((None, findings))
     tree = TreeView(build_tree((t.name, t.numel) for t in tensors), {t.name: t for t in tensors}, depth)
     return Page(rows, title=str(ckpt.path), tree=tree)
+
+
+def fetched_line(remote: dict) -> str:
+    """What a remote inspect took: bytes and HTTP requests against the size of the files."""
+    size, read = remote["size"], remote["bytes_read"]
+    share = f"{100 * read / size:.3g}%" if size else "all"
+    files = f" ({remote['files']} files)" if remote["files"] > 1 else ""
+    return (
+        f"{read:,} bytes ({human_bytes(read)}) of {size:,}{files}, {share}, "
+        f"in {plural(remote['requests'], 'HTTP request')}"
+    )
 
 
 def recipe_rows(meta: dict[str, str]) -> list[Row]:

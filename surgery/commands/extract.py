@@ -234,7 +234,6 @@ def extract_file(
     changed: list[str] = []
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     errors: list[LayerError] = []
-    layout: ExtractLayout | None = None
     for name in names:  # the first pass: what changed, and the factors of what changed
         a, b = _pair(tuned_side, base_side, name)
         if not torch.equal(a, b):
@@ -246,8 +245,8 @@ def extract_file(
                 from surgery.models.merges import lora_factors
 
                 fa, fb, error = lora_factors(a.double() - b.double(), kind[name], request.rank)
-                own = getattr(torch, request.dtype) if request.dtype else a.dtype
-                deltas[name] = (fa.to(own), fb.to(own))
+                dtype = getattr(torch, request.dtype) if request.dtype else a.dtype
+                deltas[name] = (fa.to(dtype), fb.to(dtype))
                 errors.append(LayerError(name, error))
         del a, b
         tuned.release(tuned_side.keys[name])

@@ -126,16 +126,44 @@ def _ties(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) ->
 
 def _threshold(base: Stream, tuned: Stream, density: float) -> float:
     """The least magnitude of a task vector's k = ⌊density · n⌋ largest elements (those at
-    least as large are kept; inf when none is): read whole, one task vector at a time."""
+    least as large are kept; inf when none is), found in streamed passes: a histogram of the
+    magnitudes finds the bin that holds it, then only that bin's values are held and ranked.
+    Memory follows a piece and one bin, not the tensor (a 2 GB embedding's task vector whole
+    would be 4 GB of float64)."""
     import torch
 
-    magnitudes = torch.cat(
-        [(t - b.double()).abs() for b, t in aligned([base(), tuned()])] or [torch.zeros(0)]
-    )
-    keep = int(density * magnitudes.numel())
+    def magnitudes() -> Iterator[torch.Tensor]:
+        for b, t in aligned([base(), tuned()]):
+            yield (t - b.double()).abs()
+
+    count, top = 0, 0.0
+    for piece in magnitudes():
+        count += piece.numel()
+        top = max(top, float(piece.max())) if piece.numel() else top
+    keep = int(density * count)
     if keep == 0:
         return math.inf
-    return magnitudes.kthvalue(magnitudes.numel() - keep + 1).values.item()
+    if top == 0:
+        return 0.0
+    bins = torch.zeros(HISTOGRAM, dtype=torch.int64)
+    for piece in magnitudes():
+        bins += torch.bincount(_bin_of(piece, top), minlength=HISTOGRAM)
+    above = bins.flip(0).cumsum(0).flip(0)  # elements in this bin or higher ones
+    low = int(torch.nonzero(above >= keep).max())  # the highest bin holding the keep-th largest
+    higher = int(above[low + 1]) if low + 1 < HISTOGRAM else 0
+    inside = torch.cat([piece[_bin_of(piece, top) == low] for piece in magnitudes()])
+    return float(inside.kthvalue(inside.numel() - (keep - higher) + 1).values)
+
+
+HISTOGRAM = 1 << 16  # bins of TIES' magnitude histogram
+
+
+def _bin_of(magnitudes: torch.Tensor, top: float) -> torch.Tensor:
+    """Each magnitude's bin of [0, top] in HISTOGRAM equal bins (top in the last): the same
+    rule in every pass, so the passes agree on which values a bin holds."""
+    import torch
+
+    return torch.clamp((magnitudes * (HISTOGRAM / top)).to(torch.int64), max=HISTOGRAM - 1)
 
 
 def _slerp(inputs: Sequence[Stream], base: Stream | None, params: MergeParams) -> Iterator[torch.Tensor]:

@@ -840,3 +840,23 @@ def test_a_merge_in_its_own_dtype_overflowing_is_refused_but_rounding_to_zero_is
         "merge", tuned, "--base", base, "--method", "task-arithmetic", "--scale", "0.25", "-o", small
     )
     assert run.exit_code == 0, run.stdout + run.stderr  # 6e-8 / 4 rounds to 0 in float16: not counted
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_ties_threshold_from_streamed_passes_equals_kthvalue_of_the_whole(seed):
+    """The histogram's bin holds the threshold exactly: ties, zero changes and pieces of any cut."""
+    from surgery.models.merges import _threshold
+
+    torch.manual_seed(seed)
+    n = 1 + seed * 997
+    base = torch.randn(n, dtype=torch.float64)
+    tuned = base + (torch.randint(-3, 4, (n,)).double() if seed % 2 else torch.randn(n, dtype=torch.float64))
+    for density in (0.0, 0.05, 0.2, 0.5, 1.0):
+        change = (tuned - base).abs()
+        keep = int(density * n)
+        expected = math.inf if keep == 0 else float(change.kthvalue(n - keep + 1).values)
+
+        def pieces(x: torch.Tensor):
+            return lambda: iter(x[i : i + 333] for i in range(0, n, 333))
+
+        assert _threshold(pieces(base), pieces(tuned), density) == expected

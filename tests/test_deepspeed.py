@@ -30,6 +30,7 @@ import surgery
 from surgery.formats.deepspeed import Run, Source, ZeroLayout, blocks, plan_zero
 
 STAGES = (1, 2, 3)
+RUNS = ("zero1", "zero2", "zero3", "zero2-bf16", "zero3-bf16")
 CANARY = "CANARY"
 
 # One Adam step of a small model under each ZeRO stage, saved by DeepSpeed. The model has a
@@ -45,6 +46,9 @@ TRAIN = textwrap.dedent(
     from torch import nn
 
 
+    RUNS = [("zero1", 1, False), ("zero2", 2, False), ("zero3", 3, False), ("zero2-bf16", 2, True), ("zero3-bf16", 3, True)]
+
+
     class Payload:
         # What a hostile client_state holds: torch.load(weights_only=False) would run it.
         def __reduce__(self):
@@ -52,12 +56,14 @@ TRAIN = textwrap.dedent(
 
 
     out = sys.argv[1]
-    for stage in (1, 2, 3):
+    for name, stage, bf16 in RUNS:
         torch.manual_seed(stage)
+        # bf16 on the CPU: BatchNorm cannot run, a LayerNorm and a float buffer (saved in bf16) can
+        norm = nn.LayerNorm(7) if bf16 else nn.BatchNorm1d(7)
         model = nn.Sequential(
-            nn.Linear(5, 7), nn.BatchNorm1d(7), nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 3),
-            nn.Linear(3, 3, bias=False),
+            nn.Linear(5, 7), norm, nn.ReLU(), nn.Linear(7, 3), nn.Linear(3, 3), nn.Linear(3, 3, bias=False)
         )
+        model[0].register_buffer("scale", torch.linspace(0, 1, 6))
         model[4].bias.requires_grad_(False)
         model[5].weight = model[4].weight
         trainable = [p for p in model.parameters() if p.requires_grad]
@@ -65,14 +71,15 @@ TRAIN = textwrap.dedent(
             "train_micro_batch_size_per_gpu": 4,
             "optimizer": {"type": "Adam", "params": {"lr": 1e-2, "torch_adam": True}},
             "zero_optimization": {"stage": stage},
+            "bf16": {"enabled": bf16},
         }
         groups = [{"params": trainable[:3]}, {"params": trainable[3:], "lr": 1e-3}]
         engine, *_ = deepspeed.initialize(model=model, model_parameters=groups, config=config)
-        loss = engine(torch.randn(4, 5)).pow(2).mean()
-        engine.backward(loss)
+        x = torch.randn(4, 5, dtype=torch.bfloat16 if bf16 else torch.float32)
+        engine.backward(engine(x).float().pow(2).mean())
         engine.step()
-        engine.save_checkpoint(f"{out}/zero{stage}")
-        if stage == 2:
+        engine.save_checkpoint(f"{out}/{name}")
+        if name == "zero2":
             engine.save_checkpoint(f"{out}/payload", client_state={"note": Payload()})
     """
 )
@@ -100,8 +107,8 @@ def _run(args: list[str], cwd: Path) -> None:
 
 @pytest.fixture(scope="session")
 def zero_checkpoints(tmp_path_factory) -> Path:
-    """zero1/, zero2/, zero3/ (and payload/) written by DeepSpeed over two CPU ranks, each
-    beside DeepSpeed's own consolidation, `zeroN.reference.pt`."""
+    """zero1/, zero2/, zero3/, zero2-bf16/, zero3-bf16/ (and payload/) written by DeepSpeed over
+    two CPU ranks, each beside DeepSpeed's own consolidation, `NAME.reference.pt`."""
     if importlib.util.find_spec("deepspeed") is None:
         pytest.skip("deepspeed is not installed (pip install -e '.[test]')")
     root = tmp_path_factory.mktemp("deepspeed")
@@ -109,13 +116,14 @@ def zero_checkpoints(tmp_path_factory) -> Path:
     (root / "reference.py").write_text(REFERENCE)
     torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
     _run([*torchrun, "train.py", str(root)], root)
-    _run([sys.executable, "reference.py", *(str(root / f"zero{s}") for s in STAGES)], root)
+    _run([sys.executable, "reference.py", *(str(root / name) for name in RUNS)], root)
     assert not (root / CANARY).exists()
     return root
 
 
-def reference(root: Path, stage: int) -> dict[str, torch.Tensor]:
-    return torch.load(root / f"zero{stage}.reference.pt", weights_only=True)
+def reference(root: Path, run: int | str) -> dict[str, torch.Tensor]:
+    name = f"zero{run}" if isinstance(run, int) else run
+    return torch.load(root / f"{name}.reference.pt", weights_only=True)
 
 
 def assert_identical(got: dict, expected: dict) -> None:
@@ -140,6 +148,19 @@ def test_convert_is_bit_identical_to_zero_to_fp32(zero_checkpoints, stage, tmp_p
     run = run_cli("convert", zero_checkpoints / f"zero{stage}", "-o", out)
     assert run.exit_code == 0, run.stderr
     assert_identical(surgery.open_checkpoint(out).state_dict(), reference(zero_checkpoints, stage))
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("run", ["zero2-bf16", "zero3-bf16"])
+def test_bf16_training_consolidates_as_zero_to_fp32_does(zero_checkpoints, run, tmp_path):
+    """bf16 training: optimizer files named bf16_*, buffers saved in bf16 (made float32, as
+    zero_to_fp32 does), frozen parameters kept in bf16."""
+    assert list((zero_checkpoints / run / "global_step1").glob("bf16_zero_pp_rank_*_optim_states.pt"))
+    out = tmp_path / "model.safetensors"
+    assert run_cli("convert", zero_checkpoints / run, "-o", out).exit_code == 0
+    expected = reference(zero_checkpoints, run)
+    assert expected["0.scale"].dtype == torch.float32 and expected["4.bias"].dtype == torch.bfloat16
+    assert_identical(surgery.open_checkpoint(out).state_dict(), expected)
 
 
 @pytest.mark.slow
@@ -206,7 +227,7 @@ def test_inspect_json_lists_partitions_and_shapes(zero_checkpoints):
     assert info["zero_stage"] == 3 and info["dp_world_size"] == 2
     assert info["optim_files"] == [f"zero_pp_rank_{r}_mp_rank_00_optim_states.pt" for r in (0, 1)]
     assert info["model_files"] == [f"zero_pp_rank_{r}_mp_rank_00_model_states.pt" for r in (0, 1)]
-    assert (info["trainable"], info["frozen"], info["buffers"]) == (7, 1, 3)
+    assert (info["trainable"], info["frozen"], info["buffers"]) == (7, 1, 4)
     shapes = {t["name"]: t["shape"] for t in doc["tensors"]}
     assert shapes["0.weight"] == [7, 5] and shapes["1.num_batches_tracked"] == []
     # each rank holds ceil(numel / 2) of every trainable parameter, in two groups
@@ -226,7 +247,7 @@ def test_inspect_does_not_import_torch(zero_checkpoints):
         text=True,
         check=True,
     )
-    assert proc.stdout.split() == ["12", "False"]
+    assert proc.stdout.split() == ["13", "False"]
 
 
 # == bad input ===========================================================================

@@ -305,6 +305,49 @@ def test_a_partition_of_another_checkpoint_is_refused(zero_checkpoints, tmp_path
     assert not out.exists()
 
 
+@pytest.mark.slow
+@pytest.mark.parametrize(
+    "file, content, says",
+    [
+        (
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            {"optimizer_state_dict": {"zero_stage": [2]}},
+            "stage [2]",
+        ),
+        (
+            "zero_pp_rank_0_mp_rank_00_optim_states.pt",
+            {"state": {}},
+            "not a DeepSpeed ZeRO optimizer partition",
+        ),
+        (
+            "zero_pp_rank_1_mp_rank_00_optim_states.pt",
+            {
+                "optimizer_state_dict": {
+                    "zero_stage": 2,
+                    "single_partition_of_fp32_groups": [torch.ones(2, 2)],
+                }
+            },
+            "not a list of flat tensors",
+        ),
+        ("mp_rank_00_model_states.pt", {"module": {}}, "no 'buffer_names'"),
+        ("mp_rank_00_model_states.pt", {"module": {}, "param_shapes": [], "buffer_names": ["x"]}, "'x'"),
+        (
+            "mp_rank_00_model_states.pt",
+            {"module": {}, "param_shapes": [{"w": "big"}], "buffer_names": []},
+            "'w'",
+        ),
+    ],
+)
+def test_files_that_are_not_what_deepspeed_writes_are_refused(
+    zero_checkpoints, tmp_path, file, content, says
+):
+    folder = copy_of(zero_checkpoints, 2, tmp_path) / "global_step1"
+    torch.save(content, folder / file)
+    out = tmp_path / "o.safetensors"
+    assert_clean_error(run_cli("convert", folder, "-o", out), folder / file, contains=says, code=1)
+    assert not out.exists()
+
+
 # == nothing runs ========================================================================
 
 

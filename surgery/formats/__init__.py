@@ -23,7 +23,8 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
     Args:
         path: a file in any supported format, a `*.index.json`, or a folder holding one;
             a Hugging Face model folder (config.json beside its weights or their index);
-            a torch.distributed.checkpoint folder or its `.metadata` file.
+            a torch.distributed.checkpoint folder or its `.metadata` file; a DeepSpeed ZeRO
+            checkpoint folder (the consolidated fp32 state_dict).
         verify: also read every storage to check zip CRCs (reads all the data).
 
     Raises:

@@ -26,7 +26,7 @@ from surgery.values import Finding
 @dataclass
 class Scan:
     path: Path
-    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp | pickle
+    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp | deepspeed | pickle
     description: str
     root: Any
     findings: list[Finding] = field(default_factory=list)

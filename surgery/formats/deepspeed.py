@@ -28,7 +28,7 @@ from surgery.dtypes import BY_NAME, DType
 from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
 from surgery.formats.base import Scan, carrying, mapped, named_file
 from surgery.formats.dcp import Record
-from surgery.formats.pickle_vm import Known
+from surgery.formats.pickle_vm import Known, describe
 from surgery.formats.torch_pickle import KNOWN, StorageRef, TensorRef, contiguous_strides
 from surgery.formats.torchzip import scan_zip
 from surgery.text import plural
@@ -536,15 +536,15 @@ def _optim_states(
             )
         states.append(state)
     stage = _int(states[0]["zero_stage"])
-    if stage not in PARTITIONS_KEY:
+    if type(stage) is not int or stage not in PARTITIONS_KEY:
         raise CorruptCheckpoint(
-            paths[0], f"ZeRO stage {stage!r}: only stages 1, 2 and 3 keep fp32 partitions"
+            paths[0], f"ZeRO stage {describe(stage)}: only stages 1, 2 and 3 keep fp32 partitions"
         )
     count = states[0].get("partition_count")
     counts = count if isinstance(count, list) else [count]
-    if not counts or not all(type(_int(c)) is int and _int(c) > 0 for c in counts):
+    if not counts or not all(type(c) is int and c > 0 for c in counts):
         raise CorruptCheckpoint(paths[0], "partition_count is not a number of ranks")
-    world_size = max(_int(c) for c in counts)
+    world_size = max(counts)  # expert groups may count fewer ranks: zero_to_fp32 takes the largest
     if world_size != len(paths):
         raise NotFound(
             folder,
@@ -556,7 +556,7 @@ def _optim_states(
     for path, state in zip(paths, states, strict=True):
         if _int(state["zero_stage"]) != stage:
             raise CorruptCheckpoint(
-                path, f"ZeRO stage {_int(state['zero_stage'])!r}, rank 0's file says {stage}"
+                path, f"ZeRO stage {describe(_int(state['zero_stage']))}, rank 0's file says {stage}"
             )
         groups = state.get(key)
         if not isinstance(groups, list) or not all(_flat(t) for t in groups):

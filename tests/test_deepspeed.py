@@ -198,6 +198,21 @@ def test_diff_finds_no_difference_from_zero_to_fp32(zero_checkpoints):
 
 
 @pytest.mark.slow
+def test_port_and_merge_take_the_folder_as_any_checkpoint(zero_checkpoints, tmp_path):
+    expected = reference(zero_checkpoints, 3)
+    template = zero_checkpoints / "zero3.reference.pt"
+    ported, merged = tmp_path / "ported.safetensors", tmp_path / "merged.safetensors"
+    run = run_cli("port", zero_checkpoints / "zero3", "--to", template, "-o", ported)
+    assert run.exit_code == 0, run.stderr
+    assert_identical(surgery.open_checkpoint(ported).state_dict(), expected)
+    run = run_cli(
+        "merge", zero_checkpoints / "zero3", zero_checkpoints / "zero3" / "global_step1", "-o", merged
+    )
+    assert run.exit_code == 0, run.stderr  # the mean of one checkpoint twice is itself
+    assert_identical(surgery.open_checkpoint(merged).state_dict(), expected)
+
+
+@pytest.mark.slow
 def test_frozen_parameters_zero_1_does_not_record_are_named(zero_checkpoints):
     """DeepSpeed saves no frozen_param_shapes at ZeRO-1: zero_to_fp32 drops the frozen
     parameter, and so does the output, but inspect says so."""

@@ -456,6 +456,7 @@ def test_order_is_buffers_then_frozen_then_trainable_then_shared_names():
         (layout(3, [{"a": (4,)}], [[2], [3]]), "differ in size"),
         (layout(3, [{"a": (2,)}], [[3], [3]]), "take 1 elements"),
         (layout(2, [], [[0]], frozen_shapes={"f": (1,)}), "not in frozen_param_fragments"),
+        (layout(1, [{"a": (1,)}, {"b": (1,)}], [[2], [2]]), "2 parameter groups, the partitions 1"),
     ],
 )
 def test_partitions_and_shapes_that_disagree_are_refused(bad, says):

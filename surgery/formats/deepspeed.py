@@ -171,6 +171,11 @@ def _frozen_stage3(layout: ZeroLayout, name: str, shape: tuple[int, ...]) -> Pla
 
 
 def _trainable_flat(layout: ZeroLayout) -> list[Placement]:
+    groups = len(layout.partition_numels[0]) if layout.partition_numels else 0
+    if len(layout.param_shapes) != groups:
+        raise ValueError(
+            f"param_shapes has {len(layout.param_shapes)} parameter groups, the partitions {groups}"
+        )
     out = []
     for group, shapes in enumerate(layout.param_shapes):
         segments = [

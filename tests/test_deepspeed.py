@@ -310,6 +310,20 @@ def test_latest_naming_a_missing_tag_is_a_clean_error(zero_checkpoints, tmp_path
 
 
 @pytest.mark.slow
+def test_links_leading_out_of_the_folder_are_refused(zero_checkpoints, tmp_path):
+    folder = copy_of(zero_checkpoints, 2, tmp_path)
+    (tmp_path / "elsewhere").symlink_to(zero_checkpoints / "zero3" / "global_step1")
+    (folder / "global_step9").symlink_to(tmp_path / "elsewhere")
+    (folder / "latest").write_text("global_step9")
+    assert_clean_error(run_cli("inspect", folder), folder / "latest", contains="a link leading outside")
+    tag = folder / "global_step1"
+    name = "zero_pp_rank_1_mp_rank_00_optim_states.pt"
+    (tag / name).unlink()
+    (tag / name).symlink_to(zero_checkpoints / "zero2" / "global_step1" / name)
+    assert_clean_error(run_cli("inspect", tag), tag, contains="outside the folder (through a link)")
+
+
+@pytest.mark.slow
 def test_a_partition_of_another_checkpoint_is_refused(zero_checkpoints, tmp_path):
     """Rank 1's file replaced by the ZeRO-1 run's: the files disagree, which is said."""
     folder = copy_of(zero_checkpoints, 2, tmp_path) / "global_step1"

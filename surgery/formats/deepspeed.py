@@ -438,8 +438,10 @@ def _tag_folder(path: Path) -> Path:
     if not tag or "/" in tag or "\\" in tag or tag in (".", "..") or "\0" in tag:
         raise CorruptCheckpoint(latest, f"names {tag[:60]!r}, which is not a folder name")
     folder = path / tag
-    if not folder.is_dir() or folder.resolve().parent != path.resolve():
+    if not folder.is_dir():
         raise NotFound(latest, f"names the tag {tag!r}, but the folder holds no such folder")
+    if folder.resolve().parent != path.resolve():
+        raise CorruptCheckpoint(latest, f"names the tag {tag!r}, a link leading outside the folder")
     return folder
 
 

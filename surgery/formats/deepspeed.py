@@ -322,9 +322,78 @@ def scan_deepspeed(path: Path, *, verify: bool = False) -> Scan:
 
 
 def _scan_deepspeed(path: Path, verify: bool, findings: list[Finding]) -> Scan:
-    folder, files = _tag_folder(path), []
-    if folder != path:
-        files.append(path / LATEST)
+    folder = _tag_folder(path)
+    model_files, optim_files = _files(folder)
+    seen: set[str] = set()
+    known = _known(seen)
+    models = [_read(p, verify, known, findings) for p in model_files]
+    optims = [_read(p, verify, known, findings) for p in optim_files]
+    model = _model_states(model_files[0], models[0])
+    stage, world_size, partitions, paddings = _optim_states(folder, optim_files, optims)
+    fragments = [_fragments(p, root) for p, root in zip(model_files, models, strict=True)]
+    if stage == 3 and len(fragments) != world_size:
+        raise NotFound(
+            folder,
+            f"ZeRO-3 over {world_size} ranks keeps one model states file per rank; "
+            f"the folder holds {len(fragments)}",
+        )
+    layout = ZeroLayout(
+        stage=stage,
+        world_size=world_size,
+        param_shapes=model.param_shapes,
+        partition_numels=tuple(tuple(t.numel for t in groups) for groups in partitions),
+        alignment_paddings=paddings,
+        module_names=tuple(model.module),
+        buffer_names=model.buffer_names,
+        frozen_shapes=model.frozen_shapes,
+        fragment_numels=tuple(
+            {k: t.numel for k, t in f.items()} for f in (fragments if stage == 3 else fragments[:1])
+        ),
+        shared=model.shared,
+    )
+    try:
+        plan = plan_zero(layout)
+    except ValueError as exc:
+        raise CorruptCheckpoint(folder, f"the DeepSpeed files disagree: {exc}") from None
+    state_dict = _tensors(folder, plan, _sources(model.module, fragments, partitions))
+    findings.extend(_notices(folder, seen, [n for n in model.module if n not in state_dict], model_files[0]))
+    roles = {
+        role: sum(p.role == role for n, p in plan.entries if n == p.name)
+        for role in ("trainable", "frozen", "buffer")
+    }
+    info = {
+        "tag": folder.name,
+        "zero_stage": stage,
+        "dp_world_size": world_size,
+        "ds_version": model.ds_version,
+        "optimizer": model.optimizer,
+        "model_files": [p.name for p in model_files],
+        "optim_files": [p.name for p in optim_files],
+        "fp32_partitions": [[t.numel for t in groups] for groups in partitions],
+        "trainable": roles["trainable"],
+        "frozen": roles["frozen"],
+        "buffers": roles["buffer"],
+        "shared": plan.aliases,
+    }
+    root = {
+        "module": state_dict,
+        **model.extras,
+        "zero_stage": stage,
+        "dp_world_size": world_size,
+        "optimizer": model.optimizer,
+    }
+    description = (
+        f"DeepSpeed ZeRO-{stage} checkpoint {folder.name}: {plural(world_size, 'data-parallel rank')}, "
+        f"fp32 master weights in {plural(len(optim_files), 'optimizer partition file')} ({model.optimizer}); "
+        f"{plural(roles['trainable'], 'trainable parameter')}, {roles['frozen']} frozen, "
+        f"{plural(roles['buffer'], 'buffer')}"
+    )
+    files = ([path / LATEST] if folder != path else []) + model_files + optim_files
+    return Scan(folder, "deepspeed", description, root, findings, {"deepspeed": info}, files)
+
+
+def _files(folder: Path) -> tuple[list[Path], list[Path]]:
+    """The model states and the optimizer partitions, each in rank order."""
     model_files = _natural(folder.glob(MODEL_STATES))
     optim_files = _natural(folder.glob(OPTIM_STATES))
     if not model_files:
@@ -335,42 +404,15 @@ def _scan_deepspeed(path: Path, verify: bool, findings: list[Finding]) -> Scan:
             f"no {OPTIM_STATES} files: ZeRO keeps the fp32 weights in the optimizer partitions",
             hint=f"inspect {model_files[0].name} for the module's own copy of the weights",
         )
-    seen: set[str] = set()
-    known = _known(seen)
-    models = [_read(p, verify, known, findings) for p in model_files]
-    optims = [_read(p, verify, known, findings) for p in optim_files]
-    files += model_files + optim_files
-    model = _model_states(model_files[0], models[0])
-    stage, world_size, partitions, paddings = _optim_states(folder, optim_files, optims)
-    fragments = [_fragments(p, root) for p, root in zip(model_files, models, strict=True)]
-    if stage == 3 and len(fragments) != world_size:
-        raise NotFound(
-            folder,
-            f"ZeRO-3 over {world_size} ranks keeps one model states file per rank; the folder holds {len(fragments)}",
-        )
-    layout = ZeroLayout(
-        stage=stage,
-        world_size=world_size,
-        param_shapes=model["param_shapes"],
-        partition_numels=tuple(tuple(t.numel for t in groups) for groups in partitions),
-        alignment_paddings=paddings,
-        module_names=tuple(model["module"]),
-        buffer_names=model["buffer_names"],
-        frozen_shapes=model["frozen_shapes"],
-        fragment_numels=tuple(
-            {k: t.numel for k, t in f.items()} for f in (fragments if stage == 3 else fragments[:1])
-        ),
-        shared=model["shared"],
-    )
-    try:
-        plan = plan_zero(layout)
-    except ValueError as exc:
-        raise CorruptCheckpoint(folder, f"the DeepSpeed files disagree: {exc}") from None
-    sources = _sources(model["module"], fragments, partitions)
-    state_dict = _tensors(folder, plan, sources)
+    return model_files, optim_files
+
+
+def _notices(folder: Path, seen: set[str], left_out: list[str], model_file: Path) -> list[Finding]:
+    """DeepSpeed's classes read as records; module tensors the fp32 state_dict leaves out."""
+    out = []
     if seen:
         names = ", ".join(sorted(n.rsplit(".", 1)[1] for n in seen))
-        findings.append(
+        out.append(
             Finding(
                 "notice",
                 f"DeepSpeed's own classes ({names}) read as plain records: torch.load needs "
@@ -378,50 +420,18 @@ def _scan_deepspeed(path: Path, verify: bool, findings: list[Finding]) -> Scan:
                 str(folder),
             )
         )
-    left_out = [name for name in model["module"] if name not in state_dict]
     if left_out:
         shown = ", ".join(left_out[:5]) + (f" and {len(left_out) - 5} more" if len(left_out) > 5 else "")
-        findings.append(
+        out.append(
             Finding(
                 "notice",
-                f"{plural(len(left_out), 'tensor')} of the module not in the fp32 state_dict ({shown}): DeepSpeed "
-                f"recorded no shape for them (frozen parameters at ZeRO-1), zero_to_fp32 leaves them out too; "
-                f"the module's own copy is in {model_files[0].name}",
+                f"{plural(len(left_out), 'tensor')} of the module not in the fp32 state_dict ({shown}): "
+                "DeepSpeed recorded no shape for them (frozen parameters at ZeRO-1), zero_to_fp32 leaves "
+                f"them out too; the module's own copy is in {model_file.name}",
                 str(folder),
             )
         )
-    optimizer = _optimizer_kind(model["ds_config"])
-    roles = {
-        role: sum(p.role == role for n, p in plan.entries if n == p.name)
-        for role in ("trainable", "frozen", "buffer")
-    }
-    info = {
-        "tag": folder.name,
-        "zero_stage": stage,
-        "dp_world_size": world_size,
-        "ds_version": model["ds_version"],
-        "optimizer": optimizer,
-        "model_files": [p.name for p in model_files],
-        "optim_files": [p.name for p in optim_files],
-        "fp32_partitions": [[t.numel for t in groups] for groups in partitions],
-        "trainable": roles["trainable"],
-        "frozen": roles["frozen"],
-        "buffers": roles["buffer"],
-        "shared": plan.aliases,
-    }
-    root: dict[str, Any] = {"module": state_dict}
-    for key in ("global_steps", "global_samples", "skipped_steps", "ds_version", "ds_config"):
-        if key in model["extras"]:
-            root[key] = model["extras"][key]
-    root.update(zero_stage=stage, dp_world_size=world_size, optimizer=optimizer)
-    description = (
-        f"DeepSpeed ZeRO-{stage} checkpoint {folder.name}: {world_size} data-parallel "
-        f"rank{'s' if world_size != 1 else ''}, fp32 master weights in {len(optim_files)} optimizer "
-        f"partition file{'s' if len(optim_files) != 1 else ''} ({optimizer}); "
-        f"{plural(roles['trainable'], 'trainable parameter')}, {roles['frozen']} frozen, "
-        f"{plural(roles['buffer'], 'buffer')}"
-    )
-    return Scan(folder, "deepspeed", description, root, findings, {"deepspeed": info}, files)
+    return out
 
 
 def _tag_folder(path: Path) -> Path:
@@ -478,8 +488,24 @@ def _read(path: Path, verify: bool, known: dict[str, Any], findings: list[Findin
     return sub.root
 
 
-def _model_states(path: Path, root: Any) -> dict[str, Any]:
+@dataclass(frozen=True)
+class _ModelStates:
     """Rank 0's model states, checked: what the plan needs, as plain data."""
+
+    module: dict[str, TensorRef]
+    buffer_names: frozenset[str]
+    param_shapes: tuple[dict[str, tuple[int, ...]], ...]
+    frozen_shapes: dict[str, tuple[int, ...]]
+    shared: dict[str, str]
+    ds_version: str | None
+    optimizer: str  # the type ds_config names
+    extras: dict[str, Any]  # what inspect lists beside the state_dict
+
+
+SHOWN_BESIDE = ("global_steps", "global_samples", "skipped_steps", "ds_version", "ds_config")
+
+
+def _model_states(path: Path, root: Any) -> _ModelStates:
     if not isinstance(root, dict) or not isinstance(root.get("module"), dict):
         raise CorruptCheckpoint(path, "not DeepSpeed model states: no 'module' state_dict")
     for key in ("buffer_names", "param_shapes"):
@@ -501,16 +527,17 @@ def _model_states(path: Path, root: Any) -> dict[str, Any]:
     missing = [b for b in buffers if b not in module]
     if missing:
         raise CorruptCheckpoint(path, f"buffer {missing[0]!r} is named in buffer_names but not in the module")
-    return {
-        "module": module,
-        "buffer_names": frozenset(buffers),
-        "param_shapes": tuple({name: _shape(path, name, s) for name, s in g.items()} for g in groups),
-        "frozen_shapes": {name: _shape(path, name, s) for name, s in frozen.items()},
-        "shared": dict(shared),
-        "ds_version": root.get("ds_version") if isinstance(root.get("ds_version"), str) else None,
-        "ds_config": root.get("ds_config") if isinstance(root.get("ds_config"), dict) else {},
-        "extras": root,
-    }
+    version, config = root.get("ds_version"), root.get("ds_config")
+    return _ModelStates(
+        module=module,
+        buffer_names=frozenset(buffers),
+        param_shapes=tuple({name: _shape(path, name, s) for name, s in g.items()} for g in groups),
+        frozen_shapes={name: _shape(path, name, s) for name, s in frozen.items()},
+        shared=dict(shared),
+        ds_version=version if isinstance(version, str) else None,
+        optimizer=_optimizer_kind(config if isinstance(config, dict) else {}),
+        extras={key: root[key] for key in SHOWN_BESIDE if key in root},
+    )
 
 
 def _shape(path: Path, name: Any, shape: Any) -> tuple[int, ...]:

@@ -25,8 +25,9 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
     Args:
         path: a file in any supported format, a `*.index.json`, or a folder holding one;
             a Hugging Face model folder (config.json beside its weights or their index);
-            a torch.distributed.checkpoint folder or its `.metadata` file; an http(s):// URL
-            of a file or an index, read with range requests (formats.remote).
+            a torch.distributed.checkpoint folder or its `.metadata` file; a DeepSpeed ZeRO
+            checkpoint folder (the consolidated fp32 state_dict); an http(s):// URL of a file or
+            an index, read with range requests (formats.remote).
         verify: also read every storage to check zip CRCs (reads all the data).
 
     Raises:

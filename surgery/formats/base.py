@@ -28,7 +28,7 @@ T = TypeVar("T")
 @dataclass
 class Scan:
     path: Path
-    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp | pickle
+    format: str  # torch-zip | torch-legacy | torchscript | safetensors | sharded | dcp | deepspeed | pickle
     description: str
     root: Any
     findings: list[Finding] = field(default_factory=list)

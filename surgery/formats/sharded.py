@@ -23,13 +23,17 @@ ShardReader = Callable[[Path, Path], Scan]  # (shard, the index naming it) -> it
 
 def scan_folder(folder: Path, scan_shard: ShardReader, *, verify: bool = False) -> Scan:
     """A folder is read through the index it holds, or as a torch.distributed.checkpoint
-    folder when it holds `.metadata` and no index."""
+    folder when it holds `.metadata` and no index, or as a DeepSpeed checkpoint folder."""
     indexes = sorted(folder.glob("*.index.json"))
     if not indexes:
         if (folder / ".metadata").is_file():
             from surgery.formats.dcp import scan_dcp
 
             return scan_dcp(folder, verify=verify)
+        from surgery.formats.deepspeed import is_deepspeed_folder, scan_deepspeed
+
+        if is_deepspeed_folder(folder):  # engine.save_checkpoint's folder, or its tag folder
+            return scan_deepspeed(folder, verify=verify)
         files = sorted(p.name for p in folder.iterdir() if p.suffix in CHECKPOINT_SUFFIXES)
         hint = f"it holds {', '.join(files[:5])}: inspect one of those" if files else None
         raise NotFound(folder, "a folder with no *.index.json", hint=hint)

@@ -64,7 +64,13 @@ class Member:
 
 
 def scan_zip(
-    path: Path, data: memoryview, *, verify: bool = False, base: int = 0, label: str | None = None
+    path: Path,
+    data: memoryview,
+    *,
+    verify: bool = False,
+    base: int = 0,
+    label: str | None = None,
+    known: dict | None = None,
 ) -> Scan:
     """Read a torch zip archive's metadata.
 
@@ -77,13 +83,15 @@ def scan_zip(
         base: where `data` starts in the file, so each `DataLocation.offset`
             counts from the start of the file.
         label: how messages name the archive (default: the path).
+        known: the globals modelled as stand-ins (default torch's, `KNOWN`): a reader of a
+            format that pickles its own classes (DeepSpeed) adds them as records.
 
     Returns:
         A `Scan` whose storages point at their bytes in `path`.
     """
     findings: list[Finding] = []
     with carrying(findings):
-        return _scan_zip(path, data, verify, findings, base, label)
+        return _scan_zip(path, data, verify, findings, base, label, known or KNOWN)
 
 
 class _Window(io.RawIOBase):
@@ -119,7 +127,13 @@ class _Window(io.RawIOBase):
 
 
 def _scan_zip(
-    real_path: Path, data: memoryview, verify: bool, findings: list[Finding], base: int, label: str | None
+    real_path: Path,
+    data: memoryview,
+    verify: bool,
+    findings: list[Finding],
+    base: int,
+    label: str | None,
+    plain_known: dict,
 ) -> Scan:
     # `path` names the archive in messages; `real_path` is the file its bytes lie in.
     path: Path | str = label or real_path
@@ -159,7 +173,7 @@ def _scan_zip(
     folder = prefix.lower() + "/"
     prefetch(data, _small_members(members, folder))
     torchscript = any(n.startswith((folder + "code/", folder + "constants.pkl")) for n in members)
-    known = TORCHSCRIPT_KNOWN if torchscript else KNOWN
+    known = TORCHSCRIPT_KNOWN if torchscript else plain_known
     expected = ("__torch__.",) if torchscript else ()
     result, table = _read_data_pkl(path, data, members[folder + "data.pkl"], known, expected, findings)
     if torchscript:

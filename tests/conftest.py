@@ -6,6 +6,7 @@ from __future__ import annotations
 import gc
 import hashlib
 import io
+import json
 import os
 import subprocess
 import sys
@@ -111,6 +112,28 @@ def write_torch_zip(
         for name, blob in (extra or {}).items():
             zf.writestr(name, blob)
     return path
+
+
+def write_big_safetensors(path: Path, tensors: int, mib_each: int, block: bytes) -> None:
+    """A safetensors file of `tensors` flat float32 tensors of `mib_each` MiB, their bytes `block`
+    repeated, written without torch and without holding it (big inputs made at test time)."""
+    numel = (mib_each << 20) // 4
+    header = {
+        f"layer{i}.weight": {
+            "dtype": "F32",
+            "shape": [numel],
+            "data_offsets": [i * numel * 4, (i + 1) * numel * 4],
+        }
+        for i in range(tensors)
+    }
+    header["__metadata__"] = {"format": "pt"}
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    assert (1 << 20) % len(block) == 0, "a block divides a MiB"
+    with open(path, "wb") as f:
+        f.write(len(raw).to_bytes(8, "little") + raw)
+        for _ in range(tensors * mib_each * ((1 << 20) // len(block))):
+            f.write(block)
 
 
 def torch_save_bytes(obj: object, **kwargs) -> bytes:

@@ -23,7 +23,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import FIXTURES, assert_clean_error, run_cli, run_subprocess
+from conftest import FIXTURES, assert_clean_error, run_cli, run_subprocess, write_big_safetensors
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from safetensors import safe_open
@@ -774,30 +774,10 @@ def test_property_any_state_dict_converts_to_the_same(tmp_path_factory, specs, s
 
 
 # -- memory: a big file streams, torch is never imported ------------------------
-def _write_big_safetensors(path: Path, tensors: int, mib_each: int) -> None:
-    numel = (mib_each << 20) // 4
-    header = {
-        f"layer{i}.weight": {
-            "dtype": "F32",
-            "shape": [numel],
-            "data_offsets": [i * numel * 4, (i + 1) * numel * 4],
-        }
-        for i in range(tensors)
-    }
-    header["__metadata__"] = {"format": "pt"}
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
-    block = os.urandom(1 << 20)
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _ in range(tensors * mib_each):
-            f.write(block)
-
-
 @pytest.mark.slow
 def test_big_file_streams_without_torch(tmp_path):
     src = tmp_path / "big.safetensors"
-    _write_big_safetensors(src, tensors=6, mib_each=50)  # 300 MiB
+    write_big_safetensors(src, tensors=6, mib_each=50, block=os.urandom(1 << 20))  # 300 MiB
     out = tmp_path / "sharded"
     code = (
         "import json, sys, surgery\n"

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli
+from conftest import assert_clean_error, run_cli, write_big_safetensors
 from safetensors import safe_open
 from safetensors.torch import save_file
 
@@ -732,29 +732,12 @@ def test_progress_counts_every_byte_written_once(tied, tmp_path):
 
 
 # -- memory: inputs far larger than a few tensors merge in a few tensors' memory ----------
-def _write_random_safetensors(path: Path, tensors: int, mib_each: int, seed: int) -> None:
-    """A safetensors file of float32 tensors of random finite values, written without torch."""
+def finite_block(seed: int) -> bytes:
+    """64 KiB of random float32 bits, every value finite (the exponent's top bit cleared: |x| < 2)."""
     import random
 
-    numel = (mib_each << 20) // 4
-    header = {
-        f"layer{i}.weight": {
-            "dtype": "F32",
-            "shape": [numel],
-            "data_offsets": [i * numel * 4, (i + 1) * numel * 4],
-        }
-        for i in range(tensors)
-    }
-    raw = json.dumps(header).encode()
-    raw += b" " * (-len(raw) % 8)
     rng = random.Random(seed)
-    block = bytes(
-        rng.getrandbits(8) & (0xBF if k % 4 == 3 else 0xFF) for k in range(1 << 16)
-    )  # exponent < 128
-    with open(path, "wb") as f:
-        f.write(len(raw).to_bytes(8, "little") + raw)
-        for _ in range(tensors * mib_each * 16):
-            f.write(block)
+    return bytes(rng.getrandbits(8) & (0xBF if k % 4 == 3 else 0xFF) for k in range(1 << 16))
 
 
 MEASURED = """
@@ -775,7 +758,7 @@ def test_four_large_inputs_merge_in_the_memory_of_a_few_tensors(tmp_path):
     what importing torch and surgery costs stays under three of the largest tensors."""
     inputs = [tmp_path / f"in{i}.safetensors" for i in range(4)]
     for seed, path in enumerate(inputs):
-        _write_random_safetensors(path, tensors=4, mib_each=40, seed=seed)
+        write_big_safetensors(path, tensors=4, mib_each=40, block=finite_block(seed))
     out = tmp_path / "mean.safetensors"
     floor = "import torch, surgery.commands.merge, surgery.formats.safetensors_file"
     merge = f"import surgery; surgery.merge({[str(p) for p in inputs]!r}, {str(out)!r})"

@@ -176,3 +176,28 @@ def test_port_under_torchrun_is_one_port_by_rank_zero(source, tmp_path):
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count("summary") == 1 and "loaded 24/24 tensors" in proc.stdout
     assert sorted(p.name for p in tmp_path.iterdir()) == ["ported.safetensors"]
+
+
+@pytest.mark.slow
+def test_port_into_a_hugging_face_folder_shares_its_shards(source, tmp_path):
+    """`port --format hf` under torchrun: the shards shared out, the same files as one process."""
+    folder = tmp_path / "model"
+    folder.mkdir()
+    (folder / "config.json").write_text('{"architectures": ["Net"], "model_type": "net"}')
+    (folder / "model.safetensors").write_bytes(source.read_bytes())
+    args = ["port", folder, "--to", folder, "--format", "hf", "--shard-size", "200KB"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    one = subprocess.run(
+        [sys.executable, "-m", "surgery", *map(str, args), "-o", tmp_path / "single"],
+        capture_output=True,
+        text=True,
+        env=env,
+    )
+    assert one.returncode == 0, one.stderr
+    two = torchrun(*args, "-o", tmp_path / "ranked", cwd=tmp_path)
+    assert two.returncode == 0, two.stderr
+    assert two.stdout.count("summary") == 1
+    files = sorted(p.name for p in (tmp_path / "single").iterdir())
+    assert sorted(p.name for p in (tmp_path / "ranked").iterdir()) == files and len(files) > 4
+    for name in files:
+        assert (tmp_path / "single" / name).read_bytes() == (tmp_path / "ranked" / name).read_bytes(), name

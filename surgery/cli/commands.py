@@ -273,14 +273,20 @@ def port(
     request = (
         PortRequest.from_file(recipe, **fields) if recipe is not None else PortRequest.from_fields(fields)
     )
-    from surgery.commands.ranks import on_rank_zero
+    from surgery.commands.ranks import on_rank_zero, ranks_from_env
 
+    ranks = ranks_from_env()  # under torchrun: an hf folder's shards are shared out, else rank 0 ports
+    first = ranks is None or ranks.rank == 0
     try:
-        report = on_rank_zero(lambda: port_file(request))  # under torchrun: one port, by rank 0
+        if ranks is not None and request.format == "hf":
+            report = port_file(request)
+        else:
+            report = on_rank_zero(lambda: port_file(request))
     except (PortFailed, LossyCast) as failed:
-        show(failed.report, json_out)
+        if first:
+            show(failed.report, json_out)
         raise
-    if report is None:  # another rank: rank 0 ported and reports
+    if not first or report is None:  # another rank: rank 0 reports
         return
     show(report, json_out)
     for warning in report.finetune.warnings if report.finetune else ():

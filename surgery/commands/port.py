@@ -547,9 +547,10 @@ def port_file(request: PortRequest) -> PortReport:
         ...                       out="ready.safetensors", strict=False)
         >>> print(surgery.port_file(request).summary())
     """
+    from surgery.commands.ranks import ranks_from_env, write_hf_ranked
     from surgery.models.hf import output_config
     from surgery.writers import write_state_dict
-    from surgery.writers.hf import hf_entries, write_hf_folder
+    from surgery.writers.hf import hf_entries, hf_layout, write_hf_folder
     from surgery.writers.outputs import check_destination, check_folder_destination
     from surgery.writers.safetensors import is_safetensors
     from surgery.writers.torch_archive import streams_torch
@@ -670,7 +671,14 @@ def port_file(request: PortRequest) -> PortReport:
             if verify:
                 checked.append(verify_output(written, output, where=out_path))
 
-        if hf:
+        ranks = ranks_from_env() if hf else None
+        if ranks is not None:  # under torchrun: each rank writes its share of the shards
+            assert config is not None
+            layout = hf_layout(
+                out_path, target.entries, metadata, shard_size=request.shard_size, aliases=aliases
+            )
+            write_hf_ranked(ranks, out_path, layout, output.get, config, done=output.release, check=check)
+        elif hf:
             assert config is not None
             write_hf_folder(
                 out_path,

@@ -270,6 +270,59 @@ def _dcp(output: Output, request: Destination, ranks: Ranks) -> tuple[list[str],
     return [], run_ranked(ranks, output.path, sum(e.nbytes for e in entries), write_part, finish)
 
 
+def _hf(output: Output, request: Destination, ranks: Ranks) -> tuple[list[str], list[Part]]:
+    """A Hugging Face folder (convert --format hf): whole shards per rank, config and index by rank 0."""
+    from surgery.writers.hf import hf_layout
+
+    assert output.config is not None
+    layout = hf_layout(
+        output.path,
+        output.plan.entries,
+        output.metadata,
+        shard_size=request.shard_size,
+        aliases=output.plan.aliases,
+    )
+    names, parts = write_hf_ranked(
+        ranks, output.path, layout, output.src.get, output.config, output=output, check=output.check
+    )
+    return (names if len(names) > 1 else []), parts
+
+
+def write_hf_ranked(
+    ranks: Ranks,
+    out: Path,
+    layout: Any,
+    get: Callable[[str], Any],
+    config: str,
+    *,
+    output: Output | None = None,
+    done: Callable[[str], None] | None = None,
+    check: Callable[[Path], None] | None = None,
+) -> tuple[list[str], list[Part]]:
+    """A Hugging Face folder (`writers.hf.HfLayout`) from every rank: its shards shared out by
+    bytes, config.json and the index by rank 0 (one shard: rank 0 writes it). Used by convert
+    and by port under torchrun."""
+    from surgery.writers.hf import finish_hf_folder, write_hf_files
+
+    owner = balance([sum(e.nbytes for e in shard) for shard in layout.shards], ranks.world)
+    mine = [i for i, rank in enumerate(owner) if rank == ranks.rank]
+    done = done or (output.src.done if output is not None else None)
+
+    def write_part(tmp: Path) -> Part:
+        write_hf_files(tmp, layout, mine, get, done=done)
+        nbytes = sum(e.nbytes for i in mine for e in layout.shards[i])
+        return _part(output, ranks, nbytes) if output is not None else Part(ranks.rank, nbytes, {}, 0)
+
+    def finish(tmp: Path, parts: list[Part]) -> None:
+        if output is not None:
+            _absorb(output, parts)
+        finish_hf_folder(tmp, layout, config)
+        if check is not None:
+            check(tmp)
+
+    return layout.names, run_ranked(ranks, out, layout.nbytes + len(config), write_part, finish)
+
+
 def _on_rank_zero(output: Output, request: Destination, ranks: Ranks) -> tuple[list[str], list[Part]]:
     """A single file: rank 0 writes it; the others wait to hear how it went."""
     from surgery.commands.convert import WRITERS
@@ -309,4 +362,4 @@ def on_rank_zero(work: Callable[[], T]) -> T | None:
     return result
 
 
-RANKED = {"sharded-safetensors": _sharded, "sharded-torch": _sharded, "dcp": _dcp}
+RANKED = {"sharded-safetensors": _sharded, "sharded-torch": _sharded, "dcp": _dcp, "hf": _hf}

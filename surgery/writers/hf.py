@@ -11,7 +11,8 @@ on loading, and surgery restores them from the `surgery.aliases` metadata.
 from __future__ import annotations
 
 import json
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -22,7 +23,7 @@ from surgery.values import Entry
 from surgery.writers.copy import Pieces, RawBytes
 from surgery.writers.outputs import atomic_folder
 from surgery.writers.safetensors import _check_safetensors_dtypes, _write_safetensors
-from surgery.writers.sharded import shard_names, shards_of, write_shards
+from surgery.writers.sharded import shard_names, shards_of, write_index, write_shard_files
 
 if TYPE_CHECKING:
     import torch
@@ -74,6 +75,41 @@ def write_hf_folder(
         check: run on the finished temporary folder before it replaces `out`.
         aliases: tied names -> the name stored.
     """
+    layout = hf_layout(out, entries, metadata, shard_size=shard_size, aliases=aliases)
+    with atomic_folder(out, size=layout.nbytes + len(config)) as tmp:
+        write_hf_files(tmp, layout, range(len(layout.shards)), get, done=done)
+        finish_hf_folder(tmp, layout, config)
+        if check is not None:
+            check(tmp)
+    return layout.names
+
+
+@dataclass(frozen=True)
+class HfLayout:
+    """What a Hugging Face folder holds: the tensors stored (tied names left out), in shards."""
+
+    shards: list[list[Entry]]
+    names: list[str]  # the weights files, one per shard
+    metadata: dict[str, str]  # in the single file, or in the index
+
+    @property
+    def nbytes(self) -> int:
+        return sum(e.nbytes for shard in self.shards for e in shard)
+
+
+def hf_layout(
+    out: Path,
+    entries: Sequence[Entry],
+    metadata: dict[str, str],
+    *,
+    shard_size: int | None = None,
+    aliases: dict[str, str] | None = None,
+) -> HfLayout:
+    """The folder's files, decided from the entries alone (the same on every rank of a group).
+
+    Raises:
+        UsageError: a dtype safetensors cannot store.
+    """
     aliases = {a: k for a, k in (aliases or {}).items() if a in {e.name for e in entries}}
     stored = [e for e in entries if e.name not in aliases]
     _check_safetensors_dtypes(out, stored)
@@ -82,13 +118,32 @@ def write_hf_folder(
         meta[ALIASES_KEY] = json.dumps(aliases)
     shards = shards_of(stored, shard_size or DEFAULT_SHARD_SIZE)
     names = [WEIGHTS] if len(shards) == 1 else shard_names(len(shards))
-    with atomic_folder(out, size=sum(e.nbytes for e in stored) + len(config)) as tmp:
-        (tmp / CONFIG).write_text(config, encoding="utf-8")
-        if len(shards) == 1:
-            with open(tmp / WEIGHTS, "w+b") as f:
-                _write_safetensors(f, stored, get, meta, done)
-        else:
-            write_shards(tmp, names, shards, get, meta, done=done)
-        if check is not None:
-            check(tmp)
-    return names
+    return HfLayout(shards, names, meta)
+
+
+def write_hf_files(
+    folder: Path,
+    layout: HfLayout,
+    which: Iterable[int],
+    get: Callable[[str], torch.Tensor | RawBytes | Pieces],
+    *,
+    done: Callable[[str], None] | None = None,
+) -> None:
+    """The weights files `which` (indices into the layout's shards): the single file with the
+    metadata, or shards with `format: pt` only."""
+    which = list(which)
+    if len(layout.shards) == 1:
+        if which:
+            with open(folder / WEIGHTS, "w+b") as f:
+                _write_safetensors(f, layout.shards[0], get, layout.metadata, done)
+        return
+    write_shard_files(
+        folder, [layout.names[i] for i in which], [layout.shards[i] for i in which], get, done=done
+    )
+
+
+def finish_hf_folder(folder: Path, layout: HfLayout, config: str) -> None:
+    """config.json, and the index of a sharded folder (with the metadata)."""
+    (folder / CONFIG).write_text(config, encoding="utf-8")
+    if len(layout.shards) > 1:
+        write_index(folder, layout.names, layout.shards, layout.metadata)

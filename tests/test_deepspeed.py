@@ -289,6 +289,19 @@ def test_a_missing_partition_is_named(zero_checkpoints, tmp_path):
     assert not out.exists()
 
 
+def test_a_model_parallel_checkpoint_is_refused_by_name(zero_checkpoints, tmp_path):
+    """A second model-parallel rank's files (mp_rank_01): not merged, said as such."""
+    folder = copy_of(zero_checkpoints, 2, tmp_path)
+    tag = folder / "global_step1"
+    shutil.copy(tag / "mp_rank_00_model_states.pt", tag / "mp_rank_01_model_states.pt")
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", folder, "-o", out)
+    assert_clean_error(
+        run, tag, contains="tensor- or pipeline-parallel checkpoint (mp_rank_01_model_states.pt)"
+    )
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_a_folder_without_optimizer_partitions_points_at_the_model_states(zero_checkpoints, tmp_path):
     folder = copy_of(zero_checkpoints, 2, tmp_path)

@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.dtypes import BY_NAME, DType
-from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
+from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError, UnsupportedTensor
 from surgery.formats.base import Scan, carrying, mapped, named_file
 from surgery.formats.dcp import Record
 from surgery.formats.pickle_vm import Known, describe
@@ -398,6 +398,16 @@ def _files(folder: Path) -> tuple[list[Path], list[Path]]:
     optim_files = _natural(folder.glob(OPTIM_STATES))
     if not model_files:
         raise NotFound(folder, f"no {MODEL_STATES} file: not a DeepSpeed checkpoint folder")
+    parallel = [
+        p.name for p in [*model_files, *optim_files] if re.search(r"mp_rank_(?!00)\d+|^layer_\d+-", p.name)
+    ]
+    if parallel:
+        raise UnsupportedTensor(
+            folder,
+            f"a tensor- or pipeline-parallel checkpoint ({parallel[0]}): surgery consolidates "
+            "data-parallel ZeRO checkpoints only",
+            hint="zero_to_fp32.py does not merge model-parallel ranks either; use the framework's own converter",
+        )
     if not optim_files:
         raise NotFound(
             folder,

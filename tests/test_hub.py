@@ -86,6 +86,8 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
             parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
             if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
                 return self.tree(f"{parts[2]}/{parts[3]}", parts[5])
+            if parts[0] == "cdn":  # where the gated repo's files redirect: another origin, no credentials
+                return self.file(hub.root.joinpath(*parts[1:]), body)
             if len(parts) >= 5 and parts[2] == "resolve":
                 return self.resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body)
             return self.fail(404, "NotFound")
@@ -122,9 +124,16 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 return
             if repo == GATED and self.headers.get("Authorization") != f"Bearer {TOKEN}":
                 return self.fail(401, "GatedRepo", f"Access to model {repo} is restricted.")
-            file = folder / path
-            if not file.is_file():
+            if not (folder / path).is_file():
                 return self.fail(404, "EntryNotFound", "Entry not found")
+            if repo == GATED and self.command == "GET":  # as the Hub sends large files to its CDN
+                cdn = f"http://localhost:{hub.port}/cdn/{repo}/{path}"
+                return self.send(302, b"", {"Location": cdn, "X-Repo-Commit": COMMIT})
+            self.file(folder / path, body)
+
+        def file(self, file: Path, body: bool) -> None:
+            if not file.is_file():
+                return self.fail(404, "NotFound")
             data = file.read_bytes()
             wanted = _range(self.headers.get("Range"), len(data))
             if wanted == "unsatisfiable":
@@ -195,7 +204,8 @@ def repos(hub: Hub) -> Repos:
         name = f"model-{shard + 1:05d}-of-00002.safetensors"
         save_file({k: state[k] for k in keys}, str(hub.repo("org/sharded") / name))
         weight_map |= dict.fromkeys(keys, name)
-    index = {"metadata": {"total_size": 0}, "weight_map": weight_map}
+    total = sum(t.numel() * t.element_size() for t in state.values())
+    index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (hub.repo("org/sharded") / "model.safetensors.index.json").write_text(json.dumps(index))
     (hub.repo("org/sharded") / "config.json").write_text(config)
     (hub.repo("org/docs-only") / "README.md").write_text("# no weights here\n")
@@ -380,7 +390,13 @@ def test_hf_token_is_sent_for_a_gated_repo(hub, env, monkeypatch, repos):
     monkeypatch.setenv("HF_TOKEN", TOKEN)
     doc = inspect_json("hf://org/gated")
     assert tensors_of(doc) == tensors_of(inspect_json(repos.local))
-    assert set(hub.auth) == {f"Bearer {TOKEN}"}
+    sent = [(r.path.split("/")[1], r.status, auth) for r, auth in zip(hub.log, hub.auth, strict=True)]
+    # the listing and the resolve URL with the token; the CDN it redirects to without it
+    assert sent == [
+        ("api", 200, f"Bearer {TOKEN}"),
+        ("org", 302, f"Bearer {TOKEN}"),
+        ("cdn", 206, None),
+    ], sent
 
 
 @pytest.mark.parametrize(

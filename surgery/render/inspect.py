@@ -136,7 +136,8 @@ def hub_rows(hub: dict) -> list[tuple[str, list[str]]]:
     if hub["files"] is not None:
         weights = [f for f in hub["files"] if f["checkpoint"]]
         others = len(hub["files"]) - len(weights)
-        shown = [f"{f['path']}  {human_bytes(f['size'])}" for f in weights[:12]]
+        width = max((len(f["path"]) for f in weights[:12]), default=0)
+        shown = [f"{f['path']:<{width}}  {human_bytes(f['size'])}" for f in weights[:12]]
         more = [f"... and {len(weights) - 12} more"] if len(weights) > 12 else []
         rows.append(("repo files", [*shown, *more, f"({plural(others, 'other file')})"]))
     return rows

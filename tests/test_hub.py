@@ -26,7 +26,7 @@ from urllib.parse import unquote, urlsplit
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli, run_subprocess
+from conftest import Run, assert_clean_error, run_cli, run_subprocess
 from doc_pages import DOCS, fenced
 from safetensors.torch import save_file
 from test_remote import CANARY, RunsCommand, Served, _range
@@ -208,6 +208,8 @@ def repos(hub: Hub) -> Repos:
     index = {"metadata": {"total_size": total}, "weight_map": weight_map}
     (hub.repo("org/sharded") / "model.safetensors.index.json").write_text(json.dumps(index))
     (hub.repo("org/sharded") / "config.json").write_text(config)
+    for name in ("model.safetensors.index.json", "model-00001-of-00002.safetensors"):  # a shard missing
+        (hub.repo("org/broken") / name).write_bytes((hub.repo("org/sharded") / name).read_bytes())
     (hub.repo("org/docs-only") / "README.md").write_text("# no weights here\n")
     (hub.repo("org/docs-only") / "config.json").write_text(config)
     torch.save(state, hub.repo("org/two") / "a.pth")
@@ -408,7 +410,12 @@ def test_hf_token_is_sent_for_a_gated_repo(hub, env, monkeypatch, repos):
         ("hf://org/gated/model.safetensors", "org/gated is gated: access refused (HTTP 401)", 1),
         ("hf://org/safe@v9", "revision v9 not found in org/safe (HTTP 404)", 1),
         ("hf://org/safe@v9/model.safetensors", "revision v9 not found in org/safe (HTTP 404)", 1),
-        ("hf://org/safe/missing.safetensors", "no such file in org/safe at main (HTTP 404)", 1),
+        (
+            "hf://org/safe/missing.safetensors",
+            "no file missing.safetensors in org/safe at main (HTTP 404)",
+            1,
+        ),
+        ("hf://org/broken", "no file model-00002-of-00002.safetensors in org/broken at main (HTTP 404)", 1),
         ("hf://org/docs-only", "no checkpoint file in the repo (2 files: README.md, config.json)", 1),
         ("hf://org", "not a Hub address: hf://ORG/REPO[@REVISION][/PATH]", 2),
         ("hf://org/safe@", "not a Hub address", 2),
@@ -436,6 +443,18 @@ def test_huggingface_hub_is_imported_for_hf_addresses_only_and_torch_never(hub, 
         )
         assert proc.returncode == 0, proc.stderr
         assert proc.stdout.strip() == expected, (path, proc.stdout)
+
+
+def test_without_huggingface_hub_an_hf_address_is_one_line_with_the_extra_to_install(hub, env):
+    code = (
+        "import sys; sys.modules['huggingface_hub'] = None  # as if not installed\n"
+        "sys.argv = ['surgery', 'inspect', 'hf://org/safe']\n"
+        "from surgery.cli import run; run()\n"
+    )
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    run = Run(proc.returncode, proc.stdout, proc.stderr)
+    assert_clean_error(run, "hf://org/safe", contains="reading the Hub needs huggingface_hub", code=2)
+    assert 'pip install "surgery[hub]"' in run.stderr and hub.log == []
 
 
 # -- the examples of the docs ---------------------------------------------------------------------

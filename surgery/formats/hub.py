@@ -18,7 +18,7 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote
+from urllib.parse import unquote, urlsplit
 
 from surgery.errors import NotFound, SurgeryError, UsageError
 from surgery.formats.base import Scan, name_problem
@@ -81,14 +81,14 @@ def scan_hub(address: str, *, verify: bool = False) -> Scan:
             or no checkpoint in the repo.
         SurgeryError: as for the file itself.
     """
-    hub = _hub()
-    where = parse(address)
+    where = parse(address)  # a bad address is refused before huggingface_hub is imported
+    hf = _huggingface_hub(address)
     files: list[dict[str, Any]] | None = None
     path = where.path
     if path is None:
-        files = _cached_listing(hub, where) if _offline() else _listing(hub, where)
+        files = _cached_listing(hf, where) if _offline() else _listing(hf, where)
         path = pick_weights(where, [f["path"] for f in files])
-    scan, source = _scan_file(hub, where, path, verify)
+    scan, source = _scan_file(hf, where, path, verify)
     scan.hub = {
         "address": str(where),
         "repo": where.repo,
@@ -139,36 +139,34 @@ def is_checkpoint_file(name: str) -> bool:
     return base.endswith(CHECKPOINT_SUFFIXES)
 
 
-def _scan_file(hub: Any, where: HubAddress, path: str, verify: bool) -> tuple[Scan, str]:
+def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool) -> tuple[Scan, str]:
     """The file at `path`, from the cache (and its shards, for an index) or the Hub."""
     from surgery.formats import scan
 
-    cached = _cached(hub, where, path)
+    cached = _cached(hf, where, path)
     if cached is not None:
         return scan(cached, verify=verify), "cache"
     if _offline():
         raise HubError(
-            f"{PREFIX}{where.repo}{'@' + where.revision if where.revision else ''}/{path}",
+            HubAddress(where.repo, where.revision, path),
             "not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids the network",
-            hint=f"cache: {_cache_dir(hub)}",
+            hint=f"cache: {_cache_dir(hf)}",
         )
-    from surgery.formats.remote import NeedsDownload, RemoteError, scan_url
+    from surgery.formats.remote import RemoteError, scan_url
 
-    url = hub.hf_hub_url(where.repo, path, revision=where.revision, endpoint=_endpoint(hub))
-    token = hub.get_token()
+    url = hf.hf_hub_url(where.repo, path, revision=where.revision, endpoint=_endpoint(hf))
+    token = hf.get_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
         return scan_url(url, verify=verify, headers=headers), "network"
-    except NeedsDownload:
-        raise
-    except (NotFound, RemoteError) as exc:
-        _why(hub, where, str(exc.where), token)
+    except (NotFound, RemoteError) as exc:  # the Hub's error headers say which (repo, revision, ...)
+        _why(hf, where, exc.where, token)
         raise
 
 
-def _cached(hub: Any, where: HubAddress, path: str) -> Path | None:
+def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
     """The cached copy of `path` at the revision, or None; an index only with every shard."""
-    found = hub.try_to_load_from_cache(where.repo, path, cache_dir=_cache_dir(hub), revision=where.revision)
+    found = hf.try_to_load_from_cache(where.repo, path, cache_dir=_cache_dir(hf), revision=where.revision)
     if not isinstance(found, str):
         return None
     if path.endswith(".index.json"):
@@ -180,8 +178,8 @@ def _cached(hub: Any, where: HubAddress, path: str) -> Path | None:
         for shard in shards:
             name = shard if folder == "." else f"{folder}/{shard}"
             if name_problem(name) is None and not isinstance(
-                hub.try_to_load_from_cache(
-                    where.repo, name, cache_dir=_cache_dir(hub), revision=where.revision
+                hf.try_to_load_from_cache(
+                    where.repo, name, cache_dir=_cache_dir(hf), revision=where.revision
                 ),
                 str,
             ):
@@ -189,23 +187,23 @@ def _cached(hub: Any, where: HubAddress, path: str) -> Path | None:
     return Path(found)
 
 
-def _listing(hub: Any, where: HubAddress) -> list[dict[str, Any]]:
+def _listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
     """The repo's files at the revision (path and size), from the Hub."""
     try:
-        tree = hub.HfApi(endpoint=_endpoint(hub)).list_repo_tree(
-            where.repo, recursive=True, revision=where.revision, token=hub.get_token() or False
+        tree = hf.HfApi(endpoint=_endpoint(hf)).list_repo_tree(
+            where.repo, recursive=True, revision=where.revision, token=hf.get_token() or False
         )
         return sorted(
-            ({"path": f.path, "size": f.size} for f in tree if isinstance(f, hub.hf_api.RepoFile)),
+            ({"path": f.path, "size": f.size} for f in tree if isinstance(f, hf.hf_api.RepoFile)),
             key=lambda f: f["path"],
         )
     except Exception as exc:  # whatever the Hub client raises (HTTP, connection, bad answer): one line
-        raise _hub_error(hub, where, exc) from None
+        raise _hub_error(hf, where, exc) from None
 
 
-def _cached_listing(hub: Any, where: HubAddress) -> list[dict[str, Any]]:
+def _cached_listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
     """The files of the cached snapshot of the revision (offline: the Hub is not asked)."""
-    folder = Path(_cache_dir(hub)) / hub.file_download.repo_folder_name(repo_id=where.repo, repo_type="model")
+    folder = Path(_cache_dir(hf)) / hf.file_download.repo_folder_name(repo_id=where.repo, repo_type="model")
     revision = where.revision or "main"
     ref = folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision
@@ -214,7 +212,7 @@ def _cached_listing(hub: Any, where: HubAddress) -> list[dict[str, Any]]:
         raise HubError(
             where,
             f"revision {revision} is not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids the network",
-            hint=f"cache: {_cache_dir(hub)}",
+            hint=f"cache: {_cache_dir(hf)}",
         )
     return [
         {"path": p.relative_to(snapshot).as_posix(), "size": p.stat().st_size}
@@ -223,13 +221,13 @@ def _cached_listing(hub: Any, where: HubAddress) -> list[dict[str, Any]]:
     ]
 
 
-def _why(hub: Any, where: HubAddress, url: str, token: str | None) -> None:
+def _why(hf: Any, where: HubAddress, url: str, token: str | None) -> None:
     """Ask the Hub why reading `url` failed (it says so in its error headers): raise that as a
     HubError, or return when it has nothing to add."""
     try:
-        hub.get_hf_file_metadata(url, token=token or False, endpoint=_endpoint(hub))
+        hf.get_hf_file_metadata(url, token=token or False, endpoint=_endpoint(hf))
     except Exception as exc:
-        error = _hub_error(hub, where, exc)
+        error = _hub_error(hf, where, exc, file=unquote(PurePosixPath(urlsplit(url).path).name))
         if not isinstance(error, _Unexplained):
             raise error from None
 
@@ -238,9 +236,10 @@ class _Unexplained(HubError):
     """A failure huggingface_hub does not name: the caller's own error says more."""
 
 
-def _hub_error(hub: Any, where: HubAddress, exc: Exception) -> HubError:
-    """huggingface_hub's exception as one line (subclasses before their bases)."""
-    errors = hub.errors
+def _hub_error(hf: Any, where: HubAddress, exc: Exception, *, file: str | None = None) -> HubError:
+    """huggingface_hub's exception as one line (subclasses before their bases); `file` is the
+    one asked for (the address's, or a shard its index names)."""
+    errors = hf.errors
     status = getattr(getattr(exc, "response", None), "status_code", None)
     http = f" (HTTP {status})" if status else ""
     if isinstance(exc, errors.GatedRepoError):
@@ -257,14 +256,14 @@ def _hub_error(hub: Any, where: HubAddress, exc: Exception) -> HubError:
     if isinstance(exc, errors.RevisionNotFoundError):
         return HubError(where, f"revision {where.revision or 'main'} not found in {where.repo}{http}")
     if isinstance(exc, errors.EntryNotFoundError):
-        return HubError(where, f"no such file in {where.repo} at {where.revision or 'main'}{http}")
+        return HubError(where, f"no file {file} in {where.repo} at {where.revision or 'main'}{http}")
     if status in (401, 403):
         return HubError(where, f"access refused{http}", hint="set HF_TOKEN to a token with access")
     said = str(exc).strip().splitlines()
     return _Unexplained(where, f"the Hub failed: {said[0] if said else type(exc).__name__}")
 
 
-def _hub() -> Any:
+def _huggingface_hub(address: str) -> Any:
     """huggingface_hub, imported on first use: local paths and URLs never load it."""
     try:
         import huggingface_hub
@@ -273,17 +272,17 @@ def _hub() -> Any:
         import huggingface_hub.hf_api
     except ImportError:
         raise UsageError(
-            "hf://", "reading the Hub needs huggingface_hub", hint='pip install "surgery[hub]"'
+            address, "reading the Hub needs huggingface_hub", hint='pip install "surgery[hub]"'
         ) from None
     return huggingface_hub
 
 
-def _endpoint(hub: Any) -> str:
-    return os.environ.get("HF_ENDPOINT", hub.constants.ENDPOINT).rstrip("/")
+def _endpoint(hf: Any) -> str:
+    return os.environ.get("HF_ENDPOINT", hf.constants.ENDPOINT).rstrip("/")
 
 
-def _cache_dir(hub: Any) -> str:
-    return os.environ.get("HF_HUB_CACHE") or hub.constants.HF_HUB_CACHE
+def _cache_dir(hf: Any) -> str:
+    return os.environ.get("HF_HUB_CACHE") or hf.constants.HF_HUB_CACHE
 
 
 def _offline() -> bool:

@@ -20,7 +20,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import dataclass, field
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 from pathlib import Path
 from urllib.parse import unquote, urlsplit
 
@@ -29,7 +29,7 @@ import torch
 from conftest import Run, assert_clean_error, run_cli, run_subprocess
 from doc_pages import DOCS, fenced
 from safetensors.torch import save_file
-from test_remote import CANARY, RunsCommand, Served, _range
+from test_remote import CANARY, QuietServer, RunsCommand, Served, _range
 
 pytest.importorskip("huggingface_hub")
 
@@ -175,20 +175,10 @@ class Repos:
     local: Path  # model.safetensors of them on disk, to compare reports with
 
 
-class _Server(ThreadingHTTPServer):
-    daemon_threads = True
-
-    def handle_error(self, request, client_address) -> None:
-        """A client may hang up without reading an error's body (surgery does, having read the
-        status): not the server's failure, and no traceback on the test's stderr."""
-        if not isinstance(sys.exc_info()[1], ConnectionError):
-            super().handle_error(request, client_address)
-
-
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Hub:
     served = Hub(tmp_path_factory.mktemp("hub"))
-    httpd = _Server(("127.0.0.1", 0), _handler(served))
+    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
     served.port = httpd.server_address[1]
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield served

@@ -171,9 +171,10 @@ def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
         return None
     if path.endswith(".index.json"):
         try:
-            shards = set(json.loads(Path(found).read_text()).get("weight_map", {}).values())
+            names = json.loads(Path(found).read_text()).get("weight_map", {}).values()
+            shards = {name for name in names if isinstance(name, str)}
         except (OSError, ValueError, AttributeError):
-            return Path(found)  # read as any damaged index, which says what is wrong
+            return Path(found)  # read as any damaged index is, which says what is wrong
         folder = str(PurePosixPath(path).parent)
         for shard in shards:
             name = shard if folder == "." else f"{folder}/{shard}"

@@ -185,11 +185,21 @@ def _range(header: str | None, size: int):
     return int(first), min(int(last), size - 1) if last else size - 1
 
 
+class QuietServer(ThreadingHTTPServer):
+    """A threading HTTP server that takes a client hanging up (surgery does, having read enough
+    of an answer) as no failure: no traceback on stderr, which the CLI runs capture."""
+
+    daemon_threads = True
+
+    def handle_error(self, request, client_address) -> None:
+        if not isinstance(sys.exc_info()[1], ConnectionError):
+            super().handle_error(request, client_address)
+
+
 @pytest.fixture(scope="module")
 def server(tmp_path_factory) -> Server:
     served = Server(tmp_path_factory.mktemp("served"))
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), _handler(served))
-    httpd.daemon_threads = True
+    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
     served.port = httpd.server_address[1]
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -558,8 +568,7 @@ def plain_server(server: Server) -> str:
         def log_message(self, *args) -> None:
             pass
 
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), partial(Quiet, directory=server.root))
-    httpd.daemon_threads = True
+    httpd = QuietServer(("127.0.0.1", 0), partial(Quiet, directory=server.root))
     threading.Thread(target=httpd.serve_forever, daemon=True).start()
     yield f"http://127.0.0.1:{httpd.server_address[1]}/"
     httpd.shutdown()

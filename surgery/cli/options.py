@@ -100,7 +100,7 @@ DEBUG = Opt(("--debug",), "Show the traceback of an unexpected failure.", bool)
 
 CHECKPOINT = Opt(
     (),
-    "Checkpoint file, *.index.json, folder, or http(s) URL.",
+    "Checkpoint file, *.index.json, folder, http(s) URL, or hf://ORG/REPO[@REVISION][/PATH].",
     str,  # a Path would fold a URL's `//`
     show_default=False,
 )

@@ -63,6 +63,7 @@ class InspectReport:
             "safe": ckpt.safe,
             "filter": list(self.filter),
             "remote": ckpt.remote,
+            "hub": ckpt.hub,
         }
 
 

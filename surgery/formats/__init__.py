@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError
-from surgery.formats.base import SNIFF_BYTES, Scan, is_url, mapped, sniff
+from surgery.formats.base import SNIFF_BYTES, Scan, is_hub, is_url, mapped, sniff
 
 __all__ = ["Scan", "scan"]
 
@@ -27,7 +27,8 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
             a Hugging Face model folder (config.json beside its weights or their index);
             a torch.distributed.checkpoint folder or its `.metadata` file; a DeepSpeed ZeRO
             checkpoint folder (the consolidated fp32 state_dict); an http(s):// URL of a file or
-            an index, read with range requests (formats.remote).
+            an index, read with range requests (formats.remote); an
+            hf://ORG/REPO[@REVISION][/PATH] address (formats.hub: the Hub or its local cache).
         verify: also read every storage to check zip CRCs (reads all the data).
 
     Raises:
@@ -37,6 +38,10 @@ def scan(path: str | Path, *, verify: bool = False) -> Scan:
         from surgery.formats.remote import scan_url
 
         return scan_url(path, verify=verify)
+    if is_hub(path):
+        from surgery.formats.hub import scan_hub
+
+        return scan_hub(path, verify=verify)
     return _scan(Path(path), verify, shard_of=None)
 
 

@@ -36,6 +36,7 @@ class Scan:
     files: list[Path] = field(default_factory=list)  # every file read (shards, .distcp files)
     dict_states: dict[int, tuple[dict, Any]] = field(default_factory=dict)  # a dict's `_metadata`, by id
     remote: Any = None  # formats.remote.Remote when read over HTTP: the traffic, a few bytes more
+    hub: dict[str, Any] | None = None  # formats.hub: the hf:// address, where it was read, the repo's files
 
 
 _NOT_REGULAR = (
@@ -95,6 +96,11 @@ def mapped(path: Path) -> Iterator[memoryview]:
 def is_url(path: object) -> bool:
     """Whether `path` names a file over HTTP(S) (formats.remote) rather than on disk."""
     return isinstance(path, str) and path.lower().startswith(("http://", "https://"))
+
+
+def is_hub(path: object) -> bool:
+    """Whether `path` is an hf:// address (formats.hub: the Hugging Face Hub or its cache)."""
+    return isinstance(path, str) and path.startswith("hf://")
 
 
 def prefetch(data: Any, ranges: Iterable[tuple[int, int]]) -> None:

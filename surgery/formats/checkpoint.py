@@ -98,6 +98,9 @@ class Checkpoint:
         extras: everything stored beside the state_dict.
         findings: safety and integrity findings.
         files: every file read (the index and each shard, for sharded checkpoints).
+        hub: for an hf:// address, `{address, repo, revision, file, source, files}`: the file
+            read, from the local Hub `cache` or the `network`, and the repo's files when the
+            address named none; None otherwise.
     """
 
     def __init__(self, scanned: Scan, key: tuple[str, ...] | None = None):
@@ -107,6 +110,7 @@ class Checkpoint:
         self.description = scanned.description
         self.metadata = scanned.metadata
         self.files = list(scanned.files)
+        self.hub = scanned.hub
         try:
             located = locate(scanned.root, key)
         except KeyError:

@@ -67,9 +67,11 @@ class _Retry(Exception):
 class Http:
     """One httpx client for a run: redirects followed (and remembered), retries with backoff on
     5xx answers and dropped connections, a timeout, at most CONCURRENCY requests at a time, and
-    every request and byte counted."""
+    every request and byte counted. `headers` (credentials) go with requests for the URLs asked,
+    never to where they redirect (a CDN's signed URL)."""
 
-    def __init__(self) -> None:
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self._headers = dict(headers or {})
         self._client: Any = None
         self._lock = threading.Lock()
         self._gate = threading.Semaphore(CONCURRENCY)
@@ -131,7 +133,7 @@ class Http:
         with self._gate:
             try:
                 target = self._moved.get(url, url)
-                headers = {"Range": f"bytes={start}-{stop - 1}"}
+                headers = {"Range": f"bytes={start}-{stop - 1}", **(self._headers if target == url else {})}
                 with client.stream("GET", target, headers=headers) as response:
                     self._count(1 + len(response.history), 0)
                     if response.history:
@@ -381,8 +383,8 @@ class RemoteFile:
 class Remote:
     """What one open reads over HTTP: the client, every file opened, the traffic."""
 
-    def __init__(self) -> None:
-        self.http = Http()
+    def __init__(self, headers: dict[str, str] | None = None) -> None:
+        self.http = Http(headers)
         self.files: dict[str, RemoteFile] = {}
         self._lock = threading.Lock()
 
@@ -410,9 +412,10 @@ class Remote:
         self.http.close()
 
 
-def scan_url(url: str, *, verify: bool = False) -> Scan:
+def scan_url(url: str, *, verify: bool = False, headers: dict[str, str] | None = None) -> Scan:
     """Read the checkpoint at an http(s):// URL as `formats.scan` reads a file: a safetensors
     file, a torch zip or legacy file, a plain pickle, or a `*.index.json` and its shards.
+    `headers` (an Authorization) are sent with each request.
 
     Raises:
         NeedsDownload: `verify` asks for every storage's bytes.
@@ -424,7 +427,7 @@ def scan_url(url: str, *, verify: bool = False) -> Scan:
             "--verify reads every storage's bytes: that needs a download",
             hint="download the file and inspect it on disk",
         )
-    remote = Remote()
+    remote = Remote(headers)
     try:
         scan = _scan_remote(remote, Url(url), shard_of=None)
     finally:

@@ -117,6 +117,8 @@ def inspect_page(report: InspectReport) -> Page:
             if skipped
             else ("crc", ["every storage checked"])
         )
+    if ckpt.hub:
+        rows.extend(hub_rows(ckpt.hub))
     if ckpt.remote:
         rows.append(("fetched", [fetched_line(ckpt.remote)]))
     rows.append(("safety", [safety_line(ckpt)]))
@@ -125,6 +127,20 @@ def inspect_page(report: InspectReport) -> Page:
         rows.append((None, findings))
     tree = TreeView(build_tree((t.name, t.numel) for t in tensors), {t.name: t for t in tensors}, depth)
     return Page(rows, title=str(ckpt.path), tree=tree)
+
+
+def hub_rows(hub: dict) -> list[tuple[str, list[str]]]:
+    """Where an hf:// address was read from, and the repo's checkpoint files when it named none."""
+    source = "the local Hub cache" if hub["source"] == "cache" else "the Hub, over HTTP"
+    rows = [("hub", [f"{hub['address']}: {hub['file']}, read from {source}"])]
+    if hub["files"] is not None:
+        weights = [f for f in hub["files"] if f["checkpoint"]]
+        others = len(hub["files"]) - len(weights)
+        width = max((len(f["path"]) for f in weights[:12]), default=0)
+        shown = [f"{f['path']:<{width}}  {human_bytes(f['size'])}" for f in weights[:12]]
+        more = [f"... and {len(weights) - 12} more"] if len(weights) > 12 else []
+        rows.append(("repo files", [*shown, *more, f"({plural(others, 'other file')})"]))
+    return rows
 
 
 def fetched_line(remote: dict) -> str:

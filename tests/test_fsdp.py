@@ -58,7 +58,8 @@ model = build(meta=True)
 before = peak_kib()
 surgery.port(sys.argv[1], into=model)
 results["grew_kib"] = peak_kib() - before
-print(json.dumps({{"rank": dist.get_rank(), **results}}))
+with open(__file__ + f".{{dist.get_rank()}}.json", "w") as f:  # a file each: prints interleave
+    json.dump({{"rank": dist.get_rank(), **results}}, f)
 dist.destroy_process_group()
 """
 
@@ -96,7 +97,7 @@ def test_two_ranks_each_load_their_own_block_from_every_format(sources, tmp_path
     env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
     proc = subprocess.run([*command, *sources], capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("rank.py.*.json"))]
     assert sorted(r["rank"] for r in ranks) == [0, 1]
     total = sum(p.numel() for p in torch.load(sources[1], weights_only=True).values())
     for rank in ranks:
@@ -126,13 +127,14 @@ expected = whole.model.state_dict()
 got = {k: v.full_tensor() if hasattr(v, "full_tensor") else v for k, v in sharded.model.state_dict().items()}
 frozen = sorted(n for n, p in sharded.model.named_parameters() if not p.requires_grad)
 groups = [(g.get("name"), g.get("lr"), len(g["params"])) for g in sharded.param_groups]
-print(json.dumps({
+with open(__file__ + f".{dist.get_rank()}.json", "w") as f:  # a file each: prints interleave
+    json.dump({
     "rank": dist.get_rank(),
     "equal": sorted(got) == sorted(expected) and all(torch.equal(got[k], expected[k]) for k in expected),
     "frozen": frozen == sorted(n for n, p in whole.model.named_parameters() if not p.requires_grad),
     "groups": groups == [(g.get("name"), g.get("lr"), len(g["params"])) for g in whole.param_groups],
     "some_frozen": bool(frozen),
-}))
+    }, f)
 dist.destroy_process_group()
 """
 
@@ -169,6 +171,6 @@ def test_load_ready_shards_a_fine_tune_ready_file_across_ranks(seeded_resnet18, 
     ]
     proc = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
     assert proc.returncode == 0, proc.stderr
-    ranks = [json.loads(line) for line in proc.stdout.splitlines() if line.startswith("{")]
+    ranks = [json.loads(p.read_text()) for p in sorted(tmp_path.glob("ready.py.*.json"))]
     assert len(ranks) == 2
     assert all(r["equal"] and r["frozen"] and r["groups"] and r["some_frozen"] for r in ranks), ranks

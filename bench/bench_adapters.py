@@ -56,37 +56,21 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
-import shutil
-import subprocess
+import math
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 HERE = Path(__file__).resolve().parent
-REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _harness import (  # noqa: E402
-    RUNS,
-    _mib,
-    busy_cpu_seconds,
-    child_env,
-    code_state,
-    machine,
-    own_cpu_seconds,
-    run_all,
-    summarize,
-    write_results,
-)
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "adapters.json"
 TIME_TARGET = 1.0  # surgery/plain wall time at most this ("no slower")
 MEMORY_TARGET = 0.25  # surgery/plain peak RSS at most this ("peak memory under a quarter")
-OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
 RELATIVE_LIMIT = 1e-6  # max |surgery - PEFT| over the tensor's largest magnitude, before a PROBLEM
 
 VOCAB = 32000
@@ -160,21 +144,14 @@ def generate(folder: Path, size_mb: float, layers: int) -> dict:
         "lora": LORA,
         "num_tensors": len(params),
         "adapted_tensors": len(adapted),
-        "parameters": sum(_numel(s) for _, s in params),
+        "parameters": sum(math.prod(s) for _, s in params),
         "base_bytes": (folder / "base" / "model.safetensors").stat().st_size,
         "adapter_bytes": (folder / "adapter" / "adapter_model.safetensors").stat().st_size,
-        "largest_tensor_bytes": 4 * max(_numel(s) for _, s in params),
-        "largest_adapted_tensor_bytes": 4 * max(_numel(s) for n, s in params if n in adapted),
+        "largest_tensor_bytes": 4 * max(math.prod(s) for _, s in params),
+        "largest_adapted_tensor_bytes": 4 * max(math.prod(s) for n, s in params if n in adapted),
         "dtype": "float32",
         "seconds_make": round(time.perf_counter() - t0, 2),
     }
-
-
-def _numel(shape) -> int:
-    n = 1
-    for d in shape:
-        n *= d
-    return n
 
 
 # --------------------------------------------------------------------------- the plain way
@@ -253,111 +230,50 @@ def check(job: dict) -> dict:
 def commands(folder: Path) -> list[dict]:
     py = sys.executable
     base, adapter = folder / "base", folder / "adapter"
-    rows: list[dict] = []
-
-    def add(label, kind, argv, out=None, note=""):
-        rows.append(
-            {
-                "command": label,
-                "kind": kind,
-                "argv": [str(a) for a in argv],
-                "outputs": [str(out)] if out else [],
-                "note": note,
-            }
-        )
-
-    out_s = folder / "surgery.safetensors"
-    add(
-        "surgery merge base/model.safetensors --adapter adapter -o out.safetensors",
-        "surgery",
-        [py, "-m", "surgery", "merge", base / "model.safetensors", "--adapter", adapter, "-o", out_s],
-        out_s,
-    )
-    out_p = folder / "plain"
-    add(
-        "from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained",
-        "plain",
-        [py, "-c", PLAIN, base, adapter, out_p],
-        out_p,
-    )
-    add("python -c 'import torch' [surgery's import floor]", "floor", [py, "-c", "import torch"])
-    add(
-        "python -c 'import torch, peft; from transformers import LlamaForCausalLM' [plain import floor]",
-        "plain-floor",
-        [py, "-c", "import torch, peft; from transformers import LlamaForCausalLM"],
-    )
-    true = shutil.which("true")
-    if true:
-        add("true [measurement floor]", "launcher", [true], note="RSS inherited from the runner")
-    return rows
-
-
-# --------------------------------------------------------------------------- reporting
-
-
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| command | median wall s | peak RSS MiB | surgery/this: time | surgery/this: memory |",
-        "|---|---:|---:|---:|---:|",
+    out_s, out_p = folder / "surgery.safetensors", folder / "plain"
+    plain_floor = "import torch, peft; from transformers import LlamaForCausalLM"
+    return [
+        harness.row(
+            "surgery merge base/model.safetensors --adapter adapter -o out.safetensors",
+            "surgery",
+            [py, "-m", "surgery", "merge", base / "model.safetensors", "--adapter", adapter, "-o", out_s],
+            out_s,
+        ),
+        harness.row(
+            "from_pretrained + PeftModel.from_pretrained + merge_and_unload + save_pretrained",
+            "plain",
+            [py, "-c", PLAIN, base, adapter, out_p],
+            out_p,
+        ),
+        harness.row("python -c 'import torch' [surgery's import floor]", "floor", [py, "-c", "import torch"]),
+        harness.row(
+            f"python -c '{plain_floor}' [plain import floor]", "plain-floor", [py, "-c", plain_floor]
+        ),
+        *harness.measurement_floor(),
     ]
-    for r in rows:
-        if r.get("failed"):
-            wall, rss = f"FAILED ({r['failed']})", "-"
-        else:
-            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
-        lines.append(
-            f"| `{r['command']}` | {wall} | {rss} | {_ratio(r.get('time_ratio'))} | "
-            f"{_ratio(r.get('memory_ratio'))} |"
-        )
-    return "\n".join(lines)
 
 
-def _shown(arg: str, folder: Path) -> str:
-    """An argument as the JSON records it: the temporary folder left out, a script by its first line."""
-    if arg.startswith(str(folder)):
-        return str(Path(arg).relative_to(folder))
-    arg = arg.replace(str(folder), "DIR")
-    return arg if "\n" not in arg else arg.splitlines()[0] + " ... (the script is in bench_adapters.py)"
-
-
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child {args[0]} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# --------------------------------------------------------------------------- the run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.benchmark_parser(__doc__, "generate", "check")
     parser.add_argument("--size-mb", type=float, default=1024, help="MiB of float32 weights in the base")
     parser.add_argument("--layers", type=int, default=12, help="decoder layers of the Llama")
-    parser.add_argument(
-        "--env-as-is",
-        action="store_true",
-        help="run the commands in this environment exactly (by default they get a bytecode cache)",
-    )
-    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--_check", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.layers < 1:
         parser.error("--layers: at least 1")
-
     if args._generate:
-        print(json.dumps(generate(Path(args._generate), args.size_mb, args.layers)))
-        return 0
+        return harness.reply(generate(Path(args._generate), args.size_mb, args.layers))
     if args._check:
-        print(json.dumps(check(json.loads(Path(args._check).read_text()))))
-        return 0
+        return harness.reply(check(json.loads(Path(args._check).read_text())))
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_adapters_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_adapters_", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
         print(f"making the base and the adapter in {folder} ...", flush=True)
-        facts = _child(["--_generate", str(folder), f"--size-mb={args.size_mb}", f"--layers={args.layers}"])
+        facts = harness.child(
+            __file__, ["--_generate", str(folder), f"--size-mb={args.size_mb}", f"--layers={args.layers}"]
+        )
         cfg = facts["config"]
         print(
             f"  Llama: {cfg['num_hidden_layers']} layers, hidden {cfg['hidden_size']}, intermediate "
@@ -369,112 +285,46 @@ def main() -> int:
             f"{facts['seconds_make']} s",
             flush=True,
         )
-        env, bytecode = child_env(folder, args.env_as_is)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # this checkout
+        env, bytecode = harness.child_env(folder, args.env_as_is, this_checkout=True)
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         rows = commands(folder)
-        code_before = code_state()
-        load_before = Path("/proc/loadavg").read_text().split()[:3]
-        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        clear_refs_ok = run_all(rows, folder, env, sync=True)
-        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        load_after = Path("/proc/loadavg").read_text().split()[:3]
-        code_after = code_state()
-        load = {
-            "wall_s": round(wall1 - wall0, 1),
-            "benchmark_cpu_s": round(own1 - own0, 1),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-        }
-        if busy0 is not None and busy1 is not None:
-            load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
-            load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
+        watch = harness.Watch()
+        clear_refs_ok = harness.run_all(rows, folder, env, sync=True)
+        watch.stop()
 
-        problems = summarize(rows, count_warmup=True)
+        problems = harness.summarize(rows, count_warmup=True)
         by_kind = {r["kind"]: r for r in rows}
         surgery, plain = by_kind["surgery"], by_kind["plain"]
-        aim: dict = {}
-        if not surgery.get("failed") and not plain.get("failed"):
-            time_ratio = surgery["median_s"] / plain["median_s"]
-            memory_ratio = surgery["max_rss_kib"] / plain["max_rss_kib"]
-            plain.update(time_ratio=time_ratio, memory_ratio=memory_ratio)
-            # Above each way's own import floor: what the merge itself holds.
+        aim = harness.against_plain(surgery, plain, TIME_TARGET, MEMORY_TARGET)
+        if aim:  # above each way's own import floor: what the merge itself holds
             above_s = surgery["max_rss_kib"] - by_kind["floor"]["max_rss_kib"]
             above_p = plain["max_rss_kib"] - by_kind["plain-floor"]["max_rss_kib"]
-            aim = {
-                "time_ratio": time_ratio,
-                "time_ok": time_ratio <= TIME_TARGET,
-                "memory_ratio": memory_ratio,
-                "memory_ok": memory_ratio <= MEMORY_TARGET,
-                "surgery_above_import_floor_mib": round(_mib(above_s), 1),
-                "plain_above_import_floor_mib": round(_mib(above_p), 1),
-            }
+            aim["surgery_above_import_floor_mib"] = round(harness.mib(above_s), 1)
+            aim["plain_above_import_floor_mib"] = round(harness.mib(above_p), 1)
 
         print("checking the outputs tensor by tensor ...", flush=True)
-        job = folder / "check.json"
-        job.write_text(
-            json.dumps(
-                {
-                    "surgery": surgery["outputs"][0],
-                    "plain": plain["outputs"][0],
-                    "base": str(folder / "base" / "model.safetensors"),
-                    "target_modules": LORA["target_modules"],
-                }
-            )
-        )
-        checked = _child(["--_check", str(job)])
+        job = {
+            "surgery": surgery["outputs"][0],
+            "plain": plain["outputs"][0],
+            "base": str(folder / "base" / "model.safetensors"),
+            "target_modules": LORA["target_modules"],
+        }
+        checked = harness.check_in_child(__file__, folder, job)
         if not checked["ok"]:
             problems.append(f"check: {checked}")
 
-        mach = machine(folder, facts)
+        mach = harness.machine(folder, facts)
+        versions = {"transformers": facts["transformers_version"], "peft": facts["peft_version"]}
+        harness.print_context(mach, bytecode, watch, also=versions)
+        problems += watch.problems()
         print()
-        print(
-            f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB, {mach['tmp_filesystem']} temp folder; "
-            f"Python {mach['python']}, torch {mach['torch']}, safetensors {mach['safetensors']}, "
-            f"transformers {facts['transformers_version']}, peft {facts['peft_version']}. "
-            f"Median of {RUNS} runs after 1 warm-up; inputs warm in the page cache; outputs deleted and sync() "
-            "before every run."
-        )
-        print(f"Bytecode cache: {bytecode}.")
-        changed = code_before["surgery_changed_files"]
-        print(
-            f"surgery at commit {(code_before['commit'] or '?')[:10]}"
-            + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-            + "."
-        )
-        print(f"Load average (1, 5, 15 min) before {' '.join(load_before)}, after {' '.join(load_after)}.")
-        other = load.get("other_cpu_s")
-        if other is not None:
-            print(
-                f"CPU during the timed runs: {load['benchmark_cpu_s']} s by the benchmark's commands, "
-                f"{other} s by anything else, in {load['wall_s']} s of wall time."
-            )
-            if other > OTHER_CPU_LIMIT * load["wall_s"]:
-                problems.append(
-                    f"other processes used {other} CPU-seconds during the {load['wall_s']} s of timed runs: "
-                    "the times are disturbed, rerun on a quiet machine"
-                )
-        if code_after != code_before:
-            problems.append("surgery's code changed while the benchmark ran: rerun it")
+        print(harness.ratio_table(rows))
         print()
-        print(table(rows))
-        print()
-        print(
-            "- ratios, on the plain row: surgery's median wall time / the plain way's, surgery's peak RSS / the "
-            "plain way's (below 1: surgery faster, smaller)."
-        )
-        if not clear_refs_ok:
-            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
-        print("- spread of the timed runs (fastest - slowest wall s):")
-        for r in rows:
-            walls = sorted(run["wall_s"] for run in r["runs"])
-            print(f"  - `{r['command']}`: {walls[0]:.3f} - {walls[-1]:.3f}")
+        harness.print_ratio_note()
+        harness.print_clear_refs_warning(clear_refs_ok)
+        harness.print_spread(rows)
         if aim:
-            print(
-                f"- aim: time ratio {aim['time_ratio']:.3f}: {'met' if aim['time_ok'] else 'MISSED'} "
-                f"(<= {TIME_TARGET:.2f}); memory ratio {aim['memory_ratio']:.3f}: "
-                f"{'met' if aim['memory_ok'] else 'MISSED'} (<= {MEMORY_TARGET:.2f})"
-            )
+            harness.print_aims({"plain": aim}, TIME_TARGET, MEMORY_TARGET)
             print(
                 f"- above its own import floor surgery peaks at {aim['surgery_above_import_floor_mib']} MiB, "
                 f"the plain way at {aim['plain_above_import_floor_mib']} MiB"
@@ -492,59 +342,24 @@ def main() -> int:
             + f"; {checked['changed_from_base']} tensors changed from the base, the adapted ones: "
             f"{checked['changed_are_adapted']}"
         )
-        for p in problems:
-            print(f"- PROBLEM: {p}")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        out = {
-            "benchmark": "adapters",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": mach,
-            "code": {"before": code_before, "after": code_after},
-            "cpu_during_runs": load,
-            "params": {
-                "size_mb": args.size_mb,
-                "layers": args.layers,
-                "runs": RUNS,
-                "warmup_runs": 1,
-                "env_as_is": args.env_as_is,
-                "bytecode_cache": bytecode,
+        return harness.finish(
+            RESULTS,
+            {
+                **harness.results_head("adapters", mach, watch),
+                "params": {
+                    "size_mb": args.size_mb,
+                    "layers": args.layers,
+                    **harness.measuring_params(args.env_as_is, bytecode),
+                },
+                "inputs": facts,
+                **harness.measuring_method(clear_refs_ok),
+                **harness.ratio_fields(rows, folder, aim, TIME_TARGET, MEMORY_TARGET),
+                "check": checked,
+                "problems": problems,
+                "table_markdown": harness.ratio_table(rows),
             },
-            "inputs": facts,
-            "warm_cache": True,
-            "between_runs": "the command's output deleted, then sync(), outside the timing",
-            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
-            "and /proc/self/clear_refs 5 before exec",
-            "clear_refs_writable": clear_refs_ok,
-            "rows": [
-                {
-                    "command": r["command"],
-                    "kind": r["kind"],
-                    "argv": [_shown(a, folder) for a in r["argv"]],
-                    "note": r["note"],
-                    "median_wall_s": r["median_s"],
-                    "peak_rss_kib": r["max_rss_kib"],
-                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
-                    "surgery_time_ratio": r.get("time_ratio"),
-                    "surgery_memory_ratio": r.get("memory_ratio"),
-                    "failed": r.get("failed"),
-                    "runs": r["runs"],
-                    "warmup": r["warmup"],
-                }
-                for r in rows
-            ],
-            "aim": {
-                "time_ratio_at_most": TIME_TARGET,
-                "memory_ratio_at_most": MEMORY_TARGET,
-                "results": aim,
-            },
-            "check": checked,
-            "problems": problems,
-            "table_markdown": table(rows),
-        }
-        return write_results(RESULTS, out)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        )
 
 
 if __name__ == "__main__":

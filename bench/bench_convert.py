@@ -90,25 +90,12 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import (  # noqa: E402
-    RUNS,
-    _layout,
-    _mib,
-    busy_cpu_seconds,
-    child_env,
-    code_state,
-    machine,
-    own_cpu_seconds,
-    run_all,
-    summarize,
-    write_results,
-)
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "convert.json"
 CP_RATIO_TARGET = 0.95  # surgery convert throughput / cp&&sync throughput at least this
 RSS_TARGET_BYTES = 200_000_000  # surgery convert peak RSS under 200 MB
 SHARD_SIZE = "500MB"
-OTHER_CPU_LIMIT = 0.05
 PREFIX = "module."
 
 # --------------------------------------------------------------------------- the plain ways
@@ -176,7 +163,7 @@ def layout(size_gb: float, per_gb: int) -> list[tuple[str, tuple[int, ...]]]:
     """~per_gb tensors per GB: bench_inspect's layout for 85% of the bytes, two big ones for the rest."""
     target = int(size_gb * 1e9)
     n = max(round(per_gb * size_gb), 6)
-    body = _layout(n - 2, int(target * 0.85))
+    body = harness.layout(n - 2, int(target * 0.85))
     width = 1024
     rows = max(int(target * 0.075) // (4 * width), 1)
     return [("embed.weight", (rows, width)), *body, ("head.weight", (rows, width))]
@@ -333,18 +320,8 @@ def commands(folder: Path, size_gb: float, floors: bool) -> list[dict]:
     rows: list[dict] = []
 
     def add(case, label, kind, argv, out=None, source=src, note=""):
-        rows.append(
-            {
-                "size_gb": size_gb,
-                "case": case,
-                "command": label,
-                "kind": kind,
-                "source": source.name if source else None,
-                "argv": [str(a) for a in argv],
-                "outputs": [str(out)] if out else [],
-                "note": note,
-            }
-        )
+        name = source.name if source else None
+        rows.append(harness.row(label, kind, argv, out, note, size_gb=size_gb, case=case, source=name))
 
     surgery = [py, "-m", "surgery"]
     c = "1 zip->st strip"
@@ -450,16 +427,7 @@ def commands(folder: Path, size_gb: float, floors: bool) -> list[dict]:
 
     if floors:
         add("-", "python -c 'import torch' [import floor]", "floor", [py, "-c", "import torch"], source=None)
-        true = shutil.which("true")
-        if true:
-            add(
-                "-",
-                "true [measurement floor]",
-                "launcher",
-                [true],
-                source=None,
-                note="RSS inherited from the runner",
-            )
+        rows += harness.measurement_floor(size_gb=size_gb, case="-", source=None)
     return rows
 
 
@@ -492,29 +460,55 @@ def derive(rows: list[dict], file_bytes: dict[str, int]) -> None:
             r["speedup"] = min(p["median_s"] for p in plains) / r["median_s"]
 
 
-def _f(x, fmt):
-    return "-" if x is None else format(x, fmt)
-
-
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| size GB | case | command | median wall s | MB/s | peak RSS MiB | vs cp | vs cp&&sync | speed-up vs plain |",
-        "|---:|---|---|---:|---:|---:|---:|---:|---:|",
+    head = [
+        "size GB",
+        "case",
+        "command",
+        "median wall s",
+        "MB/s",
+        "peak RSS MiB",
+        "vs cp",
+        "vs cp&&sync",
+        "speed-up vs plain",
     ]
+    body = []
     for r in rows:
         size = "-" if r["case"] == "-" else f"{r['size_gb']:g}"
         if r.get("failed"):
-            lines.append(
-                f"| {size} | {r['case']} | `{r['command']}` | FAILED ({r['failed']}) | - | - | - | - | - |"
-            )
+            body.append([size, r["case"], f"`{r['command']}`", f"FAILED ({r['failed']})", *["-"] * 5])
             continue
         speed = r.get("speedup")
-        lines.append(
-            f"| {size} | {r['case']} | `{r['command']}` | {r['median_s']:.3f} | {_f(r.get('mb_per_s'), '.0f')} | "
-            f"{_mib(r['max_rss_kib']):.1f} | {_f(r.get('vs_cp'), '.2f')} | {_f(r.get('vs_cp_sync'), '.2f')} | "
-            f"{'-' if speed is None else f'{speed:.2f}x'} |"
+        body.append(
+            [
+                size,
+                r["case"],
+                f"`{r['command']}`",
+                f"{r['median_s']:.3f}",
+                harness.cell(r.get("mb_per_s"), ".0f"),
+                f"{harness.mib(r['max_rss_kib']):.1f}",
+                harness.cell(r.get("vs_cp"), ".2f"),
+                harness.cell(r.get("vs_cp_sync"), ".2f"),
+                "-" if speed is None else f"{speed:.2f}x",
+            ]
         )
-    return "\n".join(lines)
+    return harness.markdown_table(head, "rllrrrrrr", body)
+
+
+def growth_table(grow: list[dict]) -> str:
+    head = ["case", "command", "wall s at 0 GB", "wall s per GB", "RSS MiB at 0 GB", "RSS MiB per GB"]
+    body = (
+        [
+            g["case"],
+            f"`{g['command']}`",
+            harness.cell(g["wall_s_at_0"], ".3f"),
+            harness.cell(g["wall_s_per_gb"], ".3f"),
+            harness.cell(g["rss_mib_at_0"], ".1f"),
+            harness.cell(g["rss_mib_per_gb"], ".1f"),
+        ]
+        for g in grow
+    )
+    return harness.markdown_table(head, "llrrrr", body)
 
 
 def fit(xs: list[float], ys: list[float]) -> tuple[float, float] | None:
@@ -536,14 +530,14 @@ def growth(rows: list[dict], sizes_bytes: dict[float, int]) -> list[dict]:
     for case, command in keys:
         rs = [r for r in rows if r["case"] == case and r["command"] == command and not r.get("failed")]
         xs = [sizes_bytes[r["size_gb"]] / 1e9 for r in rs]
-        t, m = fit(xs, [r["median_s"] for r in rs]), fit(xs, [_mib(r["max_rss_kib"]) for r in rs])
+        t, m = fit(xs, [r["median_s"] for r in rs]), fit(xs, [harness.mib(r["max_rss_kib"]) for r in rs])
         out.append(
             {
                 "case": case,
                 "command": command,
                 "gb": xs,
                 "wall_s": [r["median_s"] for r in rs],
-                "peak_rss_mib": [round(_mib(r["max_rss_kib"]), 1) for r in rs],
+                "peak_rss_mib": [round(harness.mib(r["max_rss_kib"]), 1) for r in rs],
                 "wall_s_at_0": t and t[0],
                 "wall_s_per_gb": t and t[1],
                 "rss_mib_at_0": m and m[0],
@@ -587,27 +581,51 @@ def strace_cp(folder: Path, src: Path) -> dict:
     return res
 
 
+def judge(rows: list[dict]) -> list[dict]:
+    """Each surgery convert row against the aims: throughput vs cp&&sync, faster than every plain
+    way of its case, peak RSS."""
+    aims = []
+    for r in rows:
+        if r["kind"] != "surgery":
+            continue
+        ok_cp = r.get("vs_cp_sync") is not None and r["vs_cp_sync"] >= CP_RATIO_TARGET
+        ok_speed = r.get("speedup") is not None and r["speedup"] > 1.0
+        ok_rss = not r.get("failed") and r["max_rss_kib"] * 1024 < RSS_TARGET_BYTES
+        aims.append(
+            {
+                "size_gb": r["size_gb"],
+                "case": r["case"],
+                "command": r["command"],
+                "vs_cp": r.get("vs_cp"),
+                "vs_cp_sync": r.get("vs_cp_sync"),
+                "cp_sync_ok": ok_cp,
+                "speedup_vs_fastest_plain": r.get("speedup"),
+                "speedup_each_plain": r.get("speedup_each_plain"),
+                "faster_ok": ok_speed,
+                "peak_rss_mib": harness.mib(r["max_rss_kib"]),
+                "rss_ok": ok_rss,
+                "all_ok": ok_cp and ok_speed and ok_rss,
+            }
+        )
+    return aims
+
+
+# --------------------------------------------------------------------------- the run
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.benchmark_parser(__doc__, "generate", "check")
     parser.add_argument(
         "--sizes-gb", default="1.2,2", help="checkpoint sizes in GB (10^9 bytes), comma-separated"
     )
     parser.add_argument("--tensors-per-gb", type=int, default=300, help="tensors per GB of checkpoint")
     parser.add_argument("--keep", action="store_true", help="keep the temporary folder (printed)")
-    parser.add_argument(
-        "--env-as-is", action="store_true", help="run the commands in this environment exactly"
-    )
-    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
     parser.add_argument("--_size-gb", type=float, help=argparse.SUPPRESS)
-    parser.add_argument("--_check", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args._generate:
-        print(json.dumps(generate(Path(args._generate), args._size_gb, args.tensors_per_gb)))
-        return 0
+        return harness.reply(generate(Path(args._generate), args._size_gb, args.tensors_per_gb))
     if args._check:
-        print(json.dumps(check(json.loads(Path(args._check).read_text()))))
-        return 0
+        return harness.reply(check(json.loads(Path(args._check).read_text())))
 
     sizes = [float(s) for s in args.sizes_gb.split(",") if s.strip()]
     top = Path(tempfile.mkdtemp(prefix="bench_convert_"))
@@ -622,9 +640,8 @@ def main() -> int:
         print(f"temporary folder {top} on {fs} (/tmp: {fs_tmp})", flush=True)
         if fs == "tmpfs":
             problems.append(f"the temporary folder {top} is on tmpfs (memory), not disk: set TMPDIR")
-        env, bytecode = child_env(top, args.env_as_is)
-        code_before = code_state()
-        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
+        env, bytecode = harness.child_env(top, args.env_as_is)
+        watch = harness.Watch("the run")
         all_rows: list[dict] = []
         inputs: dict[str, dict] = {}
         checks: dict[str, list] = {}
@@ -634,16 +651,15 @@ def main() -> int:
             folder = top / f"{size:g}GB"
             folder.mkdir()
             print(f"[{size:g} GB] making the checkpoint in {folder} ...", flush=True)
-            facts = _child(
-                [
-                    "--_generate",
-                    str(folder),
-                    "--_size-gb",
-                    str(size),
-                    "--tensors-per-gb",
-                    str(args.tensors_per_gb),
-                ]
-            )
+            gen = [
+                "--_generate",
+                str(folder),
+                "--_size-gb",
+                str(size),
+                "--tensors-per-gb",
+                str(args.tensors_per_gb),
+            ]
+            facts = harness.child(__file__, gen)
             inputs[f"{size:g}"] = facts
             print(
                 f"  {facts['num_tensors']} tensors, {facts['tensor_bytes'] / 1e9:.3f} GB float32 (largest "
@@ -655,85 +671,34 @@ def main() -> int:
                 cp_syscalls = strace_cp(folder, folder / "src.pth")
                 print(f"  cp system calls here: {cp_syscalls}", flush=True)
             rows = commands(folder, size, floors=i == 0)
-            clear_refs_ok &= run_all(rows, folder, env, sync=True)
-            problems += summarize(rows, count_warmup=True)
+            clear_refs_ok &= harness.run_all(rows, folder, env, sync=True)
+            problems += harness.summarize(rows, count_warmup=True)
             derive(rows, facts["file_bytes"])
             print("  checking the outputs ...", flush=True)
-            job = folder / "check.json"
-            job.write_text(json.dumps({"folder": str(folder)}))
-            checks[f"{size:g}"] = _child(["--_check", str(job)])
+            checks[f"{size:g}"] = harness.check_in_child(__file__, folder, {"folder": str(folder)})
             for c in checks[f"{size:g}"]:
                 if not c["ok"]:
                     problems.append(f"check {size:g} GB {c['label']}: {c}")
             print(table(rows), flush=True)
             for r in rows:
-                r["argv"] = [Path(a).name if a.startswith(str(top)) else a for a in r["argv"]]
-                r["outputs"] = [Path(a).name for a in r["outputs"]]
+                r["argv"] = [harness.shown(a, folder) for a in r["argv"]]
+                r["outputs"] = [harness.shown(a, folder) for a in r["outputs"]]
             all_rows += rows
             if not args.keep:
                 shutil.rmtree(folder, ignore_errors=True)
-        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        code_after = code_state()
-        load = {"wall_s": round(wall1 - wall0, 1), "benchmark_cpu_s": round(own1 - own0, 1)}
-        if busy0 is not None and busy1 is not None:
-            load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
-            load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
-            if load["other_cpu_s"] > OTHER_CPU_LIMIT * load["wall_s"]:
-                problems.append(
-                    f"other processes used {load['other_cpu_s']} CPU-seconds during the {load['wall_s']} s of the run: "
-                    "the times are disturbed, rerun on a quiet machine"
-                )
-        if code_after != code_before:
-            problems.append("surgery's code changed while the benchmark ran: rerun it")
+        watch.stop()
+        problems += watch.problems()
 
-        aims = []
-        for r in all_rows:
-            if r["kind"] != "surgery":
-                continue
-            ok_cp = r.get("vs_cp_sync") is not None and r["vs_cp_sync"] >= CP_RATIO_TARGET
-            ok_speed = r.get("speedup") is not None and r["speedup"] > 1.0
-            ok_rss = not r.get("failed") and r["max_rss_kib"] * 1024 < RSS_TARGET_BYTES
-            aims.append(
-                {
-                    "size_gb": r["size_gb"],
-                    "case": r["case"],
-                    "command": r["command"],
-                    "vs_cp": r.get("vs_cp"),
-                    "vs_cp_sync": r.get("vs_cp_sync"),
-                    "cp_sync_ok": ok_cp,
-                    "speedup_vs_fastest_plain": r.get("speedup"),
-                    "speedup_each_plain": r.get("speedup_each_plain"),
-                    "faster_ok": ok_speed,
-                    "peak_rss_mib": _mib(r["max_rss_kib"]),
-                    "rss_ok": ok_rss,
-                    "all_ok": ok_cp and ok_speed and ok_rss,
-                }
-            )
+        aims = judge(all_rows)
         sizes_bytes = {s: inputs[f"{s:g}"]["file_bytes"]["src.pth"] for s in sizes}
         grow = growth(all_rows, sizes_bytes)
         first = inputs[f"{sizes[0]:g}"]
-        mach = machine(top, first)
+        mach = harness.machine(top, first)
         mach["huggingface_hub_split"] = first["huggingface_hub_split"]
 
-        print()
-        print(
-            f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB; temp folder on {mach['tmp_filesystem_stat']} "
-            f"({mach['tmp_filesystem']}); Python {mach['python']}, torch {mach['torch']}, safetensors {mach['safetensors']}, "
-            f"huggingface_hub {mach['huggingface_hub_split']}. Median of {RUNS} runs after 1 warm-up; sources warm in the "
-            "page cache (never dropped); outputs deleted and sync() before every run."
+        harness.print_context(
+            mach, bytecode, watch, also={"huggingface_hub": mach["huggingface_hub_split"]}, warm="sources"
         )
-        print(f"Bytecode cache: {bytecode}.")
-        changed = code_before["surgery_changed_files"]
-        print(
-            f"surgery at commit {(code_before['commit'] or '?')[:10]}"
-            + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-            + "."
-        )
-        if "other_cpu_s" in load:
-            print(
-                f"CPU during the run: {load['benchmark_cpu_s']} s by the benchmark, {load['other_cpu_s']} s by anything "
-                f"else, in {load['wall_s']} s of wall time."
-            )
         print(f"cp system calls (strace -c): {cp_syscalls}")
         print()
         print(table(all_rows))
@@ -742,22 +707,16 @@ def main() -> int:
             "Growth with size (least-squares line over the sizes; wall s and peak RSS MiB per GB of src file):"
         )
         print()
-        print("| case | command | wall s at 0 GB | wall s per GB | RSS MiB at 0 GB | RSS MiB per GB |")
-        print("|---|---|---:|---:|---:|---:|")
-        for g in grow:
-            print(
-                f"| {g['case']} | `{g['command']}` | {_f(g['wall_s_at_0'], '.3f')} | {_f(g['wall_s_per_gb'], '.3f')} | "
-                f"{_f(g['rss_mib_at_0'], '.1f')} | {_f(g['rss_mib_per_gb'], '.1f')} |"
-            )
+        print(growth_table(grow))
         print()
-        if not clear_refs_ok:
-            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
+        harness.print_clear_refs_warning(clear_refs_ok)
         for a in aims:
             print(
-                f"- aim {a['size_gb']:g} GB {a['case']} `{a['command']}`: vs cp&&sync {_f(a['vs_cp_sync'], '.2f')} "
-                f"(>= {CP_RATIO_TARGET}: {'met' if a['cp_sync_ok'] else 'MISSED'}), speed-up vs fastest plain "
-                f"{_f(a['speedup_vs_fastest_plain'], '.2f')}x ({'met' if a['faster_ok'] else 'MISSED'}), peak RSS "
-                f"{a['peak_rss_mib']:.1f} MiB (< 200 MB = 190.7 MiB: {'met' if a['rss_ok'] else 'MISSED'})"
+                f"- aim {a['size_gb']:g} GB {a['case']} `{a['command']}`: vs cp&&sync "
+                f"{harness.cell(a['vs_cp_sync'], '.2f')} (>= {CP_RATIO_TARGET}: "
+                f"{'met' if a['cp_sync_ok'] else 'MISSED'}), speed-up vs fastest plain "
+                f"{harness.cell(a['speedup_vs_fastest_plain'], '.2f')}x ({'met' if a['faster_ok'] else 'MISSED'}), "
+                f"peak RSS {a['peak_rss_mib']:.1f} MiB (< 200 MB = 190.7 MiB: {'met' if a['rss_ok'] else 'MISSED'})"
             )
         for size, cs in checks.items():
             for c in cs:
@@ -765,89 +724,67 @@ def main() -> int:
                     f"- check {size} GB {c['label']}: {'ok' if c['ok'] else 'FAILED'}"
                     + (f" ({c.get('shards')} shards, plain {c.get('plain_shards')})" if "shards" in c else "")
                 )
-        for p in problems:
-            print(f"- PROBLEM: {p}")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        out = {
-            "benchmark": "convert",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": mach,
-            "code": {"before": code_before, "after": code_after},
-            "cpu_during_runs": load,
-            "params": {
-                "sizes_gb": sizes,
-                "tensors_per_gb": args.tensors_per_gb,
-                "shard_size": SHARD_SIZE,
-                "runs": RUNS,
-                "warmup_runs": 1,
-                "env_as_is": args.env_as_is,
-                "bytecode_cache": bytecode,
+        row_fields = (
+            "size_gb",
+            "case",
+            "command",
+            "kind",
+            "source",
+            "source_bytes",
+            "argv",
+            "outputs",
+            "note",
+            "median_s",
+            "max_rss_kib",
+            "mb_per_s",
+            "vs_cp",
+            "vs_cp_sync",
+            "speedup",
+            "speedup_each_plain",
+            "failed",
+            "warmup",
+            "runs",
+        )
+        return harness.finish(
+            RESULTS,
+            {
+                **harness.results_head("convert", mach, watch),
+                "params": {
+                    "sizes_gb": sizes,
+                    "tensors_per_gb": args.tensors_per_gb,
+                    "shard_size": SHARD_SIZE,
+                    **harness.measuring_params(args.env_as_is, bytecode),
+                },
+                "inputs": inputs,
+                "cp_syscalls": cp_syscalls,
+                "physical_limit": "cp --reflink=never",
+                "durable_reference": CP_SYNC,
+                "throughput": "source file bytes / median wall time, MB/s (10^6)",
+                **harness.measuring_method(clear_refs_ok),
+                "rows": [
+                    {k: r.get(k) for k in row_fields}
+                    | {"peak_rss_mib": round(harness.mib(r["max_rss_kib"]), 2)}
+                    for r in all_rows
+                ],
+                "growth": grow,
+                "aims": {
+                    "cp_sync_throughput_ratio_at_least": CP_RATIO_TARGET,
+                    "faster_than_plain": True,
+                    "peak_rss_under_bytes": RSS_TARGET_BYTES,
+                    "results": aims,
+                    "all_met": all(a["all_ok"] for a in aims),
+                },
+                "checks": checks,
+                "problems": problems,
+                "table_markdown": table(all_rows),
             },
-            "inputs": inputs,
-            "cp_syscalls": cp_syscalls,
-            "physical_limit": "cp --reflink=never",
-            "durable_reference": CP_SYNC,
-            "warm_cache": True,
-            "between_runs": "the command's output deleted, then sync(), outside the timing",
-            "throughput": "source file bytes / median wall time, MB/s (10^6)",
-            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
-            "and /proc/self/clear_refs 5 before exec",
-            "clear_refs_writable": clear_refs_ok,
-            "rows": [
-                {
-                    k: r.get(k)
-                    for k in (
-                        "size_gb",
-                        "case",
-                        "command",
-                        "kind",
-                        "source",
-                        "source_bytes",
-                        "argv",
-                        "outputs",
-                        "note",
-                        "median_s",
-                        "max_rss_kib",
-                        "mb_per_s",
-                        "vs_cp",
-                        "vs_cp_sync",
-                        "speedup",
-                        "speedup_each_plain",
-                        "failed",
-                        "warmup",
-                        "runs",
-                    )
-                }
-                | {"peak_rss_mib": round(_mib(r["max_rss_kib"]), 2)}
-                for r in all_rows
-            ],
-            "growth": grow,
-            "aims": {
-                "cp_sync_throughput_ratio_at_least": CP_RATIO_TARGET,
-                "faster_than_plain": True,
-                "peak_rss_under_bytes": RSS_TARGET_BYTES,
-                "results": aims,
-                "all_met": all(a["all_ok"] for a in aims),
-            },
-            "checks": checks,
-            "problems": problems,
-            "table_markdown": table(all_rows),
-        }
-        return write_results(RESULTS, out)
+        )
     finally:
         if args.keep:
             print(f"kept {top}")
         else:
             shutil.rmtree(top, ignore_errors=True)
-
-
-def _child(args: list[str]):
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child {args[0]} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
 if __name__ == "__main__":

@@ -74,12 +74,10 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import json
 import math
 import os
 import platform
-import shutil
 import subprocess
 import sys
 import tempfile
@@ -89,18 +87,7 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import (  # noqa: E402
-    RUNS,
-    _layout,
-    _mib,
-    busy_cpu_seconds,
-    child_env,
-    code_state,
-    own_cpu_seconds,
-    run_all,
-    summarize,
-    write_results,
-)
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "inspect.json"
 SPEED_TARGET = 20.0  # surgery at least this many times faster than the plain load
@@ -130,7 +117,7 @@ def generate(folder: Path, size_gb: float, n_tensors: int) -> dict:
     t0 = time.perf_counter()
     sd = {
         name: torch.empty(shape, dtype=torch.float32).normal_()
-        for name, shape in _layout(n_tensors, int(size_gb * 1e9))
+        for name, shape in harness.layout(n_tensors, int(size_gb * 1e9))
     }
     t_make = time.perf_counter() - t0
     paths = {fmt: folder / name for fmt, name in FORMATS.items()}
@@ -155,10 +142,10 @@ def generate(folder: Path, size_gb: float, n_tensors: int) -> dict:
 
 def commands(paths: dict[str, Path]) -> list[dict]:
     py = sys.executable
-    rows = []
+    rows: list[dict] = []
 
-    def add(fmt, label, kind, cmd, note=""):
-        rows.append({"format": fmt, "command": label, "kind": kind, "argv": cmd, "note": note})
+    def add(fmt: str, label: str, kind: str, argv: list[str], note: str = "") -> None:
+        rows.append(harness.row(label, kind, argv, note=note, format=fmt))
 
     for fmt, path in paths.items():
         p = str(path)
@@ -198,16 +185,7 @@ def commands(paths: dict[str, Path]) -> list[dict]:
                 "torch-style full load",
             )
     add("-", "python -c pass [start-up floor]", "floor", [py, "-c", "pass"])
-    true = shutil.which("true")
-    if true:
-        add(
-            "-",
-            "true [measurement floor]",
-            "launcher",
-            [true],
-            "RSS inherited from the runner; no row can read below it",
-        )
-    return rows
+    return rows + harness.measurement_floor(format="-")
 
 
 def startup_commands(big: Path) -> list[dict]:
@@ -220,16 +198,16 @@ def startup_commands(big: Path) -> list[dict]:
         ("surgery inspect --json BIG", "inspect", [py, "-m", "surgery", "inspect", p, "--json"]),
         ("surgery inspect BIG", "inspect", [py, "-m", "surgery", "inspect", p]),
     ]
-    return [{"format": "torch-zip", "command": c, "kind": k, "argv": a, "note": ""} for c, k, a in rows]
+    return [harness.row(c, k, a, format="torch-zip") for c, k, a in rows]
 
 
 def startup(paths: dict[str, Path], folder: Path, env: dict[str, str], runs: int) -> dict:
     """Run the start-up rows interleaved; their medians, ratios to `python -c pass`, aims, load."""
     rows = startup_commands(paths["torch-zip"])
     load_before = os.getloadavg()
-    busy0, own0 = busy_cpu_seconds(), own_cpu_seconds()
-    run_all(rows, folder, env, runs=runs)
-    busy1, own1 = busy_cpu_seconds(), own_cpu_seconds()
+    busy0, own0 = harness.busy_cpu_seconds(), harness.own_cpu_seconds()
+    harness.run_all(rows, folder, env, runs=runs)
+    busy1, own1 = harness.busy_cpu_seconds(), harness.own_cpu_seconds()
     load = {
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
@@ -237,7 +215,7 @@ def startup(paths: dict[str, Path], folder: Path, env: dict[str, str], runs: int
     }
     if busy0 is not None and busy1 is not None:
         load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 2)
-    problems = summarize(rows)
+    problems = harness.summarize(rows)
     floor = rows[0]["median_s"]
     for r in rows:
         r["ratio"] = r["median_s"] / floor
@@ -248,17 +226,15 @@ def startup(paths: dict[str, Path], folder: Path, env: dict[str, str], runs: int
 
 
 def startup_table(rows: list[dict]) -> str:
-    lines = [
-        "| command | median wall ms | x `python -c pass` | aim | peak RSS MiB |",
-        "|---|---:|---:|---|---:|",
-    ]
+    head = ["command", "median wall ms", "x `python -c pass`", "aim", "peak RSS MiB"]
+    body = []
     for r in rows:
         aim = "" if r["aim"] is None else f"<= {r['aim']:.0f}x: {'met' if r['aim_met'] else 'MISSED'}"
         wall = f"FAILED ({r['failed']})" if r.get("failed") else f"{1000 * r['median_s']:.1f}"
-        lines.append(
-            f"| `{r['command']}` | {wall} | {r['ratio']:.2f} | {aim} | {_mib(r['max_rss_kib']):.1f} |"
+        body.append(
+            [f"`{r['command']}`", wall, f"{r['ratio']:.2f}", aim, f"{harness.mib(r['max_rss_kib']):.1f}"]
         )
-    return "\n".join(lines)
+    return harness.markdown_table(head, "lrrlr", body)
 
 
 def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
@@ -280,62 +256,33 @@ def check_surgery_json(path: Path, fmt: str, facts: dict) -> str | None:
     return None
 
 
+def speedup(r: dict) -> str:
+    return "-" if r.get("speedup") is None else f"{r['speedup']:.1f}x"
+
+
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| format | command | median wall s | peak RSS MiB | speed-up vs plain |",
-        "|---|---|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.get("failed"):
-            wall, rss = f"FAILED ({r['failed']})", "-"
-        else:
-            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
-        speed = r.get("speedup")
-        speed = "-" if speed is None else f"{speed:.1f}x"
-        lines.append(f"| {r['format']} | `{r['command']}` | {wall} | {rss} | {speed} |")
-    return "\n".join(lines)
+    head = ["format", "command", "median wall s", "peak RSS MiB", "speed-up vs plain"]
+    body = ([r["format"], f"`{r['command']}`", *harness.timing_cells(r), speedup(r)] for r in rows)
+    return harness.markdown_table(head, "llrrr", body)
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.benchmark_parser(__doc__, "generate")
     parser.add_argument("--size-gb", type=float, default=1.2, help="checkpoint size in GB (10^9 bytes)")
     parser.add_argument("--tensors", type=int, default=400, help="number of tensors")
     parser.add_argument(
         "--startup-runs", type=int, default=STARTUP_RUNS, help="timed runs of each start-up command"
     )
-    parser.add_argument(
-        "--env-as-is",
-        action="store_true",
-        help="run the commands in this environment exactly (by default they get a bytecode cache, see above)",
-    )
-    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
     args = parser.parse_args()
 
-    if args._generate:  # child mode: make the checkpoints, print facts as JSON
-        print(json.dumps(generate(Path(args._generate), args.size_gb, args.tensors)))
-        return 0
+    if args._generate:
+        return harness.reply(generate(Path(args._generate), args.size_gb, args.tensors))
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_inspect_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_inspect_", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
         print(f"making {args.size_gb} GB x 3 formats, {args.tensors} tensors, in {folder} ...", flush=True)
-        gen = subprocess.run(
-            [
-                sys.executable,
-                __file__,
-                "--_generate",
-                str(folder),
-                "--size-gb",
-                str(args.size_gb),
-                "--tensors",
-                str(args.tensors),
-            ],
-            capture_output=True,
-            text=True,
-        )
-        if gen.returncode != 0:
-            sys.stderr.write(gen.stderr)
-            return 1
-        facts = json.loads(gen.stdout.strip().splitlines()[-1])
+        gen = ["--_generate", str(folder), "--size-gb", str(args.size_gb), "--tensors", str(args.tensors)]
+        facts = harness.child(__file__, gen)
         print(
             f"  {facts['num_tensors']} tensors, {facts['tensor_bytes'] / 1e9:.3f} GB of float32 "
             f"(made in {facts['seconds_make']} s, saved in {facts['seconds_save']} s); "
@@ -354,16 +301,16 @@ def main() -> int:
             if bad:
                 problems.append(f"surgery on {fmt}: {bad}")
 
-        env, bytecode = child_env(folder, args.env_as_is)
+        env, bytecode = harness.child_env(folder, args.env_as_is)
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         rows = commands(paths)
-        code = code_state()
-        clear_refs_ok = run_all(rows, folder, env)
-        problems += summarize(rows)
+        code = harness.code_state()
+        clear_refs_ok = harness.run_all(rows, folder, env)
+        problems += harness.summarize(rows)
         print(f"  start-up: {len(startup_commands(paths['torch-zip']))} commands interleaved ...", flush=True)
         start = startup(paths, folder, env, args.startup_runs)
         problems += start["problems"]
-        if code_state() != code:
+        if harness.code_state() != code:
             problems.append("surgery's code changed during the run")
         surgery = {r["format"]: r for r in rows if r["kind"] == "surgery"}
         for r in rows:
@@ -382,17 +329,16 @@ def main() -> int:
                     "against": plain["command"],
                     "speedup": speed,
                     "speed_ok": speed is not None and speed > SPEED_TARGET,
-                    "peak_rss_mib": _mib(s["max_rss_kib"]),
+                    "peak_rss_mib": harness.mib(s["max_rss_kib"]),
                     "rss_ok": not s.get("failed") and rss_bytes < RSS_TARGET_BYTES,
                 }
             )
 
-        floor = next((r for r in rows if r["kind"] == "launcher"), None)
         print()
         print(
             f"{facts['num_tensors']} float32 tensors, {facts['tensor_bytes'] / 1e9:.2f} GB; "
             f"{os.cpu_count()} CPUs, Python {platform.python_version()}, torch {facts['torch_version']}, "
-            f"safetensors {facts['safetensors_version']}. Median of {RUNS} runs after 1 warm-up, all warm "
+            f"safetensors {facts['safetensors_version']}. Median of {harness.RUNS} runs after 1 warm-up, all warm "
             "(files in page cache, nothing dropped)."
         )
         print(f"Bytecode cache: {bytecode}.")
@@ -401,13 +347,8 @@ def main() -> int:
         print()
         print("- speed-up vs plain = plain median wall time / surgery median wall time, same format.")
         print("- torch-legacy: torch cannot mmap the legacy format, so the plain load reads all tensor data.")
-        if floor:
-            print(
-                f"- peak RSS is the child's own ru_maxrss (os.wait4); measurement floor "
-                f"{_mib(floor['max_rss_kib']):.1f} MiB (`true` launched the same way)."
-            )
-        if not clear_refs_ok:
-            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
+        harness.print_floor_note(rows)
+        harness.print_clear_refs_warning(clear_refs_ok)
         for t in targets:
             speed = "n/a" if t["speedup"] is None else f"{t['speedup']:.1f}x"
             print(
@@ -430,84 +371,59 @@ def main() -> int:
         )
         print()
         print(startup_table(start["rows"]))
-        for p in problems:
-            print(f"- PROBLEM: {p}")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        out = {
-            "benchmark": "inspect",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": {
-                "nproc": os.cpu_count(),
-                "platform": platform.platform(),
-                "python": platform.python_version(),
-                "torch": facts["torch_version"],
-                "safetensors": facts["safetensors_version"],
+        return harness.finish(
+            RESULTS,
+            {
+                "benchmark": "inspect",
+                "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+                "machine": {
+                    "nproc": os.cpu_count(),
+                    "platform": platform.platform(),
+                    "python": platform.python_version(),
+                    "torch": facts["torch_version"],
+                    "safetensors": facts["safetensors_version"],
+                },
+                "params": {
+                    "size_gb": args.size_gb,
+                    "tensors": args.tensors,
+                    **harness.measuring_params(args.env_as_is, bytecode),
+                },
+                "checkpoint": facts,
+                **harness.measuring_method(clear_refs_ok, synced=False),
+                "rows": [harness.record(r, folder, speedup_vs_plain=r.get("speedup")) for r in rows],
+                "targets": {
+                    "speedup_over": SPEED_TARGET,
+                    "peak_rss_under_bytes": RSS_TARGET_BYTES,
+                    "results": targets,
+                },
+                "startup": {
+                    "runs": start["runs"],
+                    "aims": STARTUP_AIMS,
+                    "load": load,
+                    "rows": [
+                        {
+                            "command": r["command"],
+                            "kind": r["kind"],
+                            "argv": [harness.shown(a, folder) for a in r["argv"]],
+                            "median_wall_s": r["median_s"],
+                            "ratio_to_python_c_pass": r["ratio"],
+                            "aim": r["aim"],
+                            "aim_met": r["aim_met"],
+                            "peak_rss_kib": r["max_rss_kib"],
+                            "failed": r.get("failed"),
+                            "runs": r["runs"],
+                            "warmup": r["warmup"],
+                        }
+                        for r in start["rows"]
+                    ],
+                    "table_markdown": startup_table(start["rows"]),
+                },
+                "code": code,
+                "problems": problems,
+                "table_markdown": table(rows),
             },
-            "params": {
-                "size_gb": args.size_gb,
-                "tensors": args.tensors,
-                "runs": RUNS,
-                "warmup_runs": 1,
-                "env_as_is": args.env_as_is,
-                "bytecode_cache": bytecode,
-            },
-            "checkpoint": facts,
-            "warm_cache": True,
-            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
-            "and /proc/self/clear_refs 5 before exec",
-            "clear_refs_writable": clear_refs_ok,
-            "rows": [
-                {
-                    "format": r["format"],
-                    "command": r["command"],
-                    "kind": r["kind"],
-                    "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
-                    "note": r["note"],
-                    "median_wall_s": r["median_s"],
-                    "peak_rss_kib": r["max_rss_kib"],
-                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
-                    "speedup_vs_plain": r.get("speedup"),
-                    "failed": r.get("failed"),
-                    "runs": r["runs"],
-                    "warmup": r["warmup"],
-                }
-                for r in rows
-            ],
-            "targets": {
-                "speedup_over": SPEED_TARGET,
-                "peak_rss_under_bytes": RSS_TARGET_BYTES,
-                "results": targets,
-            },
-            "startup": {
-                "runs": start["runs"],
-                "aims": STARTUP_AIMS,
-                "load": load,
-                "rows": [
-                    {
-                        "command": r["command"],
-                        "kind": r["kind"],
-                        "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
-                        "median_wall_s": r["median_s"],
-                        "ratio_to_python_c_pass": r["ratio"],
-                        "aim": r["aim"],
-                        "aim_met": r["aim_met"],
-                        "peak_rss_kib": r["max_rss_kib"],
-                        "failed": r.get("failed"),
-                        "runs": r["runs"],
-                        "warmup": r["warmup"],
-                    }
-                    for r in start["rows"]
-                ],
-                "table_markdown": startup_table(start["rows"]),
-            },
-            "code": code,
-            "problems": problems,
-            "table_markdown": table(rows),
-        }
-        return write_results(RESULTS, out)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        )
 
 
 if __name__ == "__main__":

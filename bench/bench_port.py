@@ -107,10 +107,7 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import json
-import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -119,24 +116,11 @@ from pathlib import Path
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 
-from _harness import (  # noqa: E402
-    RUNS,
-    _layout,
-    _mib,
-    busy_cpu_seconds,
-    child_env,
-    code_state,
-    machine,
-    own_cpu_seconds,
-    run_all,
-    summarize,
-    write_results,
-)
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "port.json"
 TIME_TARGETS = {"resnet": 1.0, "big": 0.7}  # surgery/plain wall time at most this, by case
 MEMORY_TARGET = 0.5  # surgery/plain peak RSS at most this ("well under")
-OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
 
 RESNET_SRC = "resnet50_imagenet.pth.tar"
 RESNET_TARGET = "torchvision:resnet50?num_classes=10"
@@ -155,7 +139,7 @@ def generate(folder: Path, size_gb: float, n_tensors: int, resnet: bool) -> dict
 
     facts: dict = {"torch_version": torch.__version__, "safetensors_version": safetensors.__version__}
     t0 = time.perf_counter()
-    layout = _layout(n_tensors, int(size_gb * 1e9))
+    layout = harness.layout(n_tensors, int(size_gb * 1e9))
     torch.manual_seed(0)
     sd = {name: torch.empty(shape, dtype=torch.float32).normal_() for name, shape in layout}
     torch.save(sd, folder / BIG_SRC)
@@ -320,79 +304,78 @@ PLAIN_BIG = (
 def commands(folder: Path, size_label: str, resnet: bool) -> list[dict]:
     py = sys.executable
     rows: list[dict] = []
-
-    def add(case, label, kind, argv, out=None, fmt="-", note=""):
-        rows.append(
-            {
-                "case": case,
-                "format": fmt,
-                "command": label,
-                "kind": kind,
-                "argv": [str(a) for a in argv],
-                "outputs": [str(out)] if out else [],
-                "note": note,
-            }
-        )
-
     if resnet:
         src = folder / RESNET_SRC
         for ext, save in ((".safetensors", SAVE_ST), (".pt", SAVE_PT)):
             case = f"resnet50 -> {ext}"
             out_s, out_p = folder / f"resnet_surgery{ext}", folder / f"resnet_plain{ext}"
-            add(
-                case,
-                f"surgery port --to {RESNET_TARGET} --strict false",
-                "surgery",
-                [py, "-m", "surgery", "port", src, "--to", RESNET_TARGET, "--strict", "false", "-o", out_s],
-                out_s,
-                ext,
+            rows.append(
+                harness.row(
+                    f"surgery port --to {RESNET_TARGET} --strict false",
+                    "surgery",
+                    [
+                        py,
+                        "-m",
+                        "surgery",
+                        "port",
+                        src,
+                        "--to",
+                        RESNET_TARGET,
+                        "--strict",
+                        "false",
+                        "-o",
+                        out_s,
+                    ],
+                    out_s,
+                    case=case,
+                    format=ext,
+                )
             )
-            add(
-                case,
-                "torch.load + load_state_dict(strict=False) + "
-                + ("save_file" if ext == ".safetensors" else "torch.save"),
-                "plain",
-                [py, "-c", PLAIN_RESNET + save, src, out_p],
-                out_p,
-                ext,
+            rows.append(
+                harness.row(
+                    "torch.load + load_state_dict(strict=False) + "
+                    + ("save_file" if ext == ".safetensors" else "torch.save"),
+                    "plain",
+                    [py, "-c", PLAIN_RESNET + save, src, out_p],
+                    out_p,
+                    case=case,
+                    format=ext,
+                )
             )
     case = f"{size_label} -> template .safetensors"
     src, template = folder / BIG_SRC, folder / TEMPLATE
     for verify in (False, True):
         out_s = folder / f"big_surgery{'_verify' if verify else ''}.safetensors"
-        add(
-            case,
-            "surgery port --to TEMPLATE --strict false" + (" --verify" if verify else ""),
-            "surgery-verify" if verify else "surgery",
-            [py, "-m", "surgery", "port", src, "--to", template, "--strict", "false", "-o", out_s]
-            + (["--verify"] if verify else []),
-            out_s,
-            ".safetensors",
-            "re-reads the output and compares each tensor with the bytes it was written from; not judged"
-            if verify
-            else "",
+        rows.append(
+            harness.row(
+                "surgery port --to TEMPLATE --strict false" + (" --verify" if verify else ""),
+                "surgery-verify" if verify else "surgery",
+                [py, "-m", "surgery", "port", src, "--to", template, "--strict", "false", "-o", out_s]
+                + (["--verify"] if verify else []),
+                out_s,
+                "re-reads the output and compares each tensor with the bytes it was written from; not judged"
+                if verify
+                else "",
+                case=case,
+                format=".safetensors",
+            )
         )
     out_p = folder / "big_plain.safetensors"
-    add(
-        case,
-        "torch.load(mmap=False) + load_file(template) + update + save_file",
-        "plain",
-        [py, "-c", PLAIN_BIG, src, template, out_p],
-        out_p,
-        ".safetensors",
-    )
-    add("-", "python -c 'import torch' [import floor]", "floor", [py, "-c", "import torch"])
-    if resnet:
-        add(
-            "-",
-            "python -c 'import torch, torchvision' [import floor]",
-            "floor",
-            [py, "-c", "import torch, torchvision"],
+    rows.append(
+        harness.row(
+            "torch.load(mmap=False) + load_file(template) + update + save_file",
+            "plain",
+            [py, "-c", PLAIN_BIG, src, template, out_p],
+            out_p,
+            case=case,
+            format=".safetensors",
         )
-    true = shutil.which("true")
-    if true:
-        add("-", "true [measurement floor]", "launcher", [true], note="RSS inherited from the runner")
-    return rows
+    )
+    floors = [("python -c 'import torch' [import floor]", "import torch")]
+    if resnet:
+        floors.append(("python -c 'import torch, torchvision' [import floor]", "import torch, torchvision"))
+    rows += [harness.row(label, "floor", [py, "-c", code], case="-", format="-") for label, code in floors]
+    return rows + harness.measurement_floor(case="-", format="-")
 
 
 def check_items(folder: Path, rows: list[dict]) -> list[dict]:
@@ -418,59 +401,88 @@ def check_items(folder: Path, rows: list[dict]) -> list[dict]:
 # --------------------------------------------------------------------------- reporting
 
 
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
 def table(rows: list[dict]) -> str:
-    lines = [
-        "| case | command | median wall s | peak RSS MiB | surgery/plain time ratio | surgery/plain memory ratio |",
-        "|---|---|---:|---:|---:|---:|",
+    head = [
+        "case",
+        "command",
+        "median wall s",
+        "peak RSS MiB",
+        "surgery/plain time ratio",
+        "surgery/plain memory ratio",
     ]
+    body = (
+        [
+            r["case"],
+            f"`{r['command']}`",
+            *harness.timing_cells(r),
+            harness.cell(r.get("time_ratio"), ".2f"),
+            harness.cell(r.get("memory_ratio"), ".2f"),
+        ]
+        for r in rows
+    )
+    return harness.markdown_table(head, "llrrrr", body)
+
+
+def judge(rows: list[dict]) -> list[dict]:
+    """Each surgery row against the plain row of its case: ratios (set on the surgery row), the aim,
+    and the memory above the case's import floor."""
+    floors = {r["command"]: r for r in rows if r["kind"] == "floor"}
+    torch_floor = next((r for c, r in floors.items() if "torchvision" not in c), None)
+    tv_floor = next((r for c, r in floors.items() if "torchvision" in c), None)
+    aims = []
     for r in rows:
-        if r.get("failed"):
-            wall, rss = f"FAILED ({r['failed']})", "-"
-        else:
-            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
-        lines.append(
-            f"| {r['case']} | `{r['command']}` | {wall} | {rss} | "
-            f"{_ratio(r.get('time_ratio'))} | {_ratio(r.get('memory_ratio'))} |"
+        if not r["kind"].startswith("surgery"):
+            continue
+        plain = next(p for p in rows if p["case"] == r["case"] and p["kind"] == "plain")
+        if r.get("failed") or plain.get("failed"):
+            continue
+        r["time_ratio"] = r["median_s"] / plain["median_s"]
+        r["memory_ratio"] = r["max_rss_kib"] / plain["max_rss_kib"]
+        floor = tv_floor if r["case"].startswith("resnet") else torch_floor
+        above = None  # also when surgery stays below the floor: it did not import torch
+        if floor and plain["max_rss_kib"] > floor["max_rss_kib"] and r["max_rss_kib"] >= floor["max_rss_kib"]:
+            above = (r["max_rss_kib"] - floor["max_rss_kib"]) / (plain["max_rss_kib"] - floor["max_rss_kib"])
+        r["memory_ratio_above_floor"] = above
+        r["floor"] = floor["command"] if floor else None
+        time_target = TIME_TARGETS["resnet" if r["case"].startswith("resnet") else "big"]
+        aims.append(
+            {
+                "case": r["case"],
+                "command": r["command"],
+                "judged": r["kind"] == "surgery",
+                "time_ratio": r["time_ratio"],
+                "time_ratio_at_most": time_target,
+                "time_ok": r["time_ratio"] <= time_target,
+                "memory_ratio": r["memory_ratio"],
+                "memory_ok": r["memory_ratio"] <= MEMORY_TARGET,
+                "memory_ratio_above_import_floor": above,
+                "surgery_above_floor_mib": harness.mib(r["max_rss_kib"] - floor["max_rss_kib"])
+                if floor
+                else None,
+                "plain_above_floor_mib": harness.mib(plain["max_rss_kib"] - floor["max_rss_kib"])
+                if floor
+                else None,
+            }
         )
-    return "\n".join(lines)
+    return aims
 
 
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child {args[0]} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+# --------------------------------------------------------------------------- the run
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.benchmark_parser(__doc__, "generate", "check")
     parser.add_argument("--size-gb", type=float, default=1.0, help="big checkpoint size in GB (10^9 bytes)")
     parser.add_argument("--tensors", type=int, default=300, help="tensors in the big checkpoint")
     parser.add_argument("--skip-resnet", action="store_true", help="only the big (template) case")
-    parser.add_argument(
-        "--env-as-is",
-        action="store_true",
-        help="run the commands in this environment exactly (by default they get a bytecode cache)",
-    )
-    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--_check", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args()
-
     if args._generate:
-        facts = generate(Path(args._generate), args.size_gb, args.tensors, not args.skip_resnet)
-        print(json.dumps(facts))
-        return 0
+        return harness.reply(generate(Path(args._generate), args.size_gb, args.tensors, not args.skip_resnet))
     if args._check:
-        print(json.dumps(check(json.loads(Path(args._check).read_text()))))
-        return 0
+        return harness.reply(check(json.loads(Path(args._check).read_text())))
 
-    folder = Path(tempfile.mkdtemp(prefix="bench_port_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_port_", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
         print(
             f"making a {args.size_gb} GB checkpoint of {args.tensors} tensors, its template"
             + ("" if args.skip_resnet else " and the resnet50 checkpoint")
@@ -478,7 +490,7 @@ def main() -> int:
             flush=True,
         )
         gen = ["--_generate", str(folder), "--size-gb", str(args.size_gb), "--tensors", str(args.tensors)]
-        facts = _child(gen + (["--skip-resnet"] if args.skip_resnet else []))
+        facts = harness.child(__file__, gen + (["--skip-resnet"] if args.skip_resnet else []))
         big = facts["big"]
         print(
             f"  big: {big['num_tensors']} tensors, {big['tensor_bytes'] / 1e9:.3f} GB float32; "
@@ -494,102 +506,26 @@ def main() -> int:
                 flush=True,
             )
 
-        env, bytecode = child_env(folder, args.env_as_is)
+        env, bytecode = harness.child_env(folder, args.env_as_is)
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         size_label = f"{big['tensor_bytes'] / 1e9:.2f} GB"
         rows = commands(folder, size_label, not args.skip_resnet)
-        code_before = code_state()
-        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        clear_refs_ok = run_all(rows, folder, env, sync=True)
-        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        code_after = code_state()
-        load = {"wall_s": round(wall1 - wall0, 1), "benchmark_cpu_s": round(own1 - own0, 1)}
-        if busy0 is not None and busy1 is not None:
-            load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
-            load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
+        watch = harness.Watch()
+        clear_refs_ok = harness.run_all(rows, folder, env, sync=True)
+        watch.stop()
 
-        problems = summarize(rows, count_warmup=True)
-        floors = {r["command"]: r for r in rows if r["kind"] == "floor"}
-        torch_floor = next((r for c, r in floors.items() if "torchvision" not in c), None)
-        tv_floor = next((r for c, r in floors.items() if "torchvision" in c), None)
-        aims = []
-        for r in rows:
-            if not r["kind"].startswith("surgery"):
-                continue
-            plain = next(p for p in rows if p["case"] == r["case"] and p["kind"] == "plain")
-            if r.get("failed") or plain.get("failed"):
-                continue
-            r["time_ratio"] = r["median_s"] / plain["median_s"]
-            r["memory_ratio"] = r["max_rss_kib"] / plain["max_rss_kib"]
-            floor = tv_floor if r["case"].startswith("resnet") else torch_floor
-            above = None  # also when surgery stays below the floor: it did not import torch
-            if (
-                floor
-                and plain["max_rss_kib"] > floor["max_rss_kib"]
-                and r["max_rss_kib"] >= floor["max_rss_kib"]
-            ):
-                above = (r["max_rss_kib"] - floor["max_rss_kib"]) / (
-                    plain["max_rss_kib"] - floor["max_rss_kib"]
-                )
-            r["memory_ratio_above_floor"] = above
-            r["floor"] = floor["command"] if floor else None
-            time_target = TIME_TARGETS["resnet" if r["case"].startswith("resnet") else "big"]
-            aims.append(
-                {
-                    "case": r["case"],
-                    "command": r["command"],
-                    "judged": r["kind"] == "surgery",
-                    "time_ratio": r["time_ratio"],
-                    "time_ratio_at_most": time_target,
-                    "time_ok": r["time_ratio"] <= time_target,
-                    "memory_ratio": r["memory_ratio"],
-                    "memory_ok": r["memory_ratio"] <= MEMORY_TARGET,
-                    "memory_ratio_above_import_floor": above,
-                    "surgery_above_floor_mib": _mib(r["max_rss_kib"] - floor["max_rss_kib"])
-                    if floor
-                    else None,
-                    "plain_above_floor_mib": _mib(plain["max_rss_kib"] - floor["max_rss_kib"])
-                    if floor
-                    else None,
-                }
-            )
+        problems = harness.summarize(rows, count_warmup=True)
+        aims = judge(rows)
 
         print("checking the outputs tensor by tensor ...", flush=True)
-        job = folder / "check.json"
-        job.write_text(json.dumps({"items": check_items(folder, rows)}))
-        checks = _child(["--_check", str(job)])["results"]
+        checks = harness.check_in_child(__file__, folder, {"items": check_items(folder, rows)})["results"]
         for c in checks:
             if not c["ok"]:
                 problems.append(f"check {c['label']}: {c}")
 
-        mach = machine(folder, facts)
-        print()
-        print(
-            f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB, {mach['tmp_filesystem']} temp folder; "
-            f"Python {mach['python']}, torch {mach['torch']}, torchvision {mach['torchvision']}, "
-            f"safetensors {mach['safetensors']}. Median of {RUNS} runs after 1 warm-up; inputs warm in the "
-            "page cache; outputs deleted and sync() before every run."
-        )
-        print(f"Bytecode cache: {bytecode}.")
-        changed = code_before["surgery_changed_files"]
-        print(
-            f"surgery at commit {(code_before['commit'] or '?')[:10]}"
-            + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-            + "."
-        )
-        other = load.get("other_cpu_s")
-        if other is not None:
-            print(
-                f"CPU during the timed runs: {load['benchmark_cpu_s']} s by the benchmark's commands, "
-                f"{other} s by anything else, in {load['wall_s']} s of wall time."
-            )
-            if other > OTHER_CPU_LIMIT * load["wall_s"]:
-                problems.append(
-                    f"other processes used {other} CPU-seconds during the {load['wall_s']} s of timed runs: "
-                    "the times are disturbed, rerun on a quiet machine"
-                )
-        if code_after != code_before:
-            problems.append("surgery's code changed while the benchmark ran: rerun it")
+        mach = harness.machine(folder, facts)
+        harness.print_context(mach, bytecode, watch, also={"torchvision": mach["torchvision"]})
+        problems += watch.problems()
         print()
         print(table(rows))
         print()
@@ -597,18 +533,9 @@ def main() -> int:
             "- ratios: surgery median wall time / plain median wall time, and surgery peak RSS / plain "
             "peak RSS, same case and output format."
         )
-        floor_row = next((r for r in rows if r["kind"] == "launcher"), None)
-        if floor_row:
-            print(
-                f"- peak RSS is the child's own ru_maxrss (os.wait4), file-backed pages included; measurement "
-                f"floor {_mib(floor_row['max_rss_kib']):.1f} MiB (`true` launched the same way)."
-            )
-        if not clear_refs_ok:
-            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
-        print("- spread of the timed runs (fastest - slowest wall s):")
-        for r in rows:
-            walls = sorted(run["wall_s"] for run in r["runs"])
-            print(f"  - {r['case']} `{r['command']}`: {walls[0]:.3f} - {walls[-1]:.3f}")
+        harness.print_floor_note(rows)
+        harness.print_clear_refs_warning(clear_refs_ok)
+        harness.print_spread(rows)
         for a in aims:
             above = a["memory_ratio_above_import_floor"]
             verdict = (
@@ -638,63 +565,39 @@ def main() -> int:
                 + f"; loaded tensors equal the source: {not c['differ_from_source']}; "
                 f"key order equal: {c['key_order_equal']}; source sha256 in metadata: {c['provenance_sha256_ok']}"
             )
-        for p in problems:
-            print(f"- PROBLEM: {p}")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        out = {
-            "benchmark": "port",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": mach,
-            "code": {"before": code_before, "after": code_after},
-            "cpu_during_runs": load,
-            "params": {
-                "size_gb": args.size_gb,
-                "tensors": args.tensors,
-                "skip_resnet": args.skip_resnet,
-                "runs": RUNS,
-                "warmup_runs": 1,
-                "env_as_is": args.env_as_is,
-                "bytecode_cache": bytecode,
+        return harness.finish(
+            RESULTS,
+            {
+                **harness.results_head("port", mach, watch),
+                "params": {
+                    "size_gb": args.size_gb,
+                    "tensors": args.tensors,
+                    "skip_resnet": args.skip_resnet,
+                    **harness.measuring_params(args.env_as_is, bytecode),
+                },
+                "inputs": facts,
+                **harness.measuring_method(clear_refs_ok),
+                "rows": [
+                    harness.record(
+                        r,
+                        folder,
+                        time_ratio=r.get("time_ratio"),
+                        memory_ratio=r.get("memory_ratio"),
+                        memory_ratio_above_import_floor=r.get("memory_ratio_above_floor"),
+                    )
+                    for r in rows
+                ],
+                "aim": {
+                    "time_ratio_at_most": TIME_TARGETS,
+                    "memory_ratio_at_most": MEMORY_TARGET,
+                    "results": aims,
+                },
+                "checks": checks,
+                "problems": problems,
+                "table_markdown": table(rows),
             },
-            "inputs": facts,
-            "warm_cache": True,
-            "between_runs": "the command's output deleted, then sync(), outside the timing",
-            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
-            "and /proc/self/clear_refs 5 before exec",
-            "clear_refs_writable": clear_refs_ok,
-            "rows": [
-                {
-                    "case": r["case"],
-                    "format": r["format"],
-                    "command": r["command"],
-                    "kind": r["kind"],
-                    "argv": [Path(a).name if a.startswith(str(folder)) else a for a in r["argv"]],
-                    "note": r["note"],
-                    "median_wall_s": r["median_s"],
-                    "peak_rss_kib": r["max_rss_kib"],
-                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
-                    "time_ratio": r.get("time_ratio"),
-                    "memory_ratio": r.get("memory_ratio"),
-                    "memory_ratio_above_import_floor": r.get("memory_ratio_above_floor"),
-                    "failed": r.get("failed"),
-                    "runs": r["runs"],
-                    "warmup": r["warmup"],
-                }
-                for r in rows
-            ],
-            "aim": {
-                "time_ratio_at_most": TIME_TARGETS,
-                "memory_ratio_at_most": MEMORY_TARGET,
-                "results": aims,
-            },
-            "checks": checks,
-            "problems": problems,
-            "table_markdown": table(rows),
-        }
-        return write_results(RESULTS, out)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        )
 
 
 if __name__ == "__main__":

@@ -90,9 +90,7 @@ from __future__ import annotations
 import argparse
 import hashlib
 import json
-import os
 import shutil
-import subprocess
 import sys
 import tempfile
 import time
@@ -103,24 +101,12 @@ REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 sys.path.insert(1, str(REPO))  # the checker and the preset lookup read this checkout's surgery
 
-from _harness import (  # noqa: E402
-    RUNS,
-    _mib,
-    busy_cpu_seconds,
-    child_env,
-    code_state,
-    machine,
-    own_cpu_seconds,
-    run_all,
-    summarize,
-    write_results,
-)
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "rules.json"
 PRESET = "llama-meta-to-hf"
 TIME_TARGET = 1.0  # surgery/plain wall time at most this ("no slower")
 MEMORY_TARGET = 0.5  # surgery/plain peak RSS at most this ("under half the memory")
-OTHER_CPU_LIMIT = 0.05  # CPU-seconds used by other processes per second of timed runs, before a warning
 
 SOURCE = "meta.pth"
 PARAMS = "params.json"
@@ -327,89 +313,50 @@ def check(job: dict) -> dict:
 def commands(folder: Path, rules: Path | None) -> list[dict]:
     py = sys.executable
     src, params, target = folder / SOURCE, folder / PARAMS, TARGET.format(folder=folder / HF_DIR)
-    rows: list[dict] = []
-
-    def add(label, kind, argv, out=None, note=""):
-        rows.append(
-            {
-                "command": label,
-                "kind": kind,
-                "argv": [str(a) for a in argv],
-                "outputs": [str(out)] if out else [],
-                "note": note,
-            }
-        )
-
     out_s = folder / "surgery.safetensors"
     flag, value = ("--map", rules) if rules else ("--preset", PRESET)
-    add(
-        f"surgery port --to hf:LlamaForCausalLM?config=DIR {flag} {rules.name if rules else PRESET}",
-        "surgery",
-        [py, "-m", "surgery", "port", src, "--to", target, flag, value, "-o", out_s],
-        out_s,
-    )
+    rows = [
+        harness.row(
+            f"surgery port --to hf:LlamaForCausalLM?config=DIR {flag} {rules.name if rules else PRESET}",
+            "surgery",
+            [py, "-m", "surgery", "port", src, "--to", target, flag, value, "-o", out_s],
+            out_s,
+        )
+    ]
     for mmap in ("no-mmap", "mmap"):
         out_p = folder / f"plain_{mmap}.safetensors"
-        add(
-            f"torch.load(mmap={mmap == 'mmap'}) + rename + permute wq/wk + save_file",
-            "plain" if mmap == "no-mmap" else "plain-mmap",
-            [py, "-c", PLAIN, src, params, out_p, mmap],
-            out_p,
+        rows.append(
+            harness.row(
+                f"torch.load(mmap={mmap == 'mmap'}) + rename + permute wq/wk + save_file",
+                "plain" if mmap == "no-mmap" else "plain-mmap",
+                [py, "-c", PLAIN, src, params, out_p, mmap],
+                out_p,
+            )
         )
-    add(
-        "build_target(hf:LlamaForCausalLM?config=DIR, meta=True) [surgery's target: described]",
-        "target",
-        [py, "-c", TARGET_ALONE, target, "meta"],
-        note="as port builds it: import torch + transformers, the model on the meta device, nothing read",
-    )
-    add(
-        "build_target(hf:LlamaForCausalLM?config=DIR) [the target built for real]",
-        "target-real",
-        [py, "-c", TARGET_ALONE, target, "real"],
-        note="the randomly initialised model in memory: what a port that loads into the model would hold",
-    )
-    add(
-        "python -c 'import torch, transformers; LlamaForCausalLM' [the target's import floor]",
-        "import-transformers",
-        [py, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"],
-    )
-    add("python -c 'import torch' [import floor]", "import-torch", [py, "-c", "import torch"])
-    true = shutil.which("true")
-    if true:
-        add("true [measurement floor]", "launcher", [true], note="RSS inherited from the runner")
-    return rows
+    return rows + [
+        harness.row(
+            "build_target(hf:LlamaForCausalLM?config=DIR, meta=True) [surgery's target: described]",
+            "target",
+            [py, "-c", TARGET_ALONE, target, "meta"],
+            note="as port builds it: import torch + transformers, the model on the meta device, nothing read",
+        ),
+        harness.row(
+            "build_target(hf:LlamaForCausalLM?config=DIR) [the target built for real]",
+            "target-real",
+            [py, "-c", TARGET_ALONE, target, "real"],
+            note="the randomly initialised model in memory: what a port that loads into the model would hold",
+        ),
+        harness.row(
+            "python -c 'import torch, transformers; LlamaForCausalLM' [the target's import floor]",
+            "import-transformers",
+            [py, "-c", "import torch, transformers; from transformers import LlamaForCausalLM"],
+        ),
+        harness.row("python -c 'import torch' [import floor]", "import-torch", [py, "-c", "import torch"]),
+        *harness.measurement_floor(),
+    ]
 
 
 # --------------------------------------------------------------------------- reporting
-
-
-def _ratio(x: float | None) -> str:
-    return "-" if x is None else f"{x:.2f}"
-
-
-def table(rows: list[dict]) -> str:
-    lines = [
-        "| command | median wall s | peak RSS MiB | surgery/this: time | surgery/this: memory |",
-        "|---|---:|---:|---:|---:|",
-    ]
-    for r in rows:
-        if r.get("failed"):
-            wall, rss = f"FAILED ({r['failed']})", "-"
-        else:
-            wall, rss = f"{r['median_s']:.3f}", f"{_mib(r['max_rss_kib']):.1f}"
-        lines.append(
-            f"| `{r['command']}` | {wall} | {rss} | {_ratio(r.get('time_ratio'))} | "
-            f"{_ratio(r.get('memory_ratio'))} |"
-        )
-    return "\n".join(lines)
-
-
-def _shown(arg: str, folder: Path) -> str:
-    """An argument as the JSON records it: the temporary folder left out, a script by its first line."""
-    if arg.startswith(str(folder)):
-        return Path(arg).name
-    arg = arg.replace(str(folder), "DIR")
-    return arg if "\n" not in arg else arg.splitlines()[0] + " ... (the script is in bench_rules.py)"
 
 
 def shipped_preset() -> Path:
@@ -433,14 +380,6 @@ def config_flags(args: argparse.Namespace) -> list[str]:
     ]
 
 
-def _child(args: list[str]) -> dict:
-    proc = subprocess.run([sys.executable, __file__, *args], capture_output=True, text=True, cwd=REPO)
-    if proc.returncode != 0:
-        sys.stderr.write(proc.stderr)
-        raise SystemExit(f"child {args[0]} failed (exit {proc.returncode})")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
-
-
 def breakdown(rows: list[dict]) -> dict:
     """surgery's peak RSS and time beside their parts: the imports an hf target needs, the
     target as port builds it (described), and what the port adds on top of that."""
@@ -448,7 +387,7 @@ def breakdown(rows: list[dict]) -> dict:
     kinds = ("surgery", "plain", "target", "target-real", "import-torch", "import-transformers")
     if not all(k in done for k in kinds):
         return {}
-    mib = {k: _mib(done[k]["max_rss_kib"]) for k in kinds}
+    mib = {k: harness.mib(done[k]["max_rss_kib"]) for k in kinds}
     wall = {k: done[k]["median_s"] for k in kinds}
     return {
         "peak_mib": mib,
@@ -460,8 +399,11 @@ def breakdown(rows: list[dict]) -> dict:
     }
 
 
+# --------------------------------------------------------------------------- the run
+
+
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser = harness.benchmark_parser(__doc__, "generate", "check")
     parser.add_argument("--dim", type=int, default=1024)
     parser.add_argument("--layers", type=int, default=16)
     parser.add_argument("--heads", type=int, default=16)
@@ -471,13 +413,6 @@ def main() -> int:
     parser.add_argument(
         "--rules", type=Path, help=f"a rule file to use instead of the shipped preset {PRESET} (copied)"
     )
-    parser.add_argument(
-        "--env-as-is",
-        action="store_true",
-        help="run the commands in this environment exactly (by default they get a bytecode cache)",
-    )
-    parser.add_argument("--_generate", metavar="DIR", help=argparse.SUPPRESS)
-    parser.add_argument("--_check", metavar="JOB", help=argparse.SUPPRESS)
     args = parser.parse_args()
     config = {
         "dim": args.dim,
@@ -488,140 +423,63 @@ def main() -> int:
         "vocab_size": args.vocab,
         "norm_eps": 1e-5,
     }
-
     if args._generate:
-        print(json.dumps(generate(Path(args._generate), config)))
-        return 0
+        return harness.reply(generate(Path(args._generate), config))
     if args._check:
-        print(json.dumps(check(json.loads(Path(args._check).read_text()))))
-        return 0
+        return harness.reply(check(json.loads(Path(args._check).read_text())))
 
     rules_text = (args.rules or shipped_preset()).read_bytes()
-    folder = Path(tempfile.mkdtemp(prefix="bench_rules_"))
-    try:
+    with tempfile.TemporaryDirectory(prefix="bench_rules_", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
         rules = None
         if args.rules is not None:
             rules = folder / "rules.toml"
             shutil.copyfile(args.rules, rules)
         print(f"making the Meta-layout Llama checkpoint in {folder} ...", flush=True)
-        facts = _child(["--_generate", str(folder), *config_flags(args)])
+        facts = harness.child(__file__, ["--_generate", str(folder), *config_flags(args)])
         print(
             f"  {facts['num_tensors']} tensors, {facts['parameters'] / 1e6:.1f} M parameters, "
             f"{facts['tensor_bytes'] / 1e9:.3f} GB float32; meta.pth {facts['source_bytes'] / 2**20:.0f} MiB "
             f"(made in {facts['seconds_make']} s)",
             flush=True,
         )
-        env, bytecode = child_env(folder, args.env_as_is)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(REPO), env.get("PYTHONPATH")]))  # this checkout
+        env, bytecode = harness.child_env(folder, args.env_as_is, this_checkout=True)
         print(f"  bytecode cache for the commands: {bytecode}", flush=True)
         rows = commands(folder, rules)
-        code_before = code_state()
-        load_before = Path("/proc/loadavg").read_text().split()[:3]
-        busy0, own0, wall0 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        clear_refs_ok = run_all(rows, folder, env, sync=True)
-        busy1, own1, wall1 = busy_cpu_seconds(), own_cpu_seconds(), time.perf_counter()
-        load_after = Path("/proc/loadavg").read_text().split()[:3]
-        code_after = code_state()
-        load = {
-            "wall_s": round(wall1 - wall0, 1),
-            "benchmark_cpu_s": round(own1 - own0, 1),
-            "loadavg_before": load_before,
-            "loadavg_after": load_after,
-        }
-        if busy0 is not None and busy1 is not None:
-            load["machine_busy_cpu_s"] = round(busy1 - busy0, 1)
-            load["other_cpu_s"] = round(max(busy1 - busy0 - (own1 - own0), 0.0), 1)
+        watch = harness.Watch()
+        clear_refs_ok = harness.run_all(rows, folder, env, sync=True)
+        watch.stop()
 
-        problems = summarize(rows, count_warmup=True)
-        surgery = next(r for r in rows if r["kind"] == "surgery")
-        aims = {}
-        for kind in ("plain", "plain-mmap"):
-            plain = next(r for r in rows if r["kind"] == kind)
-            if surgery.get("failed") or plain.get("failed"):
-                continue
-            time_ratio = surgery["median_s"] / plain["median_s"]
-            memory_ratio = surgery["max_rss_kib"] / plain["max_rss_kib"]
-            plain.update(time_ratio=time_ratio, memory_ratio=memory_ratio)
-            aims[kind] = {
-                "time_ratio": time_ratio,
-                "time_ok": time_ratio <= TIME_TARGET,
-                "memory_ratio": memory_ratio,
-                "memory_ok": memory_ratio <= MEMORY_TARGET,
-                "judged": kind == "plain",
-            }
+        problems = harness.summarize(rows, count_warmup=True)
+        by_kind = {r["kind"]: r for r in rows}
+        aims = harness.against_plains(by_kind, ("plain", "plain-mmap"), TIME_TARGET, MEMORY_TARGET)
         split = breakdown(rows)
 
         print("checking the outputs tensor by tensor ...", flush=True)
-        job = folder / "check.json"
-        plain_outs = {r["kind"]: r["outputs"][0] for r in rows if r["kind"].startswith("plain")}
-        job.write_text(
-            json.dumps(
-                {
-                    "source": str(folder / SOURCE),
-                    "params": str(folder / PARAMS),
-                    "surgery": surgery["outputs"][0],
-                    "plain": plain_outs,
-                }
-            )
-        )
-        checked = _child(["--_check", str(job)])
+        plain_outs = {kind: by_kind[kind]["outputs"][0] for kind in ("plain", "plain-mmap")}
+        job = {
+            "source": str(folder / SOURCE),
+            "params": str(folder / PARAMS),
+            "surgery": by_kind["surgery"]["outputs"][0],
+            "plain": plain_outs,
+        }
+        checked = harness.check_in_child(__file__, folder, job)
         if not checked["ok"]:
             problems.append(f"check: {checked}")
 
-        mach = machine(folder, facts)
+        mach = harness.machine(folder, facts)
         mach["transformers"] = facts["transformers_version"]
-        print()
-        print(
-            f"{mach['nproc']} CPUs ({mach['cpu']}), {mach['mem_gib']} GiB, {mach['tmp_filesystem']} temp folder; "
-            f"Python {mach['python']}, torch {mach['torch']}, transformers {mach['transformers']}, "
-            f"safetensors {mach['safetensors']}. Median of {RUNS} runs after 1 warm-up; input warm in the "
-            "page cache; outputs deleted and sync() before every run."
+        harness.print_context(
+            mach, bytecode, watch, also={"transformers": mach["transformers"]}, warm="input"
         )
-        print(f"Bytecode cache: {bytecode}.")
-        changed = code_before["surgery_changed_files"]
-        print(
-            f"surgery at commit {(code_before['commit'] or '?')[:10]}"
-            + (f" with uncommitted changes to {', '.join(changed)}" if changed else "")
-            + "."
-        )
-        print(f"Load average (1, 5, 15 min) before {' '.join(load_before)}, after {' '.join(load_after)}.")
-        other = load.get("other_cpu_s")
-        if other is not None:
-            print(
-                f"CPU during the timed runs: {load['benchmark_cpu_s']} s by the benchmark's commands, "
-                f"{other} s by anything else, in {load['wall_s']} s of wall time."
-            )
-            if other > OTHER_CPU_LIMIT * load["wall_s"]:
-                problems.append(
-                    f"other processes used {other} CPU-seconds during the {load['wall_s']} s of timed runs: "
-                    "the times are disturbed, rerun on a quiet machine"
-                )
-        if code_after != code_before:
-            problems.append("surgery's code changed while the benchmark ran: rerun it")
+        problems += watch.problems()
         print()
-        print(table(rows))
+        print(harness.ratio_table(rows))
         print()
-        print(
-            "- ratios, on each plain row: surgery's median wall time / this row's, surgery's peak RSS / this "
-            "row's (below 1: surgery faster, smaller); the aim is judged against mmap=False."
-        )
-        if not clear_refs_ok:
-            print("- WARNING: /proc/self/clear_refs not writable: RSS rows include the runner's peak RSS.")
-        print("- spread of the timed runs (fastest - slowest wall s):")
-        for r in rows:
-            walls = sorted(run["wall_s"] for run in r["runs"])
-            print(f"  - `{r['command']}`: {walls[0]:.3f} - {walls[-1]:.3f}")
-        for kind, a in aims.items():
-            verdict = (
-                f"time {'met' if a['time_ok'] else 'MISSED'} (<= {TIME_TARGET:.2f}), "
-                f"memory {'met' if a['memory_ok'] else 'MISSED'} (<= {MEMORY_TARGET:.2f})"
-                if a["judged"]
-                else "shown, not judged"
-            )
-            print(
-                f"- aim vs {kind}: time ratio {a['time_ratio']:.3f}, memory ratio {a['memory_ratio']:.3f}: "
-                f"{verdict}"
-            )
+        harness.print_ratio_note("mmap=False")
+        harness.print_clear_refs_warning(clear_refs_ok)
+        harness.print_spread(rows)
+        harness.print_aims(aims, TIME_TARGET, MEMORY_TARGET)
         if split:
             mib, wall = split["peak_mib"], split["median_wall_s"]
             print(
@@ -638,7 +496,8 @@ def main() -> int:
                 f"surgery's {wall['surgery']:.2f} s; the plain way's whole run {wall['plain']:.2f} s): no port "
                 "that imports transformers does better than these ratios."
             )
-        for label, c in ((k, checked[k]) for k in plain_outs):
+        for label in plain_outs:
+            c = checked[label]
             print(
                 f"- check surgery vs {label}: {c['identical']}/{checked['num_surgery_tensors']} tensors "
                 f"bit-identical, keys equal: {c['keys_equal']}"
@@ -648,61 +507,26 @@ def main() -> int:
             f"equal to the source renamed (q_proj, k_proj: permuted), keys are the source's renamed: "
             f"{checked['surgery_keys_are_the_source_renamed']}"
         )
-        for p in problems:
-            print(f"- PROBLEM: {p}")
 
-        RESULTS.parent.mkdir(parents=True, exist_ok=True)
-        out = {
-            "benchmark": "rules",
-            "when": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
-            "machine": mach,
-            "code": {"before": code_before, "after": code_after},
-            "cpu_during_runs": load,
-            "params": {
-                "config": config,
-                "rules": str(args.rules) if args.rules else f"preset {PRESET}",
-                "rules_sha256": hashlib.sha256(rules_text).hexdigest(),
-                "runs": RUNS,
-                "warmup_runs": 1,
-                "env_as_is": args.env_as_is,
-                "bytecode_cache": bytecode,
+        return harness.finish(
+            RESULTS,
+            {
+                **harness.results_head("rules", mach, watch),
+                "params": {
+                    "config": config,
+                    "rules": str(args.rules) if args.rules else f"preset {PRESET}",
+                    "rules_sha256": hashlib.sha256(rules_text).hexdigest(),
+                    **harness.measuring_params(args.env_as_is, bytecode),
+                },
+                "inputs": facts,
+                **harness.measuring_method(clear_refs_ok),
+                **harness.ratio_fields(rows, folder, aims, TIME_TARGET, MEMORY_TARGET),
+                "surgery_peak_breakdown": split,
+                "check": checked,
+                "problems": problems,
+                "table_markdown": harness.ratio_table(rows),
             },
-            "inputs": facts,
-            "warm_cache": True,
-            "between_runs": "the command's output deleted, then sync(), outside the timing",
-            "peak_rss_method": "os.wait4 ru_maxrss of each child, spawned by a lean `python -S -I` runner with fork "
-            "and /proc/self/clear_refs 5 before exec",
-            "clear_refs_writable": clear_refs_ok,
-            "rows": [
-                {
-                    "command": r["command"],
-                    "kind": r["kind"],
-                    "argv": [_shown(a, folder) for a in r["argv"]],
-                    "note": r["note"],
-                    "median_wall_s": r["median_s"],
-                    "peak_rss_kib": r["max_rss_kib"],
-                    "peak_rss_mib": round(_mib(r["max_rss_kib"]), 2),
-                    "surgery_time_ratio": r.get("time_ratio"),
-                    "surgery_memory_ratio": r.get("memory_ratio"),
-                    "failed": r.get("failed"),
-                    "runs": r["runs"],
-                    "warmup": r["warmup"],
-                }
-                for r in rows
-            ],
-            "aim": {
-                "time_ratio_at_most": TIME_TARGET,
-                "memory_ratio_at_most": MEMORY_TARGET,
-                "results": aims,
-            },
-            "surgery_peak_breakdown": split,
-            "check": checked,
-            "problems": problems,
-            "table_markdown": table(rows),
-        }
-        return write_results(RESULTS, out)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        )
 
 
 if __name__ == "__main__":

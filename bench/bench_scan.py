@@ -50,7 +50,6 @@ How to run
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
 import shutil
@@ -63,7 +62,7 @@ HERE = Path(__file__).resolve().parent
 ROOT = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _harness import child_env, code_state, run_all, summarize, write_results  # noqa: E402
+import _harness as harness  # noqa: E402
 
 RESULTS = HERE / "results" / "scan.json"
 TOOLS = ("surgery", "picklescan", "modelscan", "fickling", "fickling-malicious")
@@ -312,31 +311,18 @@ def verdict(tool: str, path: str, env: dict[str, str]) -> str:
 
 
 def main() -> int:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument(
-        "--env-as-is", action="store_true", help="Run the tools in this environment unchanged."
-    )
-    parser.add_argument("--_make", metavar="DIR", help=argparse.SUPPRESS)
+    parser = harness.benchmark_parser(__doc__, "make")
     args = parser.parse_args()
     if args._make:
-        print(json.dumps(make_corpus(Path(args._make))))
-        return 0
+        return harness.reply(make_corpus(Path(args._make)))
 
-    folder = Path(tempfile.mkdtemp(prefix="surgery-bench-scan-"))
-    try:
-        env, bytecode = child_env(folder, args.env_as_is)
-        env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(ROOT), env.get("PYTHONPATH")]))
+    with tempfile.TemporaryDirectory(prefix="surgery-bench-scan-", ignore_cleanup_errors=True) as tmp:
+        folder = Path(tmp)
+        env, bytecode = harness.child_env(folder, args.env_as_is, this_checkout=True)
         corpus = folder / "corpus"
         corpus.mkdir()
         print("making the corpus ...", file=sys.stderr, flush=True)
-        made = subprocess.run(
-            [sys.executable, __file__, "--_make", str(corpus)],
-            capture_output=True,
-            text=True,
-            env=env,
-            check=True,
-        )
-        files = json.loads(made.stdout)
+        files = harness.child(__file__, ["--_make", str(corpus)], env=env)
         versions = {tool: installed(tool) for tool in TOOLS}
         tools = [t for t in TOOLS if versions[t]]
         print(f"{len(files)} files; asking {', '.join(tools)} about each ...", file=sys.stderr, flush=True)
@@ -347,8 +333,8 @@ def main() -> int:
         for tool in tools:
             paths = [str(corpus / f["path"]) for f in files] if tool in FICKLING_THRESHOLDS else [str(corpus)]
             rows.append({"case": tool, "command": tool, "argv": argv(tool, paths)})
-        run_all(rows, folder, env)
-        summarize(rows, count_warmup=False)  # exit codes are verdicts here, not failures
+        harness.run_all(rows, folder, env)
+        harness.summarize(rows, count_warmup=False)  # exit codes are verdicts here, not failures
         table = _table(files, rows, versions)
         print(table)
         doc = {
@@ -356,43 +342,52 @@ def main() -> int:
             "timing": [{k: r[k] for k in ("case", "argv", "median_s", "max_rss_kib", "runs")} for r in rows],
             "versions": versions,
             "bytecode": bytecode,
-            "code": code_state(),
+            "code": harness.code_state(),
             "table": table,
             "problems": [],
         }
-        RESULTS.parent.mkdir(exist_ok=True)
-        return write_results(RESULTS, doc)
-    finally:
-        shutil.rmtree(folder, ignore_errors=True)
+        return harness.finish(RESULTS, doc)
 
 
 def _table(files: list[dict], rows: list[dict], versions: dict[str, str | None]) -> str:
     counts = {g: sum(f["group"] == g for f in files) for g in GROUPS}
-    lines = [
-        f"| tool | hostile caught (of {counts['hostile']}) | missed | could not read | "
-        f"benign false alarms (of {counts['benign']}) | harmless flagged (of {counts['harmless']}) | "
-        "whole corpus s | peak RSS MiB |",
-        "|---|---:|---:|---:|---:|---:|---:|---:|",
+    head = [
+        "tool",
+        f"hostile caught (of {counts['hostile']})",
+        "missed",
+        "could not read",
+        f"benign false alarms (of {counts['benign']})",
+        f"harmless flagged (of {counts['harmless']})",
+        "whole corpus s",
+        "peak RSS MiB",
     ]
+    body = []
     timing = {r["case"]: r for r in rows}
     for tool in TOOLS:
         if not versions[tool]:
-            lines.append(f"| {tool} | not installed | | | | | | |")
+            body.append([tool, "not installed", *[""] * 6])
             continue
 
-        def n(group: str, *kinds: str, tool: str = tool) -> int:
-            return sum(f["group"] == group and f["verdicts"][tool] in kinds for f in files)
+        def n(group: str, *kinds: str, tool: str = tool) -> str:
+            return str(sum(f["group"] == group and f["verdicts"][tool] in kinds for f in files))
 
         r = timing[tool]
         name = tool if tool == "surgery" else f"{tool} {versions[tool]}"
         if tool == "fickling-malicious":
             name = f"fickling {versions[tool]}, only likely overtly malicious"
-        lines.append(
-            f"| {name} | {n('hostile', 'caught')} | {n('hostile', 'clean')} | "
-            f"{n('hostile', 'error', 'not scanned')} | {n('benign', 'caught', 'error')} | "
-            f"{n('harmless', 'caught')} | {r['median_s']:.2f} | {r['max_rss_kib'] / 1024:.0f} |"
+        body.append(
+            [
+                name,
+                n("hostile", "caught"),
+                n("hostile", "clean"),
+                n("hostile", "error", "not scanned"),
+                n("benign", "caught", "error"),
+                n("harmless", "caught"),
+                f"{r['median_s']:.2f}",
+                f"{harness.mib(r['max_rss_kib']):.0f}",
+            ]
         )
-    return "\n".join(lines)
+    return harness.markdown_table(head, "lrrrrrrr", body)
 
 
 if __name__ == "__main__":

@@ -598,3 +598,23 @@ def test_the_remote_examples_of_the_docs_print_what_they_show(
     for doc, real in addresses.items():
         printed = printed.replace(real, doc)
     assert printed == shown, f"{page} shows:\n{shown}\nthe run printed:\n{printed}"
+
+
+@pytest.mark.parametrize(
+    "command",
+    [
+        ["convert", "{url}", "-o", "{out}"],
+        ["port", "{url}", "--to", "{local}", "-o", "{out}"],
+        ["merge", "{url}", "{local}", "-o", "{out}"],
+        ["extract", "{url}", "--base", "{local}", "--rank", "1", "-o", "{out}"],
+    ],
+    ids=["convert", "port", "merge", "extract"],
+)
+def test_commands_that_read_tensors_say_a_url_needs_a_download(served, fixtures_dir, tmp_path, command):
+    """Their headers are read (and judged) over HTTP; their tensor bytes never: one line, exit 2,
+    nothing written (a URL is never folded into a path, `https:/host`)."""
+    shutil.copy(fixtures_dir / "tiny.safetensors", served.root / "tiny.safetensors")
+    url, out = served.url("tiny.safetensors"), tmp_path / "out.safetensors"
+    args = [a.format(url=url, local=fixtures_dir / "tiny.safetensors", out=out) for a in command]
+    assert_clean_error(run_cli(*args), url, contains=f"to {command[0]} it needs a download", code=2)
+    assert not out.exists() and list(tmp_path.iterdir()) == []

@@ -92,7 +92,7 @@ STRICTNESS = {
 )
 def port(
     source: Annotated[
-        Optional[Path],
+        Text,
         typer.Argument(help="The checkpoint to port (any format inspect reads).", show_default=False),
     ] = None,
     to: Annotated[

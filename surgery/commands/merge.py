@@ -41,6 +41,7 @@ from surgery.commands.convert import (
 )
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, NotFound, SurgeryError, UsageError
+from surgery.formats.base import is_hub, is_url
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, TensorInfo, open_checkpoint, open_trusted
 from surgery.models.merges import METHODS, MergeParams, Stream, lora_delta, merge_pieces, normalised
 from surgery.names import group_names, natural, wrapper_prefixes
@@ -281,6 +282,9 @@ def expand(inputs: Sequence[str]) -> list[Path]:
     """
     paths: list[Path] = []
     for text in inputs:
+        if is_url(text) or is_hub(text):  # as it is: a Path would fold `https://` to `https:/`
+            paths.append(text)  # type: ignore[arg-type]
+            continue
         if Path(text).exists() or not glob.has_magic(text):
             paths.append(Path(text))
             continue

@@ -504,6 +504,7 @@ def open_trusted(
         )
     if ckpt.container is None or not ckpt.tensors:
         raise SurgeryError(ckpt.path, f"the source holds no state_dict to {purpose}")
+    ckpt._needs_bytes(f"to {purpose} it")  # a remote checkpoint: its safety said, its bytes not fetched
     return ckpt
 
 

@@ -81,6 +81,9 @@ TRAIN = textwrap.dedent(
         engine.save_checkpoint(f"{out}/{name}")
         if name == "zero2":
             engine.save_checkpoint(f"{out}/payload", client_state={"note": Payload()})
+    # every file is written: leave the group, else gloo's threads may abort the process at exit
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()
     """
 )
 

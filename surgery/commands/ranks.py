@@ -130,16 +130,12 @@ def run_ranked(
     from surgery.writers.outputs import atomic_folder
 
     if ranks.rank != 0:
-        made = ranks.broadcast()  # the folder, or rank 0's failure to make it
-        if isinstance(made, Failure):
-            raise made.error()
+        made = _heard(ranks)  # the folder, or rank 0's failure to make it
         try:
             results = _gathered(ranks, lambda: write_part(Path(made)))
         except _Told as told:
             raise told.failure.error() from None
-        final = ranks.broadcast()  # None once in place, or rank 0's failure to finish
-        if isinstance(final, Failure):
-            raise final.error()
+        _heard(ranks)  # None once in place, or rank 0's failure to finish
         return results
     try:
         with atomic_folder(out, size=size) as tmp:
@@ -153,6 +149,14 @@ def run_ranked(
         raise
     ranks.broadcast(None)
     return results
+
+
+def _heard(ranks: Ranks) -> Any:
+    """What rank 0 broadcast; its failure, raised here."""
+    said = ranks.broadcast()
+    if isinstance(said, Failure):
+        raise said.error()
+    return said
 
 
 class _Told(Exception):
@@ -327,17 +331,9 @@ def _on_rank_zero(output: Output, request: Destination, ranks: Ranks) -> tuple[l
     """A single file: rank 0 writes it; the others wait to hear how it went."""
     from surgery.commands.convert import WRITERS
 
+    names = _by_rank_zero(ranks, lambda: WRITERS[output.kind](output, request))
     if ranks.rank != 0:
-        final = ranks.broadcast()
-        if isinstance(final, Failure):
-            raise final.error()
         return [], []
-    try:
-        names = WRITERS[output.kind](output, request)
-    except BaseException as error:
-        ranks.broadcast(Failure.of(0, error))
-        raise
-    ranks.broadcast(None)
     plan = output.plan
     return names, [_part(output, ranks, sum(e.nbytes for e in plan.entries if e.name not in plan.aliases))]
 
@@ -346,13 +342,13 @@ def on_rank_zero(work: Callable[[], T]) -> T | None:
     """`work()` once: alone, or under torchrun by rank 0 while the others wait to hear how it
     went (None on them; rank 0's error, on every rank). A port writes one file: one writer."""
     ranks = ranks_from_env()
-    if ranks is None:
-        return work()
+    return work() if ranks is None else _by_rank_zero(ranks, work)
+
+
+def _by_rank_zero(ranks: Ranks, work: Callable[[], T]) -> T | None:
+    """`work()` on rank 0, its outcome broadcast: the others return None, or raise its error."""
     if ranks.rank != 0:
-        final = ranks.broadcast()
-        if isinstance(final, Failure):
-            raise final.error()
-        return None
+        return _heard(ranks)
     try:
         result = work()
     except BaseException as error:

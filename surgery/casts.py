@@ -131,6 +131,12 @@ def count_losses(source: Buffer, cast: Buffer, source_dtype: str, target_dtype: 
     )
 
 
+def tally(lossy: dict[str, CastLosses], name: str, lost: CastLosses) -> None:
+    """Add one piece's losses to tensor `name`'s in `lossy` (a tensor is cast piece by piece)."""
+    if lost:
+        lossy[name] = lossy[name] + lost if name in lossy else lost
+
+
 class LossyCast(SurgeryError):
     """A cast lost values (overflow, NaN, flushed to zero) and the caller did not allow it:
     nothing was written. The report (convert's or port's) rides on it."""

@@ -164,8 +164,7 @@ def _plan(
     Raises:
         SurgeryError: a delta to a tensor that is not floating; a tensor surgery cannot rebuild.
     """
-    own = {key: name for name, key in side.keys.items()}
-    ties = {own[a]: own[k] for a, k in side.ckpt.aliases.items() if a in own and k in own}
+    ties = side.ties
     whole = {n for n in lora.replaced if n not in lora.deltas}  # not PEFT's copy of a layer's base weight
     ties = {a: k for a, k in ties.items() if a not in whole and k not in whole}
     deltas: dict[str, list[Delta]] = dict(lora.deltas)

@@ -23,7 +23,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any, ClassVar, Protocol
 
 from surgery import __version__
-from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose
+from surgery.casts import Buffer, CastLosses, LossyCast, count_losses, may_lose, tally
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError, UsageError
 from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, open_trusted
@@ -347,9 +347,7 @@ class _Source:
         before (as `source_dtype`) and after the cast, however the cast was made."""
         if not may_lose(source_dtype, self.dtypes[name]):
             return
-        lost = count_losses(before, after, source_dtype, self.dtypes[name])
-        if lost:
-            self.lossy[name] = self.lossy[name] + lost if name in self.lossy else lost
+        tally(self.lossy, name, count_losses(before, after, source_dtype, self.dtypes[name]))
 
     def tensor(self, name: str) -> torch.Tensor:
         import torch

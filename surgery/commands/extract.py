@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING, Any, ClassVar
 
 from surgery import __version__
 from surgery.commands.convert import FLOATING
-from surgery.commands.merge import DTYPES, Side, few_names, named
+from surgery.commands.merge import DTYPES, Side, differences, few_names, named
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, SurgeryError
 from surgery.formats.checkpoint import open_trusted
@@ -228,8 +228,8 @@ def extract_file(
     _check_same(tuned_side, base_side)
     names = list(tuned_side.keys)
     shapes = {n: tuned_side.info(n).shape for n in names}
-    own = {key: name for name, key in tuned_side.keys.items()}
-    tied = {own[n] for pair in tuned.aliases.items() for n in pair if n in own}
+    tied_keys = {key for pair in tuned.aliases.items() for key in pair}  # either half of a pair: whole
+    tied = {name for name, key in tuned_side.keys.items() if key in tied_keys}
     tick = progress(len(names), sum(tuned_side.info(n).nbytes for n in names)) if progress else None
     changed: list[str] = []
     deltas: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
@@ -259,7 +259,8 @@ def extract_file(
     not_floating = [n for n in layout.lora if n not in deltas]
     if not_floating:
         raise SurgeryError(tuned.path, f"weights that are not floating changed: {few_names(not_floating)}")
-    entries = _entries(layout, deltas, tuned_side)
+    keys = _keys_of(layout)
+    entries = _entries(keys, deltas, tuned_side)
     report = ExtractReport(
         str(tuned.path),
         str(base.path),
@@ -289,9 +290,7 @@ def extract_file(
                 [{"path": str(Path(p).resolve()), "sha256": d} for p, d in sha256.items()]
             ),
         }
-        _write(
-            out, entries, _getter(layout, deltas, tuned_side), metadata, _config(request, layout, base.path)
-        )
+        _write(out, entries, _getter(keys, deltas, tuned_side), metadata, _config(request, layout, base.path))
         digests.check_unchanged()
     return replace(report, files=sha256, seconds=time.perf_counter() - started, written=True)
 
@@ -312,10 +311,11 @@ def _write(
 
 
 def _getter(
-    layout: ExtractLayout, deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]], tuned: Side
+    keys: Mapping[str, tuple[str, int | None]],
+    deltas: Mapping[str, tuple[torch.Tensor, torch.Tensor]],
+    tuned: Side,
 ) -> Callable[[str], torch.Tensor]:
     """The adapter's tensor of a key: a factor made in the first pass, or the fine-tune's own, read again."""
-    keys = _keys_of(layout, deltas)
 
     def get(key: str) -> torch.Tensor:
         name, factor = keys[key]
@@ -330,20 +330,13 @@ def _check_same(tuned: Side, base: Side) -> None:
     """The two checkpoints hold the same names and shapes.
 
     Raises:
-        SurgeryError: naming the first differences.
+        SurgeryError: naming the first differences (as merge names them).
     """
-    missing = [n for n in base.keys if n not in tuned.keys]
-    extra = [n for n in tuned.keys if n not in base.keys]
-    shapes = [n for n in tuned.keys if n in base.keys and tuned.info(n).shape != base.info(n).shape]
-    if missing or extra or shapes:
-        parts = [
-            f"{what}: {few_names(names)}"
-            for what, names in (("lacks", missing), ("adds", extra), ("reshapes", shapes))
-            if names
-        ]
+    found = differences(base, tuned)
+    if found:
         raise SurgeryError(
             tuned.ckpt.path,
-            f"is not a fine-tune of {base.ckpt.path} as it stands: it {'; '.join(parts)}",
+            f"is not a fine-tune of {base.ckpt.path} as it stands: it {found.describe()}",
             hint="an adapter changes values only; --exclude leaves tensors out of both",
         )
 
@@ -352,7 +345,7 @@ def _pair(tuned: Side, base: Side, name: str) -> tuple[torch.Tensor, torch.Tenso
     return tuned.ckpt.tensor(tuned.keys[name]), base.ckpt.tensor(base.keys[name])
 
 
-def _keys_of(layout: ExtractLayout, deltas: Mapping[str, Any]) -> dict[str, tuple[str, int | None]]:
+def _keys_of(layout: ExtractLayout) -> dict[str, tuple[str, int | None]]:
     """Each adapter key -> (the checkpoint's name, 0 for A, 1 for B, None for the tensor whole)."""
     keys: dict[str, tuple[str, int | None]] = {}
     for name in layout.lora:
@@ -367,9 +360,12 @@ def _keys_of(layout: ExtractLayout, deltas: Mapping[str, Any]) -> dict[str, tupl
     return keys
 
 
-def _entries(layout: ExtractLayout, deltas: Mapping[str, Any], tuned: Side) -> list[Entry]:
+def _entries(
+    keys: Mapping[str, tuple[str, int | None]], deltas: Mapping[str, Any], tuned: Side
+) -> list[Entry]:
+    """What the adapter file holds, in order: each key's shape and dtype."""
     out = []
-    for key, (name, factor) in _keys_of(layout, deltas).items():
+    for key, (name, factor) in keys.items():
         if factor is None:
             info = tuned.info(name)
             out.append(Entry(key, info.shape, info.dtype))

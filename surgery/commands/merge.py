@@ -328,6 +328,13 @@ class Side:
     def info(self, name: str) -> TensorInfo:
         return self.ckpt.tensors_by_name[self.keys[name]]
 
+    @property
+    def ties(self) -> dict[str, str]:
+        """The checkpoint's tied names (one tensor, two names) under the names used here:
+        alias -> the name stored first."""
+        own = {key: name for name, key in self.keys.items()}
+        return {own[a]: own[k] for a, k in self.ckpt.aliases.items() if a in own and k in own}
+
 
 def named(ckpts: Sequence[Checkpoint], rules: KeyRules) -> list[tuple[dict[str, str], tuple[str, ...]]]:
     """Each checkpoint's names after the key rules (merged name -> its key) and the steps taken.
@@ -407,10 +414,10 @@ def plan_merge(sides: list[Side], request: MergeRequest, kind: str) -> MergePlan
     order = list(dict.fromkeys(name for side in sides for name in side.keys))
     if not order:
         raise UsageError(reference.ckpt.path, "no tensors left after --include/--exclude")
-    differences = {i: _differences(reference, side) for i, side in enumerate(sides) if i}
-    differing = [i for i, found in differences.items() if found]
+    apart = {i: differences(reference, side) for i, side in enumerate(sides) if i}
+    differing = [i for i, found in apart.items() if found]
     if request.strict and differing:
-        raise _mismatch(sides, differences, differing)
+        raise _mismatch(sides, apart, differing)
     merged: list[str] = []
     kept: dict[str, Taken] = {}
     unmerged: dict[str, Taken] = {}
@@ -474,7 +481,7 @@ def casts(dtypes: Mapping[str, str], dtype: str | None) -> tuple[dict[str, str],
 
 
 @dataclass(frozen=True)
-class _Differences:
+class Differences:
     """How one checkpoint's names and shapes differ from the first's."""
 
     missing: list[str]
@@ -498,8 +505,8 @@ class _Differences:
         return "; ".join(parts)
 
 
-def _differences(reference: Side, side: Side) -> _Differences:
-    return _Differences(
+def differences(reference: Side, side: Side) -> Differences:
+    return Differences(
         [n for n in reference.keys if n not in side.keys],
         [n for n in side.keys if n not in reference.keys],
         [
@@ -515,14 +522,14 @@ def few_names(names: list[str]) -> str:
     return ", ".join(groups[:SHOWN]) + (f" and {len(groups) - SHOWN} more" if len(groups) > SHOWN else "")
 
 
-def _mismatch(sides: list[Side], differences: dict[int, _Differences], differing: list[int]) -> SurgeryError:
+def _mismatch(sides: list[Side], apart: dict[int, Differences], differing: list[int]) -> SurgeryError:
     """The error for inputs that do not hold the same keys and shapes: the first such input, and
     how it differs from the first checkpoint."""
     first = differing[0]
     others = f"; {plural(len(differing) - 1, 'more checkpoint')} differ too" if len(differing) > 1 else ""
     return SurgeryError(
         sides[first].ckpt.path,
-        f"does not match {sides[0].ckpt.path}: {differences[first].describe()}{others}",
+        f"does not match {sides[0].ckpt.path}: {apart[first].describe()}{others}",
         hint="checkpoints of one architecture merge; --strict false merges the keys all hold alike "
         "and takes the others from the base or the first input",
     )
@@ -535,8 +542,7 @@ def _ties(
     They are merged once and stay one tensor in the output."""
     common: dict[str, str] | None = None
     for side in sides:
-        own = {key: name for name, key in side.keys.items()}
-        here = {own[a]: own[k] for a, k in side.ckpt.aliases.items() if a in own and k in own}
+        here = side.ties
         common = here if common is None else {a: k for a, k in common.items() if here.get(a) == k}
 
     def recipe(name: str) -> Any:
@@ -1012,7 +1018,7 @@ class _Merged:
         flushed to zero when the output's dtype is narrower than the tensor's own (`dtype`)."""
         import torch
 
-        from surgery.casts import CastLosses, count_losses, may_lose
+        from surgery.casts import CastLosses, count_losses, may_lose, tally
 
         target = getattr(torch, dtype)
         for piece in pieces:
@@ -1023,8 +1029,7 @@ class _Merged:
                     piece.view(torch.uint8).numpy(), cast.view(torch.uint8).numpy(), source, dtype
                 )
                 lost = CastLosses(own, dtype, lost.overflow, lost.nan, lost.flushed if narrowing else 0)
-                if lost:
-                    self.lossy[name] = self.lossy[name] + lost if name in self.lossy else lost
+                tally(self.lossy, name, lost)
             yield cast
 
     def _hashed(self, name: str, pieces: Iterator[torch.Tensor]) -> Iterator[memoryview]:

@@ -28,7 +28,7 @@ import pytest
 import torch
 from conftest import Run, assert_clean_error, run_cli, run_subprocess
 from doc_pages import DOCS, fenced
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 from test_remote import CANARY, QuietServer, RunsCommand, Served, _range
 
 pytest.importorskip("huggingface_hub")
@@ -365,6 +365,68 @@ def test_offline_a_file_not_cached_is_one_line_and_no_request(hub, env, monkeypa
     run = run_subprocess("inspect", "hf://org/safe/model.safetensors", env=download_env)
     assert_clean_error(run, "hf://org/safe/model.safetensors", contains="HF_HUB_OFFLINE=1", code=1)
     assert hub.log == []
+
+
+# -- work that needs the tensors: downloaded into the Hub cache -----------------------------------
+
+
+@pytest.mark.parametrize("repo", ["org/safe", "org/torch", "org/sharded"])
+def test_convert_downloads_an_hf_address_into_the_hub_cache_and_then_reads_it_offline(
+    hub, env, repos, tmp_path, monkeypatch, repo
+):
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", f"hf://{repo}", "-o", str(out), "--json")
+    assert run.exit_code == 0, run
+    written = load_file(str(out))
+    assert sorted(written) == sorted(repos.state)
+    assert all(torch.equal(written[k], v) for k, v in repos.state.items())
+    snapshot = env / f"models--{repo.replace('/', '--')}" / "snapshots" / COMMIT
+    assert json.loads(run.stdout)["source"].startswith(str(snapshot))  # the cached copy, kept
+    weights = sorted(p.name for p in snapshot.iterdir() if p.name != "config.json")
+    assert weights == sorted(
+        {"org/safe": ["model.safetensors"], "org/torch": ["pytorch_model.bin"]}.get(
+            repo,
+            [
+                "model-00001-of-00002.safetensors",
+                "model-00002-of-00002.safetensors",
+                "model.safetensors.index.json",
+            ],
+        )
+    )
+
+    hub.reset()
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    again = tmp_path / "again.safetensors"
+    assert run_cli("convert", f"hf://{repo}", "-o", str(again)).exit_code == 0
+    assert hub.log == [] and load_file(str(again)).keys() == written.keys()
+
+
+def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):
+    out = tmp_path / "out.safetensors"
+    address = "hf://org/torch/checkpoints/last.ckpt"
+    run = run_cli("port", address, "--to", str(repos.local), "-o", str(out))
+    assert run.exit_code == 0, run
+    from safetensors import safe_open
+
+    with safe_open(str(out), "pt") as f:
+        files = json.loads(f.metadata()["surgery.source_files"])
+    cached = hub.root / "org" / "torch" / "checkpoints" / "last.ckpt"  # what the Hub served
+    digest = hashlib.sha256(cached.read_bytes()).hexdigest()
+    assert files == [{"path": "hf://org/torch@main/checkpoints/last.ckpt", "sha256": digest}]
+
+
+def test_a_dangerous_pickle_in_a_repo_is_refused_before_the_download(hub, env, tmp_path):
+    canary = tmp_path / CANARY
+    torch.save(
+        {"w": torch.ones(1 << 18), "hook": RunsCommand(f"touch {canary}")},
+        hub.repo("org/evil2") / "pytorch_model.bin",
+    )
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", "hf://org/evil2", "-o", str(out))
+    resolve = f"{hub.endpoint}/org/evil2/resolve/main/pytorch_model.bin"  # judged over HTTP
+    assert_clean_error(run, resolve, contains="not safe to load (danger", code=1)
+    assert not out.exists() and not canary.exists()
+    assert not list(env.glob("models--org--evil2/blobs/*")), "downloaded although refused"
 
 
 # -- nothing fetched is run ------------------------------------------------------------------------

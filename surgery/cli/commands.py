@@ -4,7 +4,6 @@ and returns its exit code (None: 0).
 No logic of its own: what a command does is a library call a script can make too.
 """
 
-import sys
 from pathlib import Path
 from typing import Annotated, Optional
 
@@ -19,6 +18,7 @@ from surgery.cli.options import (
     CheckpointArg,
     DebugOpt,
     DepthOpt,
+    DownloadOpt,
     DryRunOpt,
     ExcludeOpt,
     FilterOpt,
@@ -60,6 +60,7 @@ def inspect(
     depth: DepthOpt = None,
     key: KeyOpt = None,
     verify: VerifyOpt = False,
+    download: DownloadOpt = False,
     json_out: JsonOpt = False,
     debug: DebugOpt = False,
 ) -> int:
@@ -68,7 +69,7 @@ def inspect(
     Exit code 1 when the pickle references anything beyond tensors and plain
     containers (or the file is damaged), so scripts notice; 2 on bad usage.
     """
-    return inspect_checkpoint(path, filter, depth, key, verify, json_out)
+    return inspect_checkpoint(path, filter, depth, key, verify, download, json_out)
 
 
 STRICTNESS = {
@@ -358,8 +359,7 @@ def convert(
 
     request = ConvertRequest.from_file(recipe, **fields) if recipe else ConvertRequest.from_fields(fields)
     try:
-        with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-            report = convert_file(request, progress=bar)
+        report = convert_file(request, progress=progress())
     except LossyCast as failed:
         show(failed.report, json_out)
         raise
@@ -495,8 +495,7 @@ def merge(
     from surgery.commands.ranks import on_rank_zero
 
     try:
-        with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-            report = on_rank_zero(lambda: merge_file(request, progress=bar))  # torchrun: rank 0's
+        report = on_rank_zero(lambda: merge_file(request, progress=progress()))  # torchrun: rank 0's
     except LossyCast as failed:
         show(failed.report, json_out)
         raise
@@ -549,8 +548,7 @@ def extract(
     from surgery.commands.ranks import on_rank_zero
 
     request = ExtractRequest.from_file(recipe, **fields) if recipe else ExtractRequest.from_fields(fields)
-    with progress(enabled=not json_out and sys.stderr.isatty()) as bar:
-        report = on_rank_zero(lambda: extract_file(request, progress=bar))  # torchrun: rank 0's
+    report = on_rank_zero(lambda: extract_file(request, progress=progress()))  # torchrun: rank 0's
     if report is not None:
         show(report, json_out)
 

@@ -26,6 +26,7 @@ def inspect_checkpoint(
     depth: int | None,
     key: str | None,
     verify: bool,
+    download: bool,
     json_out: bool,
     debug: bool = False,  # read by `output.outcome`
 ) -> int:
@@ -33,7 +34,7 @@ def inspect_checkpoint(
     checkpoint is not safe to load."""
     from surgery.commands.inspect import inspect
 
-    report = inspect(path, key=key, verify=verify, filter=filter or (), depth=depth)
+    report = inspect(path, key=key, verify=verify, download=download, filter=filter or (), depth=depth)
     show(report, json_out)
     ckpt = report.checkpoint
     if ckpt.safe:

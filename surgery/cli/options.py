@@ -110,6 +110,11 @@ FILTER = Opt(
     many=True,
 )
 DEPTH = Opt(("--depth", "-d"), "Fold modules deeper than N levels.", int, min=0)
+DOWNLOAD = Opt(
+    ("--download",),
+    "Download a URL or hf:// address (to a temporary folder, or the Hub cache) and read the copy: for --verify, or a server ignoring Range.",
+    bool,
+)
 
 # `surgery inspect`'s parameters, in the order of commands.inspect's signature (a test
 # keeps the two the same): what cli.fast parses a command line into.
@@ -119,6 +124,7 @@ INSPECT = {
     "depth": DEPTH,
     "key": KEY,
     "verify": VERIFY,
+    "download": DOWNLOAD,
     "json_out": JSON,
     "debug": DEBUG,
 }
@@ -148,6 +154,7 @@ _ALIASES = {
     "CheckpointArg": CHECKPOINT,
     "FilterOpt": FILTER,
     "DepthOpt": DEPTH,
+    "DownloadOpt": DOWNLOAD,
 }
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import os
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextvars import ContextVar
 from typing import Any
 
 from surgery.errors import BadArgument, SurgeryError
@@ -99,9 +99,19 @@ def failed(error: SurgeryError) -> int:
 
 def outcome(command: Callable[..., int | None], params: dict[str, Any]) -> int:
     """Run a command with its parameters: its exit code. A library error is said in one line
-    (`failed`), anything else is a bug, said as one too (3); with `debug`, both are raised."""
+    (`failed`), anything else is a bug, said as one too (3); with `debug`, both are raised.
+    On a terminal (and without --json) its work shows on one progress bar (`Bar`)."""
     try:
-        return command(**params) or 0
+        if params.get("json_out") or not sys.stderr.isatty():
+            return command(**params) or 0
+        from surgery.formats.download import showing
+
+        with Bar() as bar, showing(bar.download):
+            token = _bar.set(bar)
+            try:
+                return command(**params) or 0
+            finally:
+                _bar.reset(token)
     except SurgeryError as error:
         if params.get("debug"):
             raise
@@ -120,33 +130,59 @@ def outcome(command: Callable[..., int | None], params: dict[str, Any]) -> int:
         return 3
 
 
-@contextmanager
-def progress(*, enabled: bool) -> Iterator[Callable[[int, int], Callable[[int], None]] | None]:
-    """A rich progress bar (bytes, rate, time left) on stderr when it is a terminal."""
-    if not enabled:
-        yield None
-        return
-    from rich.console import Console
-    from rich.progress import (
-        BarColumn,
-        DownloadColumn,
-        Progress,
-        TextColumn,
-        TimeRemainingColumn,
-        TransferSpeedColumn,
-    )
+class Bar:
+    """A command's one progress display on stderr: drawn once work first says how much it has
+    (a download's file, the tensors a command writes), a row for each, gone when it ends."""
 
-    columns = (
-        TextColumn("{task.description}"),
-        BarColumn(),
-        DownloadColumn(),
-        TransferSpeedColumn(),
-        TimeRemainingColumn(),
-    )
-    with Progress(*columns, transient=True, console=Console(stderr=True)) as bar:
+    def __init__(self) -> None:
+        self._progress: Any = None
 
-        def start(tensors: int, total: int) -> Callable[[int], None]:
-            task = bar.add_task(f"{tensors} tensors", total=total)
-            return lambda done: bar.advance(task, done)
+    def __enter__(self) -> Bar:
+        return self
 
-        yield start
+    def __exit__(self, *exc: object) -> None:
+        if self._progress is not None:
+            self._progress.stop()
+
+    def add(self, description: str, total: int) -> Callable[[int], None]:
+        """A row for `total` bytes of work: what hears each n bytes done."""
+        if self._progress is None:
+            from rich.console import Console
+            from rich.progress import (
+                BarColumn,
+                DownloadColumn,
+                Progress,
+                TextColumn,
+                TimeRemainingColumn,
+                TransferSpeedColumn,
+            )
+
+            columns = (
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+            )
+            self._progress = Progress(*columns, transient=True, console=Console(stderr=True))
+            self._progress.start()
+        progress, task = self._progress, self._progress.add_task(description, total=total)
+        return lambda done: progress.advance(task, done)
+
+    def tensors(self, tensors: int, total: int) -> Callable[[int], None]:
+        """The `progress` callback of convert, merge and extract."""
+        return self.add(f"{tensors} tensors", total)
+
+    def download(self, name: str, total: int) -> Callable[[int], None]:
+        """What `formats.download.showing` hears."""
+        return self.add(f"downloading {name}", total)
+
+
+_bar: ContextVar[Bar | None] = ContextVar("surgery_cli_bar", default=None)
+
+
+def progress() -> Callable[[int, int], Callable[[int], None]] | None:
+    """The running command's bar as a library `progress` callback; None when nothing is drawn
+    (not a terminal, or --json)."""
+    bar = _bar.get()
+    return bar.tensors if bar is not None else None

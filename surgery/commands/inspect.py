@@ -64,6 +64,7 @@ class InspectReport:
             "filter": list(self.filter),
             "remote": ckpt.remote,
             "hub": ckpt.hub,
+            "download": ckpt.download.to_json() if ckpt.download is not None else None,
         }
 
 
@@ -72,10 +73,11 @@ def inspect(
     *,
     key: str | None = None,
     verify: bool = False,
+    download: bool = False,
     filter: Sequence[str] = (),
     depth: int | None = None,
 ) -> InspectReport:
-    """Open `path` (any format, or an http(s):// URL read with range requests) and say what to
-    show of it; see `open_checkpoint`."""
-    ckpt = open_checkpoint(path, key=key, verify=verify)
+    """Open `path` (any format, an http(s):// URL or hf:// address read with range requests, or
+    downloaded first) and say what to show of it; see `open_checkpoint`."""
+    ckpt = open_checkpoint(path, key=key, verify=verify, download=download)
     return InspectReport(ckpt, tuple(filter), depth)

@@ -42,7 +42,14 @@ from surgery.commands.convert import (
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, NotFound, SurgeryError, UsageError
 from surgery.formats.base import is_hub, is_url
-from surgery.formats.checkpoint import ALIASES_KEY, Checkpoint, TensorInfo, open_checkpoint, open_trusted
+from surgery.formats.checkpoint import (
+    ALIASES_KEY,
+    Checkpoint,
+    TensorInfo,
+    open_checkpoint,
+    open_headers,
+    open_trusted,
+)
 from surgery.models.merges import METHODS, MergeParams, Stream, lora_delta, merge_pieces, normalised
 from surgery.names import group_names, natural, wrapper_prefixes
 from surgery.plans.adapters import AdapterUse, Delta
@@ -800,8 +807,9 @@ def _plan_inputs(request: MergeRequest) -> tuple[MergePlan, MergeReport, list[Pa
     report of what would be written, and every file read."""
     paths = expand(request.inputs)
     check_counts(request, len(paths))
-    opened = [open_checkpoint(p, key=request.keys.key) for p in paths]  # headers only
-    given_files = [p for c in opened for p in c.files]  # --last's left-out ones too: never written over
+    opened = [open_headers(p, key=request.keys.key) for p in paths]  # headers only, where ranges read them
+    # --last's left-out ones too: never written over (a URL's files are not on this disk)
+    given_files = [p for c in opened if c.remote is None for p in c.files]
     selection = None
     if request.last is not None:
         ordered, by = by_age(opened)
@@ -1101,6 +1109,7 @@ def _verify(written: Path, plan: MergePlan, src: _Merged, where: Path) -> int:
 def _provenance(plan: MergePlan, request: MergeRequest, sha256: dict[str, str]) -> dict[str, str]:
     """Where the output came from: every checkpoint read with its role and every file with its
     sha256, the method and its parameters, the key rules."""
+    origins = {str(f): s.ckpt.origin(f) for s in plan.sides for f in s.ckpt.files}  # a download's: its URL
     meta = {
         "format": "pt",
         "surgery.version": __version__,
@@ -1117,7 +1126,10 @@ def _provenance(plan: MergePlan, request: MergeRequest, sha256: dict[str, str]) 
             ]
         ),
         "surgery.source_files": json.dumps(
-            [{"path": str(Path(p).resolve()), "sha256": digest} for p, digest in sha256.items()]
+            [
+                {"path": origins.get(p) or str(Path(p).resolve()), "sha256": digest}
+                for p, digest in sha256.items()
+            ]
         ),
         "surgery.rules": json.dumps(request.rules_json()),
     }

@@ -497,7 +497,7 @@ def provenance(
         "surgery.version": __version__,
         "surgery.source": str(ckpt.path),
         "surgery.source_files": json.dumps(
-            [{"path": str(p.resolve()), "sha256": digests[p]} for p in ckpt.files]
+            [{"path": ckpt.origin(p), "sha256": digests[p]} for p in ckpt.files]
         ),
         "surgery.container": ".".join(ckpt.container or ()) or "(top level)",
         "surgery.target": target.spec,
@@ -566,8 +566,9 @@ def port_file(request: PortRequest) -> PortReport:
     options = PortOptions(request.keys, request.match, request.reshape, mapping)
     strict, dry_run, force, verify = request.strict, request.dry_run, request.force, request.verify
     edits, init, finetune, plan_out = request.edits, request.init, request.finetune, request.plan_out
-    ckpt = open_trusted(request.source, key=request.keys.key, trust=request.trust)
     out_path = Path(request.out) if request.out is not None else None
+    needs_values = (out_path is not None and not dry_run) or request.check  # else names and shapes do
+    ckpt = open_trusted(request.source, key=request.keys.key, trust=request.trust, fetch=needs_values)
     writes = [
         p for p in (None if dry_run else out_path, Path(plan_out) if plan_out else None) if p is not None
     ]

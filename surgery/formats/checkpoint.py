@@ -10,14 +10,14 @@ import json
 import math
 import struct
 from collections import Counter
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from functools import cached_property
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
-from surgery.formats import Scan, scan
+from surgery.formats import Scan, is_hub, is_url, scan
 from surgery.formats.containers import Located, TensorCounts, flatten, locate, module_attributes
 from surgery.formats.pickle_vm import Call, Global, Known, describe
 from surgery.formats.safety import blocking
@@ -38,6 +38,8 @@ if TYPE_CHECKING:
     from collections.abc import Callable, Iterator
 
     import torch
+
+    from surgery.formats.download import Download
 
 
 @dataclass(frozen=True)
@@ -101,6 +103,8 @@ class Checkpoint:
         hub: for an hf:// address, `{address, repo, revision, file, source, files}`: the file
             read, from the local Hub `cache` or the `network`, and the repo's files when the
             address named none; None otherwise.
+        download: for a URL or hf:// address read from a downloaded copy, how it was
+            downloaded (`formats.download.Download`); None otherwise.
     """
 
     def __init__(self, scanned: Scan, key: tuple[str, ...] | None = None):
@@ -111,6 +115,7 @@ class Checkpoint:
         self.metadata = scanned.metadata
         self.files = list(scanned.files)
         self.hub = scanned.hub
+        self.download: Download | None = None
         try:
             located = locate(scanned.root, key)
         except KeyError:
@@ -285,6 +290,13 @@ class Checkpoint:
         bytes and HTTP requests, against the size of the files read); None for local files."""
         return self._remote.traffic(str(self.path)) if self._remote is not None else None
 
+    def origin(self, file: str | Path) -> str:
+        """Where a file of the checkpoint came from, as provenance records it: the URL or hf://
+        address of a downloaded copy's file, else the file's full path."""
+        if self.download is not None and Path(file) in self.download.origins:
+            return self.download.origins[Path(file)]
+        return str(Path(file).resolve())
+
     def _needs_bytes(self, what: str) -> None:
         """Refuse work on a remote checkpoint's tensor bytes: only its headers were fetched."""
         if self._remote is not None:
@@ -293,7 +305,7 @@ class Checkpoint:
             raise NeedsDownload(
                 self.path,
                 f"{what} needs a download: only headers and pickles are read over HTTP",
-                hint="download the file and use it from disk",
+                hint="open it with download=True (the CLI's --download)",
             )
 
     @property
@@ -412,16 +424,21 @@ class Checkpoint:
         return f"<Checkpoint {self.path} {self.format}: {self.num_tensors} tensors, {len(self.findings)} findings>"
 
 
-def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = False) -> Checkpoint:
+def open_checkpoint(
+    path: str | Path, *, key: str | None = None, verify: bool = False, download: bool = False
+) -> Checkpoint:
     """Open any checkpoint and describe it, safely and without reading tensor data.
 
     Args:
         path: a torch file (zip or legacy), TorchScript archive, safetensors file,
             `*.index.json`, or a folder holding one; a torch.distributed.checkpoint
-            folder (or its `.metadata` file).
+            folder (or its `.metadata` file); an http(s):// URL or hf:// address (its headers
+            read by ranges: its tensors need `download`).
         key: where the state_dict sits, dotted (`state_dict`, `model_ema`), when
             the automatic choice is not the one wanted.
         verify: read all storage bytes too, to check zip CRCs.
+        download: a URL or hf:// address is downloaded first (formats.download) and read from
+            disk: its tensors can be read, `verify` works, a server ignoring Range is no matter.
 
     Returns:
         A `Checkpoint`.
@@ -435,8 +452,41 @@ def open_checkpoint(path: str | Path, *, key: str | None = None, verify: bool = 
         (('state_dict',), 'module.')
         >>> weights = ckpt.state_dict()
     """
+    if download and (is_url(path) or is_hub(path)):
+        return _downloaded(str(path), key, verify=verify)
     scanned = scan(path, verify=verify)
     return Checkpoint(scanned, tuple(key.split(".")) if key else None)
+
+
+def _downloaded(address: str, key: str | None, *, verify: bool = False) -> Checkpoint:
+    """The checkpoint at a URL or hf:// address, read from a downloaded copy. A URL's copy is
+    named by the URL (the report, errors and findings) and removed with the Checkpoint; an
+    hf:// copy is the Hub cache's, read as a cached address is."""
+    import weakref
+
+    from surgery.formats.download import download
+    from surgery.formats.remote import Url
+
+    got = download(address)
+    try:
+        if got.folder is None:
+            ckpt = open_checkpoint(got.origins[got.path], key=key, verify=verify)
+        else:
+            ckpt = Checkpoint(scan(got.path, verify=verify), tuple(key.split(".")) if key else None)
+    except SurgeryError as error:  # named by the address, not the copy that is gone
+        got.discard()
+        error.where = got.origin(error.where)
+        error.args = (f"{error.where}: {error.message}",)
+        raise
+    except BaseException:
+        got.discard()
+        raise
+    if got.folder is not None:
+        ckpt.path = Url(address)
+        ckpt.findings = [replace(f, where=got.origin(f.where)) for f in ckpt.findings]
+        weakref.finalize(ckpt, got.discard)
+    ckpt.download = got
+    return ckpt
 
 
 ALIASES_KEY = "surgery.aliases"
@@ -485,16 +535,29 @@ def _restore_aliases(refs: dict[str, TensorRef], metadata: dict[str, Any]) -> di
 
 
 def open_trusted(
-    source: str | Path | Checkpoint, *, key: str | None = None, trust: bool = False, purpose: str = "port"
+    source: str | Path | Checkpoint,
+    *,
+    key: str | None = None,
+    trust: bool = False,
+    purpose: str = "port",
+    fetch: bool = True,
 ) -> Checkpoint:
     """A checkpoint whose tensors are about to be read: refused when it has blocking
     findings (unless `trust`: its tensors are still read from their bytes, never run)
     or holds no state_dict.
 
+    A remote one (a URL, an hf:// file not cached) is judged from its headers first, so a
+    dangerous file is refused before its tensor bytes are fetched; then, with `fetch`, it is
+    downloaded and judged again from the copy on disk, which must hold the tensors its headers
+    said. Without `fetch` it stays headers only (a port's dry run needs names and shapes).
+
     Raises:
-        SurgeryError: naming the worst finding, or the missing state_dict.
+        SurgeryError: naming the worst finding, the missing state_dict, or a failed download.
     """
-    ckpt = source if isinstance(source, Checkpoint) else open_checkpoint(source, key=key)
+    if isinstance(source, Checkpoint):
+        ckpt = source
+    else:
+        ckpt = open_headers(source, key=key) if fetch else open_checkpoint(source, key=key)
     if not ckpt.safe and not trust:
         worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))
         raise SurgeryError(
@@ -504,8 +567,48 @@ def open_trusted(
         )
     if ckpt.container is None or not ckpt.tensors:
         raise SurgeryError(ckpt.path, f"the source holds no state_dict to {purpose}")
-    ckpt._needs_bytes(f"to {purpose} it")  # a remote checkpoint: its safety said, its bytes not fetched
+    if fetch and ckpt._remote is not None:
+        local = _downloaded(_address(ckpt), ".".join(ckpt.container) or None)
+        _same_tensors(ckpt, local)
+        return open_trusted(local, trust=trust, purpose=purpose)
     return ckpt
+
+
+def open_headers(source: str | Path, *, key: str | None = None) -> Checkpoint:
+    """`open_checkpoint` for work that reads the tensors next: a remote file whose headers no
+    range request reads (its server ignores Range, or a pickle is too long for one read) is
+    downloaded now, as the work would download it anyway, and judged from the copy."""
+    from surgery.formats.remote import NotByRanges
+
+    try:
+        return open_checkpoint(source, key=key)
+    except NotByRanges:
+        return open_checkpoint(source, key=key, download=True)
+
+
+def _address(ckpt: Checkpoint) -> str:
+    """What to download for a remote checkpoint: the hf:// address of its file, or its URL."""
+    if ckpt.hub is not None:
+        from surgery.formats.hub import HubAddress
+
+        return str(HubAddress(ckpt.hub["repo"], ckpt.hub["revision"], ckpt.hub["file"]))
+    return str(ckpt.path)
+
+
+def _same_tensors(remote: Checkpoint, local: Checkpoint) -> None:
+    """The downloaded copy holds the tensors the headers read before said (a file replaced on
+    the server in between would be judged from one version and used as another)."""
+    said = [(t.name, t.shape, t.dtype) for t in remote.tensors]
+    holds = [(t.name, t.shape, t.dtype) for t in local.tensors]
+    if said != holds:
+        if local.download is not None:
+            local.download.discard()
+        raise SurgeryError(
+            remote.path,
+            f"changed on the server while downloaded: its headers said {len(said)} tensors, "
+            f"the copy holds {len(holds)}" + ("" if len(said) != len(holds) else ", not the same ones"),
+            hint="run it again",
+        )
 
 
 def _containers_hint(located: Located) -> str:

@@ -18,9 +18,9 @@ import re
 from dataclasses import dataclass
 from pathlib import Path, PurePosixPath
 from typing import Any
-from urllib.parse import unquote, urlsplit
+from urllib.parse import quote, unquote, urlsplit
 
-from surgery.errors import NotFound, SurgeryError, UsageError
+from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError, UsageError
 from surgery.formats.base import Scan, name_problem
 
 PREFIX = "hf://"
@@ -50,7 +50,7 @@ class HubAddress:
     path: str | None
 
     def __str__(self) -> str:
-        at = f"@{self.revision}" if self.revision else ""
+        at = f"@{quote(self.revision, safe='')}" if self.revision else ""  # refs/pr/1 as refs%2Fpr%2F1
         return f"{PREFIX}{self.repo}{at}" + (f"/{self.path}" if self.path else "")
 
 
@@ -100,6 +100,55 @@ def scan_hub(address: str, *, verify: bool = False) -> Scan:
         else None,
     }
     return scan
+
+
+def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, str]]:
+    """Download the file an hf:// address names (or the repo's weights), and an index's shards,
+    into the Hub's cache with huggingface_hub's own downloader (`progress_bars`: its tqdm
+    class): the cached path to read, and each cached file's address.
+
+    Raises:
+        HubError: as `scan_hub`, or the download failed.
+    """
+    where = parse(address)
+    hf = _huggingface_hub(address)
+    path = where.path
+    if path is None:
+        files = _cached_listing(hf, where) if _offline() else _listing(hf, where)
+        path = pick_weights(where, [f["path"] for f in files])
+
+    def get(name: str) -> Path:
+        try:
+            return Path(
+                hf.hf_hub_download(
+                    where.repo,
+                    name,
+                    revision=where.revision,
+                    cache_dir=_cache_dir(hf),
+                    endpoint=_endpoint(hf),
+                    token=hf.get_token() or False,
+                    local_files_only=_offline(),
+                    tqdm_class=progress_bars,
+                )
+            )
+        except Exception as exc:  # whatever the Hub client raises: one line
+            raise _hub_error(hf, where, exc, file=name) from None
+
+    first = get(path)
+    origins = {first: str(HubAddress(where.repo, where.revision, path))}
+    if path.endswith(".index.json"):
+        from surgery.formats.sharded import MAX_INDEX_BYTES, parse_index
+
+        if first.stat().st_size > MAX_INDEX_BYTES:
+            return first, origins  # reading it says what is wrong
+        weight_map, _ = parse_index(first, first.read_bytes())
+        folder = str(PurePosixPath(path).parent)
+        for shard in dict.fromkeys(weight_map.values()):
+            name = shard if folder == "." else f"{folder}/{shard}"
+            if name_problem(name):
+                raise CorruptCheckpoint(where, f"the index names shard {shard!r}, which {name_problem(name)}")
+            origins[get(name)] = str(HubAddress(where.repo, where.revision, name))
+    return first, origins
 
 
 def pick_weights(where: HubAddress, names: list[str]) -> str:

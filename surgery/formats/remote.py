@@ -23,7 +23,7 @@ from bisect import bisect_right
 from collections.abc import Callable, Iterable
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import PurePosixPath
-from typing import Any, TypeVar
+from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
 
 from surgery.errors import CorruptCheckpoint, NotACheckpoint, NotFound, SurgeryError, UsageError
@@ -46,6 +46,11 @@ REMOTE_KINDS = ("zip", "safetensors", "pickle", "index")  # what `base.sniff` na
 
 class RemoteError(SurgeryError):
     """The server did not give the bytes asked for: refused, failed, cut short, or not ranges."""
+
+
+class NotByRanges(RemoteError):
+    """The file cannot be read a range at a time (the server ignores Range, or one read would be
+    too long): only a download of the whole file reads it."""
 
 
 class NeedsDownload(UsageError):
@@ -163,10 +168,103 @@ class Http:
             raise _Retry(f"the answer ended early: {len(body)} of {end - first} bytes")
         return bytes(body), size
 
+    def save(
+        self, url: str, out: BinaryIO, announce: Callable[[int], Callable[[int], None] | None] | None = None
+    ) -> int:
+        """Stream the whole file at `url` into `out` (at its start): its size.
 
-def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, int, int]:
-    """Where the answer's bytes lie (first, end, file size), judged from its status and headers
-    alone: a refusal is said before any of the body is read."""
+        A connection that drops, times out or ends early is resumed where it broke off (a
+        `Range` from the bytes written, with `If-Range` the file's strong ETag or date, so a file
+        changed meanwhile comes whole again), after a 5xx answer too; RETRIES failures in a row
+        with no new byte end it. `announce(size)` hears the file's size before its first byte
+        (it may refuse, raising) and returns what hears every n bytes written, or None.
+
+        Raises:
+            RemoteError: refused, failed after every retry, or more bytes than the file has.
+            NotFound: HTTP 404.
+        """
+        import httpx
+
+        client = self.client()
+        written, failures, validator, announced = 0, 0, None, False
+        tick: Callable[[int], None] | None = None
+        while True:
+            before = written
+            try:
+                target = self._moved.get(url, url)
+                headers = dict(self._headers if target == url else {})
+                if written and validator:
+                    headers |= {"Range": f"bytes={written}-", "If-Range": validator}
+                with self._gate, client.stream("GET", target, headers=headers) as response:
+                    self._count(1 + len(response.history), 0)
+                    if response.history:
+                        self._moved[url] = str(response.url)
+                    first, size = _whole_answer(url, response, written if "Range" in headers else 0)
+                    if first == 0:  # from the start: a first answer, or the file changed
+                        out.seek(0)
+                        out.truncate()
+                        written = before = 0
+                    validator = _validator(response.headers)
+                    if not announced and announce is not None:
+                        tick, announced = announce(size), True
+                    for chunk in response.iter_raw(1 << 20):
+                        if written + len(chunk) > size:
+                            raise RemoteError(url, f"the server sent more than the file's {size:,} bytes")
+                        out.write(chunk)
+                        written += len(chunk)
+                        self._count(0, len(chunk))
+                        if tick is not None:
+                            tick(len(chunk))
+                if written == size:
+                    return size
+                raise _Retry(f"the answer ended early: {written:,} of {size:,} bytes")
+            except httpx.UnsupportedProtocol as exc:
+                raise RemoteError(url, f"cannot be read: {exc}") from None
+            except httpx.TimeoutException:
+                retry = f"no answer within {TIMEOUT:g} s"
+            except httpx.RemoteProtocolError as exc:
+                retry = f"the answer ended early or broke off ({exc})"
+            except httpx.TransportError as exc:
+                retry = f"the connection failed ({exc or type(exc).__name__})"
+            except httpx.TooManyRedirects:
+                raise RemoteError(url, "too many redirects") from None
+            except httpx.HTTPError as exc:
+                raise RemoteError(url, f"{type(exc).__name__}: {exc}") from None
+            except _Retry as exc:
+                retry = str(exc)
+            failures = 0 if written > before else failures + 1
+            if failures > RETRIES:
+                raise RemoteError(url, f"{retry} (after {RETRIES + 1} tries)")
+            time.sleep(BACKOFF * 2 ** max(failures - 1, 0))
+
+
+def _whole_answer(url: str, response: Any, resumed: int) -> tuple[int, int]:
+    """Where a download's answer starts and the file's size: 0 and its length for the whole
+    file; `resumed` for the rest of it (a 206 from there)."""
+    _refusal(url, response, f"bytes {resumed}-")
+    if response.status_code == 206:
+        first, _, size = _content_range(url, response.headers.get("content-range", ""))
+        if first != resumed:
+            raise RemoteError(url, f"asked for bytes from {resumed}, the server sent bytes from {first}")
+        return first, size
+    length = response.headers.get("content-length", "")
+    if not length.isdigit():
+        raise RemoteError(url, "the server does not say the file's size (no Content-Length)")
+    return 0, int(length)
+
+
+def _validator(headers: Any) -> str | None:
+    """What tells the same file in an `If-Range`: a strong ETag, else the modification date."""
+    etag = headers.get("etag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("last-modified")
+
+
+def _refusal(url: str, response: Any, asked: str) -> None:
+    """Raise for an answer that holds no bytes of the file (`asked`: the range, for the message):
+    a failure (retried), a refusal, a missing file; or a compressed body, whose bytes are not the
+    file's. Judged from the status and headers alone, before any of the body is read."""
     status = response.status_code
     reason = f"HTTP {status} {response.reason_phrase}".rstrip()
     if status >= 500:
@@ -180,25 +278,31 @@ def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, 
         if total == 0:
             raise NotACheckpoint(url, "empty file (0 bytes)")
         size = f" (the file has {total:,})" if total is not None else ""
-        raise RemoteError(url, f"{reason}: bytes {start}-{stop - 1} refused{size}")
+        raise RemoteError(url, f"{reason}: {asked} refused{size}")
+    if status not in (200, 206):
+        raise RemoteError(url, reason)
     if response.headers.get("content-encoding", "identity").lower() != "identity":
         raise RemoteError(
             url, "the server compressed the answer though asked not to: its ranges are not the file's"
         )
+
+
+def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, int, int]:
+    """Where the answer's bytes lie (first, end, file size), judged from its status and headers
+    alone: a refusal is said before any of the body is read."""
+    _refusal(url, response, f"bytes {start}-{stop - 1}")
     length = response.headers.get("content-length")
-    if status == 200:
+    if response.status_code == 200:
         # The whole file, because it ignores Range, or because the file is shorter than asked.
         if start == 0 and length is not None and length.isdigit() and int(length) <= stop:
             return 0, int(length), int(length)
         size = f" ({int(length):,} bytes)" if length and length.isdigit() else ""
-        raise RemoteError(
+        raise NotByRanges(
             url,
             f"the server ignores Range requests: it answered with the whole file{size}; "
             "refused rather than downloaded",
-            hint="download the file and inspect it on disk",
+            hint="download it whole: surgery inspect URL --download",
         )
-    if status != 206:
-        raise RemoteError(url, reason)
     first, last, size = _content_range(url, response.headers.get("content-range", ""))
     if first != start or last + 1 != min(stop, size):
         raise RemoteError(url, f"asked for bytes {start}-{stop - 1}, the server sent bytes {first}-{last}")
@@ -308,11 +412,11 @@ class RemoteFile:
         if start >= stop:
             return b""
         if stop - start > MAX_READ:
-            raise RemoteError(
+            raise NotByRanges(
                 self.url,
                 f"reading it needs {stop - start:,} bytes at once (a pickle or member that long): "
                 f"over the {MAX_READ:,} surgery fetches of a remote file for one read",
-                hint="download the file and inspect it on disk",
+                hint="download it whole: surgery inspect URL --download",
             )
         self._fill(self._widened(start, stop))
         with self._lock:
@@ -425,7 +529,7 @@ def scan_url(url: str, *, verify: bool = False, headers: dict[str, str] | None =
         raise NeedsDownload(
             url,
             "--verify reads every storage's bytes: that needs a download",
-            hint="download the file and inspect it on disk",
+            hint="pass --download to verify a downloaded copy",
         )
     remote = Remote(headers)
     try:
@@ -469,11 +573,11 @@ def _scan_index(remote: Remote, url: Url, data: RemoteFile) -> Scan:
     with carrying(findings):
         weight_map, meta = parse_index(url, data[0 : len(data)])
         shards = list(dict.fromkeys(weight_map.values()))
-        urls = [_shard_url(url, shard) for shard in shards]
+        urls = [shard_url(url, shard) for shard in shards]
         heads = _shard_heads(weight_map)
 
-        def scan(shard: str, shard_url: Url) -> Scan:
-            return _scan_remote(remote, shard_url, shard_of=url, head=heads[shard])
+        def scan(shard: str, address: Url) -> Scan:
+            return _scan_remote(remote, address, shard_of=url, head=heads[shard])
 
         with ThreadPoolExecutor(CONCURRENCY) as pool:
             scans = list(pool.map(scan, shards, urls))
@@ -491,7 +595,7 @@ def _shard_heads(weight_map: dict[str, str]) -> dict[str, int]:
     return {shard: min(max(size, SNIFF_BYTES), HEAD) for shard, size in guess.items()}
 
 
-def _shard_url(index: Url, name: str) -> Url:
+def shard_url(index: Url, name: str) -> Url:
     """The URL of a shard the index names: beside the index, by the rules a local index's
     shard names follow (a plain relative name: no `..`, no absolute path)."""
     problem = name_problem(name)

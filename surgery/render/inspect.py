@@ -121,6 +121,8 @@ def inspect_page(report: InspectReport) -> Page:
         rows.extend(hub_rows(ckpt.hub))
     if ckpt.remote:
         rows.append(("fetched", [fetched_line(ckpt.remote)]))
+    if ckpt.download is not None:
+        rows.append(("downloaded", [downloaded_line(ckpt.download.to_json())]))
     rows.append(("safety", [safety_line(ckpt)]))
     findings = [f"{f.severity}: {f.message}" + (f"  [{f.where}]" if f.where else "") for f in ckpt.findings]
     if findings:
@@ -152,6 +154,13 @@ def fetched_line(remote: dict) -> str:
         f"{read:,} bytes ({human_bytes(read)}) of {size:,}{files}, {share}, "
         f"in {plural(remote['requests'], 'HTTP request')}"
     )
+
+
+def downloaded_line(download: dict) -> str:
+    """What downloading a remote checkpoint took, and where its copy went."""
+    files = f" ({download['files']} files)" if download["files"] > 1 else ""
+    got = f"{human_bytes(download['bytes'])}{files}" if download["bytes"] else f"nothing{files}: all cached"
+    return f"{got} in {download['seconds']:.2f} s, to {download['to']}"
 
 
 def recipe_rows(meta: dict[str, str]) -> list[Row]:

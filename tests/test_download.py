@@ -1,0 +1,329 @@
+"""Remote checkpoints downloaded for the work that needs their tensor bytes.
+
+`port`, `convert`, `diff`, `merge` and `extract` given a URL read its headers by ranges and judge
+them (a dangerous file is refused before its tensor bytes are fetched), then download it into a
+temporary folder and work on the copy, which is removed when done: the output is the one the
+local file gives. `inspect --download` reads a copy too (for --verify, or a server that ignores
+Range). A real HTTP server (tests/test_remote.py's, with its ways to fail) serves real files.
+"""
+
+from __future__ import annotations
+
+import gc
+import hashlib
+import json
+import shutil
+import threading
+from pathlib import Path
+
+import pytest
+import torch
+from conftest import assert_clean_error, run_cli, run_subprocess
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from test_remote import CANARY, QuietServer, RunsCommand, Server, _handler
+
+import surgery
+from surgery.formats import download, remote
+
+
+@pytest.fixture(scope="module")
+def server(tmp_path_factory, seeded_resnet18) -> Server:
+    """resnet18 as a torch zip, a safetensors file and an index of 3 shards, served."""
+    served = Server(tmp_path_factory.mktemp("served"))
+    shutil.copy(seeded_resnet18.plain, served.root / "resnet18.pth")
+    shutil.copy(seeded_resnet18.safetensors, served.root / "resnet18.safetensors")
+    state, names = seeded_resnet18.state, list(seeded_resnet18.state)
+    (served.root / "sharded").mkdir()
+    weight_map = {}
+    for shard, part in enumerate((names[:40], names[40:80], names[80:])):
+        name = f"model-{shard + 1:05d}-of-00003.safetensors"
+        save_file({k: state[k].contiguous() for k in part}, str(served.root / "sharded" / name))
+        weight_map |= dict.fromkeys(part, name)
+    (served.root / "sharded" / "model.safetensors.index.json").write_text(
+        json.dumps({"weight_map": weight_map})
+    )
+    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
+    served.port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    yield served
+    httpd.shutdown()
+    httpd.server_close()
+
+
+@pytest.fixture
+def served(server: Server) -> Server:
+    server.reset()
+    return server
+
+
+@pytest.fixture(autouse=True)
+def scratch(tmp_path: Path, monkeypatch) -> Path:
+    """TMPDIR of the test's own; nothing may be left in it once the work is done."""
+    folder = tmp_path / "scratch"
+    folder.mkdir()
+    monkeypatch.setenv("TMPDIR", str(folder))
+    monkeypatch.setattr(remote, "BACKOFF", 0.001)
+    yield folder
+    gc.collect()
+    assert list(folder.iterdir()) == [], "a download was left behind"
+
+
+def downloads(server: Server) -> list:
+    """The requests that asked for a whole file (no Range) or the rest of one (`bytes=N-`)."""
+    return [r for r in server.log if r.range is None or r.range.endswith("-")]
+
+
+def tensors(path: Path) -> dict[str, torch.Tensor]:
+    return load_file(str(path))
+
+
+def assert_same_tensors(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert list(a) == list(b)
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+# -- the work a local file gets, from a URL ------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "name", ["resnet18.pth", "resnet18.safetensors", "sharded/model.safetensors.index.json"]
+)
+def test_convert_of_a_url_writes_what_converting_the_file_writes(served, tmp_path, name):
+    local, url = tmp_path / "local.safetensors", tmp_path / "url.safetensors"
+    assert run_cli("convert", str(served.root / name), "-o", str(local)).exit_code == 0
+    served.reset()
+    run = run_cli("convert", served.url(name), "-o", str(url), "--json")
+    assert run.exit_code == 0, run
+    assert_same_tensors(tensors(url), tensors(local))
+    assert json.loads(run.stdout)["source"] == served.url(name)
+    files = [served.root / name]
+    if name.startswith("sharded"):
+        files += sorted((served.root / "sharded").glob("*.safetensors"))
+    # Headers first (ranges), then each file once, whole.
+    assert sorted(r.path for r in downloads(served)) == sorted(
+        f"/{f.relative_to(served.root)}" for f in files
+    )
+
+
+def test_port_of_a_url_records_the_url_and_the_digest_of_what_it_read(served, tmp_path):
+    out = tmp_path / "out.safetensors"
+    url = served.url("resnet18.pth")
+    run = run_cli("port", url, "--to", "torchvision:resnet18", "-o", str(out))
+    assert run.exit_code == 0, run
+    with safe_open(str(out), "pt") as f:
+        meta = f.metadata()
+    digest = hashlib.sha256((served.root / "resnet18.pth").read_bytes()).hexdigest()
+    assert meta["surgery.source"] == url
+    assert json.loads(meta["surgery.source_files"]) == [{"path": url, "sha256": digest}]
+    local = tmp_path / "local.safetensors"
+    assert (
+        run_cli(
+            "port", str(served.root / "resnet18.pth"), "--to", "torchvision:resnet18", "-o", str(local)
+        ).exit_code
+        == 0
+    )
+    assert_same_tensors(tensors(out), tensors(local))
+
+
+def test_a_dry_run_port_of_a_url_reads_its_headers_only(served):
+    url = served.url("resnet18.pth")
+    run = run_cli("port", url, "--to", "torchvision:resnet18", "--dry-run", "--json")
+    assert run.exit_code == 0, run
+    assert len(json.loads(run.stdout)["matched"]) == 122
+    assert downloads(served) == []
+    assert served.sent() < 0.05 * (served.root / "resnet18.pth").stat().st_size
+
+
+@pytest.mark.parametrize("sides", ["url-file", "url-url"])
+def test_diff_compares_the_values_of_a_url(served, sides):
+    a = served.url("resnet18.pth")
+    b = (
+        served.url("resnet18.safetensors")
+        if sides == "url-url"
+        else str(served.root / "resnet18.safetensors")
+    )
+    run = run_cli("diff", a, b, "--json")
+    assert run.exit_code == 0, run
+    doc = json.loads(run.stdout)
+    assert doc["identical"] == 122 and doc["differences"] == [], doc
+
+
+def test_merge_and_extract_read_urls(served, tmp_path):
+    a, b = served.url("resnet18.pth"), served.url("resnet18.safetensors")
+    merged = tmp_path / "mean.safetensors"
+    run = run_cli("merge", a, b, "-o", str(merged))
+    assert run.exit_code == 0, run
+    local = tmp_path / "local.safetensors"
+    root = served.root
+    assert (
+        run_cli(
+            "merge", str(root / "resnet18.pth"), str(root / "resnet18.safetensors"), "-o", str(local)
+        ).exit_code
+        == 0
+    )
+    assert_same_tensors(tensors(merged), tensors(local))
+    # extract from a URL: the base is the fine-tune itself, so there is nothing to extract (its values were read)
+    run = run_cli("extract", a, "--base", b, "--rank", "4", "-o", str(tmp_path / "adapter"))
+    assert_clean_error(run, a, contains="holds the same values as", code=1)
+
+
+# -- safety: judged before the bytes come, and again from them ----------------------------------
+
+
+@pytest.mark.parametrize("command", ["convert", "port"])
+def test_a_dangerous_pickle_is_refused_before_its_tensor_bytes_are_downloaded(served, tmp_path, command):
+    canary = tmp_path / CANARY
+    name = f"payload-{command}.pth"
+    torch.save({"weight": torch.ones(1 << 20), "hook": RunsCommand(f"touch {canary}")}, served.root / name)
+    url, out = served.url(name), tmp_path / "out.safetensors"
+    args = ["--to", "torchvision:resnet18"] if command == "port" else []
+    run = run_cli(command, url, *args, "-o", str(out))
+    assert_clean_error(run, url, contains="not safe to load (danger", code=1)
+    assert downloads(served) == [] and served.sent() < 0.1 * (served.root / name).stat().st_size
+    assert not out.exists() and not canary.exists()
+
+
+def test_with_trust_a_dangerous_pickle_is_downloaded_and_its_tensors_read_never_run(served, tmp_path):
+    canary = tmp_path / CANARY
+    torch.save(
+        {"weight": torch.arange(6.0), "hook": RunsCommand(f"touch {canary}")}, served.root / "trusted.pth"
+    )
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", served.url("trusted.pth"), "-o", str(out), "--trust")
+    assert run.exit_code == 0, run
+    assert torch.equal(tensors(out)["weight"], torch.arange(6.0))
+    assert not canary.exists()
+
+
+def test_a_file_changed_on_the_server_after_its_headers_were_read_is_refused(served, tmp_path):
+    """Judged from one version and used as another: no (the `swap` server gives another file to a
+    download than to range requests)."""
+    shutil.copy(served.root / "resnet18.safetensors", served.root / "changed.safetensors")
+    save_file({"other": torch.zeros(3)}, str(served.root / "changed.safetensors.swap"))
+    url, out = served.url("changed.safetensors", "swap"), tmp_path / "out.safetensors"
+    run = run_cli("convert", url, "-o", str(out))
+    assert_clean_error(run, url, contains="changed on the server while downloaded", code=1)
+    assert not out.exists()
+
+
+# -- the transfer: resumed, retried, refused in one line -----------------------------------------
+
+
+def test_a_download_cut_short_is_resumed_where_it_broke_off(served, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", served.url("resnet18.safetensors", "dropsonce"), "-o", str(out))
+    assert run.exit_code == 0, run
+    assert_same_tensors(tensors(out), tensors(served.root / "resnet18.safetensors"))
+    whole, rest = downloads(served)
+    size = (served.root / "resnet18.safetensors").stat().st_size
+    assert whole.range is None and 0 < whole.sent < size
+    resumed_at = int(rest.range.removeprefix("bytes=").removesuffix("-"))  # what reached the file
+    assert 0 < resumed_at <= whole.sent and rest.status == 206 and resumed_at + rest.sent == size
+
+
+def test_a_download_that_keeps_breaking_is_one_line_and_leaves_nothing(served, tmp_path):
+    url, out = served.url("resnet18.safetensors", "dropsalways"), tmp_path / "out.safetensors"
+    run = run_cli("convert", url, "-o", str(out))
+    assert_clean_error(run, url, contains="ended early", code=1)
+    assert "(after 4 tries)" in run.stderr and not out.exists()
+
+
+def test_a_server_ignoring_range_is_downloaded_by_work_that_needs_the_bytes(served, tmp_path):
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", served.url("resnet18.pth", "norange"), "-o", str(out))
+    assert run.exit_code == 0, run
+    expected = load_file(str(served.root / "resnet18.safetensors"))
+    assert sorted(tensors(out)) == sorted(expected)
+    assert all(torch.equal(tensors(out)[k], v) for k, v in expected.items())
+    # The first range asked was answered with the whole file (refused at its headers); then the
+    # download, judged from the copy.
+    assert [r.range for r in served.log] == [f"bytes=0-{remote.HEAD - 1}", None]
+
+
+def test_a_download_with_no_room_is_refused_before_it_is_written(served, tmp_path, monkeypatch):
+    free = 1000
+
+    def disk_usage(path):
+        return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+
+    monkeypatch.setattr(download.shutil, "disk_usage", disk_usage)
+    url, out = served.url("resnet18.safetensors"), tmp_path / "out.safetensors"
+    run = run_cli("convert", url, "-o", str(out))
+    line = assert_clean_error(run, url, contains="downloading it needs 44.6 MiB in", code=1)
+    assert "which has 1000 B free" in line and "hint: set TMPDIR" in run.stderr
+    assert not out.exists()
+
+
+def test_a_command_in_a_new_process_leaves_no_download_behind(served, tmp_path, scratch):
+    out = tmp_path / "out.safetensors"
+    run = run_subprocess(
+        "convert", served.url("resnet18.safetensors"), "-o", str(out), env={"TMPDIR": str(scratch)}
+    )
+    assert run.exit_code == 0, run
+    assert run.stderr == ""  # no bar off a terminal
+    assert list(scratch.iterdir()) == []
+
+
+# -- inspect --download and the library ----------------------------------------------------------
+
+
+def test_inspect_download_reads_the_copy_and_verifies_it(served):
+    name = "resnet18.pth"
+    local = json.loads(run_cli("inspect", str(served.root / name), "--json", "--verify").stdout)
+    run = run_cli("inspect", served.url(name, "norange"), "--download", "--verify", "--json")
+    assert run.exit_code == 0, run
+    doc = json.loads(run.stdout)
+    size = (served.root / name).stat().st_size
+    assert doc["download"] == {
+        "address": served.url(name, "norange"),
+        "files": 1,
+        "bytes": size,
+        "seconds": doc["download"]["seconds"],
+        "to": "a temporary folder",
+    }
+    assert doc["remote"] is None and doc["path"] == served.url(name, "norange")
+    assert (
+        doc["tensors"] == local["tensors"]
+        and doc["metadata"]["crc_checked"] == local["metadata"]["crc_checked"]
+    )
+    page = run_cli("inspect", served.url(name), "--download")
+    assert page.exit_code == 0 and "downloaded" in page.stdout and "to a temporary folder" in page.stdout
+
+
+def test_a_dangerous_pickle_downloaded_is_the_danger_it_is_and_never_runs(served, tmp_path):
+    canary = tmp_path / CANARY
+    torch.save({"w": torch.ones(2), "hook": RunsCommand(f"touch {canary}")}, served.root / "inspected.pth")
+    url = served.url("inspected.pth")
+    run = run_cli("inspect", url, "--download")
+    line = assert_clean_error(run, url, contains="not safe to load: danger", code=1)
+    assert "system" in line and "surgery-download" not in run.stdout + run.stderr
+    assert f"[{url}: data.pkl byte" in run.stdout  # the finding names the URL, not the copy
+    assert not canary.exists()
+
+
+def test_the_library_reads_tensors_of_a_downloaded_url_and_hears_its_progress(served, scratch):
+    heard: list[tuple[str, int]] = []
+    ticks: list[int] = []
+
+    def show(name: str, total: int):
+        heard.append((name, total))
+        return ticks.append
+
+    with download.showing(show):
+        ckpt = surgery.open_checkpoint(served.url("resnet18.safetensors"), download=True)
+    size = (served.root / "resnet18.safetensors").stat().st_size
+    assert heard == [("resnet18.safetensors", size)] and sum(ticks) == size
+    assert_same_tensors(ckpt.state_dict(), dict(load_file(str(served.root / "resnet18.safetensors"))))
+    assert str(ckpt.path) == served.url("resnet18.safetensors") and len(list(scratch.iterdir())) == 1
+    del ckpt
+    gc.collect()
+    assert list(scratch.iterdir()) == []  # the copy goes with the checkpoint
+
+
+def test_without_download_a_remote_checkpoints_tensors_are_refused_in_one_line(served):
+    ckpt = surgery.open_checkpoint(served.url("resnet18.safetensors"))
+    with pytest.raises(remote.NeedsDownload, match="needs a download") as refused:
+        ckpt.tensor(ckpt.tensors[0].name)
+    assert "download=True" in refused.value.hint
+    assert downloads(served) == []

@@ -623,3 +623,31 @@ def test_the_remote_examples_of_the_docs_print_what_they_show(
         printed = printed.replace(real, doc)
     printed, shown = TIMES.sub("(time)", printed), TIMES.sub("(time)", shown)
     assert printed == shown, f"{page} shows:\n{shown}\nthe run printed:\n{printed}"
+
+
+def test_scan_judges_urls_by_their_headers_as_it_judges_files(served, tmp_path, fixtures_dir):
+    canary = tmp_path / CANARY
+    payload = {"w": torch.ones(100_000), "hook": RunsCommand(f"touch {canary}")}  # past the first range
+    torch.save(payload, served.root / "scanned.pth")
+    shutil.copy(fixtures_dir / "tiny.safetensors", served.root / "scanned.safetensors")
+    urls = [
+        served.url("scanned.pth"),
+        served.url("scanned.safetensors"),
+        served.url("scanned.pth", "norange"),
+    ]
+    sarif = tmp_path / "scan.sarif"
+    run = run_cli("scan", *urls, "--json", "--sarif", str(sarif))
+    assert run.exit_code == 1, run
+    verdicts = {r["path"]: r["verdict"] for r in json.loads(run.stdout)["checkpoints"]}
+    local = json.loads(run_cli("scan", str(served.root / "scanned.pth"), "--json").stdout)["checkpoints"][0]
+    assert (
+        verdicts == {urls[0]: local["verdict"], urls[1]: "safe", urls[2]: "error"}
+        and local["verdict"] == "danger"
+    )
+    assert all(r.range for r in served.log), "a whole file was asked for"
+    uris = {
+        r["locations"][0]["physicalLocation"]["artifactLocation"]["uri"]
+        for r in json.loads(sarif.read_text())["runs"][0]["results"]
+    }
+    assert urls[0] in uris  # the URL as it is, not folded into a path
+    assert not canary.exists()

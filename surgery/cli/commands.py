@@ -603,9 +603,10 @@ def diff(
 )
 def scan(
     paths: Annotated[
-        list[Path],
+        list[str],  # a Path would fold a URL's `//`
         typer.Argument(
-            help="Checkpoint files, folders (walked), *.index.json, DCP folders, the Hub cache.",
+            help="Checkpoint files, folders (walked), *.index.json, DCP folders, the Hub cache; "
+            "http(s) URLs and hf:// addresses (their headers, by range requests).",
             show_default=False,
         ),
     ],

@@ -209,9 +209,15 @@ def scan(paths: Sequence[str | Path]) -> ScanReport:
         >>> report.failed, report.counts["danger"]
         (True, 1)
     """
+    from surgery.formats.base import is_hub, is_url
+
     start = time.perf_counter()
-    targets, skipped = _expand([Path(p) for p in paths])
+    remote = [str(p) for p in paths if is_url(p) or is_hub(p)]  # read by ranges, as inspect reads them
+    targets, skipped = _expand([Path(p) for p in paths if not (is_url(p) or is_hub(p))])
     results: list[ScanResult] = []
+    for address in remote:
+        outcome = _judged(address, address, named=True)
+        (skipped if isinstance(outcome, Skipped) else results).append(outcome)  # type: ignore[arg-type]
     covered: set[tuple[int, int]] = set()
     for target in sorted(targets, key=_reading_order):
         if target.identity in covered:
@@ -373,16 +379,20 @@ def _rank(target: _Target) -> tuple[int, int, str]:
 
 def _read(target: _Target) -> ScanResult | Skipped:
     """The verdict on one target. Every failure is an answer, never an exception."""
+    return _judged(str(target.path), target.path, named=target.named, folder=target.folder)
+
+
+def _judged(shown: str, source: str | Path, *, named: bool, folder: bool = False) -> ScanResult | Skipped:
+    """The verdict on a file, folder, URL or hf:// address (its headers: a URL's by ranges)."""
     from surgery.formats.checkpoint import open_checkpoint
 
-    shown = str(target.path)
     try:
-        ckpt = open_checkpoint(target.path)
+        ckpt = open_checkpoint(source)
     except NotACheckpoint as error:
         if not error.findings:
-            if target.folder:  # a `.metadata` of something else: its files are read one by one
+            if folder:  # a `.metadata` of something else: its files are read one by one
                 return Skipped(shown, error.message)
-            return Skipped(shown, error.message, named=target.named)
+            return Skipped(shown, error.message, named=named)
         return _failed(shown, error, "corrupt")
     except SurgeryError as error:
         from surgery.errors import CorruptCheckpoint
@@ -492,7 +502,7 @@ def _sarif_result(kind: str, text: str, result: ScanResult, base: Path) -> dict[
     import hashlib
 
     rule_id, level = SARIF_RULES[kind][0], SARIF_RULES[kind][5]
-    uri = _artifact_uri(Path(result.path), base)
+    uri = _artifact_uri(result.path, base)
     artifact = {"uri": uri} if ":" in uri.split("/")[0] else {"uri": uri, "uriBaseId": "%SRCROOT%"}
     fingerprint = hashlib.sha256(f"{rule_id}\0{uri}\0{text}".encode("utf-8", "surrogatepass")).hexdigest()
     return {
@@ -512,11 +522,17 @@ def _sarif_result(kind: str, text: str, result: ScanResult, base: Path) -> dict[
     }
 
 
-def _artifact_uri(path: Path, base: Path) -> str:
+def _artifact_uri(shown: str, base: Path) -> str:
     """The checkpoint's file (a DCP folder's `.metadata`) as a URI reference relative to `base`
-    (forward slashes, reserved characters percent-encoded), or an absolute file URI outside it."""
+    (forward slashes, reserved characters percent-encoded), or an absolute file URI outside it;
+    a URL or hf:// address as it is."""
     from urllib.parse import quote
 
+    from surgery.formats.base import is_hub, is_url
+
+    if is_url(shown) or is_hub(shown):
+        return shown  # already a URI
+    path = Path(shown)
     if path.is_dir():
         path = path / _DCP_METADATA
     absolute = Path(os.path.abspath(path))

@@ -14,7 +14,9 @@ What it measures
     For each format and latency: `python -m surgery inspect URL --json` (its `remote` field gives
     the bytes and requests), and `curl -s -o /dev/null URL`, the whole file from the same server;
     one warm-up, then `--runs` timed runs each, round-robin, median wall time. Files are in the
-    page cache (warm).
+    page cache (warm). Then, at the first latency, the torch zip and the safetensors file
+    converted to safetensors from their URL (`surgery convert URL`: downloaded into TMPDIR,
+    converted, the copy removed) against `curl -o FILE URL && surgery convert FILE`.
 
     python bench/bench_remote.py                                  # 1 GB, 400 tensors, 100 shards
     python bench/bench_remote.py --size-gb 0.2 --runs 1           # quick check
@@ -36,7 +38,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _harness import HERE, _layout, code_state, machine, write_results
+from _harness import HERE, code_state, finish, layout, machine
 
 RESULTS = HERE / "results" / "remote.json"
 FILES = {
@@ -53,7 +55,7 @@ def generate(folder: Path, size_gb: float, n_tensors: int, shards: int) -> dict:
     import torch
 
     torch.manual_seed(0)
-    sd = {name: torch.empty(shape).normal_() for name, shape in _layout(n_tensors, int(size_gb * 1e9))}
+    sd = {name: torch.empty(shape).normal_() for name, shape in layout(n_tensors, int(size_gb * 1e9))}
     torch.save(sd, folder / FILES["torch-zip"])
     torch.save(sd, folder / FILES["torch-legacy"], _use_new_zipfile_serialization=False)
     safetensors.torch.save_file(sd, str(folder / FILES["safetensors"]))
@@ -133,6 +135,49 @@ def timed(argv: list[str], env: dict[str, str]) -> tuple[float, str]:
     return wall, proc.stdout
 
 
+CONVERTED = ("torch-zip", "safetensors")  # the formats converted from a URL
+
+
+def convert_row(fmt: str, url: str, out: Path, runs: int, env: dict[str, str]) -> dict:
+    """`surgery convert URL` (its download streamed into TMPDIR, then the copy converted and
+    removed) against the two steps it saves: `curl -o FILE URL`, then `surgery convert FILE`;
+    round-robin, one warm-up. Each run starts with no output on disk."""
+    out.mkdir(exist_ok=True)
+    one = [sys.executable, "-m", "surgery", "convert", url, "-o", str(out / "a.safetensors")]
+    two = [
+        "bash",
+        "-c",
+        f"curl -s --fail -o {out / 'file'} {url} && "
+        f"{sys.executable} -m surgery convert {out / 'file'} -o {out / 'b.safetensors'}",
+    ]
+    times: dict[str, list[float]] = {"one": [], "two": []}
+    for run in range(runs + 1):
+        for key, argv in (("one", one), ("two", two)):
+            for old in out.iterdir():
+                old.unlink()
+            wall, _ = timed(argv, env)
+            if run:
+                times[key].append(wall)
+    for old in out.iterdir():
+        old.unlink()
+    return {
+        "format": fmt,
+        "file_bytes": int(
+            json.loads(
+                subprocess.run(
+                    [sys.executable, "-m", "surgery", "inspect", url, "--json"],
+                    capture_output=True,
+                    text=True,
+                    env=env,
+                    check=True,
+                ).stdout
+            )["remote"]["size"]
+        ),
+        "convert_url_s": statistics.median(times["one"]),
+        "curl_then_convert_s": statistics.median(times["two"]),
+    }
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--size-gb", type=float, default=1.0)
@@ -169,8 +214,9 @@ def main() -> int:
         sizes = {fmt: (folder / name).stat().st_size for fmt, name in FILES.items()}
         sizes["sharded"] += sum(p.stat().st_size for p in (folder / "sharded").glob("*.safetensors"))
         code = code_state()
-        rows = []
-        for latency in [float(x) for x in args.latency_ms.split(",")]:
+        rows, converts = [], []
+        latencies = [float(x) for x in args.latency_ms.split(",")]
+        for latency in latencies:
             port_file = folder / "port"
             port_file.unlink(missing_ok=True)
             server = subprocess.Popen(
@@ -207,6 +253,9 @@ def main() -> int:
                     }
                     rows.append(row)
                     print(f"  {fmt} at {latency:g} ms: {row}", flush=True)
+                    if latency == latencies[0] and fmt in CONVERTED:
+                        converts.append(convert_row(fmt, url, folder / "out", args.runs, env))
+                        print(f"  convert {fmt}: {converts[-1]}", flush=True)
             finally:
                 server.terminate()
                 server.wait()
@@ -229,16 +278,27 @@ def main() -> int:
                 f"| {r['bytes_read'] / 2**10:,.1f} KiB | {100 * r['bytes_read'] / r['file_bytes']:.3f}% "
                 f"| {r['requests']} | {r['inspect_s']:.2f} | {download} |"
             )
+        print()
+        print(f"Convert to safetensors, from the server at {latencies[0]:g} ms (median of {args.runs}):")
+        print()
+        print("| format | file | surgery convert URL s | curl, then surgery convert FILE s | ratio |")
+        print("|---|---|---|---|---|")
+        for c in converts:
+            print(
+                f"| {c['format']} | {c['file_bytes'] / 2**20:,.1f} MiB | {c['convert_url_s']:.2f} "
+                f"| {c['curl_then_convert_s']:.2f} | {c['convert_url_s'] / c['curl_then_convert_s']:.2f} |"
+            )
         RESULTS.parent.mkdir(exist_ok=True)
         doc = {
             "rows": rows,
+            "converts": converts,
             "facts": facts,
             "args": vars(args),
             "code": code,
             "machine": machine(folder, facts),
             "problems": problems,
         }
-        return write_results(RESULTS, doc)
+        return finish(RESULTS, doc)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

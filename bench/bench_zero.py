@@ -59,7 +59,7 @@ HERE = Path(__file__).resolve().parent
 REPO = HERE.parent
 sys.path.insert(0, str(HERE))
 
-from _harness import _mib, child_env, code_state, run_all, summarize, write_results  # noqa: E402
+from _harness import child_env, code_state, finish, mib, run_all, summarize  # noqa: E402
 
 RESULTS = HERE / "results" / "zero.json"
 MEMORY_AIM = 8  # surgery's peak above the import torch floor, in largest tensors
@@ -182,15 +182,15 @@ def main() -> int:
             if proc.returncode or checks[stage]["differ"] or not checks[stage]["names_equal"]:
                 problems.append(f"stage {stage}: outputs differ: {checks[stage]}")
         print(
-            f"\nmodel: {args.layers} x Linear({args.width}, {args.width}), {_mib(model_bytes / 1024):.0f} MiB fp32, "
-            f"largest tensor {_mib(tensor_bytes / 1024):.0f} MiB, 2 data-parallel ranks. Bytecode cache: {bytecode}."
+            f"\nmodel: {args.layers} x Linear({args.width}, {args.width}), {mib(model_bytes / 1024):.0f} MiB fp32, "
+            f"largest tensor {mib(tensor_bytes / 1024):.0f} MiB, 2 data-parallel ranks. Bytecode cache: {bytecode}."
         )
         print("\n| stage | command | median wall s | peak RSS MiB | above import torch MiB |")
         print("|---|---|---:|---:|---:|")
         for r in rows:
             above = (r["max_rss_kib"] * 1024 - floor) / 2**20
             print(
-                f"| {r['stage']} | `{r['command']}` | {r['median_s']:.2f} | {_mib(r['max_rss_kib']):.0f} | "
+                f"| {r['stage']} | `{r['command']}` | {r['median_s']:.2f} | {mib(r['max_rss_kib']):.0f} | "
                 f"{above:.0f} |"
             )
             if r["kind"] == "surgery":
@@ -201,8 +201,6 @@ def main() -> int:
                     )
         for stage, c in checks.items():
             print(f"- stage {stage}: {c}")
-        for p in problems:
-            print(f"- PROBLEM: {p}")
         doc = {
             "model": {"layers": args.layers, "width": args.width, "fp32_bytes": model_bytes},
             "rows": [{k: v for k, v in r.items() if k != "argv"} for r in rows],
@@ -211,7 +209,7 @@ def main() -> int:
             "problems": problems,
         }
         RESULTS.parent.mkdir(exist_ok=True)
-        return write_results(RESULTS, doc)
+        return finish(RESULTS, doc)
     finally:
         shutil.rmtree(folder, ignore_errors=True)
 

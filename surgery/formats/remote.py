@@ -207,7 +207,7 @@ class Http:
                     validator = _validator(response.headers)
                     if not announced and announce is not None:
                         tick, announced = announce(size), True
-                    for chunk in response.iter_raw(1 << 20):
+                    for chunk in response.iter_raw():  # as it arrives: no re-chunking copies
                         if written + len(chunk) > size:
                             raise RemoteError(url, f"the server sent more than the file's {size:,} bytes")
                         out.write(chunk)

@@ -135,6 +135,13 @@ def test_a_dry_run_port_of_a_url_reads_its_headers_only(served):
     assert served.sent() < 0.05 * (served.root / "resnet18.pth").stat().st_size
 
 
+def test_a_dry_run_port_of_a_file_no_range_reads_downloads_it(served):
+    """Its headers cannot be read by ranges: the copy's are (inspect alone refuses without --download)."""
+    run = run_cli("port", served.url("resnet18.pth", "norange"), "--to", "torchvision:resnet18", "--dry-run")
+    assert run.exit_code == 0, run
+    assert [r.range for r in served.log] == [f"bytes=0-{remote.HEAD - 1}", None]
+
+
 @pytest.mark.parametrize("sides", ["url-file", "url-url"])
 def test_diff_compares_the_values_of_a_url(served, sides):
     a = served.url("resnet18.pth")

@@ -549,15 +549,13 @@ def open_trusted(
     A remote one (a URL, an hf:// file not cached) is judged from its headers first, so a
     dangerous file is refused before its tensor bytes are fetched; then, with `fetch`, it is
     downloaded and judged again from the copy on disk, which must hold the tensors its headers
-    said. Without `fetch` it stays headers only (a port's dry run needs names and shapes).
+    said. Without `fetch` it stays headers only (a port's dry run needs names and shapes), unless
+    no range request reads them (`open_headers`).
 
     Raises:
         SurgeryError: naming the worst finding, the missing state_dict, or a failed download.
     """
-    if isinstance(source, Checkpoint):
-        ckpt = source
-    else:
-        ckpt = open_headers(source, key=key) if fetch else open_checkpoint(source, key=key)
+    ckpt = source if isinstance(source, Checkpoint) else open_headers(source, key=key)
     if not ckpt.safe and not trust:
         worst = next(f for f in ckpt.findings if f.severity in ("danger", "unsafe", "corrupt"))
         raise SurgeryError(

@@ -301,7 +301,7 @@ def _check_answer(url: str, response: Any, start: int, stop: int) -> tuple[int, 
             url,
             f"the server ignores Range requests: it answered with the whole file{size}; "
             "refused rather than downloaded",
-            hint="download it whole: surgery inspect URL --download",
+            hint="pass --download to download it whole",
         )
     first, last, size = _content_range(url, response.headers.get("content-range", ""))
     if first != start or last + 1 != min(stop, size):
@@ -416,7 +416,7 @@ class RemoteFile:
                 self.url,
                 f"reading it needs {stop - start:,} bytes at once (a pickle or member that long): "
                 f"over the {MAX_READ:,} surgery fetches of a remote file for one read",
-                hint="download it whole: surgery inspect URL --download",
+                hint="pass --download to download it whole",
             )
         self._fill(self._widened(start, stop))
         with self._lock:

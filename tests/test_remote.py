@@ -10,6 +10,7 @@ report of the same file, and the bytes the client says it read with the bytes th
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pickle
@@ -57,6 +58,8 @@ VARIANTS = (
 VARIANTS += ("r416", "slow", "grows")
 # A download (a GET without Range) cut short the first time, or every time; one served another file.
 VARIANTS += ("dropsonce", "dropsalways", "swap")
+VARIANTS += ("basic",)  # Basic auth asked for, as user:secret
+BASIC = "Basic " + base64.b64encode(b"user:secret").decode()
 
 
 @dataclass
@@ -136,6 +139,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                 return self.empty(503)
             if variant in ("forbidden", "unauthorized"):
                 return self.empty(403 if variant == "forbidden" else 401)
+            if variant == "basic" and self.headers.get("Authorization") != BASIC:
+                return self.empty(401, **{"WWW-Authenticate": 'Basic realm="models"'})
             file = server.root / name
             asked = self.headers.get("Range")
             whole = asked is None or asked.endswith("-")  # a download, or the rest of one
@@ -651,3 +656,21 @@ def test_scan_judges_urls_by_their_headers_as_it_judges_files(served, tmp_path, 
     }
     assert urls[0] in uris  # the URL as it is, not folded into a path
     assert not canary.exists()
+
+
+def test_a_netrc_login_is_sent_to_its_host_and_a_bad_netrc_is_one_line(
+    served, fixtures_dir, tmp_path, monkeypatch
+):
+    shutil.copy(fixtures_dir / "tiny.safetensors", served.root / "private.safetensors")
+    url = served.url("private.safetensors", "basic")
+    monkeypatch.setenv("NETRC", str(tmp_path / "none"))  # no file: nothing sent
+    assert_clean_error(run_cli("inspect", url), url, contains="HTTP 401 Unauthorized", code=1)
+    netrc_file = tmp_path / "netrc"
+    netrc_file.write_text("machine example.org login other password wrong\n")  # another host's
+    monkeypatch.setenv("NETRC", str(netrc_file))
+    assert_clean_error(run_cli("inspect", url), url, contains="HTTP 401 Unauthorized", code=1)
+    netrc_file.write_text("machine 127.0.0.1 login user password secret\n")
+    netrc_file.chmod(0o600)
+    assert run_cli("inspect", url).exit_code == 0
+    netrc_file.write_text("not a netrc file\n")
+    assert_clean_error(run_cli("inspect", url), netrc_file, contains="the netrc file cannot be read", code=2)

@@ -16,6 +16,8 @@ never pays for it. Nothing fetched is run: the bytes go to the same readers as a
 
 from __future__ import annotations
 
+import netrc
+import os
 import re
 import threading
 import time
@@ -65,6 +67,23 @@ class Url(str):
         return PurePosixPath(urlsplit(self).path).name
 
 
+def _netrc_auth() -> Any:
+    """httpx's Basic auth from the netrc file, when there is one.
+
+    Raises:
+        UsageError: the file cannot be read or parsed (its line said).
+    """
+    import httpx
+
+    path = os.environ.get("NETRC") or os.path.join(os.path.expanduser("~"), ".netrc")
+    if not os.path.isfile(path):
+        return None
+    try:
+        return httpx.NetRCAuth(path)
+    except (OSError, netrc.NetrcParseError) as exc:
+        raise UsageError(path, f"the netrc file cannot be read: {exc}") from None
+
+
 class _Retry(Exception):
     """A failure worth another try: a 5xx answer, a dropped or timed-out connection."""
 
@@ -73,7 +92,9 @@ class Http:
     """One httpx client for a run: redirects followed (and remembered), retries with backoff on
     5xx answers and dropped connections, a timeout, at most CONCURRENCY requests at a time, and
     every request and byte counted. `headers` (credentials) go with requests for the URLs asked,
-    never to where they redirect (a CDN's signed URL)."""
+    never to where they redirect (a CDN's signed URL). Without an Authorization among them, a
+    host's login in the netrc file (`NETRC`, else ~/.netrc: as curl and pip read it) is sent to
+    that host alone, as Basic auth."""
 
     def __init__(self, headers: dict[str, str] | None = None) -> None:
         self._headers = dict(headers or {})
@@ -95,7 +116,9 @@ class Http:
                     ) from None
                 from surgery import __version__
 
+                given = {name.lower() for name in self._headers}
                 self._client = httpx.Client(
+                    auth=None if "authorization" in given else _netrc_auth(),
                     follow_redirects=True,
                     timeout=TIMEOUT,
                     limits=httpx.Limits(max_connections=CONCURRENCY),

@@ -429,6 +429,39 @@ def test_a_dangerous_pickle_in_a_repo_is_refused_before_the_download(hub, env, t
     assert not list(env.glob("models--org--evil2/blobs/*")), "downloaded although refused"
 
 
+def test_merge_takes_a_lora_adapter_from_the_hub(hub, env, repos, tmp_path):
+    """Its config and weights downloaded into the Hub cache (not its README), then merged as from a folder."""
+    folder = hub.repo("org/lora") / "run-1"
+    folder.mkdir(exist_ok=True)
+    config = {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["layer.0"]}
+    (folder / "adapter_config.json").write_text(json.dumps(config))
+    (folder / "README.md").write_text("# not asked for\n")
+    a, b = torch.arange(8.0).reshape(2, 4), torch.ones(8, 2)
+    save_file(
+        {
+            "base_model.model.encoder.layer.0.lora_A.weight": a,
+            "base_model.model.encoder.layer.0.lora_B.weight": b,
+        },
+        str(folder / "adapter_model.safetensors"),
+    )
+    out = tmp_path / "merged.safetensors"
+    run = run_cli("merge", "hf://org/safe", "--adapter", "hf://org/lora/run-1", "-o", str(out))
+    assert run.exit_code == 0, run
+    merged = load_file(str(out))
+    expected = repos.state["encoder.layer.0.weight"] + (4 / 2) * (b @ a)
+    assert torch.allclose(merged["encoder.layer.0.weight"], expected)
+    assert torch.equal(merged["encoder.layer.1.weight"], repos.state["encoder.layer.1.weight"])
+    cached = sorted(p.name for p in (env / "models--org--lora" / "snapshots" / COMMIT / "run-1").iterdir())
+    assert cached == ["adapter_config.json", "adapter_model.safetensors"]
+    missing = "hf://org/lora/nowhere"
+    assert_clean_error(
+        run_cli("merge", "hf://org/safe", "--adapter", missing, "-o", str(tmp_path / "x.safetensors")),
+        missing,
+        contains="holds none of adapter_config.json",
+        code=1,
+    )
+
+
 # -- nothing fetched is run ------------------------------------------------------------------------
 
 

@@ -448,8 +448,8 @@ def merge(
         Strs,
         typer.Option(
             "--adapter",
-            help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors or .bin) "
-            "to merge into the one input; repeat for several.",
+            help="A PEFT LoRA adapter folder (adapter_config.json, adapter_model.safetensors or .bin), "
+            "or hf://USER/ADAPTER, to merge into the one input; repeat for several.",
         ),
     ] = None,
     unmerge: Annotated[

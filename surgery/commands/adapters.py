@@ -33,6 +33,7 @@ from surgery.commands.merge import (
     named,
 )
 from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError
+from surgery.formats.base import is_hub
 from surgery.formats.checkpoint import Checkpoint, open_trusted
 from surgery.plans.adapters import AdapterPlan, AdapterTensors, AdapterUse, Delta, LoraConfig, plan_adapters
 from surgery.values import Entry
@@ -56,14 +57,21 @@ class Adapter:
 
 
 def read_adapter(path: str | Path, *, trust: bool = False) -> Adapter:
-    """Open an adapter folder (or its weights file, the config beside it).
+    """Open an adapter folder (or its weights file, the config beside it), or one on the Hub
+    (`hf://USER/ADAPTER[@REVISION][/FOLDER]`: its config and weights downloaded into the Hub
+    cache, then read as a folder; a `.bin` is judged there, as on disk).
 
     Raises:
         NotFound: no folder, or no config or weights file in it.
         CorruptCheckpoint: a config that is not JSON.
         SurgeryError: not a LoRA config, an unsafe `.bin` (without `trust`), unreadable weights.
     """
-    given = Path(path)
+    if is_hub(str(path)):
+        from surgery.formats.download import download_hub_folder
+
+        given = download_hub_folder(str(path), ((CONFIG,), WEIGHTS))
+    else:
+        given = Path(path)
     if not given.exists():
         raise NotFound(path, "no such adapter folder")
     folder = given.parent if given.is_file() else given

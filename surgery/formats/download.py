@@ -118,6 +118,15 @@ def download(address: str) -> Download:
     return Download(address, path, origins, fetched_bytes, time.perf_counter() - started, folder)
 
 
+def download_hub_folder(address: str, wanted: tuple[tuple[str, ...], ...]) -> Path:
+    """Files of the folder an hf:// address names, downloaded into the Hub's cache (an adapter:
+    its config and its weights): of each group in `wanted`, the first the repo holds. That
+    folder of the cached snapshot."""
+    from surgery.formats.hub import download_folder
+
+    return download_folder(address, wanted, _progress_bars([0]))
+
+
 def scratch() -> str:
     """Where downloads go: TMPDIR as it is now (tempfile caches its first answer)."""
     return os.environ.get("TMPDIR") or tempfile.gettempdir()

@@ -118,21 +118,7 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
         path = pick_weights(where, [f["path"] for f in files])
 
     def get(name: str) -> Path:
-        try:
-            return Path(
-                hf.hf_hub_download(
-                    where.repo,
-                    name,
-                    revision=where.revision,
-                    cache_dir=_cache_dir(hf),
-                    endpoint=_endpoint(hf),
-                    token=hf.get_token() or False,
-                    local_files_only=_offline(),
-                    tqdm_class=progress_bars,
-                )
-            )
-        except Exception as exc:  # whatever the Hub client raises: one line
-            raise _hub_error(hf, where, exc, file=name) from None
+        return _get(hf, where, name, progress_bars)
 
     first = get(path)
     origins = {first: str(HubAddress(where.repo, where.revision, path))}
@@ -149,6 +135,48 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
                 raise CorruptCheckpoint(where, f"the index names shard {shard!r}, which {name_problem(name)}")
             origins[get(name)] = str(HubAddress(where.repo, where.revision, name))
     return first, origins
+
+
+def download_folder(address: str, wanted: tuple[tuple[str, ...], ...], progress_bars: type) -> Path:
+    """Download, of each group of names in `wanted`, the first file the repo holds in the folder
+    an hf:// address names (its PATH, or the repo's top) into the Hub's cache: that folder of the
+    cached snapshot. A group the repo lacks is skipped (the caller says what it needed).
+
+    Raises:
+        HubError: as `scan_hub`, or a download failed.
+    """
+    where = parse(address)
+    hf = _huggingface_hub(address)
+    files = {f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))}
+    prefix = f"{where.path}/" if where.path else ""
+    folder: Path | None = None
+    for group in wanted:
+        held = next((prefix + name for name in group if prefix + name in files), None)
+        if held is not None:
+            folder = _get(hf, where, held, progress_bars).parent
+    if folder is None:
+        names = ", ".join(name for group in wanted for name in group)
+        raise HubError(where, f"holds none of {names}" + (f" in {where.path}" if where.path else ""))
+    return folder
+
+
+def _get(hf: Any, where: HubAddress, name: str, progress_bars: type) -> Path:
+    """One file of the repo at the address's revision, through the Hub's cache."""
+    try:
+        return Path(
+            hf.hf_hub_download(
+                where.repo,
+                name,
+                revision=where.revision,
+                cache_dir=_cache_dir(hf),
+                endpoint=_endpoint(hf),
+                token=hf.get_token() or False,
+                local_files_only=_offline(),
+                tqdm_class=progress_bars,
+            )
+        )
+    except Exception as exc:  # whatever the Hub client raises: one line
+        raise _hub_error(hf, where, exc, file=name) from None
 
 
 def pick_weights(where: HubAddress, names: list[str]) -> str:

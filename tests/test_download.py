@@ -13,7 +13,6 @@ import gc
 import hashlib
 import json
 import shutil
-import threading
 from pathlib import Path
 
 import pytest
@@ -21,7 +20,7 @@ import torch
 from conftest import assert_clean_error, run_cli, run_subprocess
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
-from test_remote import CANARY, QuietServer, RunsCommand, Server, _handler
+from test_remote import CANARY, RunsCommand, Server, _handler, listening
 
 import surgery
 from surgery.formats import download, remote
@@ -43,12 +42,8 @@ def server(tmp_path_factory, seeded_resnet18) -> Server:
     (served.root / "sharded" / "model.safetensors.index.json").write_text(
         json.dumps({"weight_map": weight_map})
     )
-    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
-    served.port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield served
-    httpd.shutdown()
-    httpd.server_close()
+    with listening(served, _handler(served)):
+        yield served
 
 
 @pytest.fixture

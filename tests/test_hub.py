@@ -29,7 +29,7 @@ import torch
 from conftest import Run, assert_clean_error, run_cli, run_subprocess
 from doc_pages import DOCS, fenced
 from safetensors.torch import load_file, save_file
-from test_remote import CANARY, QuietServer, RunsCommand, Served, _range
+from test_remote import CANARY, RunsCommand, Served, _range, listening
 
 pytest.importorskip("huggingface_hub")
 
@@ -178,12 +178,8 @@ class Repos:
 @pytest.fixture(scope="module")
 def hub(tmp_path_factory) -> Hub:
     served = Hub(tmp_path_factory.mktemp("hub"))
-    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
-    served.port = httpd.server_address[1]
-    threading.Thread(target=httpd.serve_forever, daemon=True).start()
-    yield served
-    httpd.shutdown()
-    httpd.server_close()
+    with listening(served, _handler(served)):
+        yield served
 
 
 @pytest.fixture(scope="module")

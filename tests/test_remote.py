@@ -22,10 +22,13 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from functools import partial
 from http.server import BaseHTTPRequestHandler, SimpleHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
+from typing import Any
 
 import pytest
 import torch
@@ -221,16 +224,25 @@ class QuietServer(ThreadingHTTPServer):
             super().handle_error(request, client_address)
 
 
+@contextmanager
+def listening(state: Any, handler: type[BaseHTTPRequestHandler]) -> Iterator[None]:
+    """A QuietServer on a free port of 127.0.0.1 (`state.port`), answering from a thread for the
+    length of the block."""
+    httpd = QuietServer(("127.0.0.1", 0), handler)
+    state.port = httpd.server_address[1]
+    threading.Thread(target=httpd.serve_forever, daemon=True).start()
+    try:
+        yield
+    finally:
+        httpd.shutdown()
+        httpd.server_close()
+
+
 @pytest.fixture(scope="module")
-def server(tmp_path_factory) -> Server:
+def server(tmp_path_factory) -> Iterator[Server]:
     served = Server(tmp_path_factory.mktemp("served"))
-    httpd = QuietServer(("127.0.0.1", 0), _handler(served))
-    served.port = httpd.server_address[1]
-    thread = threading.Thread(target=httpd.serve_forever, daemon=True)
-    thread.start()
-    yield served
-    httpd.shutdown()
-    httpd.server_close()
+    with listening(served, _handler(served)):
+        yield served
 
 
 @pytest.fixture

@@ -13,6 +13,8 @@ import gc
 import hashlib
 import json
 import shutil
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -329,3 +331,16 @@ def test_without_download_a_remote_checkpoints_tensors_are_refused_in_one_line(s
         ckpt.tensor(ckpt.tensors[0].name)
     assert "download=True" in refused.value.hint
     assert downloads(served) == []
+
+
+def test_converting_a_local_file_loads_none_of_the_remote_machinery(seeded_resnet18, tmp_path):
+    """Start-up counts for local work: no httpx, no range reader, no downloader."""
+    code = (
+        "import sys, surgery\n"
+        "surgery.convert(sys.argv[1], sys.argv[2])\n"
+        "print(sorted(m for m in ('httpx', 'surgery.formats.remote', 'surgery.formats.download') if m in sys.modules))\n"
+    )
+    argv = [sys.executable, "-c", code, str(seeded_resnet18.safetensors), str(tmp_path / "out.safetensors")]
+    proc = subprocess.run(argv, capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.strip() == "[]"

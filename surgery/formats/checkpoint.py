@@ -576,6 +576,8 @@ def open_headers(source: str | Path, *, key: str | None = None) -> Checkpoint:
     """`open_checkpoint` for work that reads the tensors next: a remote file whose headers no
     range request reads (its server ignores Range, or a pickle is too long for one read) is
     downloaded now, as the work would download it anyway, and judged from the copy."""
+    if not (is_url(source) or is_hub(source)):
+        return open_checkpoint(source, key=key)  # not a module more imported: start-up counts
     from surgery.formats.remote import NotByRanges
 
     try:

@@ -397,6 +397,20 @@ def test_convert_downloads_an_hf_address_into_the_hub_cache_and_then_reads_it_of
     assert hub.log == [] and load_file(str(again)).keys() == written.keys()
 
 
+def test_a_model_repo_is_a_model_folder_once_cached(hub, env, repos, tmp_path):
+    """Its config comes with its weights: `--format hf` writes a folder from_pretrained reads."""
+    out = tmp_path / "folder"
+    run = run_cli("convert", "hf://org/safe", "-o", str(out), "--format", "hf")
+    assert run.exit_code == 0, run
+    assert (out / "config.json").read_text() == (hub.repo("org/safe") / "config.json").read_text()
+    assert sorted(load_file(str(out / "model.safetensors"))) == sorted(repos.state)
+    doc = inspect_json("hf://org/safe")  # cached now: the folder, with its config
+    assert doc["hub"]["source"] == "cache" and doc["metadata"]["hf_config"]["architectures"] == ["TinyModel"]
+    assert (
+        inspect_json("hf://org/safe/model.safetensors")["metadata"].get("hf_config") is None
+    )  # a file named
+
+
 def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):
     out = tmp_path / "out.safetensors"
     address = "hf://org/torch/checkpoints/last.ckpt"

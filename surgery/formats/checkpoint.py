@@ -469,8 +469,8 @@ def _downloaded(address: str, key: str | None, *, verify: bool = False) -> Check
 
     got = download(address)
     try:
-        if got.folder is None:
-            ckpt = open_checkpoint(got.origins[got.path], key=key, verify=verify)
+        if got.folder is None:  # the Hub's cache: read as the cached address is
+            ckpt = open_checkpoint(got.address, key=key, verify=verify)
         else:
             ckpt = Checkpoint(scan(got.path, verify=verify), tuple(key.split(".")) if key else None)
     except SurgeryError as error:  # named by the address, not the copy that is gone
@@ -591,6 +591,8 @@ def _address(ckpt: Checkpoint) -> str:
     if ckpt.hub is not None:
         from surgery.formats.hub import HubAddress
 
+        if ckpt.hub["files"] is not None:  # the address named the repo: its model folder
+            return str(HubAddress(ckpt.hub["repo"], ckpt.hub["revision"], None))
         return str(HubAddress(ckpt.hub["repo"], ckpt.hub["revision"], ckpt.hub["file"]))
     return str(ckpt.path)
 

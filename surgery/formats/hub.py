@@ -24,6 +24,7 @@ from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError, UsageError
 from surgery.formats.base import Scan, name_problem
 
 PREFIX = "hf://"
+CONFIG = "config.json"  # beside its weights, a model folder's config
 # The names transformers saves a model's weights under, in the order it loads them.
 WEIGHTS = (
     "model.safetensors",
@@ -88,7 +89,7 @@ def scan_hub(address: str, *, verify: bool = False) -> Scan:
     if path is None:
         files = _cached_listing(hf, where) if _offline() else _listing(hf, where)
         path = pick_weights(where, [f["path"] for f in files])
-    scan, source = _scan_file(hf, where, path, verify)
+    scan, source = _scan_file(hf, where, path, verify, as_folder=where.path is None)
     scan.hub = {
         "address": str(where),
         "repo": where.repo,
@@ -112,16 +113,18 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
     """
     where = parse(address)
     hf = _huggingface_hub(address)
-    path = where.path
+    path, files_named = where.path, set()
     if path is None:
-        files = _cached_listing(hf, where) if _offline() else _listing(hf, where)
-        path = pick_weights(where, [f["path"] for f in files])
+        files_named = {f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))}
+        path = pick_weights(where, sorted(files_named))
 
     def get(name: str) -> Path:
         return _get(hf, where, name, progress_bars)
 
     first = get(path)
     origins = {first: str(HubAddress(where.repo, where.revision, path))}
+    if where.path is None and CONFIG in files_named:  # the repo is a model folder: its config too
+        origins[get(CONFIG)] = str(HubAddress(where.repo, where.revision, CONFIG))
     if path.endswith(".index.json"):
         from surgery.formats.sharded import MAX_INDEX_BYTES, parse_index
 
@@ -216,12 +219,17 @@ def is_checkpoint_file(name: str) -> bool:
     return base.endswith(CHECKPOINT_SUFFIXES)
 
 
-def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool) -> tuple[Scan, str]:
-    """The file at `path`, from the cache (and its shards, for an index) or the Hub."""
+def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool, *, as_folder: bool) -> tuple[Scan, str]:
+    """The file at `path`, from the cache (and its shards, for an index) or the Hub. With
+    `as_folder` (the address named the repo), a cached snapshot holding config.json beside these
+    weights is read as the model folder it is (formats.hf: `hf_config`, `--format hf` outputs)."""
     from surgery.formats import scan
+    from surgery.formats.hf import weights_of
 
     cached = _cached(hf, where, path)
     if cached is not None:
+        if as_folder and weights_of(cached.parent)[:1] == [path]:
+            return scan(cached.parent, verify=verify), "cache"
         return scan(cached, verify=verify), "cache"
     if _offline():
         raise HubError(

@@ -245,18 +245,25 @@ def test_a_server_ignoring_range_is_downloaded_by_work_that_needs_the_bytes(serv
     assert [r.range for r in served.log] == [f"bytes=0-{remote.HEAD - 1}", None]
 
 
-def test_a_download_with_no_room_is_refused_before_it_is_written(served, tmp_path, monkeypatch):
-    free = 1000
+def no_room(monkeypatch, free: int = 1000) -> None:
+    """The disk where downloads go has `free` bytes left (as `shutil.disk_usage` says)."""
+    monkeypatch.setattr(
+        download.shutil, "disk_usage", lambda path: shutil._ntuple_diskusage(10**9, 10**9 - free, free)
+    )
 
-    def disk_usage(path):
-        return shutil._ntuple_diskusage(10**9, 10**9 - free, free)
 
-    monkeypatch.setattr(download.shutil, "disk_usage", disk_usage)
-    url, out = served.url("resnet18.safetensors"), tmp_path / "out.safetensors"
+@pytest.mark.parametrize("variant", [None, "norange"])
+def test_a_download_with_no_room_is_refused_before_it_is_written(
+    served, tmp_path, monkeypatch, scratch, variant
+):
+    """Refused before a request for the file when its headers told its size; else at its answer's."""
+    no_room(monkeypatch)
+    url, out = served.url("resnet18.safetensors", variant), tmp_path / "out.safetensors"
     run = run_cli("convert", url, "-o", str(out))
-    line = assert_clean_error(run, url, contains="downloading it needs 44.6 MiB in", code=1)
+    line = assert_clean_error(run, url, contains=f"downloading it needs 44.6 MiB in {scratch}, which", code=1)
     assert "which has 1000 B free" in line and "hint: set TMPDIR" in run.stderr
     assert not out.exists()
+    assert downloads(served) == ([] if variant is None else [served.log[-1]])
 
 
 def test_a_command_in_a_new_process_leaves_no_download_behind(served, tmp_path, scratch):

@@ -411,6 +411,17 @@ def test_a_model_repo_is_a_model_folder_once_cached(hub, env, repos, tmp_path):
     )  # a file named
 
 
+def test_a_hub_download_with_no_room_is_refused_before_it_starts(hub, env, tmp_path, monkeypatch):
+    from test_download import no_room
+
+    no_room(monkeypatch)
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", "hf://org/torch", "-o", str(out))
+    assert_clean_error(run, "hf://org/torch@main", contains=f"in {env}, which has 1000 B free", code=1)
+    assert "hint: set HF_HUB_CACHE" in run.stderr and not out.exists()
+    assert not list(env.glob("models--org--torch/blobs/*"))
+
+
 def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):
     out = tmp_path / "out.safetensors"
     address = "hf://org/torch/checkpoints/last.ckpt"

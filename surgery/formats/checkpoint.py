@@ -458,7 +458,9 @@ def open_checkpoint(
     return Checkpoint(scanned, tuple(key.split(".")) if key else None)
 
 
-def _downloaded(address: str, key: str | None, *, verify: bool = False) -> Checkpoint:
+def _downloaded(
+    address: str, key: str | None, *, verify: bool = False, size: int | None = None
+) -> Checkpoint:
     """The checkpoint at a URL or hf:// address, read from a downloaded copy. A URL's copy is
     named by the URL (the report, errors and findings) and removed with the Checkpoint; an
     hf:// copy is the Hub cache's, read as a cached address is."""
@@ -467,7 +469,7 @@ def _downloaded(address: str, key: str | None, *, verify: bool = False) -> Check
     from surgery.formats.download import download
     from surgery.formats.remote import Url
 
-    got = download(address)
+    got = download(address, size=size)
     try:
         if got.folder is None:  # the Hub's cache: read as the cached address is
             ckpt = open_checkpoint(got.address, key=key, verify=verify)
@@ -566,7 +568,8 @@ def open_trusted(
     if ckpt.container is None or not ckpt.tensors:
         raise SurgeryError(ckpt.path, f"the source holds no state_dict to {purpose}")
     if fetch and ckpt._remote is not None:
-        local = _downloaded(_address(ckpt), ".".join(ckpt.container) or None)
+        size = ckpt.remote["size"] if ckpt.remote else None  # every file its headers were read from
+        local = _downloaded(_address(ckpt), ".".join(ckpt.container) or None, size=size)
         _same_tensors(ckpt, local)
         return open_trusted(local, trust=trust, purpose=purpose)
     return ckpt

@@ -37,6 +37,7 @@ from surgery.text import human_bytes
 
 Show = Callable[[str, int], Callable[[int], None]]  # (file, its bytes) -> hears each n bytes written
 SHARDS_AT_ONCE = 4  # shards of an index downloaded at the same time
+TMPDIR_HINT = "set TMPDIR to a folder with room"
 
 _show: ContextVar[Show | None] = ContextVar("surgery_download_show", default=None)
 
@@ -95,8 +96,10 @@ class Download:
         }
 
 
-def download(address: str) -> Download:
+def download(address: str, *, size: int | None = None) -> Download:
     """Download the checkpoint at a URL or hf:// address: the file, or an index and its shards.
+    `size`, the bytes of every file when its headers told them, is checked against the room
+    where they go before anything is fetched (else each file's, as its answer tells it).
 
     Raises:
         SurgeryError: the server or the Hub refused or failed (after retries), the body ended
@@ -104,11 +107,16 @@ def download(address: str) -> Download:
     """
     started = time.perf_counter()
     if is_hub(address):
-        from surgery.formats.hub import download_hub
+        from surgery.formats.hub import cache_dir, download_hub
 
+        if size is not None:
+            cache = cache_dir()
+            _check_room(address, size, Path(cache), "set HF_HUB_CACHE to a folder with room", shown=cache)
         fetched = [0]
         path, origins = download_hub(address, _progress_bars(fetched))
         return Download(address, path, origins, fetched[0], time.perf_counter() - started, None)
+    if size is not None:
+        _check_room(address, size, Path(scratch()), TMPDIR_HINT)
     folder = Path(tempfile.mkdtemp(prefix="surgery-download-", dir=scratch()))
     try:
         path, origins, fetched_bytes = _download_url(address, folder)
@@ -169,19 +177,26 @@ def _save(http: Any, url: str, folder: Path, name: str) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
 
     def announce(size: int) -> Callable[[int], None] | None:
-        free = shutil.disk_usage(path.parent).free
-        if size > free:
-            raise SurgeryError(
-                url,
-                f"downloading it needs {human_bytes(size)} in {scratch()}, which has {human_bytes(free)} free",
-                hint="set TMPDIR to a folder with room",
-            )
+        _check_room(url, size, path.parent, TMPDIR_HINT, shown=scratch())
         show = _show.get()
         return show(path.name, size) if show is not None else None
 
     with open(path, "wb") as out:
         http.save(url, out, announce)
     return path
+
+
+def _check_room(address: str, size: int, folder: Path, hint: str, *, shown: object = None) -> None:
+    """Refuse a download that would not fit where it goes (`shown`: that place, as the user set it)."""
+    while not folder.exists() and folder != folder.parent:  # a cache not made yet: where it will be
+        folder = folder.parent
+    free = shutil.disk_usage(folder).free
+    if size > free:
+        raise SurgeryError(
+            address,
+            f"downloading it needs {human_bytes(size)} in {shown or folder}, which has {human_bytes(free)} free",
+            hint=hint,
+        )
 
 
 def _progress_bars(fetched: list[int]) -> type:

@@ -371,6 +371,11 @@ def _cache_dir(hf: Any) -> str:
     return os.environ.get("HF_HUB_CACHE") or hf.constants.HF_HUB_CACHE
 
 
+def cache_dir() -> str:
+    """The Hub cache's folder, as huggingface_hub reads it now (HF_HUB_CACHE)."""
+    return _cache_dir(_huggingface_hub("hf://"))
+
+
 def _offline() -> bool:
     """HF_HUB_OFFLINE as huggingface_hub reads it, read now (TRANSFORMERS_OFFLINE too)."""
     value = os.environ.get("HF_HUB_OFFLINE") or os.environ.get("TRANSFORMERS_OFFLINE") or ""

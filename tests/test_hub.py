@@ -422,6 +422,13 @@ def test_a_hub_download_with_no_room_is_refused_before_it_starts(hub, env, tmp_p
     assert not list(env.glob("models--org--torch/blobs/*"))
 
 
+def test_inspect_download_of_an_hf_address_fills_the_cache_and_verifies(hub, env):
+    doc = inspect_json("hf://org/torch", "--download", "--verify")
+    assert doc["download"]["to"] == "the Hub cache" and doc["download"]["bytes"] > 0
+    assert doc["hub"]["source"] == "cache" and doc["metadata"]["crc_checked"] == "every storage"
+    assert inspect_json("hf://org/torch", "--download")["download"]["bytes"] == 0  # all cached now
+
+
 def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):
     out = tmp_path / "out.safetensors"
     address = "hf://org/torch/checkpoints/last.ckpt"

@@ -374,13 +374,10 @@ class Checkpoint:
         path, offset, length = where
         dtype = getattr(torch, self._refs[name].dtype.name)
         step = elements * self._refs[name].dtype.itemsize
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset)
-            for start in range(0, length, step):
-                data = bytearray(min(step, length - start))
-                if f.readinto(data) != len(data):
-                    raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
-                yield torch.frombuffer(data, dtype=dtype)
+        for start in range(0, length, step):
+            yield torch.frombuffer(
+                self._read_exact(name, path, offset + start, min(step, length - start)), dtype=dtype
+            )
 
     def rows(self, name: str, start: int, stop: int) -> torch.Tensor:
         """Rows `start:stop` of a tensor (along its first dimension): only their bytes are
@@ -401,17 +398,27 @@ class Checkpoint:
                 self.release(name)
         path, offset, _ = where
         row = ref.nbytes // ref.shape[0] if ref.shape[0] else 0
-        data = bytearray(row * max(0, stop - start))
-        with open(path, "rb", buffering=0) as f:
-            f.seek(offset + start * row)
-            if data and f.readinto(data) != len(data):
-                raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
+        data = self._read_exact(name, path, offset + start * row, row * max(0, stop - start))
         shape = (max(0, stop - start), *ref.shape[1:])
         return (
             torch.frombuffer(data, dtype=getattr(torch, ref.dtype.name)).reshape(shape)
             if data
             else torch.empty(shape, dtype=getattr(torch, ref.dtype.name))
         )
+
+    def _read_exact(self, name: str, path: str, offset: int, length: int) -> bytearray:
+        """`length` bytes of tensor `name`'s file at `offset`, read into memory of their own.
+
+        Raises:
+            CorruptCheckpoint: the file ends before them.
+        """
+        data = bytearray(length)
+        if length:
+            with open(path, "rb", buffering=0) as f:
+                f.seek(offset)
+                if f.readinto(data) != length:
+                    raise CorruptCheckpoint(self.path, f"tensor {name!r}: the file ends inside its data")
+        return data
 
     def _tensor_reader(self):
         if self._reader is None:

@@ -139,3 +139,20 @@ def test_big_endian_files_are_byte_swapped_like_torch_does(tmp_path):
     for name, tensor in original.items():
         assert torch.equal(expected[name], tensor)
         assert torch.equal(ours[name], tensor)
+
+
+@pytest.mark.parametrize("read", ["pieces", "rows"])
+def test_a_file_cut_short_after_opening_is_corrupt_when_its_bytes_are_read(tmp_path, read):
+    """Opened whole, then truncated (a copy still being written, a disk gone full): the piece or
+    rows read past the new end say so, not zeros or a short tensor."""
+    import torch
+    from safetensors.torch import save_file
+
+    path = tmp_path / "cut.safetensors"
+    save_file({"w": torch.arange(4096.0).reshape(64, 64)}, str(path))
+    ckpt = open_checkpoint(path)
+    with open(path, "r+b") as f:
+        f.truncate(path.stat().st_size - 100)
+    with pytest.raises(surgery.SurgeryError, match="'w': the file ends inside its data"):
+        list(ckpt.pieces("w", 1024)) if read == "pieces" else ckpt.rows("w", 60, 64)
+    assert torch.equal(ckpt.rows("w", 0, 2), torch.arange(128.0).reshape(2, 64))  # what is there still reads

@@ -596,7 +596,7 @@ DOC_EXAMPLES = [
     if lang == "text"
     and text.startswith(("$ surgery inspect http://127.0.0.1:800", "$ surgery convert http://127.0.0.1:800"))
 ]
-TIMES = re.compile(r"\d+\.\d+ s\b|\(\d+\.\d+ MiB/s\)")  # how long it took: never the same twice
+TIMES = re.compile(r"\d+\.\d+ s\b|\(\d+(\.\d+)? [KMGT]?i?B/s\)")  # how long it took: never the same twice
 
 
 @pytest.fixture(scope="module")

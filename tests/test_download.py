@@ -12,9 +12,12 @@ from __future__ import annotations
 import gc
 import hashlib
 import json
+import os
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -179,7 +182,9 @@ def test_merge_and_extract_read_urls(served, tmp_path):
         ).exit_code
         == 0
     )
-    assert (tensors(back)["fc.weight"] - tuned["fc.weight"]).abs().max() < 1e-3  # float32 SVD of a 1000 x 512 change of 1.0
+    assert (
+        tensors(back)["fc.weight"] - tuned["fc.weight"]
+    ).abs().max() < 1e-3  # float32 SVD of a 1000 x 512 change of 1.0
 
 
 # -- safety: judged before the bytes come, and again from them ----------------------------------
@@ -283,6 +288,44 @@ def test_a_command_in_a_new_process_leaves_no_download_behind(served, tmp_path, 
     )
     assert run.exit_code == 0, run
     assert run.stderr == ""  # no bar off a terminal
+    assert list(scratch.iterdir()) == []
+
+
+@pytest.mark.parametrize("output", ["convert", "port"])
+def test_sigterm_during_a_download_or_the_work_after_it_leaves_nothing(served, tmp_path, scratch, output):
+    """The process ends as killed by SIGTERM (finalizers do not run then): the copy goes first."""
+    out = tmp_path / "out.safetensors"
+    args = ["--to", "torchvision:resnet18"] if output == "port" else []
+    argv = [sys.executable, "-m", "surgery", output, served.url("resnet18.safetensors", "trickle"), *args]
+    proc = subprocess.Popen(
+        [*argv, "-o", str(out)], env={**os.environ, "TMPDIR": str(scratch)}, stderr=subprocess.PIPE
+    )
+    deadline = time.monotonic() + 60
+    while not any(p.stat().st_size > 1 << 20 for p in scratch.rglob("*.safetensors")):
+        assert proc.poll() is None and time.monotonic() < deadline, "the download did not start"
+        time.sleep(0.05)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(60) == -signal.SIGTERM
+    assert list(scratch.iterdir()) == [] and not out.exists()
+
+
+def test_sigterm_while_an_output_is_written_removes_the_output_then_the_copy(served, tmp_path, scratch):
+    """The writer's handler (its temporary output) runs first, then the copies go, then the process
+    ends as killed: the two handlers chain."""
+    code = (
+        "import os, signal, sys, surgery\n"
+        "from pathlib import Path\n"
+        "from surgery.writers.outputs import _on_sigterm\n"
+        "ckpt = surgery.open_checkpoint(sys.argv[1], download=True)\n"
+        "with _on_sigterm(lambda: Path(sys.argv[2]).write_text('cleaned')):\n"
+        "    os.kill(os.getpid(), signal.SIGTERM)\n"
+        "print('not reached')\n"
+    )
+    marker = tmp_path / "marker"
+    argv = [sys.executable, "-c", code, served.url("resnet18.safetensors"), str(marker)]
+    proc = subprocess.run(argv, capture_output=True, text=True, env={**os.environ, "TMPDIR": str(scratch)})
+    assert proc.returncode == -signal.SIGTERM, proc.stderr
+    assert marker.read_text() == "cleaned" and "not reached" not in proc.stdout
     assert list(scratch.iterdir()) == []
 
 

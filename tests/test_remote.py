@@ -62,6 +62,7 @@ VARIANTS += ("r416", "slow", "grows")
 # A download (a GET without Range) cut short the first time, or every time; one served another file.
 VARIANTS += ("dropsonce", "dropsalways", "swap")
 VARIANTS += ("basic",)  # Basic auth asked for, as user:secret
+VARIANTS += ("trickle",)  # a download's body sent slowly (10 ms a 64 KiB chunk), to be interrupted
 BASIC = "Basic " + base64.b64encode(b"user:secret").decode()
 
 
@@ -184,6 +185,8 @@ def _handler(server: Server) -> type[BaseHTTPRequestHandler]:
                             break
                         self.record.sent += len(chunk)  # counted before the client can have it
                         self.wfile.write(chunk)
+                        if variant == "trickle" and whole:
+                            time.sleep(0.01)
                 except (BrokenPipeError, ConnectionResetError):
                     self.close_connection = True
             if cut:

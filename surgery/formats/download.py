@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import os
 import shutil
+import signal
 import tempfile
 import threading
 import time
@@ -84,7 +85,7 @@ class Download:
     def discard(self) -> None:
         """Remove the temporary copy (the Hub's cache keeps its own)."""
         if self.folder is not None:
-            shutil.rmtree(self.folder, ignore_errors=True)
+            _forget(self.folder)
 
     def to_json(self) -> dict[str, Any]:
         return {
@@ -117,11 +118,11 @@ def download(address: str, *, size: int | None = None) -> Download:
         return Download(address, path, origins, fetched[0], time.perf_counter() - started, None)
     if size is not None:
         _check_room(address, size, Path(scratch()), TMPDIR_HINT)
-    folder = Path(tempfile.mkdtemp(prefix="surgery-download-", dir=scratch()))
+    folder = _copy_folder()
     try:
         path, origins, fetched_bytes = _download_url(address, folder)
     except BaseException:
-        shutil.rmtree(folder, ignore_errors=True)
+        _forget(folder)
         raise
     return Download(address, path, origins, fetched_bytes, time.perf_counter() - started, folder)
 
@@ -133,6 +134,46 @@ def download_hub_folder(address: str, wanted: tuple[tuple[str, ...], ...]) -> Pa
     from surgery.formats.hub import download_folder
 
     return download_folder(address, wanted, _progress_bars([0]))
+
+
+# The temporary copies on disk now. SIGTERM ends a process without its finalizers, so while
+# there are any, a SIGTERM that would end it (no handler of the program's own) removes them first.
+_copies: set[Path] = set()
+_copies_lock = threading.Lock()
+
+
+def _copy_folder() -> Path:
+    """A new temporary folder for a download, removed on SIGTERM as on every other way out."""
+    folder = Path(tempfile.mkdtemp(prefix="surgery-download-", dir=scratch()))
+    with _copies_lock:
+        _copies.add(folder)
+        if (
+            threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is signal.SIG_DFL
+        ):
+            signal.signal(signal.SIGTERM, _removing_copies)
+    return folder
+
+
+def _forget(folder: Path) -> None:
+    """Remove a copy; the last one gone, SIGTERM is left as it was."""
+    shutil.rmtree(folder, ignore_errors=True)
+    with _copies_lock:
+        _copies.discard(folder)
+        if (
+            not _copies
+            and threading.current_thread() is threading.main_thread()
+            and signal.getsignal(signal.SIGTERM) is _removing_copies
+        ):
+            signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _removing_copies(signum: int, frame: object) -> None:
+    """SIGTERM: the copies go, then the process ends as killed by it (143 in a shell)."""
+    for folder in list(_copies):
+        shutil.rmtree(folder, ignore_errors=True)
+    signal.signal(signum, signal.SIG_DFL)
+    signal.raise_signal(signum)
 
 
 def scratch() -> str:

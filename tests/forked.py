@@ -96,7 +96,9 @@ def _reap() -> bool:
 
 
 def _watch(conn: socket.socket) -> list[str]:
-    message, fds, _, _ = socket.recv_fds(conn, 1 << 20, 3)
+    message, fds, _, _ = socket.recv_fds(conn, 1 << 16, 3)
+    while more := conn.recv(1 << 16):  # the rest of the request, to the client's end of writing
+        message += more
     request = json.loads(message)
     pid = os.fork()
     if pid == 0:
@@ -130,6 +132,7 @@ def client(path: str, argv: list[str]) -> int:
     conn.connect(path)
     request = {"argv": argv, "cwd": os.getcwd(), "env": dict(os.environ)}
     socket.send_fds(conn, [json.dumps(request).encode()], [0, 1, 2])
+    conn.shutdown(socket.SHUT_WR)
     status = int(conn.recv(64) or b"-9")  # nothing: the watcher itself died
     if status < 0:
         signal.signal(-status, signal.SIG_DFL)

@@ -9,7 +9,9 @@ interpreter's own exit (flushing, exit status, a traceback on an uncaught except
 client exits with that status, or dies of the same signal. What could tell the two apart is
 refused: the server fails to start if an import prints anything (a fresh process would show it
 to the user), and a command whose environment differs from the server's runs in a fresh
-interpreter (the preloaded modules read theirs when imported).
+interpreter (the preloaded modules read theirs when imported). What stays different: those
+modules are in `sys.modules` already (torch even for `inspect`, which never imports it), and
+importing torch set TORCHINDUCTOR_CACHE_DIR in the environment.
 
     python tests/forked.py serve SOCKET          the server (its environment is the commands')
     python -I -S tests/forked.py SOCKET ARGS...  `surgery ARGS`, through the server

@@ -16,7 +16,7 @@ from pathlib import Path
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli, run_subprocess, write_torch_zip
+from conftest import assert_clean_error, run_cli, write_torch_zip
 from safetensors import safe_open
 
 import surgery
@@ -136,7 +136,7 @@ def test_gpt2_conv1d_weights_with_fan_in_fan_out(tmp_path):
     torch.save(base.state_dict(), tmp_path / "base.pt")
     torch.save(tuned.state_dict(), tmp_path / "tuned.pt")
     out = tmp_path / "adapter"
-    run = run_subprocess(
+    run = run_cli(
         "extract",
         tmp_path / "tuned.pt",
         "--base",

@@ -186,7 +186,9 @@ class Node:
         self.child = child
 
 
-@pytest.mark.parametrize("wrap", [lambda x: [x], lambda x: {"k": x}, lambda x: (x,), Node], ids=repr)
+@pytest.mark.parametrize(
+    "wrap", [lambda x: [x], lambda x: {"k": x}, lambda x: (x,), Node], ids=["list", "dict", "tuple", "Node"]
+)
 def test_deepest_pickle_that_pickle_dumps_writes_is_still_read(wrap):
     """pickle.dumps stops at Python's recursion limit: the depth limit never refuses what it writes."""
     value, deepest = 0, None

@@ -6,7 +6,9 @@ folder (the repository's fixtures/ beside the files the pages name: the ImageNet
 one wrote. A block that several pages show is run once.
 
 - `console`: each block runs as a user's shell would (stderr into the same stream), and
-  prints exactly what it shows; timings and rates (`in 1.61 s (27.7 MiB/s)`) may differ.
+  prints exactly what it shows; timings and rates (`in 1.61 s (27.7 MiB/s)`) may differ. Each
+  `surgery` command is a process of its own, forked from one that imported torch already
+  (forked.py: the same process from the step after the imports, minutes less over the pages).
 - `python`: each block runs as written; a bare expression or a `print(...)` with a comment
   after it must show that comment (its repr, or what it prints; `...` stands for anything).
 - `toml`: the file named on its first line (`# recipe.toml`), for the console blocks after it.
@@ -24,11 +26,12 @@ import os
 import re
 import shutil
 import subprocess
-import sys
 import tokenize
 import traceback
+from collections.abc import Iterator
 from pathlib import Path
 
+import forked
 import pytest
 from doc_pages import (
     PAGES,
@@ -59,8 +62,10 @@ def shows(expected: str, actual: str) -> bool:
 class Tour:
     """One folder the pages' examples run in, and what each distinct block gave (None: as shown)."""
 
-    def __init__(self, folder: Path):
+    def __init__(self, folder: Path, env: dict[str, str], surgery: str):
         self.folder = folder
+        self.env = env
+        self.surgery = surgery  # the command line that runs `surgery`
         self.results: dict[tuple[str, str], str | None] = {}
         self.pages_done: set[Path] = set()
 
@@ -93,15 +98,9 @@ class Tour:
         lines = block.splitlines()
         commands = "\n".join(line[2:] for line in lines if line.startswith("$ "))
         expected = "\n".join(line for line in lines if not line.startswith("$ ")) + "\n"
-        script = "exec 2>&1\n" + re.sub(r"^surgery ", f"{sys.executable} -m surgery ", commands, flags=re.M)
-        env = {
-            "PATH": "/usr/bin:/bin",
-            "PYTHONPATH": str(ROOT),  # this checkout's surgery, whatever the folder
-            "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ in the fixtures a later scan walks
-            "HOME": str(self.folder),
-        }
+        script = "exec 2>&1\n" + re.sub(r"^surgery ", f"{self.surgery} ", commands, flags=re.M)
         proc = subprocess.run(
-            ["bash", "-c", script], capture_output=True, text=True, cwd=self.folder, env=env
+            ["bash", "-c", script], capture_output=True, text=True, cwd=self.folder, env=self.env
         )
         if steady(proc.stdout) == steady(expected):
             return None
@@ -147,14 +146,21 @@ class Tour:
 
 
 @pytest.fixture(scope="module")
-def tour(tmp_path_factory) -> Tour:
+def tour(tmp_path_factory) -> Iterator[Tour]:
     folder = tmp_path_factory.mktemp("tour")
     # The fixtures as committed: other tests import make_fixtures, leaving a __pycache__ beside it.
     shutil.copytree(ROOT / "fixtures", folder / "fixtures", ignore=shutil.ignore_patterns("__pycache__"))
     imagenet_checkpoint(folder)
     unsafe_training_checkpoint(folder)
     download_mistakes(folder)
-    return Tour(folder)
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "PYTHONPATH": str(ROOT),  # this checkout's surgery, whatever the folder
+        "PYTHONDONTWRITEBYTECODE": "1",  # no __pycache__ in the fixtures a later scan walks
+        "HOME": str(folder),
+    }
+    with forked.server(env, folder) as surgery:
+        yield Tour(folder, env, surgery)
 
 
 def test_the_pages_have_examples_to_run():

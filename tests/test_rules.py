@@ -18,7 +18,7 @@ from typing import Any
 
 import pytest
 import torch
-from conftest import assert_clean_error, run_cli, run_subprocess
+from conftest import assert_clean_error, run_cli
 from safetensors import safe_open
 from safetensors.torch import load_file
 from torch import nn
@@ -569,15 +569,16 @@ def test_plan_out_then_plan_writes_the_same_tensors(case, ported, tmp_path):
         assert first[name].numpy().tobytes() == again[name].numpy().tobytes(), name
 
 
-def test_recipe_file_names_the_rules_and_their_args(case, tmp_path):
-    """`map = "rules.toml"` and `map_args = { heads = 2 }`, run as a user runs it, from the folder."""
+def test_recipe_file_names_the_rules_and_their_args(case, tmp_path, monkeypatch):
+    """`map = "rules.toml"` and `map_args = { heads = 2 }`, run from the folder the recipe names files in."""
     for p in (case.src, case.target, case.rules):
         shutil.copy(p, tmp_path / p.name)
     (tmp_path / "recipe.toml").write_text(
         'source = "meta.pth"\nto = "fused.pth"\nout = "fused.safetensors"\n'
         'map = "rules.toml"\nmap_args = { heads = 2 }\nverify = true\n'
     )
-    run = run_subprocess("port", "--recipe", "recipe.toml", cwd=tmp_path)
+    monkeypatch.chdir(tmp_path)  # every name in the recipe is relative to it
+    run = run_cli("port", "--recipe", "recipe.toml")
     assert run.exit_code == 0, (run.stdout[-3000:], run.stderr)
     assert_tensors_equal(load_file(tmp_path / "fused.safetensors"), expected_state(case.state))
 

@@ -84,12 +84,15 @@ def _handler(hub: Hub) -> type[BaseHTTPRequestHandler]:
                 hub.log.append(self.record)
                 hub.auth.append(self.headers.get("Authorization"))
             parts = [unquote(p) for p in urlsplit(self.path).path.split("/")[1:]]
-            if parts[:2] == ["api", "models"] and len(parts) >= 6 and parts[4] == "tree":
-                return self.tree(f"{parts[2]}/{parts[3]}", parts[5])
+            if parts[:1] == ["api"] and parts[1:2] in (["models"], ["datasets"]) and parts[4:5] == ["tree"]:
+                kind = "" if parts[1] == "models" else "datasets/"  # datasets live under root/datasets/
+                return self.tree(f"{kind}{parts[2]}/{parts[3]}", parts[5])
             if parts[0] == "cdn":  # where the gated repo's files redirect: another origin, no credentials
                 return self.file(hub.root.joinpath(*parts[1:]), body)
+            kind = "datasets/" if parts[0] == "datasets" else ""
+            parts = parts[1:] if kind else parts
             if len(parts) >= 5 and parts[2] == "resolve":
-                return self.resolve(f"{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body)
+                return self.resolve(f"{kind}{parts[0]}/{parts[1]}", parts[3], "/".join(parts[4:]), body)
             return self.fail(404, "NotFound")
 
         def known(self, repo: str, revision: str) -> Path | None:
@@ -427,6 +430,25 @@ def test_inspect_download_of_an_hf_address_fills_the_cache_and_verifies(hub, env
     assert doc["download"]["to"] == "the Hub cache" and doc["download"]["bytes"] > 0
     assert doc["hub"]["source"] == "cache" and doc["metadata"]["crc_checked"] == "every storage"
     assert inspect_json("hf://org/torch", "--download")["download"]["bytes"] == 0  # all cached now
+
+
+def test_a_dataset_repo_is_read_and_downloaded_as_a_model_repo_is(hub, env, repos, tmp_path):
+    """hf://datasets/ORG/NAME: huggingface_hub's repo_type, its cache folder `datasets--ORG--NAME`."""
+    save_file(repos.state, str(hub.repo("datasets/org/ckpts") / "run-3.safetensors"))
+    doc = inspect_json("hf://datasets/org/ckpts/run-3.safetensors")
+    assert doc["hub"]["repo_type"] == "dataset" and doc["hub"]["source"] == "network"
+    assert tensors_of(doc) == tensors_of(inspect_json(repos.local))
+    assert inspect_json("hf://datasets/org/ckpts")["hub"]["file"] == "run-3.safetensors"  # its one checkpoint
+    out = tmp_path / "out.safetensors"
+    run = run_cli("convert", "hf://datasets/org/ckpts/run-3.safetensors", "-o", str(out))
+    assert run.exit_code == 0, run
+    assert sorted(load_file(str(out))) == sorted(repos.state)
+    assert (env / "datasets--org--ckpts" / "snapshots" / COMMIT / "run-3.safetensors").is_file()
+    hub.reset()
+    cached = inspect_json("hf://datasets/org/ckpts/run-3.safetensors")
+    assert cached["hub"]["source"] == "cache" and hub.log == []
+    missing = "hf://datasets/org/none/x.safetensors"
+    assert_clean_error(run_cli("inspect", missing), missing, contains="repository org/none not found", code=1)
 
 
 def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):

@@ -599,11 +599,10 @@ def open_headers(source: str | Path, *, key: str | None = None) -> Checkpoint:
 def _address(ckpt: Checkpoint) -> str:
     """What to download for a remote checkpoint: the hf:// address of its file, or its URL."""
     if ckpt.hub is not None:
-        from surgery.formats.hub import HubAddress
+        from surgery.formats.hub import parse
 
-        if ckpt.hub["files"] is not None:  # the address named the repo: its model folder
-            return str(HubAddress(ckpt.hub["repo"], ckpt.hub["revision"], None))
-        return str(HubAddress(ckpt.hub["repo"], ckpt.hub["revision"], ckpt.hub["file"]))
+        named = replace(parse(ckpt.hub["address"]), revision=ckpt.hub["revision"])  # pinned: as read
+        return str(named.at(None if ckpt.hub["files"] is not None else ckpt.hub["file"]))  # no PATH: the repo
     return str(ckpt.path)
 
 

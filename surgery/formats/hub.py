@@ -15,7 +15,7 @@ from __future__ import annotations
 import json
 import os
 import re
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path, PurePosixPath
 from typing import Any
 from urllib.parse import quote, unquote, urlsplit
@@ -24,6 +24,7 @@ from surgery.errors import CorruptCheckpoint, NotFound, SurgeryError, UsageError
 from surgery.formats.base import Scan, name_problem
 
 PREFIX = "hf://"
+KINDS = {"datasets": "dataset", "spaces": "space"}  # hf://datasets/ORG/NAME: huggingface_hub's repo_type
 CONFIG = "config.json"  # beside its weights, a model folder's config
 # The names transformers saves a model's weights under, in the order it loads them.
 WEIGHTS = (
@@ -44,15 +45,22 @@ class HubError(SurgeryError):
 
 @dataclass(frozen=True)
 class HubAddress:
-    """`hf://ORG/REPO[@REVISION][/PATH]`, parsed: no PATH means the repo's weights."""
+    """`hf://[datasets/|spaces/]ORG/REPO[@REVISION][/PATH]`, parsed: no PATH means the repo's
+    weights; `kind` the repo's type as huggingface_hub names it (model, dataset, space)."""
 
     repo: str
     revision: str | None
     path: str | None
+    kind: str = "model"
 
     def __str__(self) -> str:
         at = f"@{quote(self.revision, safe='')}" if self.revision else ""  # refs/pr/1 as refs%2Fpr%2F1
-        return f"{PREFIX}{self.repo}{at}" + (f"/{self.path}" if self.path else "")
+        kind = next((word for word, k in KINDS.items() if k == self.kind), "")
+        return f"{PREFIX}{kind + '/' if kind else ''}{self.repo}{at}" + (f"/{self.path}" if self.path else "")
+
+    def at(self, path: str | None) -> HubAddress:
+        """The same repo and revision, another file (None: the repo)."""
+        return replace(self, path=path)
 
 
 def parse(address: str) -> HubAddress:
@@ -62,7 +70,10 @@ def parse(address: str) -> HubAddress:
     Raises:
         UsageError: not of that shape, or a PATH leaving the repo.
     """
-    org, _, rest = address.removeprefix(PREFIX).partition("/")
+    rest = address.removeprefix(PREFIX)
+    word, _, after = rest.partition("/")
+    kind = KINDS.get(word, "model")
+    org, _, rest = (after if word in KINDS else rest).partition("/")
     name, _, path = rest.partition("/")
     name, at, revision = name.partition("@")
     if not (_PART.fullmatch(org) and _PART.fullmatch(name)) or (at and not revision):
@@ -70,7 +81,7 @@ def parse(address: str) -> HubAddress:
     path = path.strip("/")
     if path and name_problem(path):
         raise UsageError(address, f"the path {path!r} {name_problem(path)} of the repo")
-    return HubAddress(f"{org}/{name}", unquote(revision) or None, path or None)
+    return HubAddress(f"{org}/{name}", unquote(revision) or None, path or None, kind)
 
 
 def scan_hub(address: str, *, verify: bool = False) -> Scan:
@@ -93,6 +104,7 @@ def scan_hub(address: str, *, verify: bool = False) -> Scan:
     scan.hub = {
         "address": str(where),
         "repo": where.repo,
+        "repo_type": where.kind,
         "revision": where.revision or "main",
         "file": path,
         "source": source,
@@ -122,9 +134,9 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
         return _get(hf, where, name, progress_bars)
 
     first = get(path)
-    origins = {first: str(HubAddress(where.repo, where.revision, path))}
+    origins = {first: str(where.at(path))}
     if where.path is None and CONFIG in files_named:  # the repo is a model folder: its config too
-        origins[get(CONFIG)] = str(HubAddress(where.repo, where.revision, CONFIG))
+        origins[get(CONFIG)] = str(where.at(CONFIG))
     if path.endswith(".index.json"):
         from surgery.formats.sharded import MAX_INDEX_BYTES, parse_index
 
@@ -136,7 +148,7 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
             name = shard if folder == "." else f"{folder}/{shard}"
             if name_problem(name):
                 raise CorruptCheckpoint(where, f"the index names shard {shard!r}, which {name_problem(name)}")
-            origins[get(name)] = str(HubAddress(where.repo, where.revision, name))
+            origins[get(name)] = str(where.at(name))
     return first, origins
 
 
@@ -170,6 +182,7 @@ def _get(hf: Any, where: HubAddress, name: str, progress_bars: type) -> Path:
             hf.hf_hub_download(
                 where.repo,
                 name,
+                repo_type=where.kind,
                 revision=where.revision,
                 cache_dir=_cache_dir(hf),
                 endpoint=_endpoint(hf),
@@ -233,13 +246,15 @@ def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool, *, as_folder
         return scan(cached, verify=verify), "cache"
     if _offline():
         raise HubError(
-            HubAddress(where.repo, where.revision, path),
+            where.at(path),
             "not in the local Hub cache, and HF_HUB_OFFLINE=1 forbids the network",
             hint=f"cache: {_cache_dir(hf)}",
         )
     from surgery.formats.remote import RemoteError, scan_url
 
-    url = hf.hf_hub_url(where.repo, path, revision=where.revision, endpoint=_endpoint(hf))
+    url = hf.hf_hub_url(
+        where.repo, path, repo_type=where.kind, revision=where.revision, endpoint=_endpoint(hf)
+    )
     token = hf.get_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     try:
@@ -251,7 +266,9 @@ def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool, *, as_folder
 
 def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
     """The cached copy of `path` at the revision, or None; an index only with every shard."""
-    found = hf.try_to_load_from_cache(where.repo, path, cache_dir=_cache_dir(hf), revision=where.revision)
+    found = hf.try_to_load_from_cache(
+        where.repo, path, cache_dir=_cache_dir(hf), revision=where.revision, repo_type=where.kind
+    )
     if not isinstance(found, str):
         return None
     if path.endswith(".index.json"):
@@ -265,7 +282,7 @@ def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
             name = shard if folder == "." else f"{folder}/{shard}"
             if name_problem(name) is None and not isinstance(
                 hf.try_to_load_from_cache(
-                    where.repo, name, cache_dir=_cache_dir(hf), revision=where.revision
+                    where.repo, name, cache_dir=_cache_dir(hf), revision=where.revision, repo_type=where.kind
                 ),
                 str,
             ):
@@ -277,7 +294,11 @@ def _listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
     """The repo's files at the revision (path and size), from the Hub."""
     try:
         tree = hf.HfApi(endpoint=_endpoint(hf)).list_repo_tree(
-            where.repo, recursive=True, revision=where.revision, token=hf.get_token() or False
+            where.repo,
+            recursive=True,
+            repo_type=where.kind,
+            revision=where.revision,
+            token=hf.get_token() or False,
         )
         return sorted(
             ({"path": f.path, "size": f.size} for f in tree if isinstance(f, hf.hf_api.RepoFile)),
@@ -289,7 +310,9 @@ def _listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
 
 def _cached_listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
     """The files of the cached snapshot of the revision (offline: the Hub is not asked)."""
-    folder = Path(_cache_dir(hf)) / hf.file_download.repo_folder_name(repo_id=where.repo, repo_type="model")
+    folder = Path(_cache_dir(hf)) / hf.file_download.repo_folder_name(
+        repo_id=where.repo, repo_type=where.kind
+    )
     revision = where.revision or "main"
     ref = folder / "refs" / revision
     commit = ref.read_text().strip() if ref.is_file() else revision

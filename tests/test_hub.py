@@ -451,6 +451,36 @@ def test_a_dataset_repo_is_read_and_downloaded_as_a_model_repo_is(hub, env, repo
     assert_clean_error(run_cli("inspect", missing), missing, contains="repository org/none not found", code=1)
 
 
+def test_scan_of_a_repo_judges_every_checkpoint_in_it(hub, env, repos, tmp_path):
+    """As picklescan's --huggingface: each checkpoint file (an index for its shards), by headers."""
+    canary = tmp_path / CANARY
+    repo = hub.repo("org/mixed")
+    torch.save(repos.state, repo / "a.pth")
+    (repo / "checkpoints").mkdir(exist_ok=True)
+    torch.save({"w": torch.ones(2), "hook": RunsCommand(f"touch {canary}")}, repo / "checkpoints" / "b.ckpt")
+    (repo / "README.md").write_text("# not a checkpoint\n")
+    for name in (
+        "model.safetensors.index.json",
+        "model-00001-of-00002.safetensors",
+        "model-00002-of-00002.safetensors",
+    ):
+        (repo / name).write_bytes((hub.repo("org/sharded") / name).read_bytes())
+    run = run_cli("scan", "hf://org/mixed", "--json")
+    assert run.exit_code == 1, run
+    verdicts = {r["path"]: r["verdict"] for r in json.loads(run.stdout)["checkpoints"]}
+    assert verdicts == {
+        "hf://org/mixed/a.pth": "safe",
+        "hf://org/mixed/checkpoints/b.ckpt": "danger",
+        "hf://org/mixed/model.safetensors.index.json": "safe",
+    }
+    assert all(r.range for r in hub.log if "/resolve/" in r.path and r.path.startswith("GET")), "a whole file"
+    assert not canary.exists()
+    folder = json.loads(run_cli("scan", "hf://org/mixed/checkpoints", "--json").stdout)["checkpoints"]
+    assert [r["path"] for r in folder] == ["hf://org/mixed/checkpoints/b.ckpt"]
+    nothing = json.loads(run_cli("scan", "hf://org/docs-only", "--json").stdout)["checkpoints"]
+    assert [(r["verdict"], "no checkpoint file" in r["error"]) for r in nothing] == [("error", True)]
+
+
 def test_port_of_an_hf_address_records_it(hub, env, repos, tmp_path):
     out = tmp_path / "out.safetensors"
     address = "hf://org/torch/checkpoints/last.ckpt"

@@ -215,9 +215,10 @@ def scan(paths: Sequence[str | Path]) -> ScanReport:
     remote = [str(p) for p in paths if is_url(p) or is_hub(p)]  # read by ranges, as inspect reads them
     targets, skipped = _expand([Path(p) for p in paths if not (is_url(p) or is_hub(p))])
     results: list[ScanResult] = []
-    for address in remote:
-        outcome = _judged(address, address, named=True)
-        (skipped if isinstance(outcome, Skipped) else results).append(outcome)  # type: ignore[arg-type]
+    for given in remote:
+        for address in _remote_targets(given):
+            outcome = _judged(address, address, named=True)
+            (skipped if isinstance(outcome, Skipped) else results).append(outcome)  # type: ignore[arg-type]
     covered: set[tuple[int, int]] = set()
     for target in sorted(targets, key=_reading_order):
         if target.identity in covered:
@@ -245,6 +246,25 @@ class _Target:
     identity: tuple[int, int] | None  # (device, inode) of what it leads to
     named: bool  # given on the command line
     folder: bool = False  # a DCP folder, read as one checkpoint
+
+
+def _remote_targets(address: str) -> list[str]:
+    """What to judge of a URL (itself) or an hf:// address: a file, or every checkpoint of the
+    repo (or of its folder) when it names no file; a repo that cannot be listed is judged as
+    the address, which says why."""
+    from surgery.formats.base import is_hub
+
+    if not is_hub(address):
+        return [address]
+    from surgery.formats.hub import is_checkpoint_file, parse, repo_checkpoints
+
+    try:
+        where = parse(address)
+        if where.path is not None and is_checkpoint_file(where.path):
+            return [address]
+        return repo_checkpoints(address) or [address]
+    except SurgeryError:  # a bad address, a repo not listed: judged as given, the error says why
+        return [address]
 
 
 def _reading_order(target: _Target) -> tuple[int, str]:

@@ -195,6 +195,28 @@ def _get(hf: Any, where: HubAddress, name: str, progress_bars: type) -> Path:
         raise _hub_error(hf, where, exc, file=name) from None
 
 
+def repo_checkpoints(address: str) -> list[str]:
+    """Every checkpoint file of the repo an hf:// address names (its PATH, a folder, narrows
+    them), as addresses at its revision: each index, and every other checkpoint file but the
+    shards beside an index (read through it). What a scan of the repo judges.
+
+    Raises:
+        HubError: as `scan_hub`'s listing.
+    """
+    where = parse(address)
+    hf = _huggingface_hub(address)
+    names = [f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))]
+    inside = f"{where.path}/" if where.path else ""
+    names = [n for n in names if n.startswith(inside) and is_checkpoint_file(n)]
+    indexed = {str(PurePosixPath(n).parent) for n in names if n.endswith(".index.json")}
+    kept = [
+        n
+        for n in names
+        if n.endswith(".index.json") or not (SHARD_NAME.search(n) and str(PurePosixPath(n).parent) in indexed)
+    ]
+    return [str(where.at(n)) for n in kept]
+
+
 def pick_weights(where: HubAddress, names: list[str]) -> str:
     """The file that holds the repo's weights: transformers' own names first, else its one
     index or its one checkpoint file.

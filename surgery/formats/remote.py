@@ -22,8 +22,9 @@ import re
 import threading
 import time
 from bisect import bisect_right
-from collections.abc import Callable, Iterable
+from collections.abc import Callable, Iterable, Iterator
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 from pathlib import PurePosixPath
 from typing import Any, BinaryIO, TypeVar
 from urllib.parse import quote, urljoin, urlsplit
@@ -154,39 +155,44 @@ class Http:
             self.requests += requests
             self.bytes += nbytes
 
-    def _once(self, url: str, start: int, stop: int) -> tuple[bytes, int]:
+    @contextmanager
+    def _request(self, url: str, headers: dict[str, str]) -> Iterator[Any]:
+        """One GET of `url` (at once where its redirects led before), counted, with the
+        credentials only if it goes to the URL asked; httpx's failures, in the answer's body
+        too, as `_Retry` (worth another try) or `RemoteError`."""
         import httpx
 
         client = self.client()
-        with self._gate:
-            try:
-                target = self._moved.get(url, url)
-                headers = {"Range": f"bytes={start}-{stop - 1}", **(self._headers if target == url else {})}
-                with client.stream("GET", target, headers=headers) as response:
-                    self._count(1 + len(response.history), 0)
-                    if response.history:
-                        self._moved[url] = str(response.url)
-                    first, end, size = _check_answer(url, response, start, stop)
-                    body = bytearray()
-                    for chunk in response.iter_raw():
-                        body += chunk
-                        self._count(0, len(chunk))
-                        if len(body) > end - first:
-                            raise RemoteError(
-                                url, f"the server sent more than the {stop - start} bytes asked"
-                            )
-            except httpx.UnsupportedProtocol as exc:  # a redirect to ftp://, say
-                raise RemoteError(url, f"cannot be read: {exc}") from None
-            except httpx.TimeoutException:
-                raise _Retry(f"no answer within {TIMEOUT:g} s") from None
-            except httpx.RemoteProtocolError as exc:
-                raise _Retry(f"the answer ended early or broke off ({exc})") from None
-            except httpx.TransportError as exc:
-                raise _Retry(f"the connection failed ({exc or type(exc).__name__})") from None
-            except httpx.TooManyRedirects:
-                raise RemoteError(url, "too many redirects") from None
-            except httpx.HTTPError as exc:
-                raise RemoteError(url, f"{type(exc).__name__}: {exc}") from None
+        target = self._moved.get(url, url)
+        headers = {**headers, **(self._headers if target == url else {})}
+        try:
+            with self._gate, client.stream("GET", target, headers=headers) as response:
+                self._count(1 + len(response.history), 0)
+                if response.history:
+                    self._moved[url] = str(response.url)
+                yield response
+        except httpx.UnsupportedProtocol as exc:  # a redirect to ftp://, say
+            raise RemoteError(url, f"cannot be read: {exc}") from None
+        except httpx.TimeoutException:
+            raise _Retry(f"no answer within {TIMEOUT:g} s") from None
+        except httpx.RemoteProtocolError as exc:
+            raise _Retry(f"the answer ended early or broke off ({exc})") from None
+        except httpx.TransportError as exc:
+            raise _Retry(f"the connection failed ({exc or type(exc).__name__})") from None
+        except httpx.TooManyRedirects:
+            raise RemoteError(url, "too many redirects") from None
+        except httpx.HTTPError as exc:
+            raise RemoteError(url, f"{type(exc).__name__}: {exc}") from None
+
+    def _once(self, url: str, start: int, stop: int) -> tuple[bytes, int]:
+        with self._request(url, {"Range": f"bytes={start}-{stop - 1}"}) as response:
+            first, end, size = _check_answer(url, response, start, stop)
+            body = bytearray()
+            for chunk in response.iter_raw():
+                body += chunk
+                self._count(0, len(chunk))
+                if len(body) > end - first:
+                    raise RemoteError(url, f"the server sent more than the {stop - start} bytes asked")
         if len(body) != end - first:
             raise _Retry(f"the answer ended early: {len(body)} of {end - first} bytes")
         return bytes(body), size
@@ -206,23 +212,14 @@ class Http:
             RemoteError: refused, failed after every retry, or more bytes than the file has.
             NotFound: HTTP 404.
         """
-        import httpx
-
-        client = self.client()
         written, failures, validator, announced = 0, 0, None, False
         tick: Callable[[int], None] | None = None
         while True:
             before = written
+            ranged = {"Range": f"bytes={written}-", "If-Range": validator} if written and validator else {}
             try:
-                target = self._moved.get(url, url)
-                headers = dict(self._headers if target == url else {})
-                if written and validator:
-                    headers |= {"Range": f"bytes={written}-", "If-Range": validator}
-                with self._gate, client.stream("GET", target, headers=headers) as response:
-                    self._count(1 + len(response.history), 0)
-                    if response.history:
-                        self._moved[url] = str(response.url)
-                    first, size = _whole_answer(url, response, written if "Range" in headers else 0)
+                with self._request(url, ranged) as response:
+                    first, size = _whole_answer(url, response, written if ranged else 0)
                     if first == 0:  # from the start: a first answer, or the file changed
                         out.seek(0)
                         out.truncate()
@@ -241,24 +238,11 @@ class Http:
                 if written == size:
                     return size
                 raise _Retry(f"the answer ended early: {written:,} of {size:,} bytes")
-            except httpx.UnsupportedProtocol as exc:
-                raise RemoteError(url, f"cannot be read: {exc}") from None
-            except httpx.TimeoutException:
-                retry = f"no answer within {TIMEOUT:g} s"
-            except httpx.RemoteProtocolError as exc:
-                retry = f"the answer ended early or broke off ({exc})"
-            except httpx.TransportError as exc:
-                retry = f"the connection failed ({exc or type(exc).__name__})"
-            except httpx.TooManyRedirects:
-                raise RemoteError(url, "too many redirects") from None
-            except httpx.HTTPError as exc:
-                raise RemoteError(url, f"{type(exc).__name__}: {exc}") from None
-            except _Retry as exc:
-                retry = str(exc)
-            failures = 0 if written > before else failures + 1
-            if failures > RETRIES:
-                raise RemoteError(url, f"{retry} (after {RETRIES + 1} tries)")
-            time.sleep(BACKOFF * 2 ** max(failures - 1, 0))
+            except _Retry as retry:
+                failures = 0 if written > before else failures + 1
+                if failures > RETRIES:
+                    raise RemoteError(url, f"{retry} (after {RETRIES + 1} tries)") from None
+                time.sleep(BACKOFF * 2 ** (failures - 1 if failures else 0))
 
 
 def _whole_answer(url: str, response: Any, resumed: int) -> tuple[int, int]:

@@ -98,7 +98,7 @@ def scan_hub(address: str, *, verify: bool = False) -> Scan:
     files: list[dict[str, Any]] | None = None
     path = where.path
     if path is None:
-        files = _cached_listing(hf, where) if _offline() else _listing(hf, where)
+        files = _files(hf, where)
         path = pick_weights(where, [f["path"] for f in files])
     scan, source = _scan_file(hf, where, path, verify, as_folder=where.path is None)
     scan.hub = {
@@ -127,7 +127,7 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
     hf = _huggingface_hub(address)
     path, files_named = where.path, set()
     if path is None:
-        files_named = {f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))}
+        files_named = {f["path"] for f in _files(hf, where)}
         path = pick_weights(where, sorted(files_named))
 
     def get(name: str) -> Path:
@@ -143,9 +143,8 @@ def download_hub(address: str, progress_bars: type) -> tuple[Path, dict[Path, st
         if first.stat().st_size > MAX_INDEX_BYTES:
             return first, origins  # reading it says what is wrong
         weight_map, _ = parse_index(first, first.read_bytes())
-        folder = str(PurePosixPath(path).parent)
         for shard in dict.fromkeys(weight_map.values()):
-            name = shard if folder == "." else f"{folder}/{shard}"
+            name = _beside(path, shard)
             if name_problem(name):
                 raise CorruptCheckpoint(where, f"the index names shard {shard!r}, which {name_problem(name)}")
             origins[get(name)] = str(where.at(name))
@@ -162,7 +161,7 @@ def download_folder(address: str, wanted: tuple[tuple[str, ...], ...], progress_
     """
     where = parse(address)
     hf = _huggingface_hub(address)
-    files = {f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))}
+    files = {f["path"] for f in _files(hf, where)}
     prefix = f"{where.path}/" if where.path else ""
     folder: Path | None = None
     for group in wanted:
@@ -205,7 +204,7 @@ def repo_checkpoints(address: str) -> list[str]:
     """
     where = parse(address)
     hf = _huggingface_hub(address)
-    names = [f["path"] for f in (_cached_listing(hf, where) if _offline() else _listing(hf, where))]
+    names = [f["path"] for f in _files(hf, where)]
     inside = f"{where.path}/" if where.path else ""
     names = [n for n in names if n.startswith(inside) and is_checkpoint_file(n)]
     indexed = {str(PurePosixPath(n).parent) for n in names if n.endswith(".index.json")}
@@ -288,10 +287,8 @@ def _scan_file(hf: Any, where: HubAddress, path: str, verify: bool, *, as_folder
 
 def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
     """The cached copy of `path` at the revision, or None; an index only with every shard."""
-    found = hf.try_to_load_from_cache(
-        where.repo, path, cache_dir=_cache_dir(hf), revision=where.revision, repo_type=where.kind
-    )
-    if not isinstance(found, str):
+    found = _from_cache(hf, where, path)
+    if found is None:
         return None
     if path.endswith(".index.json"):
         try:
@@ -299,17 +296,30 @@ def _cached(hf: Any, where: HubAddress, path: str) -> Path | None:
             shards = {name for name in names if isinstance(name, str)}
         except (OSError, ValueError, AttributeError):
             return Path(found)  # read as any damaged index is, which says what is wrong
-        folder = str(PurePosixPath(path).parent)
         for shard in shards:
-            name = shard if folder == "." else f"{folder}/{shard}"
-            if name_problem(name) is None and not isinstance(
-                hf.try_to_load_from_cache(
-                    where.repo, name, cache_dir=_cache_dir(hf), revision=where.revision, repo_type=where.kind
-                ),
-                str,
-            ):
+            name = _beside(path, shard)
+            if name_problem(name) is None and _from_cache(hf, where, name) is None:
                 return None
     return Path(found)
+
+
+def _from_cache(hf: Any, where: HubAddress, name: str) -> str | None:
+    """The cached copy of one file of the repo at the address's revision, or None."""
+    found = hf.try_to_load_from_cache(
+        where.repo, name, cache_dir=_cache_dir(hf), revision=where.revision, repo_type=where.kind
+    )
+    return found if isinstance(found, str) else None
+
+
+def _beside(index: str, name: str) -> str:
+    """A file an index at `index` names, as a path in the repo: shards lie beside their index."""
+    folder = str(PurePosixPath(index).parent)
+    return name if folder == "." else f"{folder}/{name}"
+
+
+def _files(hf: Any, where: HubAddress) -> list[dict[str, Any]]:
+    """The repo's files at the revision: the cached snapshot's offline, else the Hub's."""
+    return _cached_listing(hf, where) if _offline() else _listing(hf, where)
 
 
 def _listing(hf: Any, where: HubAddress) -> list[dict[str, Any]]:

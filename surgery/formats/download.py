@@ -229,10 +229,12 @@ def _save(http: Any, url: str, folder: Path, name: str) -> Path:
 
 def _check_room(address: str, size: int, folder: Path, hint: str, *, shown: object = None) -> None:
     """Refuse a download that would not fit where it goes (`shown`: that place, as the user set it)."""
+    from surgery.writers.outputs import free_bytes
+
     while not folder.exists() and folder != folder.parent:  # a cache not made yet: where it will be
         folder = folder.parent
-    free = shutil.disk_usage(folder).free
-    if size > free:
+    free = free_bytes(folder)
+    if free is not None and size > free:  # unknown: the download itself will say what is wrong
         raise SurgeryError(
             address,
             f"downloading it needs {human_bytes(size)} in {shown or folder}, which has {human_bytes(free)} free",

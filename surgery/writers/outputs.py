@@ -52,17 +52,22 @@ def check_space(out: Path, size: int) -> None:
     Raises:
         SurgeryError: naming the output, the bytes it needs and the bytes free.
     """
-    try:
-        free = shutil.disk_usage(out.parent).free
-    except OSError:
-        return  # the write itself will say what is wrong
-    if size > free:
+    free = free_bytes(out.parent)
+    if free is not None and size > free:  # unknown: the write itself will say what is wrong
         raise SurgeryError(
             out,
             f"the output needs {size:,} bytes ({_gib(size)}), more than the {free:,} ({_gib(free)}) "
             "free on its filesystem",
             hint="free some space, or write the output to another disk",
         )
+
+
+def free_bytes(folder: Path) -> int | None:
+    """Bytes free on the filesystem holding `folder`; None when the system cannot tell."""
+    try:
+        return shutil.disk_usage(folder).free
+    except OSError:
+        return None
 
 
 def _gib(n: int) -> str:

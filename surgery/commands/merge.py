@@ -41,7 +41,7 @@ from surgery.commands.convert import (
 )
 from surgery.commands.requests import Request, given
 from surgery.errors import BadArgument, NotFound, SurgeryError, UsageError
-from surgery.formats.base import is_hub, is_url
+from surgery.formats.base import is_remote
 from surgery.formats.checkpoint import (
     ALIASES_KEY,
     Checkpoint,
@@ -289,7 +289,7 @@ def expand(inputs: Sequence[str]) -> list[Path]:
     """
     paths: list[Path] = []
     for text in inputs:
-        if is_url(text) or is_hub(text):  # as it is: a Path would fold `https://` to `https:/`
+        if is_remote(text):  # as it is: a Path would fold `https://` to `https:/`
             paths.append(text)  # type: ignore[arg-type]
             continue
         if Path(text).exists() or not glob.has_magic(text):

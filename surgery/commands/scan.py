@@ -209,11 +209,11 @@ def scan(paths: Sequence[str | Path]) -> ScanReport:
         >>> report.failed, report.counts["danger"]
         (True, 1)
     """
-    from surgery.formats.base import is_hub, is_url
+    from surgery.formats.base import is_remote
 
     start = time.perf_counter()
-    remote = [str(p) for p in paths if is_url(p) or is_hub(p)]  # read by ranges, as inspect reads them
-    targets, skipped = _expand([Path(p) for p in paths if not (is_url(p) or is_hub(p))])
+    remote = [str(p) for p in paths if is_remote(p)]  # read by ranges, as inspect reads them
+    targets, skipped = _expand([Path(p) for p in paths if not is_remote(p)])
     results: list[ScanResult] = []
     for given in remote:
         for address in _remote_targets(given):
@@ -548,9 +548,9 @@ def _artifact_uri(shown: str, base: Path) -> str:
     a URL or hf:// address as it is."""
     from urllib.parse import quote
 
-    from surgery.formats.base import is_hub, is_url
+    from surgery.formats.base import is_remote
 
-    if is_url(shown) or is_hub(shown):
+    if is_remote(shown):
         return shown  # already a URI
     path = Path(shown)
     if path.is_dir():

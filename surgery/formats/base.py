@@ -103,6 +103,11 @@ def is_hub(path: object) -> bool:
     return isinstance(path, str) and path.startswith("hf://")
 
 
+def is_remote(path: object) -> bool:
+    """Whether `path` is a URL or an hf:// address rather than a path on this disk."""
+    return is_url(path) or is_hub(path)
+
+
 def prefetch(data: Any, ranges: Iterable[tuple[int, int]]) -> None:
     """Say which `(offset, length)` ranges of `data` are read next, so that a remote file
     (formats.remote) fetches them together; a mapped file has them already."""

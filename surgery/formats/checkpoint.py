@@ -17,7 +17,8 @@ from typing import TYPE_CHECKING, Any
 
 from surgery.dtypes import DType
 from surgery.errors import CorruptCheckpoint, SurgeryError, UsageError
-from surgery.formats import Scan, is_hub, is_url, scan
+from surgery.formats import Scan, scan
+from surgery.formats.base import is_remote
 from surgery.formats.containers import Located, TensorCounts, flatten, locate, module_attributes
 from surgery.formats.pickle_vm import Call, Global, Known, describe
 from surgery.formats.safety import blocking
@@ -459,7 +460,7 @@ def open_checkpoint(
         (('state_dict',), 'module.')
         >>> weights = ckpt.state_dict()
     """
-    if download and (is_url(path) or is_hub(path)):
+    if download and is_remote(path):
         return _downloaded(str(path), key, verify=verify)
     scanned = scan(path, verify=verify)
     return Checkpoint(scanned, tuple(key.split(".")) if key else None)
@@ -586,7 +587,7 @@ def open_headers(source: str | Path, *, key: str | None = None) -> Checkpoint:
     """`open_checkpoint` for work that reads the tensors next: a remote file whose headers no
     range request reads (its server ignores Range, or a pickle is too long for one read) is
     downloaded now, as the work would download it anyway, and judged from the copy."""
-    if not (is_url(source) or is_hub(source)):
+    if not is_remote(source):
         return open_checkpoint(source, key=key)  # not a module more imported: start-up counts
     from surgery.formats.remote import NotByRanges
 

@@ -576,7 +576,7 @@ def open_trusted(
     if ckpt.container is None or not ckpt.tensors:
         raise SurgeryError(ckpt.path, f"the source holds no state_dict to {purpose}")
     if fetch and ckpt._remote is not None:
-        size = ckpt.remote["size"] if ckpt.remote else None  # every file its headers were read from
+        size = ckpt.remote["size"]  # type: ignore[index] - every file its headers were read from
         local = _downloaded(_address(ckpt), ".".join(ckpt.container) or None, size=size)
         _same_tensors(ckpt, local)
         return open_trusted(local, trust=trust, purpose=purpose)
